@@ -1,0 +1,366 @@
+"""The fixed point: value facts forward, presence backward, over a traced graph.
+
+NOTE [Fixed point]
+Value facts (``const(c)`` / varying) depend only on what flows forward, so one
+pass in graph order computes them. Presence depends on every reader of every
+member of a coupling group, so it is a work queue: when a unit becomes present,
+every node that owns it is processed again, and its rule may require more of its
+inputs. Requirements only grow, so the queue empties. Nodes are popped in
+reverse graph order, which processes a chain once.
+
+The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from .errors import MissingRuleError, describe_node
+from .facts import ValueFact
+from .rules import REGISTRY
+from .rules.registry import Rule, Registry
+from .units import UnitTable
+
+
+def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _barrier_forward(ctx):
+    return ValueFact.untracked(), None
+
+
+def _barrier_backward(ctx):
+    for node in ctx.input_nodes():
+        ctx.require_all(node)
+
+
+BARRIER = Rule("barrier", _barrier_forward, _barrier_backward, None, "always exact: keeps every channel around it")
+
+
+class Context:
+    """What a rule sees of the graph while it runs for one node."""
+
+    def __init__(self, engine: "Engine", node: torch.fx.Node, rule: Rule):
+        self._engine = engine
+        self.node = node
+        self.rule = rule
+        self.root = engine.root
+        self.module = self.root.get_submodule(node.target) if node.op == "call_module" else None
+
+    # -- reading the node --------------------------------------------------
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        """Positional argument ``index`` or keyword ``name`` of the node (module input excluded for nothing)."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def input_nodes(self) -> list[torch.fx.Node]:
+        return list(self.node.all_input_nodes)
+
+    def fact(self, value) -> ValueFact | None:
+        """The value facts of an argument, or None for a non-tensor (int, shape, ...)."""
+        if isinstance(value, torch.fx.Node):
+            return self._engine.facts.get(value)
+        return None
+
+    def shape(self, value=None) -> tuple[int, ...] | None:
+        return tensor_shape(self.node if value is None else value)
+
+    def describe(self) -> str:
+        return describe_node(self.node, self.root)
+
+    def param(self, name: str) -> torch.Tensor | None:
+        """The module's (masked) parameter or buffer ``name`` as a float64 tensor, or None."""
+        return self._engine.module_tensor(self.node.target, name)
+
+    def attr_value(self, node) -> torch.Tensor | None:
+        """The float64 value of a ``get_attr`` node, or None if ``node`` is not one."""
+        if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+            return self._engine.attr_tensor(node.target)
+        return None
+
+    def memo(self, key, compute):
+        cache = self._engine.memo
+        full_key = (self.node, key)
+        if full_key not in cache:
+            cache[full_key] = compute()
+        return cache[full_key]
+
+    # -- forward -------------------------------------------------------------
+    def units(self, node) -> np.ndarray | None:
+        return self._engine.units.get(node)
+
+    def fresh(self, size: int) -> np.ndarray:
+        return self._engine.table.fresh(size)
+
+    def unify(self, first: np.ndarray, second: np.ndarray) -> None:
+        self._engine.table.unify(first, second)
+
+    # -- backward ------------------------------------------------------------
+    def present(self, node=None) -> np.ndarray:
+        """Which channels of ``node`` (default: this node) are present; all True if untracked."""
+        return self._engine.present(self.node if node is None else node)
+
+    def require(self, node, mask) -> None:
+        self._engine.require(node, mask)
+
+    def require_all(self, node) -> None:
+        fact = self.fact(node)
+        if fact is not None and fact.tracked:
+            self._engine.require(node, np.ones(fact.size, bool))
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`: facts, coupling units and presence per node."""
+
+    graph_module: torch.fx.GraphModule
+    facts: dict
+    units: dict
+    present_units: np.ndarray
+    rules: dict
+    tensors: dict
+
+    def present(self, node: torch.fx.Node) -> np.ndarray | None:
+        units = self.units.get(node)
+        if units is None:
+            return None
+        return self.present_units[units]
+
+    def kept(self, node: torch.fx.Node) -> np.ndarray | None:
+        """Indices of the kept channels on the tracked axis, or None when untracked."""
+        mask = self.present(node)
+        return None if mask is None else np.nonzero(mask)[0]
+
+    def node(self, name: str) -> torch.fx.Node:
+        for node in self.graph_module.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+class Engine:
+    def __init__(self, root: torch.fx.GraphModule, registry: Registry, barriers):
+        self.root = root
+        self.registry = registry
+        self.barriers = barriers
+        self.table = UnitTable()
+        self.facts: dict = {}
+        self.units: dict = {}
+        self.rules: dict = {}
+        self.memo: dict = {}
+        self.tensors: dict = {}
+        self.present_units = np.zeros(0, bool)
+        self._queue: list = []
+        self._queued: set = set()
+        self._order: dict = {}
+
+    # -- tensors of the model ---------------------------------------------------
+    def module_tensor(self, target: str, name: str) -> torch.Tensor | None:
+        key = f"{target}.{name}" if target else name
+        if key not in self.tensors:
+            module = self.root.get_submodule(target)
+            value = getattr(module, name, None)
+            self.tensors[key] = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else None
+        return self.tensors[key]
+
+    def attr_tensor(self, target: str) -> torch.Tensor | None:
+        module_path, _, name = target.rpartition(".")
+        return self.module_tensor(module_path, name)
+
+    # -- rules ------------------------------------------------------------------
+    def rule_for(self, node) -> Rule | None:
+        if self.barriers(node):
+            return BARRIER
+        rule = self.registry.lookup(node, self.root)
+        if rule is not None and rule.edits_module and node.op == "call_module" and self._calls[node.target] > 1:
+            # NOTE [Shared modules]: one module called from several nodes must keep one
+            # shape; fxmin keeps all of its channels (exact, shrinks nothing there).
+            return BARRIER
+        return rule
+
+    def forward(self) -> None:
+        missing = []
+        self._calls = {}
+        for node in self.root.graph.nodes:
+            if node.op == "call_module":
+                self._calls[node.target] = self._calls.get(node.target, 0) + 1
+        for index, node in enumerate(self.root.graph.nodes):
+            self._order[node] = index
+            if node.op == "placeholder":
+                self._placeholder(node)
+            elif node.op == "get_attr":
+                self.facts[node] = ValueFact.untracked() if tensor_shape(node) is not None else None
+            elif node.op == "output":
+                continue
+            else:
+                rule = self.rule_for(node)
+                if rule is None:
+                    missing.append(node)
+                    rule = BARRIER  # keep going to report every missing rule at once
+                self.rules[node] = rule
+                fact, units = rule.forward(Context(self, node, rule))
+                self._set(node, fact, units)
+        if missing:
+            raise _missing_rule_error(missing, self.root)
+        self.present_units = np.zeros(len(self.table), bool)
+        for node, units in self.units.items():
+            self.units[node] = self.table.find(units)
+
+    def _placeholder(self, node) -> None:
+        shape = tensor_shape(node)
+        meta = node.meta.get("tensor_meta")
+        if shape is None or len(shape) < 2 or not getattr(meta, "dtype", torch.int64).is_floating_point:
+            self.facts[node] = ValueFact.untracked() if shape is not None else None
+            return
+        # NOTE [Input axis]: axis 1 is the channel axis of (N, C, ...) inputs and the
+        # feature axis of (N, F) inputs. A reader that reads another axis requires
+        # all of axis 1, which is exact; it only forgoes dropping unused inputs.
+        self._set(node, ValueFact.varying(1, shape[1]), self.table.fresh(shape[1]))
+
+    def _set(self, node, fact, units) -> None:
+        self.facts[node] = fact
+        if fact is not None and fact.tracked:
+            if units is None or len(units) != fact.size:
+                raise AssertionError(f"rule for {node.name} returned units that do not match its facts")
+            self.units[node] = np.asarray(units, np.int64)
+
+    # -- backward ----------------------------------------------------------------
+    def present(self, node) -> np.ndarray:
+        units = self.units.get(node)
+        if units is None:
+            fact = self.facts.get(node)
+            size = fact.size if fact is not None else 0
+            return np.ones(size, bool)
+        return self.present_units[units]
+
+    def require(self, node, mask) -> None:
+        units = self.units.get(node)
+        if units is None:
+            return  # untracked: everything stays anyway
+        mask = np.asarray(mask, bool)
+        if mask.shape != units.shape:
+            raise AssertionError(f"requirement on {node.name} has shape {mask.shape}, expected {units.shape}")
+        new = units[mask]
+        new = new[~self.present_units[new]]
+        if new.size == 0:
+            return
+        new = np.unique(new)
+        self.present_units[new] = True
+        for owner in self._owners(new):
+            self._push(owner)
+            for user in owner.users:
+                rule = self.rules.get(user)
+                if rule is not None and rule.reads_input_presence:
+                    self._push(user)
+
+    def _build_owner_index(self) -> None:
+        nodes = list(self.units)
+        if not nodes:
+            self._owner_units = np.zeros(0, np.int64)
+            self._owner_nodes = np.zeros(0, np.int64)
+            self._owner_list = []
+            return
+        sizes = [len(self.units[n]) for n in nodes]
+        all_units = np.concatenate([self.units[n] for n in nodes])
+        all_nodes = np.repeat(np.arange(len(nodes)), sizes)
+        pairs = np.unique(np.stack([all_units, all_nodes]), axis=1)
+        self._owner_units, self._owner_nodes = pairs[0], pairs[1]
+        self._owner_list = nodes
+
+    def _owners(self, units: np.ndarray):
+        start = np.searchsorted(self._owner_units, units, "left")
+        end = np.searchsorted(self._owner_units, units, "right")
+        indices = set()
+        for s, e in zip(start.tolist(), end.tolist()):
+            indices.update(self._owner_nodes[s:e].tolist())
+        return [self._owner_list[i] for i in indices]
+
+    def _push(self, node) -> None:
+        if node not in self._queued and (node in self.rules or node.op == "output"):
+            self._queued.add(node)
+            heapq.heappush(self._queue, (-self._order[node], id(node), node))
+
+    def backward(self) -> None:
+        self._build_owner_index()
+        for node in reversed(self.root.graph.nodes):
+            if node.op == "output":
+                for value in node.all_input_nodes:
+                    fact = self.facts.get(value)
+                    if fact is not None and fact.tracked:
+                        self.require(value, np.ones(fact.size, bool))
+            elif node in self.rules:
+                self._push(node)
+        while self._queue:
+            _, _, node = heapq.heappop(self._queue)
+            self._queued.discard(node)
+            rule = self.rules[node]
+            if rule.backward is not None:
+                rule.backward(Context(self, node, rule))
+
+
+def _missing_rule_error(missing, root) -> MissingRuleError:
+    first = missing[0]
+    lines = [
+        f"fxmin has no rule for {describe_node(first, root)}.",
+        "fxmin never guesses what an op computes. Ways out:",
+        "  - register a rule for it (fxmin.rules: a one-line family helper such as",
+        "    fxmin.rules.pointwise.register_pointwise(...), or a full Rule), or",
+        f"  - pass barriers=[{first.target!r}] (or the node name {first.name!r}) to keep every channel around it.",
+    ]
+    if len(missing) > 1:
+        others = ", ".join(f"'{n.name}'" for n in missing[1:6])
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        lines.append(f"Other nodes without a rule: {others}{more}.")
+    return MissingRuleError("\n".join(lines), node_name=first.name)
+
+
+def make_barrier_test(barriers, root):
+    """A predicate over nodes from user barriers: module paths, node names, module types or callables."""
+    names, types, callables = set(), [], []
+    for barrier in barriers or ():
+        if isinstance(barrier, str):
+            names.add(barrier)
+        elif isinstance(barrier, type):
+            types.append(barrier)
+        else:
+            callables.append(barrier)
+
+    def is_barrier(node) -> bool:
+        if node.name in names:
+            return True
+        if node.op == "call_module":
+            if node.target in names or any(node.target.startswith(name + ".") for name in names):
+                return True
+            if types and isinstance(root.get_submodule(node.target), tuple(types)):
+                return True
+        if node.op == "call_method" and node.target in names:
+            return True
+        if node.op == "call_function":
+            if any(node.target is fn for fn in callables):
+                return True
+            if getattr(node.target, "__name__", None) in names:
+                return True
+        return False
+
+    return is_barrier
+
+
+def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry = REGISTRY) -> Analysis:
+    """Run the fixed point over a traced, shape-annotated, masked GraphModule."""
+    engine = Engine(root, registry, make_barrier_test(barriers, root))
+    engine.forward()
+    engine.backward()
+    analysis = Analysis(root, engine.facts, engine.units, engine.present_units, engine.rules, engine.tensors)
+    analysis.engine = engine
+    return analysis

@@ -1,0 +1,148 @@
+"""Facts -> Plan: what each parameter keeps, which constants fold where, which arguments change.
+
+The plan is data: the rewrite installs it without deciding anything. Replacement
+modules are built here in float64 (exact folded constants); the rewrite casts
+them back to the model's dtype, and verification uses them as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx
+
+from .analysis import Analysis, Context
+
+
+@dataclass(frozen=True)
+class ParamEdit:
+    """One parameter or buffer: its shape before and after, and whether constants were folded into it."""
+
+    name: str
+    shape_before: tuple
+    shape_after: tuple
+    folded_from: tuple = ()  # channels (as 'node[index]') whose constants were folded in
+
+
+@dataclass(frozen=True)
+class ModuleEdit:
+    target: str
+    module_type: str
+    module: torch.nn.Module  # float64 replacement
+    dtype: torch.dtype
+    device: torch.device
+    params: tuple
+
+
+@dataclass(frozen=True)
+class AttrEdit:
+    target: str
+    value: torch.Tensor  # float64
+    dtype: torch.dtype
+    requires_grad: bool
+    is_parameter: bool
+    edit: ParamEdit
+
+
+@dataclass(frozen=True)
+class ArgEdit:
+    node: str
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class InputSelect:
+    placeholder: str
+    axis: int
+    index: np.ndarray
+
+
+@dataclass
+class Plan:
+    """Everything the rewrite needs, and what the report shows."""
+
+    analysis: Analysis
+    modules: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # node name -> kept indices (None: untracked, all kept)
+    axes: dict = field(default_factory=dict)  # node name -> tracked axis
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.analysis.graph_module
+
+    def param_edits(self) -> list:
+        edits = [edit for module in self.modules.values() for edit in module.params]
+        edits += [attr.edit for attr in self.attrs.values()]
+        return edits
+
+
+class PlanContext(Context):
+    """A rule's view while planning: kept channels, and ways to record edits."""
+
+    def __init__(self, analysis: Analysis, plan: Plan, node, rule):
+        super().__init__(analysis.engine, node, rule)
+        self._analysis = analysis
+        self._plan = plan
+
+    def kept(self, node=None) -> np.ndarray | None:
+        """Indices of kept channels on the tracked axis of ``node`` (default: this node), None if untracked."""
+        return self._analysis.kept(self.node if node is None else node)
+
+    def folded(self, node) -> np.ndarray:
+        """Channels of ``node`` that are removed and constant: their values must be folded by the reader."""
+        fact = self.fact(node)
+        if fact is None or not fact.tracked:
+            return np.zeros(0, bool)
+        return fact.const & ~self._analysis.present(node)
+
+    def replace_module(self, module: torch.nn.Module, params: dict) -> None:
+        """Install ``module`` (float64) for this call_module node; ``params`` maps name -> (shape before, folded from)."""
+        original = self.module
+        reference = next((t for t in list(original.parameters()) + list(original.buffers()) if t.is_floating_point()), None)
+        dtype = reference.dtype if reference is not None else torch.float32
+        device = reference.device if reference is not None else torch.device("cpu")
+        edits = []
+        for name, (before, folded_from) in params.items():
+            after = tuple(getattr(module, name).shape) if getattr(module, name, None) is not None else ()
+            edits.append(ParamEdit(f"{self.node.target}.{name}", tuple(before), after, tuple(folded_from)))
+        self._plan.modules[self.node.target] = ModuleEdit(
+            self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
+        )
+
+    def replace_attr(self, node, value: torch.Tensor, folded_from=()) -> None:
+        """Replace the tensor a ``get_attr`` node reads by ``value`` (float64)."""
+        module_path, _, name = node.target.rpartition(".")
+        owner = self.root.get_submodule(module_path)
+        original = getattr(owner, name)
+        edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape), tuple(folded_from))
+        self._plan.attrs[node.target] = AttrEdit(
+            node.target, value, original.dtype, original.requires_grad,
+            isinstance(original, torch.nn.Parameter), edit,
+        )
+
+    def patch(self, args: tuple, kwargs: dict | None = None) -> None:
+        """Call this node with new arguments (nodes in them are nodes of the analysed graph)."""
+        self._plan.args[self.node.name] = ArgEdit(self.node.name, tuple(args), dict(kwargs if kwargs is not None else self.node.kwargs))
+
+
+def make_plan(analysis: Analysis) -> Plan:
+    """Turn an analysis into a plan (pure: reads the analysis, writes only the new plan)."""
+    plan = Plan(analysis)
+    for node in analysis.graph_module.graph.nodes:
+        fact = analysis.facts.get(node)
+        if fact is not None and fact.tracked:
+            plan.kept[node.name] = analysis.kept(node)
+            plan.axes[node.name] = fact.axis
+        if node.op == "placeholder" and fact is not None and fact.tracked:
+            kept = analysis.kept(node)
+            if kept.size != fact.size:
+                plan.inputs[node.name] = InputSelect(node.name, fact.axis, kept)
+        rule = analysis.rules.get(node)
+        if rule is not None and rule.plan is not None:
+            rule.plan(PlanContext(analysis, plan, node, rule))
+    return plan

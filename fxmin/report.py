@@ -1,0 +1,89 @@
+"""What minimization did: parameter counts, per-layer shapes before -> after, errors measured."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tabulate import tabulate
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_nonzero(module: torch.nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    name: str
+    kind: str
+    shape_before: tuple
+    shape_after: tuple
+    folded_from: tuple = ()
+
+
+@dataclass
+class Report:
+    """Summary of one minimization. ``print(report.table())`` shows it."""
+
+    params_before: int
+    params_after: int
+    nonzero_before: int
+    layers: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)  # (name, size before, size after)
+    verification: object = None  # VerifyReport, or None when verify=False
+
+    @property
+    def compression(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def max_error(self) -> float:
+        """Largest float64 error seen in verification (nan when not verified)."""
+        return self.verification.max_error(torch.float64) if self.verification is not None else float("nan")
+
+    def max_error_in(self, dtype: torch.dtype) -> float:
+        return self.verification.max_error(dtype) if self.verification is not None else float("nan")
+
+    def rows(self) -> list:
+        rows = [(c.name, c.kind, _shape(c.shape_before), _shape(c.shape_after),
+                 "yes" if c.folded_from else "") for c in self.layers]
+        rows += [(f"input '{name}'", "index_select", before, after, "") for name, before, after in self.inputs]
+        return rows
+
+    def table(self, tablefmt: str = "simple") -> str:
+        body = tabulate(self.rows(), headers=["parameter", "layer", "before", "after", "constants folded"],
+                        tablefmt=tablefmt)
+        summary = [
+            f"parameters: {self.params_before:,} -> {self.params_after:,} ({self.compression:.2f}x fewer; "
+            f"{self.nonzero_before:,} nonzero before)",
+        ]
+        if self.verification is not None:
+            parts = [f"{str(d).replace('torch.', '')} {self.max_error_in(d):.2e}"
+                     for d in sorted({c.dtype for c in self.verification.comparisons}, key=str)]
+            summary.append(f"verified: max abs error {', '.join(parts)} "
+                           f"over {len({c.inputs for c in self.verification.comparisons})} input sets")
+        return body + "\n" + "\n".join(summary)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(shape) -> str:
+    return "x".join(str(s) for s in shape) if shape else "-"
+
+
+def build_report(plan, reference, result, verification) -> Report:
+    layers = []
+    for module_edit in plan.modules.values():
+        for edit in module_edit.params:
+            layers.append(LayerChange(edit.name, module_edit.module_type, edit.shape_before, edit.shape_after, edit.folded_from))
+    for attr in plan.attrs.values():
+        edit = attr.edit
+        layers.append(LayerChange(edit.name, "attribute", edit.shape_before, edit.shape_after, edit.folded_from))
+    inputs = [(name, plan.analysis.facts[plan.analysis.node(name)].size, len(select.index))
+              for name, select in plan.inputs.items()]
+    return Report(count_parameters(reference), count_parameters(result), count_nonzero(reference), layers, inputs,
+                  verification)

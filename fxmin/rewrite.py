@@ -1,0 +1,78 @@
+"""Plan -> new GraphModule. Installs what the plan says; decides nothing."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+from torch import nn
+
+from .plan import Plan
+
+
+def _cast(module: nn.Module, dtype, device) -> nn.Module:
+    module = copy.deepcopy(module)
+    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
+
+
+def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
+    """Build the minimized GraphModule.
+
+    ``dtype=None`` gives each replaced module its original dtype; ``dtype=torch.float64`` builds the
+    exact float64 version that verification compares against the reference.
+    """
+    source = plan.graph_module
+    graph = torch.fx.Graph()
+    env: dict = {}
+    attributes: dict = {}
+    for node in source.graph.nodes:
+        edit = plan.args.get(node.name)
+        if edit is not None:
+            args = torch.fx.node.map_arg(edit.args, env.__getitem__)
+            kwargs = torch.fx.node.map_arg(edit.kwargs, env.__getitem__)
+            new = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+            new.meta = copy.copy(node.meta)
+        else:
+            new = graph.node_copy(node, env.__getitem__)
+        env[node] = new
+        select = plan.inputs.get(node.name)
+        if select is not None:
+            buffer = f"_fxmin_input_{node.name}"
+            attributes[buffer] = torch.as_tensor(select.index, dtype=torch.long)
+            with graph.inserting_after(new):
+                index = graph.get_attr(buffer)
+            with graph.inserting_after(index):
+                env[node] = graph.call_function(torch.index_select, (new, select.axis, index))
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target not in attributes:
+            attributes[node.target] = _module(plan, source, node.target, dtype)
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in attributes:
+            attributes[node.target] = _attribute(plan, source, node.target, dtype)
+    graph.lint()
+    result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
+    result.eval()
+    return result
+
+
+def _module(plan: Plan, source, target: str, dtype):
+    edit = plan.modules.get(target)
+    if edit is not None:
+        return _cast(edit.module, dtype if dtype is not None else edit.dtype, edit.device)
+    module = copy.deepcopy(source.get_submodule(target))
+    return module.to(dtype) if dtype is not None else module
+
+
+def _attribute(plan: Plan, source, target: str, dtype):
+    edit = plan.attrs.get(target)
+    if edit is not None:
+        value = edit.value.to(dtype if dtype is not None else edit.dtype)
+        return nn.Parameter(value, requires_grad=edit.requires_grad) if edit.is_parameter else value
+    module_path, _, name = target.rpartition(".")
+    value = getattr(source.get_submodule(module_path), name)
+    if isinstance(value, torch.Tensor):
+        copied = value.detach().clone()
+        if dtype is not None and copied.is_floating_point():
+            copied = copied.to(dtype)
+        return nn.Parameter(copied, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else copied
+    return copy.deepcopy(value)

@@ -1,0 +1,293 @@
+"""Linear and convolution rules: the layers whose rows and columns get removed.
+
+NOTE [Dense view]
+Every Linear/ConvNd is analysed through a dense (out, in) view: ``nonzero[k, j]``
+says output ``k`` reads input ``j`` through some nonzero tap, ``tap_sum[k, j]`` is
+the sum of those taps (what a constant input contributes). Grouped convs have
+zeros outside their groups. The three functions below then read the same for
+all of them:
+
+- output ``k`` is ``const(b_k + sum_j tap_sum[k, j] c_j)`` iff it reads no varying
+  input, and (zero padding) no nonzero constant input: border pixels see fewer taps;
+- input ``j`` is required iff a present output reads it and ``j`` is varying (or a
+  nonzero constant behind zero padding, where folding is inexact);
+- removed constant inputs fold into the bias: ``b += tap_sum[:, j] c_j``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..facts import ValueFact
+from .registry import rule
+
+
+@dataclass(frozen=True)
+class DenseView:
+    nonzero: np.ndarray  # bool (out, in)
+    tap_sum: np.ndarray  # float64 (out, in)
+    bias: np.ndarray  # float64 (out,), zeros when absent
+    padded: bool  # zero padding: a nonzero constant input varies at the borders
+    groups: int
+    in_per_group: int
+    out_per_group: int
+    channel_axis: int  # the axis the layer reads (-1 for Linear, 1 for conv)
+    can_fold: bool = True  # False: no bias to fold into, so nonzero constant inputs stay
+
+
+def _dense_view(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
+                can_fold: bool = True) -> DenseView:
+    out_channels, in_per_group = weight.shape[:2]
+    taps = tuple(range(2, weight.dim()))
+    grouped_nonzero = (weight != 0).any(dim=taps) if taps else weight != 0
+    grouped_sum = weight.sum(dim=taps) if taps else weight
+    out_per_group = out_channels // groups
+    in_channels = in_per_group * groups
+    nonzero = np.zeros((out_channels, in_channels), bool)
+    tap_sum = np.zeros((out_channels, in_channels))
+    for group in range(groups):
+        rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        cols = slice(group * in_per_group, (group + 1) * in_per_group)
+        nonzero[rows, cols] = grouped_nonzero[rows].numpy()
+        tap_sum[rows, cols] = grouped_sum[rows].numpy()
+    bias_values = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
+    return DenseView(nonzero, tap_sum, bias_values, padded, groups, in_per_group, out_per_group, channel_axis, can_fold)
+
+
+def _zero_padded(module) -> bool:
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        return False  # reflect/replicate/circular padding keeps a constant channel constant
+    padding = module.padding
+    if isinstance(padding, str):
+        return padding == "same" and any(k > 1 for k in module.kernel_size)
+    return any(p > 0 for p in padding)
+
+
+def _module_view(ctx) -> DenseView:
+    def compute():
+        module = ctx.module
+        weight, bias = ctx.param("weight"), ctx.param("bias")
+        if isinstance(module, nn.Linear):
+            return _dense_view(weight, bias, 1, False, -1)
+        return _dense_view(weight, bias, module.groups, _zero_padded(module), 1)
+
+    return ctx.memo("view", compute)
+
+
+def _input_channels(ctx, view: DenseView):
+    """(fact of the input on the axis the layer reads, or None if it is tracked elsewhere)."""
+    x = ctx.arg(0, "input")
+    fact = ctx.fact(x)
+    shape = ctx.shape(x)
+    if fact is None or not fact.tracked or shape is None:
+        return x, None
+    axis = view.channel_axis % len(shape)
+    if fact.axis != axis or fact.size != view.nonzero.shape[1]:
+        return x, None
+    return x, fact
+
+
+def _depthwise(view: DenseView) -> bool:
+    return view.groups > 1 and view.in_per_group == 1
+
+
+def _output(ctx, view: DenseView):
+    x, fact = _input_channels(ctx, view)
+    shape = ctx.shape()
+    axis = view.channel_axis % len(shape)
+    out_channels = view.nonzero.shape[0]
+    if fact is None:
+        reads_varying = np.ones(out_channels, bool)
+        const_value = np.zeros(view.nonzero.shape[1])
+    else:
+        inexact = fact.const & (fact.value != 0) if view.padded else np.zeros(fact.size, bool)
+        reads_varying = (view.nonzero & (fact.varying_mask | inexact)).any(axis=1)
+        const_value = fact.value
+    value = view.bias + view.tap_sum @ const_value
+    out_fact = ValueFact.constants(axis, ~reads_varying, value)
+    if fact is not None and _depthwise(view):
+        units = np.repeat(ctx.units(x), view.out_per_group)  # NOTE: in/out channels of a depthwise conv couple
+    else:
+        units = ctx.fresh(out_channels)
+    return out_fact, units
+
+
+def _required_inputs(ctx, view: DenseView) -> None:
+    x, fact = _input_channels(ctx, view)
+    if fact is None:
+        ctx.require_all(x)
+        if view.groups > 1:
+            ctx.require_all(ctx.node)  # groups cannot shrink when the input cannot
+        return
+    present = ctx.present()
+    reads = view.nonzero[present].any(axis=0)
+    needs = fact.varying_mask
+    if view.padded or not view.can_fold:
+        needs = needs | (fact.const & (fact.value != 0))
+    required = reads & needs
+    if view.groups > 1 and not _depthwise(view):
+        required, present = _uniform_groups(required | ctx.present(x), present, view.groups)
+        ctx.require(ctx.node, present)
+    ctx.require(x, required)
+
+
+def _uniform_groups(inputs: np.ndarray, outputs: np.ndarray, groups: int):
+    """Grow channel masks so the groups that stay keep equal numbers of inputs and of outputs.
+
+    A group with no input and no output left goes whole (the conv gets fewer groups); every
+    other group keeps as many channels as the fullest one.
+    """
+    inputs = inputs.reshape(groups, -1).copy()
+    outputs = outputs.reshape(groups, -1).copy()
+    alive = inputs.any(axis=1) | outputs.any(axis=1)
+    for mask in (inputs, outputs):
+        target = mask[alive].sum(axis=1).max() if alive.any() else 0
+        for group in np.nonzero(alive)[0]:
+            missing = target - mask[group].sum()
+            if missing:
+                mask[group, np.nonzero(~mask[group])[0][:missing]] = True
+    return inputs.reshape(-1), outputs.reshape(-1)
+
+
+def _new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(new weight, new bias or None, folded-from labels, kept inputs, kept outputs, new groups)."""
+    x, fact = _input_channels(ctx, view)
+    rows = ctx.kept()
+    in_channels = view.nonzero.shape[1]
+    cols = ctx.kept(x) if fact is not None else np.arange(in_channels)
+    delta = np.zeros(view.nonzero.shape[0])
+    folded_from = ()
+    if fact is not None:
+        fold = ctx.folded(x)
+        if fold.any():
+            delta = view.tap_sum[:, fold] @ fact.value[fold]
+            contributes = fold.copy()
+            contributes[fold] = (view.tap_sum[np.ix_(rows, np.nonzero(fold)[0])] * fact.value[fold] != 0).any(axis=0)
+            folded_from = tuple(f"{x.name}[{j}]" for j in np.nonzero(contributes)[0])
+    groups = view.groups
+    if groups == 1:
+        new_weight = weight[rows][:, cols]
+    elif _depthwise(view):
+        groups = len(cols)
+        new_weight = weight[rows] if len(cols) else weight[rows][:, :0]
+    else:
+        alive = np.unique(np.concatenate([cols // view.in_per_group, rows // view.out_per_group]))
+        groups = len(alive)
+        local = (cols.reshape(groups, -1) - (alive * view.in_per_group)[:, None]) if groups else np.zeros((0, 0), int)
+        slot = {group: index for index, group in enumerate(alive)}
+        if len(rows):
+            new_weight = torch.stack([weight[r, torch.from_numpy(local[slot[r // view.out_per_group]])] for r in rows])
+        else:
+            new_weight = weight[:0, :0]
+    new_bias = None
+    if bias is not None or np.any(delta[rows] != 0):
+        base = bias[rows] if bias is not None else torch.zeros(len(rows), dtype=torch.float64)
+        new_bias = base + torch.from_numpy(delta[rows])
+    return new_weight, new_bias, folded_from, cols, rows, groups
+
+
+def _parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
+    return nn.Parameter(value.clone(), requires_grad=like.requires_grad if like is not None else True)
+
+
+def _plan_module(ctx) -> None:
+    view = _module_view(ctx)
+    module = ctx.module
+    weight, bias = ctx.param("weight"), ctx.param("bias")
+    new_weight, new_bias, folded_from, cols, rows, groups = _new_weights(ctx, view, weight, bias)
+    if new_weight.shape == weight.shape and (new_bias is None) == (bias is None) and (
+        bias is None or torch.equal(new_bias, bias)
+    ):
+        return  # nothing changes
+    replacement = copy.deepcopy(module).to(torch.float64)
+    replacement.weight = _parameter(new_weight, module.weight)
+    replacement.bias = _parameter(new_bias, module.bias) if new_bias is not None else None
+    if isinstance(module, nn.Linear):
+        replacement.in_features, replacement.out_features = len(cols), len(rows)
+    else:
+        replacement.in_channels, replacement.out_channels, replacement.groups = len(cols), len(rows), max(groups, 1)
+    params = {"weight": (tuple(weight.shape), ())}
+    if bias is not None or new_bias is not None:
+        params["bias"] = (tuple(bias.shape) if bias is not None else (0,), folded_from)
+    ctx.replace_module(replacement, params)
+
+
+def _forward_module(ctx):
+    """Exact: rows of present outputs and columns of present inputs are kept; removed constant
+    inputs fold into the bias (behind zero padding only zero constants are removed)."""
+    return _output(ctx, _module_view(ctx))
+
+
+def _backward_module(ctx):
+    _required_inputs(ctx, _module_view(ctx))
+
+
+rule(
+    "linear/conv",
+    modules=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    backward=_backward_module,
+    plan=_plan_module,
+    reads_input_presence=True,
+    edits_module=True,
+)(_forward_module)
+
+
+# -- F.linear(x, weight, bias) with weights read through get_attr --------------------------------
+
+def _functional_view(ctx) -> DenseView | None:
+    def compute():
+        weight_node, bias_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+        weight = ctx.attr_value(weight_node)
+        bias = ctx.attr_value(bias_node) if bias_node is not None else None
+        if weight is None or (bias_node is not None and bias is None):
+            return None
+        if len(weight_node.users) > 1 or (bias_node is not None and len(bias_node.users) > 1):
+            return None  # a shared weight must keep one shape
+        return _dense_view(weight, bias, 1, False, -1, can_fold=bias is not None)
+
+    return ctx.memo("view", compute)
+
+
+def _forward_functional_linear(ctx):
+    """Exact as nn.Linear when weight (and bias) are module attributes read only here;
+    otherwise every channel around it is kept."""
+    view = _functional_view(ctx)
+    if view is None:
+        shape = ctx.shape()
+        return ValueFact.varying(len(shape) - 1, shape[-1]), ctx.fresh(shape[-1])
+    return _output(ctx, view)
+
+
+def _backward_functional_linear(ctx):
+    view = _functional_view(ctx)
+    if view is None:
+        ctx.require_all(ctx.arg(0, "input"))
+        ctx.require_all(ctx.node)
+        return
+    _required_inputs(ctx, view)
+
+
+def _plan_functional_linear(ctx):
+    view = _functional_view(ctx)
+    if view is None:
+        return
+    weight_node, bias_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    weight = ctx.attr_value(weight_node)
+    bias = ctx.attr_value(bias_node) if bias_node is not None else None
+    new_weight, new_bias, folded_from, *_ = _new_weights(ctx, view, weight, bias)
+    ctx.replace_attr(weight_node, new_weight)
+    if bias_node is not None:
+        ctx.replace_attr(bias_node, new_bias, folded_from)
+
+
+rule(
+    "functional linear",
+    functions=(F.linear,),
+    backward=_backward_functional_linear,
+    plan=_plan_functional_linear,
+)(_forward_functional_linear)

@@ -1,0 +1,290 @@
+"""Channelwise rules: activations, dropout, identity, elementwise arithmetic, pooling.
+
+These ops keep channel ``c`` in channel ``c``: the output reuses the input's units
+(so presence is shared, see NOTE [Units]) and a constant channel stays constant,
+with its value computed by running the op itself on the constants in float64.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FxminError, describe_node
+from ..facts import ValueFact
+from .registry import rule
+
+# -- in-place ops --------------------------------------------------------------------------------
+
+
+def _check_in_place(ctx, mutated) -> None:
+    """NOTE [In-place]: an in-place op that overwrites a value some later node still reads
+    would make that reader see something the analysis did not: refuse loudly."""
+    if not isinstance(mutated, torch.fx.Node):
+        return
+    later = [user for user in mutated.users if user is not ctx.node and _after(user, ctx.node)]
+    if later:
+        raise FxminError(
+            f"{describe_node(ctx.node, ctx.root)} overwrites '{mutated.name}' in place, and "
+            f"'{later[0].name}' reads '{mutated.name}' afterwards. fxmin cannot follow aliasing: make the op "
+            "out-of-place (inplace=False, x = x + y instead of x += y) or pass it in barriers=[...]."
+        )
+
+
+def _after(node, reference) -> bool:
+    cursor = reference.next
+    while cursor.op != "root":
+        if cursor is node:
+            return True
+        cursor = cursor.next
+    return False
+
+
+def _module_in_place(ctx) -> bool:
+    return bool(getattr(ctx.module, "inplace", False))
+
+
+def _is_in_place(ctx) -> bool:
+    node = ctx.node
+    if node.op == "call_module":
+        return _module_in_place(ctx)
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        return bool(node.kwargs.get("inplace", False)) or node.target in _IN_PLACE_OPERATORS
+    return False
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+# -- unary pointwise -------------------------------------------------------------------------------
+
+
+def _apply_unary(ctx, constants: torch.Tensor) -> torch.Tensor:
+    node = ctx.node
+    with torch.no_grad():
+        if node.op == "call_module":
+            return ctx.module(constants.clone())
+        rest = node.args[1:]
+        kwargs = dict(node.kwargs)
+        if node.op == "call_method":
+            return getattr(constants.clone(), node.target)(*rest, **kwargs)
+        return node.target(constants.clone(), *rest, **kwargs)
+
+
+def _has_node_operands(ctx) -> bool:
+    found = []
+    torch.fx.node.map_arg((ctx.node.args[1:], ctx.node.kwargs), found.append)
+    return bool(found)
+
+
+def pointwise_forward(ctx):
+    """Exact for any op applied independently to each element: ``const(c) -> const(f(c))``."""
+    x = ctx.arg(0, "input")
+    fact = ctx.fact(x)
+    if _is_in_place(ctx):
+        _check_in_place(ctx, x)
+    if fact is None or not fact.tracked or _has_node_operands(ctx):
+        return _opaque(ctx)
+    value = fact.value.copy()
+    if fact.const.any():
+        result = _apply_unary(ctx, torch.from_numpy(fact.value[fact.const]))
+        value[fact.const] = result.to(torch.float64).numpy()
+    return ValueFact.constants(fact.axis, fact.const, value), ctx.units(x)
+
+
+def _opaque(ctx):
+    shape = ctx.shape()
+    return (ValueFact.untracked() if shape is not None else None), None
+
+
+def opaque_backward(ctx):
+    """Keep every channel of every input: exact, shrinks nothing across the op."""
+    for node in ctx.input_nodes():
+        ctx.require_all(node)
+
+
+def _pointwise_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+
+
+def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"):
+    """One line registers an elementwise unary op family (``f`` applied to each element alone).
+
+    >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
+    """
+    rule(name, modules=modules, functions=functions, methods=methods, backward=_pointwise_backward)(pointwise_forward)
+
+
+register_pointwise(
+    modules=(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+             nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish, nn.Hardtanh, nn.Softsign, nn.Tanhshrink,
+             nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
+    functions=(torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh,
+               F.tanh, F.hardswish, F.hardsigmoid, F.elu, F.celu, F.selu, F.softplus, F.mish, F.hardtanh,
+               torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.clamp,
+               torch.clip, operator.neg, F.logsigmoid, F.softsign),
+    methods=("relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "square", "erf", "clamp",
+             "clip", "clamp_", "contiguous", "clone", "detach", "float", "double", "half", "sigmoid_", "tanh_"),
+)
+
+
+def _dropout_forward(ctx):
+    """Exact in eval mode, where dropout is the identity (the result keeps it for training)."""
+    return pointwise_forward(ctx)
+
+
+rule("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
+     backward=_pointwise_backward)(_dropout_forward)
+
+
+# -- binary elementwise ---------------------------------------------------------------------------------
+
+_BINARY = {
+    torch.add: torch.add, operator.add: torch.add, operator.iadd: torch.add, "add": torch.add, "add_": torch.add,
+    "__add__": torch.add, "__radd__": lambda a, b: torch.add(b, a),
+    torch.sub: torch.sub, operator.sub: torch.sub, operator.isub: torch.sub, "sub": torch.sub, "sub_": torch.sub,
+    "__sub__": torch.sub, "__rsub__": lambda a, b: torch.sub(b, a), torch.rsub: lambda a, b: torch.sub(b, a),
+    torch.mul: torch.mul, operator.mul: torch.mul, operator.imul: torch.mul, "mul": torch.mul, "mul_": torch.mul,
+    "__mul__": torch.mul, "__rmul__": torch.mul,
+    torch.div: torch.div, operator.truediv: torch.div, operator.itruediv: torch.div, "div": torch.div,
+    "div_": torch.div, "__truediv__": torch.div, "__rtruediv__": lambda a, b: torch.div(b, a),
+    torch.maximum: torch.maximum, torch.minimum: torch.minimum,
+}
+
+
+def _operand(ctx, value, out_rank):
+    """(kind, payload): 'tracked' (fact, aligned axis), 'scalar' (number), 'broadcast' (node), 'other'."""
+    if isinstance(value, (int, float, bool)):
+        return "scalar", float(value)
+    if not isinstance(value, torch.fx.Node):
+        return "other", None
+    fact, shape = ctx.fact(value), ctx.shape(value)
+    if shape is None:
+        return "other", None
+    if fact is not None and fact.tracked:
+        return "tracked", (fact, fact.axis + out_rank - len(shape))
+    return "broadcast", value
+
+
+def _binary_forward(ctx):
+    """Exact for elementwise binary ops: both operands' channels couple (a residual stream goes
+    stage-wide or not at all); ``const op const`` is constant, ``0 * x`` is ``const(0)``."""
+    node = ctx.node
+    a, b = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
+    if _is_in_place(ctx):
+        _check_in_place(ctx, a)
+    if "alpha" in node.kwargs or len(node.args) > 2:
+        return _opaque(ctx)
+    op = _BINARY[node.target]
+    shape = ctx.shape()
+    if shape is None:
+        return _opaque(ctx)
+    rank = len(shape)
+    kind_a, pa = _operand(ctx, a, rank)
+    kind_b, pb = _operand(ctx, b, rank)
+    if kind_a == "tracked" and kind_b == "tracked":
+        (fa, axis_a), (fb, axis_b) = pa, pb
+        if axis_a != axis_b or fa.size != fb.size or fa.size != shape[axis_a]:
+            return _opaque(ctx)
+        ctx.unify(ctx.units(a), ctx.units(b))
+        const = fa.const & fb.const
+        with torch.no_grad():
+            value = op(torch.from_numpy(fa.value), torch.from_numpy(fb.value)).numpy()
+        if op is torch.mul:
+            zero = (fa.const & (fa.value == 0)) | (fb.const & (fb.value == 0))
+            const = const | zero
+            value = np.where(zero, 0.0, value)
+        return ValueFact.constants(axis_a, const, np.where(const, value, 0.0)), ctx.units(a)
+    for (kind, payload, other_kind, other, tracked_node, first) in (
+        (kind_a, pa, kind_b, pb, a, True), (kind_b, pb, kind_a, pa, b, False)
+    ):
+        if kind != "tracked" or other_kind not in ("scalar", "broadcast"):
+            continue
+        fact, axis = payload
+        if fact.size != shape[axis]:
+            return _opaque(ctx)
+        if other_kind == "broadcast":
+            other_shape = ctx.shape(other)
+            offset = rank - len(other_shape)
+            if axis - offset >= 0 and other_shape[axis - offset] != 1:
+                return _opaque(ctx)  # a tensor that varies along the channel axis: not followed here
+            const = np.zeros(fact.size, bool)
+            if op is torch.mul:
+                const = fact.const & (fact.value == 0)
+            return ValueFact.constants(axis, const, np.zeros(fact.size)), ctx.units(tracked_node)
+        scalar = torch.tensor(other, dtype=torch.float64)
+        with torch.no_grad():
+            values = torch.from_numpy(fact.value)
+            value = (op(values, scalar) if first else op(scalar, values)).numpy()
+        return ValueFact.constants(axis, fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
+    return _opaque(ctx)
+
+
+def _binary_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+        return
+    for node in ctx.input_nodes():
+        input_fact = ctx.fact(node)
+        if input_fact is None or not input_fact.tracked:
+            ctx.require_all(node)  # a broadcast operand is read whole
+
+
+rule("elementwise", functions=[k for k in _BINARY if not isinstance(k, str)],
+     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward)(_binary_forward)
+
+
+# -- pooling ----------------------------------------------------------------------------------------------
+
+_POOL_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+}
+_AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+
+
+def _pool_setting(ctx, name, index, default):
+    if ctx.module is not None:
+        return getattr(ctx.module, name, default)
+    return ctx.arg(index, name, default)
+
+
+def _pool_forward(ctx):
+    """Exact: pooling works within each channel; a constant stays constant, except a nonzero
+    constant under average pooling that counts zero padding (or ceil-mode/divisor tricks)."""
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    key = type(ctx.module) if ctx.module is not None else ctx.node.target
+    spatial = _POOL_DIMS[key]
+    if fact is None or not fact.tracked or shape is None or fact.axis >= len(shape) - spatial:
+        return _opaque(ctx)
+    const = fact.const.copy()
+    if key in _AVERAGING:
+        padding = _pool_setting(ctx, "padding", 3, 0)
+        padded = any(p > 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+        tricky = (padded and _pool_setting(ctx, "count_include_pad", 5, True)) or _pool_setting(ctx, "ceil_mode", 4, False) \
+            or _pool_setting(ctx, "divisor_override", 6, None) is not None
+        if tricky:
+            const &= fact.value == 0
+    if isinstance(ctx.module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)) and ctx.module.return_indices:
+        return _opaque(ctx)
+    if ctx.node.op != "call_module" and ctx.node.kwargs.get("return_indices", False):
+        return _opaque(ctx)
+    return ValueFact.constants(fact.axis, const, np.where(const, fact.value, 0.0)), ctx.units(x)
+
+
+rule("pooling", modules=[k for k in _POOL_DIMS if isinstance(k, type)],
+     functions=[k for k in _POOL_DIMS if not isinstance(k, type)], backward=_pointwise_backward)(_pool_forward)

@@ -1,0 +1,287 @@
+"""Shape rules: flatten, view/reshape, reading sizes, indexing, reductions over other axes.
+
+NOTE [Literal sizes]
+``x.view(-1, 400)`` bakes the channel count into the graph. When the tracked axis of
+the result shrinks, the literal at that position is patched to the new size. A size
+computed at run time (``x.size(1)``) is left alone: reading the size of a tracked
+axis pins that axis (every channel kept), so such sizes never change.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import MissingRuleError, describe_node
+from ..facts import ValueFact
+from .pointwise import _opaque, opaque_backward
+from .registry import rule
+
+
+def _mapped(fact: ValueFact, units, axis: int, inner: int, outer: int):
+    fact_out = ValueFact(axis, fact.size * inner * outer, np.tile(np.repeat(fact.const, inner), outer),
+                         np.tile(np.repeat(fact.value, inner), outer))
+    return fact_out, np.tile(np.repeat(units, inner), outer)
+
+
+def _tracked_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+
+
+# -- flatten -----------------------------------------------------------------------------------------------
+
+def _flatten_forward(ctx):
+    """Exact: flattening moves channel ``c`` to a block of consecutive features."""
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    if fact is None or not fact.tracked or shape is None:
+        return _opaque(ctx)
+    if ctx.module is not None:
+        start, end = ctx.module.start_dim, ctx.module.end_dim
+    else:
+        default_start = 0
+        start, end = ctx.arg(1, "start_dim", default_start), ctx.arg(2, "end_dim", -1)
+    rank = len(shape)
+    if rank == 0:
+        return _opaque(ctx)
+    start, end = start % rank, end % rank
+    axis = fact.axis
+    if axis < start:
+        return fact, ctx.units(x)
+    if axis > end:
+        return fact.moved(axis - (end - start)), ctx.units(x)
+    outer = math.prod(shape[start:axis])
+    inner = math.prod(shape[axis + 1 : end + 1])
+    return _mapped(fact, ctx.units(x), start, inner, outer)
+
+
+rule("flatten", modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",),
+     backward=_tracked_backward)(_flatten_forward)
+
+
+# -- view / reshape ------------------------------------------------------------------------------------------
+
+def _groups(source, target):
+    """Pair up runs of axes with equal products: [((i0, i1), (j0, j1)), ...], or None."""
+    if math.prod(source) != math.prod(target) or 0 in source or 0 in target:
+        return None
+    groups, i, j = [], 0, 0
+    while i < len(source) or j < len(target):
+        i0, j0 = i, j
+        pi = source[i] if i < len(source) else 1
+        pj = target[j] if j < len(target) else 1
+        i, j = min(i + 1, len(source)), min(j + 1, len(target))
+        while pi != pj:
+            if pi < pj:
+                if i >= len(source):
+                    return None
+                pi *= source[i]
+                i += 1
+            else:
+                if j >= len(target):
+                    return None
+                pj *= target[j]
+                j += 1
+        groups.append(((i0, i), (j0, j)))
+    return groups
+
+
+def _view_mapping(ctx):
+    """(output fact, units) for a reshape, or None when the channel axis cannot be followed."""
+    x = ctx.arg(0, "input")
+    fact, source, target = ctx.fact(x), ctx.shape(x), ctx.shape()
+    if fact is None or not fact.tracked or source is None or target is None:
+        return None
+    groups = _groups(source, target)
+    if groups is None:
+        return None
+    axis = fact.axis
+    for (i0, i1), (j0, j1) in groups:
+        if not i0 <= axis < i1:
+            continue
+        if j1 - j0 == 1:  # identity or merge into one axis
+            return _mapped(fact, ctx.units(x), j0, math.prod(source[axis + 1 : i1]), math.prod(source[i0:axis]))
+        if i1 - i0 == 1:  # split of the channel axis: follow the first part when blocks are uniform
+            inner = math.prod(target[j0 + 1 : j1])
+            units = ctx.units(x).reshape(-1, inner)
+            const = fact.const.reshape(-1, inner)
+            value = fact.value.reshape(-1, inner)
+            if (units == units[:, :1]).all() and (const == const[:, :1]).all() and (value == value[:, :1]).all():
+                return ValueFact(j0, units.shape[0], const[:, 0], value[:, 0]), units[:, 0].copy()
+        return None
+    return None
+
+
+def _shape_arguments(node):
+    """(list of shape entries, position of the first entry in node.args, packed-as-tuple)."""
+    if node.op == "call_function":  # torch.reshape(x, shape)
+        return list(node.args[1]), 1, True
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return list(node.args[1]), 1, True
+    return list(node.args[1:]), 1, False
+
+
+def _view_forward(ctx):
+    """Exact: reshapes that keep the channel axis whole, merge it into one axis, or split it
+    into uniform blocks are followed (literal sizes patched); others keep every channel."""
+    mapped = _view_mapping(ctx)
+    if mapped is None:
+        return _opaque(ctx)
+    return mapped
+
+
+def _view_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+        return
+    entries, _, _ = _shape_arguments(ctx.node)
+    if fact.axis < len(entries) and not isinstance(entries[fact.axis], int):
+        ctx.require_all(ctx.node)  # a size computed at run time: keep it unchanged
+
+
+def _view_plan(ctx):
+    fact = ctx.fact(ctx.node)
+    kept = ctx.kept()
+    if fact is None or not fact.tracked or len(kept) == fact.size:
+        return
+    entries, position, packed = _shape_arguments(ctx.node)
+    if entries[fact.axis] == -1:
+        return
+    entries[fact.axis] = int(len(kept))
+    args = list(ctx.node.args)
+    if packed:
+        args[position] = type(ctx.node.args[position])(entries) if isinstance(ctx.node.args[position], tuple) else entries
+    else:
+        args[position:] = entries
+    ctx.patch(tuple(args))
+
+
+rule("view/reshape", functions=(torch.reshape,), methods=("view", "reshape"),
+     backward=_view_backward, plan=_view_plan)(_view_forward)
+
+
+# -- reading sizes --------------------------------------------------------------------------------------------
+
+def _size_forward(ctx):
+    """Exact: sizes are read from the new tensor; reading the tracked axis' size pins it."""
+    return None, None
+
+
+def _reads_tracked_size(ctx, source, dim) -> bool:
+    fact = ctx.fact(source)
+    if fact is None or not fact.tracked:
+        return False
+    rank = len(ctx.shape(source))
+    if dim is not None:
+        return not isinstance(dim, int) or dim % rank == fact.axis
+    for user in ctx.node.users:
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+            if user.args[1] % rank == fact.axis:
+                return True
+            continue
+        return True  # the whole shape is used
+    return False
+
+
+def _size_backward(ctx):
+    node = ctx.node
+    source = node.args[0]
+    if node.op == "call_method":  # x.size(dim) / x.size() / x.dim()
+        if node.target == "dim":
+            return
+        dim = ctx.arg(1, "dim")
+        if _reads_tracked_size(ctx, source, dim):
+            ctx.require_all(source)
+        return
+    attribute = node.args[1]
+    if attribute == "shape" and _reads_tracked_size(ctx, source, None):
+        ctx.require_all(source)
+
+
+_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+
+
+def _getattr_forward(ctx):
+    attribute = ctx.node.args[1]
+    if attribute not in _ATTRIBUTES:
+        raise MissingRuleError(
+            f"fxmin has no rule for {describe_node(ctx.node, ctx.root)} (attribute '{attribute}'); "
+            f"known tensor attributes: {sorted(_ATTRIBUTES)}. Pass barriers=['{ctx.node.name}'] to keep "
+            "every channel around it.", node_name=ctx.node.name)
+    return None, None
+
+
+rule("size", methods=("size", "dim"), backward=_size_backward)(_size_forward)
+rule("getattr", functions=(builtins.getattr,), backward=_size_backward)(_getattr_forward)
+
+
+# -- indexing ---------------------------------------------------------------------------------------------------
+
+def _getitem_forward(ctx):
+    """Exact: indexing a size or a tuple reads no channel; indexing a tensor is followed when
+    every index up to the channel axis is a full slice, otherwise every channel is kept."""
+    source, index = ctx.node.args
+    fact = ctx.fact(source)
+    shape = ctx.shape()
+    if fact is None or not fact.tracked:
+        return (ValueFact.untracked() if shape is not None else None), None
+    if not isinstance(index, tuple):
+        index = (index,)
+    full = slice(None, None, None)
+    for position, item in enumerate(index):
+        if position > fact.axis:
+            break
+        if item != full or isinstance(item, torch.fx.Node):
+            return _opaque(ctx)
+    if any(isinstance(item, torch.fx.Node) for item in index):
+        return _opaque(ctx)
+    return fact, ctx.units(source)
+
+
+def _getitem_backward(ctx):
+    source = ctx.node.args[0]
+    fact_in = ctx.fact(source)
+    fact = ctx.fact(ctx.node)
+    if fact_in is not None and fact_in.tracked and (fact is None or not fact.tracked):
+        ctx.require_all(source)
+
+
+rule("getitem", functions=(operator.getitem,), backward=_getitem_backward)(_getitem_forward)
+
+
+# -- reductions over other axes --------------------------------------------------------------------------------
+
+def _reduce_forward(ctx):
+    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
+    multiplies it by the number of reduced elements."""
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    dims = ctx.arg(1, "dim")
+    keepdim = ctx.arg(2, "keepdim", False)
+    if fact is None or not fact.tracked or shape is None or dims is None or ctx.node.kwargs.get("dtype") is not None:
+        return _opaque(ctx)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return _opaque(ctx)
+    rank = len(shape)
+    dims = {d % rank for d in dims}
+    if fact.axis in dims:
+        return _opaque(ctx)
+    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    value = fact.value
+    if name == "sum":
+        value = value * math.prod(shape[d] for d in dims)
+    return ValueFact.constants(axis, fact.const, value), ctx.units(x)
+
+
+rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
+     backward=_tracked_backward)(_reduce_forward)

@@ -1,0 +1,70 @@
+"""Union-find over channel *units*: the coupling groups of the analysis.
+
+NOTE [Units]
+Every channel of every tracked axis maps to a unit. Ops whose channels pass
+through unchanged (activations, BatchNorm, pooling, flatten) reuse their input's
+units; ops that must keep the same index set on several axes (a residual add, a
+depthwise conv) unify them. A unit is *present* in the result iff some reader
+requires it at some member, so a residual-stream channel goes everywhere or
+nowhere, with no extra bookkeeping.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class UnitTable:
+    """Vectorized union-find with path compression over integer unit ids."""
+
+    def __init__(self):
+        self._parent = np.zeros(1024, np.int64)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def fresh(self, size: int) -> np.ndarray:
+        start = self._count
+        end = start + size
+        if end > self._parent.size:
+            grown = np.zeros(max(end, 2 * self._parent.size), np.int64)
+            grown[: self._count] = self._parent[: self._count]
+            self._parent = grown
+        self._parent[start:end] = np.arange(start, end)
+        self._count = end
+        return np.arange(start, end)
+
+    def find(self, units: np.ndarray) -> np.ndarray:
+        units = np.asarray(units, np.int64)
+        parent = self._parent
+        roots = parent[units]
+        while True:
+            up = parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        parent[units] = roots  # compress
+        return roots
+
+    def _find_one(self, unit: int) -> int:
+        parent = self._parent
+        root = unit
+        while parent[root] != root:
+            root = parent[root]
+        while parent[unit] != root:
+            parent[unit], unit = root, parent[unit]
+        return int(root)
+
+    def unify(self, first: np.ndarray, second: np.ndarray) -> None:
+        first = np.asarray(first, np.int64)
+        second = np.asarray(second, np.int64)
+        if first.shape != second.shape:
+            raise ValueError(f"cannot couple axes of different sizes {first.shape} and {second.shape}")
+        a = self.find(first)
+        b = self.find(second)
+        differ = np.nonzero(a != b)[0]
+        for index in differ:
+            ra = self._find_one(int(a[index]))
+            rb = self._find_one(int(b[index]))
+            if ra != rb:
+                self._parent[max(ra, rb)] = min(ra, rb)

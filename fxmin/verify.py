@@ -1,0 +1,174 @@
+"""Reference vs result, in float64 and in the model's dtype; the first divergent node."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten
+
+from .errors import EquivalenceError
+
+#: max |reference - result| allowed, relative to max(1, max |reference|), per dtype.
+TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    dtype: torch.dtype
+    inputs: str  # 'example' or 'random #k'
+    max_error: float
+    scale: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_error <= self.tolerance * self.scale
+
+
+@dataclass
+class VerifyReport:
+    """Every comparison run; ``max_error[dtype]`` is the largest absolute error seen in that dtype."""
+
+    comparisons: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+    def max_error(self, dtype: torch.dtype) -> float:
+        errors = [c.max_error for c in self.comparisons if c.dtype == dtype]
+        return max(errors) if errors else float("nan")
+
+    def failures(self) -> list:
+        return [c for c in self.comparisons if not c.ok]
+
+
+def random_like(inputs: tuple, generator: torch.Generator) -> tuple:
+    """Random inputs of the same shapes (and similar scale) as ``inputs``; integer inputs keep their range."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            scale = x.double().std().item() if x.numel() > 1 else 1.0
+            scale = scale if scale > 0 else 1.0
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) * scale + x.double().mean().item()
+            out.append(noise.to(x.dtype).to(x.device))
+        elif isinstance(x, torch.Tensor) and x.dtype != torch.bool and x.numel():
+            low, high = int(x.min()), int(x.max())
+            out.append(torch.randint(low, high + 1, x.shape, generator=generator, dtype=x.dtype).to(x.device))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _cast_inputs(inputs: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
+def _compare(reference_out, result_out) -> tuple[float, float]:
+    ref_leaves, _ = tree_flatten(reference_out)
+    res_leaves, _ = tree_flatten(result_out)
+    if len(ref_leaves) != len(res_leaves):
+        return float("inf"), 1.0
+    error, scale = 0.0, 1.0
+    for a, b in zip(ref_leaves, res_leaves):
+        if isinstance(a, torch.Tensor):
+            if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+                return float("inf"), 1.0
+            if a.numel():
+                diff = (a.double() - b.double()).abs()
+                error = max(error, float(diff.max()) if not torch.isnan(diff).any() else float("inf"))
+                scale = max(scale, float(a.double().abs().max()))
+        elif a != b:
+            return float("inf"), 1.0
+    return error, scale
+
+
+def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, tolerance: float | None = None) -> Comparison:
+    """Run both modules on ``inputs`` cast to ``dtype`` and compare their outputs."""
+    cast = _cast_inputs(inputs, dtype)
+    with torch.no_grad():
+        error, scale = _compare(reference(*cast), result(*cast))
+    return Comparison(dtype, label, error, scale, TOLERANCES.get(dtype, 1e-4) if tolerance is None else tolerance)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, module):
+        super().__init__(module)
+        self.values = {}
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        self.values[node.name] = value
+        return value
+
+
+def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.GraphModule, plan, inputs: tuple,
+                         tolerance: float) -> str | None:
+    """The first node (in the reference's order) whose kept channels differ between the two modules."""
+    reference_run, result_run = _Recorder(reference), _Recorder(result)
+    with torch.no_grad():
+        reference_run.run(*inputs)
+        result_run.run(*inputs)
+    for node in reference.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        a, b = reference_run.values.get(node.name), result_run.values.get(node.name)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or not a.is_floating_point():
+            continue
+        kept = plan.kept.get(node.name)
+        if kept is not None and a.dim() > plan.axes[node.name]:
+            a = a.index_select(plan.axes[node.name], torch.as_tensor(kept, dtype=torch.long, device=a.device))
+        if a.shape != b.shape:
+            return node.name
+        if a.numel() and float((a.double() - b.double()).abs().max()) > tolerance * max(1.0, float(a.double().abs().max())):
+            return node.name
+    return None
+
+
+def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *,
+           exact_result: torch.nn.Module | None = None, plan=None, trials: int = 2, seed: int = 0,
+           tolerances: dict | None = None, raise_on_failure: bool = True) -> VerifyReport:
+    """Check that ``result`` computes what ``reference`` computes.
+
+    Both run on the example inputs and on ``trials`` random inputs of the same shapes, in float64
+    (``exact_result`` if given: the float64 build of the result) and in the model's dtype.
+    Raises :class:`EquivalenceError` naming the first divergent node (when ``plan`` is given).
+
+    >>> import torch
+    >>> m = torch.nn.Linear(3, 2)
+    >>> verify(m, m, (torch.randn(4, 3),)).ok
+    True
+    """
+    tolerances = {**TOLERANCES, **(tolerances or {})}
+    generator = torch.Generator().manual_seed(seed)
+    input_sets = [("example", tuple(example_inputs))]
+    input_sets += [(f"random #{k + 1}", random_like(tuple(example_inputs), generator)) for k in range(trials)]
+    model_dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
+    report = VerifyReport()
+    reference64 = _double(reference)
+    result64 = exact_result if exact_result is not None else _double(result)
+    for label, inputs in input_sets:
+        report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
+        if model_dtype != torch.float64:
+            report.comparisons.append(compare(reference, result, inputs, model_dtype, label,
+                                              tolerances.get(model_dtype, 1e-4)))
+    if not report.ok and raise_on_failure:
+        failure = report.failures()[0]
+        node = None
+        if plan is not None and isinstance(reference64, torch.fx.GraphModule) and isinstance(result64, torch.fx.GraphModule):
+            inputs = _cast_inputs(dict(input_sets)[failure.inputs], torch.float64)
+            node = first_divergent_node(reference64, result64, plan, inputs, tolerances[torch.float64] * 10)
+        where = f"; first divergent node: '{node}'" if node else ""
+        raise EquivalenceError(
+            f"the minimized module does not compute the reference function: max error {failure.max_error:.3g} "
+            f"in {failure.dtype} on {failure.inputs} inputs (tolerance {failure.tolerance:.1g} x scale "
+            f"{failure.scale:.3g}){where}. This is a bug in fxmin or in a custom rule: please report it with the "
+            "model; minimize(..., barriers=[node]) works around it.", node=node, report=report)
+    return report
+
+
+def _double(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to(torch.float64).eval()
