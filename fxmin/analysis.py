@@ -111,13 +111,14 @@ class Context:
         """Which channels of ``node`` (default: this node) are present; all True if untracked."""
         return self._engine.present(self.node if node is None else node)
 
-    def require(self, node, mask) -> None:
-        self._engine.require(node, mask)
+    def require(self, node, mask, why: str | None = None) -> None:
+        """Channels ``mask`` of ``node`` must stay; ``why`` says so for ``Analysis.explain``."""
+        self._engine.require(node, mask, why)
 
-    def require_all(self, node) -> None:
+    def require_all(self, node, why: str | None = None) -> None:
         fact = self.fact(node)
         if fact is not None and fact.tracked:
-            self._engine.require(node, np.ones(fact.size, bool))
+            self._engine.require(node, np.ones(fact.size, bool), why or f"{self.rule.name} keeps every channel of its inputs")
 
 
 @dataclass
@@ -130,6 +131,10 @@ class Analysis:
     present_units: np.ndarray
     rules: dict
     tensors: dict
+    #: per unit, index into ``reasons`` of the requirement that made it present (-1: never present)
+    reason_of_unit: np.ndarray = None
+    #: (requiring node or None for the graph output, explanation or None)
+    reasons: list = None
 
     def present(self, node: torch.fx.Node) -> np.ndarray | None:
         units = self.units.get(node)
@@ -162,6 +167,8 @@ class Engine:
         self.tensors: dict = {}
         self.present_units = np.zeros(0, bool)
         self._queue: list = []
+        self._current = None
+        self.reasons: list = []
         self._queued: set = set()
         self._order: dict = {}
 
@@ -214,6 +221,7 @@ class Engine:
         if missing:
             raise _missing_rule_error(missing, self.root)
         self.present_units = np.zeros(len(self.table), bool)
+        self.reason_of_unit = np.full(len(self.table), -1, np.int64)
         for node, units in self.units.items():
             self.units[node] = self.table.find(units)
 
@@ -244,7 +252,7 @@ class Engine:
             return np.ones(size, bool)
         return self.present_units[units]
 
-    def require(self, node, mask) -> None:
+    def require(self, node, mask, why: str | None = None) -> None:
         units = self.units.get(node)
         if units is None:
             return  # untracked: everything stays anyway
@@ -257,6 +265,8 @@ class Engine:
             return
         new = np.unique(new)
         self.present_units[new] = True
+        self.reason_of_unit[new] = len(self.reasons)
+        self.reasons.append((self._current, node, why))
         for owner in self._owners(new):
             self._push(owner)
             for user in owner.users:
@@ -298,7 +308,7 @@ class Engine:
                 for value in node.all_input_nodes:
                     fact = self.facts.get(value)
                     if fact is not None and fact.tracked:
-                        self.require(value, np.ones(fact.size, bool))
+                        self.require(value, np.ones(fact.size, bool), "a model output (outputs never shrink)")
             elif node in self.rules:
                 self._push(node)
         while self._queue:
@@ -306,7 +316,9 @@ class Engine:
             self._queued.discard(node)
             rule = self.rules[node]
             if rule.backward is not None:
+                self._current = node
                 rule.backward(Context(self, node, rule))
+                self._current = None
 
 
 def _missing_rule_error(missing, root) -> MissingRuleError:
@@ -361,6 +373,7 @@ def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry = 
     engine = Engine(root, registry, make_barrier_test(barriers, root))
     engine.forward()
     engine.backward()
-    analysis = Analysis(root, engine.facts, engine.units, engine.present_units, engine.rules, engine.tensors)
+    analysis = Analysis(root, engine.facts, engine.units, engine.present_units, engine.rules, engine.tensors,
+                        engine.reason_of_unit, engine.reasons)
     analysis.engine = engine
     return analysis

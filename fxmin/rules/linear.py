@@ -126,14 +126,18 @@ def _required_inputs(ctx, view: DenseView) -> None:
         return
     present = ctx.present()
     reads = view.nonzero[present].any(axis=0)
-    needs = fact.varying_mask
+    required = reads & fact.varying_mask
+    pinned = np.zeros_like(required)
     if view.padded or not view.can_fold:
-        needs = needs | (fact.const & (fact.value != 0))
-    required = reads & needs
+        pinned = reads & fact.const & (fact.value != 0) & ~required
     if view.groups > 1 and not _depthwise(view):
-        required, present = _uniform_groups(required | ctx.present(x), present, view.groups)
-        ctx.require(ctx.node, present)
+        grown, present = _uniform_groups(required | pinned | ctx.present(x), present, view.groups)
+        ctx.require(ctx.node, present, "keeps the groups of a grouped conv uniform")
+        ctx.require(x, grown & ~(required | pinned), "keeps the groups of a grouped conv uniform")
     ctx.require(x, required)
+    if pinned.any():
+        where = "zero-padded conv" if view.padded else "layer without a bias to fold into"
+        ctx.require(x, pinned, f"nonzero constant into {where} {ctx.node.target}")
 
 
 def _uniform_groups(inputs: np.ndarray, outputs: np.ndarray, groups: int):
