@@ -1,0 +1,59 @@
+"""The one shared check: minimize, verify in float64 independently, compare parameter counts."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fxmin
+
+
+def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
+    """The reference function, built without fxmin: a copy with W * mask applied, in eval mode."""
+    reference = copy.deepcopy(model).eval()
+    if masks:
+        parameters = dict(reference.named_parameters())
+        with torch.no_grad():
+            for name, mask in masks.items():
+                parameters[name].mul_(mask.to(parameters[name].dtype))
+    return reference
+
+
+def random_inputs_like(example_inputs: tuple, count: int = 3, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in example_inputs)
+            for _ in range(count)]
+
+
+def assert_equivalent(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple,
+                      tolerance: float = 1e-5) -> float:
+    """Compare in float64 on the example and random inputs; return the max relative error.
+
+    The result's weights are the model's float32 values (folded biases rounded to float32), so
+    float64 agreement is to float32 rounding of the folded constants.
+    """
+    reference64 = copy.deepcopy(reference).double().eval()
+    result64 = copy.deepcopy(result).double().eval()
+    worst = 0.0
+    inputs = [tuple(x.double() for x in example_inputs)] + random_inputs_like(example_inputs)
+    with torch.no_grad():
+        for batch in inputs:
+            expected, actual = reference64(*batch), result64(*batch)
+            assert actual.shape == expected.shape, f"output shape changed: {tuple(expected.shape)} -> {tuple(actual.shape)}"
+            scale = max(1.0, float(expected.abs().max()))
+            error = float((expected - actual).abs().max()) / scale
+            worst = max(worst, error)
+    assert worst <= tolerance, f"minimized model diverges: max relative error {worst:.3g} > {tolerance:.1g}"
+    return worst
+
+
+def check_minimize(model: torch.nn.Module, masks: dict | None, example_inputs: tuple, *,
+                   expected_params: int | None = None, tolerance: float = 1e-5, **options):
+    """Minimize, check equivalence in float64 against an independent masked copy, and the size."""
+    result = fxmin.minimize(model, masks, example_inputs, **options)
+    assert_equivalent(masked_copy(model, masks), result.module, example_inputs, tolerance)
+    params = fxmin.count_parameters(result.module)
+    assert params == result.report.params_after
+    if expected_params is not None:
+        assert params == expected_params, f"expected {expected_params} parameters after minimization, got {params}"
+    return result
