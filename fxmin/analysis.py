@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from .errors import MissingRuleError, describe_node
-from .facts import ValueFact
+from .facts import TupleFact, ValueFact
 from .rules import REGISTRY
 from .rules.registry import Rule, Registry
 from .units import UnitTable
@@ -106,6 +106,15 @@ class Context:
     def unify(self, first: np.ndarray, second: np.ndarray) -> None:
         self._engine.table.unify(first, second)
 
+    def adopt(self, node, axis: int) -> ValueFact | None:
+        """Track a model constant (a ``get_attr`` tensor) along ``axis``, as its reader aligns it.
+
+        Channel ``c`` is ``const`` when the tensor holds one value across its other axes. The
+        plan slices the tensor along ``axis`` to the kept channels. Returns the fact, or None
+        when ``node`` is not a model constant (or is already tracked on another axis).
+        """
+        return self._engine.adopt(node, axis)
+
     # -- backward ------------------------------------------------------------
     def present(self, node=None) -> np.ndarray:
         """Which channels of ``node`` (default: this node) are present; all True if untracked."""
@@ -115,8 +124,19 @@ class Context:
         """Channels ``mask`` of ``node`` must stay; ``why`` says so for ``Analysis.explain``."""
         self._engine.require(node, mask, why)
 
+    def present_units(self, units) -> np.ndarray:
+        """Presence of raw unit ids (e.g. the pieces of a TupleFact)."""
+        return self._engine.present_units[self._engine.table.find(np.asarray(units, np.int64))]
+
+    def require_units(self, units, why: str | None = None) -> None:
+        self._engine.require_units(units, why)
+
     def require_all(self, node, why: str | None = None) -> None:
         fact = self.fact(node)
+        if isinstance(fact, TupleFact):
+            for units in fact.units:
+                self._engine.require_units(units, why or f"{self.rule.name} keeps every channel of its inputs")
+            return
         if fact is not None and fact.tracked:
             self._engine.require(node, np.ones(fact.size, bool), why or f"{self.rule.name} keeps every channel of its inputs")
 
@@ -167,6 +187,7 @@ class Engine:
         self.tensors: dict = {}
         self.present_units = np.zeros(0, bool)
         self._queue: list = []
+        self._attr_units: dict = {}
         self._current = None
         self.reasons: list = []
         self._queued: set = set()
@@ -236,9 +257,43 @@ class Engine:
         # all of axis 1, which is exact; it only forgoes dropping unused inputs.
         self._set(node, ValueFact.varying(1, shape[1]), self.table.fresh(shape[1]))
 
+    def adopt(self, node, axis: int) -> ValueFact | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "call_method" and node.target == "expand" and isinstance(node.args[0], torch.fx.Node):
+            # a class token expanded to the batch: adopt the constant, the expand follows it
+            source = node.args[0]
+            offset = len(tensor_shape(node)) - len(tensor_shape(source))
+            fact = self.adopt(source, axis - offset)
+            if fact is None:
+                return None
+            self._set(node, fact.moved(axis), self.units[source])
+            return self.facts[node]
+        if node.op != "get_attr":
+            return None
+        fact = self.facts.get(node)
+        if fact is not None and fact.tracked:
+            return fact if fact.axis == axis else None
+        value = self.attr_tensor(node.target)
+        if value is None or value.dim() == 0 or not 0 <= axis < value.dim():
+            return None
+        moved = value.movedim(axis, 0).reshape(value.shape[axis], -1)
+        const = (moved == moved[:, :1]).all(dim=1).numpy()
+        fact = ValueFact.constants(axis, const, moved[:, 0].numpy())
+        units = self.table.fresh(fact.size)
+        twin = self._attr_units.get(node.target)
+        if twin is not None and len(twin[1]) == fact.size and twin[0] == axis:
+            self.table.unify(units, twin[1])  # NOTE: one parameter read twice keeps one shape
+        self._attr_units.setdefault(node.target, (axis, units))
+        self._set(node, fact, units)
+        return fact
+
+    def require_units(self, units, why=None) -> None:
+        self._require_units(self.table.find(np.asarray(units, np.int64)), None, why)
+
     def _set(self, node, fact, units) -> None:
         self.facts[node] = fact
-        if fact is not None and fact.tracked:
+        if isinstance(fact, ValueFact) and fact.tracked:
             if units is None or len(units) != fact.size:
                 raise AssertionError(f"rule for {node.name} returned units that do not match its facts")
             self.units[node] = np.asarray(units, np.int64)
@@ -259,7 +314,9 @@ class Engine:
         mask = np.asarray(mask, bool)
         if mask.shape != units.shape:
             raise AssertionError(f"requirement on {node.name} has shape {mask.shape}, expected {units.shape}")
-        new = units[mask]
+        self._require_units(units[mask], node, why)
+
+    def _require_units(self, new, node, why) -> None:
         new = new[~self.present_units[new]]
         if new.size == 0:
             return

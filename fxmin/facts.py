@@ -93,3 +93,20 @@ class ValueFact:
         if self.axis is None:
             return "ValueFact(untracked)"
         return f"ValueFact(axis={self.axis}, size={self.size}, const={int(self.const.sum())})"
+
+
+@dataclass(frozen=True, eq=False)
+class TupleFact:
+    """Facts of an op that returns several tensors (split, chunk, unbind): one ValueFact and one
+    units array per piece; ``source`` is the tensor they were cut from."""
+
+    parts: tuple
+    units: tuple
+    source: object
+    #: a tuple is not itself a tracked tensor: rules that read it whole keep all of it
+    tracked = False
+    axis = None
+    size = 0
+
+    def __repr__(self) -> str:
+        return f"TupleFact({len(self.parts)} parts)"

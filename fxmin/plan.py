@@ -50,6 +50,8 @@ class ArgEdit:
     node: str
     args: tuple
     kwargs: dict
+    op: str | None = None  # a new call kind and target, e.g. chunk -> torch.split with sizes
+    target: object = None
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,11 @@ class PlanContext(Context):
             isinstance(original, torch.nn.Parameter), edit,
         )
 
-    def patch(self, args: tuple, kwargs: dict | None = None) -> None:
-        """Call this node with new arguments (nodes in them are nodes of the analysed graph)."""
-        self._plan.args[self.node.name] = ArgEdit(self.node.name, tuple(args), dict(kwargs if kwargs is not None else self.node.kwargs))
+    def patch(self, args: tuple, kwargs: dict | None = None, *, op: str | None = None, target=None) -> None:
+        """Call this node with new arguments (nodes in them are nodes of the analysed graph),
+        optionally as another call (``op``, ``target``)."""
+        self._plan.args[self.node.name] = ArgEdit(self.node.name, tuple(args),
+                                                  dict(kwargs if kwargs is not None else self.node.kwargs), op, target)
 
 
 def make_plan(analysis: Analysis) -> Plan:
@@ -142,7 +146,22 @@ def make_plan(analysis: Analysis) -> Plan:
             kept = analysis.kept(node)
             if kept.size != fact.size:
                 plan.inputs[node.name] = InputSelect(node.name, fact.axis, kept)
+        if node.op == "get_attr" and fact is not None and fact.tracked:
+            _slice_constant(analysis, plan, node, fact)
         rule = analysis.rules.get(node)
         if rule is not None and rule.plan is not None:
             rule.plan(PlanContext(analysis, plan, node, rule))
     return plan
+
+
+def _slice_constant(analysis: Analysis, plan: Plan, node, fact) -> None:
+    """A model constant tracked along an axis (layer scale, position embedding) loses removed channels."""
+    kept = analysis.kept(node)
+    if len(kept) == fact.size:
+        return
+    module_path, _, name = node.target.rpartition(".")
+    original = getattr(analysis.graph_module.get_submodule(module_path), name)
+    value = original.detach().to(torch.float64).index_select(fact.axis, torch.from_numpy(kept))
+    edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape))
+    plan.attrs[node.target] = AttrEdit(node.target, value, original.dtype, original.requires_grad,
+                                       isinstance(original, torch.nn.Parameter), edit)

@@ -30,7 +30,8 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
         if edit is not None:
             args = torch.fx.node.map_arg(edit.args, env.__getitem__)
             kwargs = torch.fx.node.map_arg(edit.kwargs, env.__getitem__)
-            new = graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+            new = graph.create_node(edit.op or node.op, edit.target if edit.target is not None else node.target,
+                                    args, kwargs, name=node.name)
             new.meta = copy.copy(node.meta)
         else:
             new = graph.node_copy(node, env.__getitem__)

@@ -160,8 +160,13 @@ _BINARY = {
 }
 
 
-def _operand(ctx, value, out_rank):
-    """(kind, payload): 'tracked' (fact, aligned axis), 'scalar' (number), 'broadcast' (node), 'other'."""
+def _operand(ctx, value, out_rank, partner_axis=None):
+    """(kind, payload): 'tracked' (fact, aligned axis), 'scalar' (number), 'broadcast' (node), 'other'.
+
+    A model constant (``get_attr``) that varies along the partner's channel axis is adopted as
+    tracked on that axis (layer scale, position embeddings); one that holds a single value is a
+    scalar; one that is constant along the channel axis broadcasts.
+    """
     if isinstance(value, (int, float, bool)):
         return "scalar", float(value)
     if not isinstance(value, torch.fx.Node):
@@ -169,6 +174,14 @@ def _operand(ctx, value, out_rank):
     fact, shape = ctx.fact(value), ctx.shape(value)
     if shape is None:
         return "other", None
+    if value.op == "get_attr" and not (fact is not None and fact.tracked):
+        constant = ctx.attr_value(value)
+        if constant is not None and constant.numel() and bool((constant == constant.flatten()[0]).all()):
+            return "scalar", float(constant.flatten()[0])
+        if partner_axis is not None:
+            own_axis = partner_axis - (out_rank - len(shape))
+            if 0 <= own_axis < len(shape) and shape[own_axis] > 1:
+                fact = ctx.adopt(value, own_axis)
     if fact is not None and fact.tracked:
         return "tracked", (fact, fact.axis + out_rank - len(shape))
     return "broadcast", value
@@ -189,7 +202,9 @@ def _binary_forward(ctx):
         return _opaque(ctx)
     rank = len(shape)
     kind_a, pa = _operand(ctx, a, rank)
-    kind_b, pb = _operand(ctx, b, rank)
+    kind_b, pb = _operand(ctx, b, rank, pa[1] if kind_a == "tracked" else None)
+    if kind_b == "tracked" and kind_a == "broadcast":
+        kind_a, pa = _operand(ctx, a, rank, pb[1])
     if kind_a == "tracked" and kind_b == "tracked":
         (fa, axis_a), (fb, axis_b) = pa, pb
         if axis_a != axis_b or fa.size != fb.size or fa.size != shape[axis_a]:
@@ -197,7 +212,7 @@ def _binary_forward(ctx):
         ctx.unify(ctx.units(a), ctx.units(b))
         const = fa.const & fb.const
         with torch.no_grad():
-            value = op(torch.from_numpy(fa.value), torch.from_numpy(fb.value)).numpy()
+            value = op(torch.tensor(fa.value), torch.tensor(fb.value)).numpy()
         if op is torch.mul:
             zero = (fa.const & (fa.value == 0)) | (fb.const & (fb.value == 0))
             const = const | zero
@@ -222,7 +237,7 @@ def _binary_forward(ctx):
             return ValueFact.constants(axis, const, np.zeros(fact.size)), ctx.units(tracked_node)
         scalar = torch.tensor(other, dtype=torch.float64)
         with torch.no_grad():
-            values = torch.from_numpy(fact.value)
+            values = torch.tensor(fact.value)
             value = (op(values, scalar) if first else op(scalar, values)).numpy()
         return ValueFact.constants(axis, fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
     return _opaque(ctx)

@@ -18,7 +18,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import MissingRuleError, describe_node
-from ..facts import ValueFact
+from ..facts import TupleFact, ValueFact
 from .pointwise import _opaque, opaque_backward
 from .registry import rule
 
@@ -223,38 +223,75 @@ rule("size", methods=("size", "dim"), backward=_size_backward)(_size_forward)
 rule("getattr", functions=(builtins.getattr,), backward=_size_backward)(_getattr_forward)
 
 
+def _guard_forward(ctx):
+    """Exact: comparisons and asserts (the guards ``concrete_args`` leaves, ``flag_1 == True``)
+    compute no channel; on tensors the result is opaque and every input channel is kept."""
+    return _opaque(ctx)
+
+
+rule("guard", functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
+
+
 # -- indexing ---------------------------------------------------------------------------------------------------
 
 def _getitem_forward(ctx):
-    """Exact: indexing a size or a tuple reads no channel; indexing a tensor is followed when
-    every index up to the channel axis is a full slice, otherwise every channel is kept."""
+    """Exact: picking a piece of a split takes that piece's channels; indexing a size reads no
+    channel; indexing a tensor is followed when the indices before the channel axis are full
+    slices and the channel axis is taken whole or sliced with step 1 (bounds patched)."""
     source, index = ctx.node.args
     fact = ctx.fact(source)
     shape = ctx.shape()
+    if isinstance(fact, TupleFact):
+        if isinstance(index, int) and -len(fact.parts) <= index < len(fact.parts):
+            return fact.parts[index], fact.units[index]
+        return (ValueFact.untracked() if shape is not None else None), None
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
-    if not isinstance(index, tuple):
-        index = (index,)
-    full = slice(None, None, None)
-    for position, item in enumerate(index):
-        if position > fact.axis:
-            break
-        if item != full or isinstance(item, torch.fx.Node):
-            return _opaque(ctx)
-    if any(isinstance(item, torch.fx.Node) for item in index):
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(item, torch.fx.Node) or item is Ellipsis or item is None for item in items[: fact.axis + 1]):
         return _opaque(ctx)
-    return fact, ctx.units(source)
+    if any(isinstance(item, torch.fx.Node) for item in items):
+        return _opaque(ctx)
+    full = slice(None, None, None)
+    if any(item != full for item in items[: fact.axis]):
+        return _opaque(ctx)
+    if len(items) <= fact.axis or items[fact.axis] == full:
+        return fact, ctx.units(source)
+    cut = items[fact.axis]
+    if not isinstance(cut, slice) or cut.step not in (None, 1):
+        return _opaque(ctx)
+    start, stop, _ = cut.indices(fact.size)
+    piece = ValueFact(fact.axis, max(stop - start, 0), fact.const[start:stop], fact.value[start:stop])
+    return piece, ctx.units(source)[start:stop]
+
+
+def _getitem_plan(ctx):
+    source, index = ctx.node.args
+    fact = ctx.fact(source)
+    if not isinstance(fact, ValueFact) or not fact.tracked or not ctx.fact(ctx.node).tracked:
+        return
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) <= fact.axis or not isinstance(items[fact.axis], slice) or items[fact.axis] == slice(None):
+        return
+    present = ctx.present(source)
+    start, stop, _ = items[fact.axis].indices(fact.size)
+    if present.all():
+        return
+    cut = slice(int(present[:start].sum()), int(present[:stop].sum()))
+    items = list(items)
+    items[fact.axis] = cut
+    ctx.patch((source, tuple(items) if isinstance(index, tuple) else cut), {})
 
 
 def _getitem_backward(ctx):
     source = ctx.node.args[0]
     fact_in = ctx.fact(source)
     fact = ctx.fact(ctx.node)
-    if fact_in is not None and fact_in.tracked and (fact is None or not fact.tracked):
+    if isinstance(fact_in, ValueFact) and fact_in.tracked and (fact is None or not fact.tracked):
         ctx.require_all(source)
 
 
-rule("getitem", functions=(operator.getitem,), backward=_getitem_backward)(_getitem_forward)
+rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan)(_getitem_forward)
 
 
 # -- reductions over other axes --------------------------------------------------------------------------------

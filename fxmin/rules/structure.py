@@ -1,0 +1,292 @@
+"""Rules that cut, join and move channel axes: cat, split/chunk, slicing, permute/transpose,
+unsqueeze/squeeze, expand.
+
+NOTE [Joins and cuts]
+Concatenating along the channel axis concatenates the inputs' units, so each input
+keeps its own channels and the result keeps their union in order. Concatenating along
+another axis couples the inputs (like a residual add). Cutting along the channel axis
+(split, chunk, slicing) hands each piece a slice of the units; the sizes written in
+the call are patched to the kept counts of each piece.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..facts import TupleFact, ValueFact
+from .pointwise import _opaque, opaque_backward
+from .registry import rule
+
+
+def _tracked(ctx, node):
+    fact = ctx.fact(node)
+    if isinstance(fact, ValueFact) and fact.tracked:
+        return fact
+    return None
+
+
+def _concat_facts(facts, axis):
+    return ValueFact(axis, sum(f.size for f in facts), np.concatenate([f.const for f in facts]),
+                     np.concatenate([f.value for f in facts]))
+
+
+def _tracked_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or (isinstance(fact, ValueFact) and not fact.tracked):
+        opaque_backward(ctx)
+
+
+# -- cat -----------------------------------------------------------------------------------------------------
+
+def _cat_forward(ctx):
+    """Exact: along the channel axis the inputs' channels line up one after the other; along
+    another axis the inputs couple. Model constants (class tokens) are adopted on that axis."""
+    tensors = ctx.arg(0, "tensors")
+    dim = ctx.arg(1, "dim", 0)
+    shape = ctx.shape()
+    if shape is None or not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) for t in tensors):
+        return _opaque(ctx)
+    rank = len(shape)
+    dim = dim % rank
+    facts = [_tracked(ctx, t) for t in tensors]
+    axes = {f.axis for f in facts if f is not None}
+    if len(axes) != 1:
+        axis = dim if not axes else None
+        if axis is None:
+            return _opaque(ctx)
+    else:
+        axis = axes.pop()
+    for index, tensor in enumerate(tensors):
+        if facts[index] is None:
+            facts[index] = ctx.adopt(tensor, axis)
+            if facts[index] is None:
+                return _opaque(ctx)
+    units = [ctx.units(t) for t in tensors]
+    if axis == dim:
+        return _concat_facts(facts, axis), np.concatenate(units)
+    if len({f.size for f in facts}) != 1:
+        return _opaque(ctx)
+    for other in units[1:]:
+        ctx.unify(units[0], other)
+    const = np.logical_and.reduce([f.const for f in facts])
+    same = np.logical_and.reduce([f.value == facts[0].value for f in facts])
+    const &= same
+    return ValueFact.constants(axis, const, np.where(const, facts[0].value, 0.0)), units[0]
+
+
+rule("cat", functions=(torch.cat, torch.concat, torch.concatenate), backward=_tracked_backward)(_cat_forward)
+
+
+# -- split / chunk --------------------------------------------------------------------------------------------
+
+def _split_spec(ctx):
+    """(sizes of the pieces, dim) for split/chunk/unbind nodes, or None."""
+    node = ctx.node
+    x = node.args[0]
+    shape = ctx.shape(x)
+    if shape is None:
+        return None
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "unbind":
+        dim = ctx.arg(1, "dim", 0) % len(shape)
+        return [1] * shape[dim], dim, name
+    dim = ctx.arg(2, "dim", 0) % len(shape)
+    length = shape[dim]
+    if name == "chunk":
+        chunks = ctx.arg(1, "chunks")
+        step = -(-length // chunks)
+        sizes = [min(step, length - start) for start in range(0, length, step)]
+    else:
+        split = ctx.arg(1, "split_size_or_sections", ctx.arg(1, "split_size"))
+        if isinstance(split, int):
+            sizes = [min(split, length - start) for start in range(0, length, split)]
+        elif isinstance(split, (list, tuple)) and all(isinstance(s, int) for s in split):
+            sizes = list(split)
+        else:
+            return None
+    return sizes, dim, name
+
+
+def _split_forward(ctx):
+    """Exact: cutting along the channel axis gives each piece its slice of the channels (sizes
+    patched); cutting along another axis gives every piece all of them."""
+    x = ctx.arg(0, "input")
+    fact = _tracked(ctx, x)
+    spec = _split_spec(ctx)
+    if fact is None or spec is None:
+        return None, None
+    sizes, dim, name = spec
+    units = ctx.units(x)
+    if dim != fact.axis:
+        axis = fact.axis - (1 if name == "unbind" and dim < fact.axis else 0)
+        moved = fact.moved(axis)
+        return TupleFact(tuple(moved for _ in sizes), tuple(units for _ in sizes), x), None
+    if name == "unbind":
+        return None, None  # pieces are single channels: kept whole (see backward)
+    bounds = np.cumsum([0] + sizes)
+    parts = tuple(ValueFact(fact.axis, e - s, fact.const[s:e], fact.value[s:e]) for s, e in zip(bounds[:-1], bounds[1:]))
+    return TupleFact(parts, tuple(units[s:e] for s, e in zip(bounds[:-1], bounds[1:])), x), None
+
+
+def _split_backward(ctx):
+    if not isinstance(ctx.fact(ctx.node), TupleFact):
+        ctx.require_all(ctx.arg(0, "input"))
+        return
+    spec = _split_spec(ctx)
+    fact = ctx.fact(ctx.node)
+    if spec[2] == "chunk" and spec[1] == fact.parts[0].axis:
+        # chunk(n) makes equal pieces: keep the same count in each (NOTE [Joins and cuts])
+        present = [ctx.present_units(units) for units in fact.units]
+        target = max(int(p.sum()) for p in present)
+        for units, mask in zip(fact.units, present):
+            missing = target - int(mask.sum())
+            if missing:
+                grow = np.zeros_like(mask)
+                grow[np.nonzero(~mask)[0][:missing]] = True
+                ctx.require_units(units[grow], "chunk keeps its pieces equal")
+
+
+def _split_plan(ctx):
+    fact = ctx.fact(ctx.node)
+    if not isinstance(fact, TupleFact):
+        return
+    sizes, dim, name = _split_spec(ctx)
+    if dim != fact.parts[0].axis:
+        return
+    kept = [int(ctx.present_units(units).sum()) for units in fact.units]
+    if kept == sizes:
+        return
+    x = ctx.node.args[0]
+    if name == "chunk":
+        if len(set(kept)) == 1 and ctx.node.op == "call_method":
+            return  # equal pieces: chunk(n) still cuts them right
+        ctx.patch((x, kept, dim), {}, op="call_function", target=torch.split)
+        return
+    args = list(ctx.node.args)
+    if len(args) > 1:
+        args[1] = kept
+        ctx.patch(tuple(args), {k: v for k, v in ctx.node.kwargs.items() if k not in ("split_size_or_sections", "split_size")})
+    else:
+        kwargs = dict(ctx.node.kwargs)
+        kwargs["split_size_or_sections" if "split_size_or_sections" in kwargs else "split_size"] = kept
+        ctx.patch(tuple(args), kwargs)
+
+
+rule("split", functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
+     backward=_split_backward, plan=_split_plan, reads_input_presence=True)(_split_forward)
+
+
+# -- permute / transpose / unsqueeze / squeeze ------------------------------------------------------------------
+
+def _dims(ctx, start):
+    node = ctx.node
+    if node.op == "call_method":
+        rest = node.args[start:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            return list(rest[0])
+        return list(rest) if rest else list(node.kwargs.get("dims", ()))
+    return list(ctx.arg(start, "dims", ()))
+
+
+def _moved(ctx, axis_out):
+    x = ctx.arg(0, "input")
+    fact = _tracked(ctx, x)
+    if fact is None or axis_out is None:
+        return _opaque(ctx)
+    return fact.moved(axis_out), ctx.units(x)
+
+
+def _permute_forward(ctx):
+    """Exact: permuting axes moves the channel axis."""
+    x = ctx.arg(0, "input")
+    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    if fact is None:
+        return _opaque(ctx)
+    dims = [d % len(shape) for d in _dims(ctx, 1)]
+    return _moved(ctx, dims.index(fact.axis) if fact.axis in dims else None)
+
+
+def _transpose_forward(ctx):
+    """Exact: transposing swaps the channel axis with another."""
+    x = ctx.arg(0, "input")
+    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    if fact is None:
+        return _opaque(ctx)
+    if ctx.node.target in ("t", torch.t):
+        a, b = 0, len(shape) - 1
+    else:
+        a, b = ctx.arg(1, "dim0") % len(shape), ctx.arg(2, "dim1") % len(shape)
+    axis = b if fact.axis == a else a if fact.axis == b else fact.axis
+    return _moved(ctx, axis)
+
+
+def _unsqueeze_forward(ctx):
+    """Exact: a new axis of size 1 shifts the channel axis."""
+    x = ctx.arg(0, "input")
+    fact, out = _tracked(ctx, x), ctx.shape()
+    if fact is None or out is None:
+        return _opaque(ctx)
+    dim = ctx.arg(1, "dim") % len(out)
+    return _moved(ctx, fact.axis + (1 if dim <= fact.axis else 0))
+
+
+def _squeeze_forward(ctx):
+    """Exact: removing size-1 axes other than the channel axis shifts it."""
+    x = ctx.arg(0, "input")
+    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    if fact is None:
+        return _opaque(ctx)
+    dim = ctx.arg(1, "dim")
+    if dim is None:
+        dims = [d for d, size in enumerate(shape) if size == 1]
+    else:
+        dims = [d % len(shape) for d in (dim if isinstance(dim, (tuple, list)) else (dim,)) if shape[d % len(shape)] == 1]
+    if fact.axis in dims:
+        return _opaque(ctx)
+    return _moved(ctx, fact.axis - sum(1 for d in dims if d < fact.axis))
+
+
+rule("permute", functions=(torch.permute,), methods=("permute",), backward=_tracked_backward)(_permute_forward)
+rule("transpose", functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
+     backward=_tracked_backward)(_transpose_forward)
+rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), backward=_tracked_backward)(_unsqueeze_forward)
+rule("squeeze", functions=(torch.squeeze,), methods=("squeeze",), backward=_tracked_backward)(_squeeze_forward)
+
+
+# -- expand -------------------------------------------------------------------------------------------------------
+
+def _expand_forward(ctx):
+    """Exact: expanding repeats values along size-1 axes; the channel axis keeps its channels
+    (a literal size there is patched). A model constant expanded here is adopted by its reader."""
+    x = ctx.arg(0, "input")
+    fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
+    if fact is None or out is None:
+        return _opaque(ctx)
+    return fact.moved(fact.axis + len(out) - len(shape)), ctx.units(x)
+
+
+def _expand_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+        return
+    sizes = _dims(ctx, 1)
+    if fact.axis < len(sizes) and not isinstance(sizes[fact.axis], int):
+        ctx.require_all(ctx.node)
+
+
+def _expand_plan(ctx):
+    fact = ctx.fact(ctx.node)
+    kept = ctx.kept()
+    if fact is None or not fact.tracked or len(kept) == fact.size:
+        return
+    sizes = _dims(ctx, 1)
+    if fact.axis < len(sizes) and sizes[fact.axis] != -1:
+        sizes[fact.axis] = int(len(kept))
+        ctx.patch((ctx.node.args[0], *sizes), {})
+
+
+rule("expand", methods=("expand",), backward=_expand_backward, plan=_expand_plan)(_expand_forward)
