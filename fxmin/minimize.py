@@ -36,8 +36,6 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     """Masked reference copy, traced with shapes: ``(graph_module, masks applied, example inputs)``."""
     reference, used_masks = masked_reference(model, masks)
     graph_module = trace(reference, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    graph_module.graph.eliminate_dead_code()
-    graph_module.recompile()
     graph_module.eval()
     if example_inputs is None:
         example_inputs = infer_example_inputs(graph_module)

@@ -116,6 +116,24 @@ class PlanContext(Context):
             self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
         )
 
+    def add_module(self, target: str, module: torch.nn.Module, params: dict, like: torch.Tensor | None) -> None:
+        """Install a new module (float64) at ``target`` (the node must be patched to call it);
+        ``params`` maps its parameter names to (shape before, folded from); ``like`` gives dtype/device."""
+        edits = []
+        for name, (before, folded_from) in params.items():
+            after = tuple(getattr(module, name).shape) if getattr(module, name, None) is not None else ()
+            edits.append(ParamEdit(f"{target}.{name}", tuple(before), after, tuple(folded_from)))
+        dtype = like.dtype if like is not None else torch.float32
+        device = like.device if like is not None else torch.device("cpu")
+        self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device, tuple(edits))
+
+    def original(self, node) -> torch.Tensor | None:
+        """The model's own tensor behind a ``get_attr`` node (dtype and device as in the model)."""
+        if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+            return None
+        module_path, _, name = node.target.rpartition(".")
+        return getattr(self.root.get_submodule(module_path), name)
+
     def replace_attr(self, node, value: torch.Tensor, folded_from=()) -> None:
         """Replace the tensor a ``get_attr`` node reads by ``value`` (float64)."""
         module_path, _, name = node.target.rpartition(".")

@@ -44,6 +44,9 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
                 index = graph.get_attr(buffer)
             with graph.inserting_after(index):
                 env[node] = graph.call_function(torch.index_select, (new, select.axis, index))
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)  # e.g. the affine parameters of a norm replaced by a module
     for node in graph.nodes:
         if node.op == "call_module" and node.target not in attributes:
             attributes[node.target] = _module(plan, source, node.target, dtype)
