@@ -236,6 +236,8 @@ class Engine:
                 if rule is None:
                     missing.append(node)
                     rule = BARRIER  # keep going to report every missing rule at once
+                if not rule.heads_aware and self._reads_split_axis(node):
+                    rule = BARRIER  # NOTE [Heads]: this rule reads single channel axes only
                 self.rules[node] = rule
                 fact, units = rule.forward(Context(self, node, rule))
                 self._set(node, fact, units)
@@ -245,6 +247,9 @@ class Engine:
         self.reason_of_unit = np.full(len(self.table), -1, np.int64)
         for node, units in self.units.items():
             self.units[node] = self.table.find(units)
+
+    def _reads_split_axis(self, node) -> bool:
+        return any(isinstance(self.facts.get(n), ValueFact) and not self.facts[n].simple for n in node.all_input_nodes)
 
     def _placeholder(self, node) -> None:
         shape = tensor_shape(node)

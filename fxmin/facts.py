@@ -38,6 +38,10 @@ class ValueFact:
     size: int
     const: np.ndarray
     value: np.ndarray
+    #: NOTE [Heads]: ((axis, size), ...) for a channel axis split over several tensor axes, as
+    #: attention splits d_model into (heads, head_dim): channel ``c`` sits at the mixed-radix
+    #: digits of ``c`` over (``axis``, *inner axes). Empty for an ordinary channel axis.
+    inner: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "const", _frozen(self.const, bool))
@@ -56,6 +60,9 @@ class ValueFact:
             raise ValueError("value must be 0 where a channel varies")
         if not np.all(np.isfinite(self.value)):
             raise ValueError("constant values must be finite")
+        inner_size = int(np.prod([size for _, size in self.inner])) if self.inner else 1
+        if self.inner and (self.size % inner_size or len({self.axis, *(a for a, _ in self.inner)}) != 1 + len(self.inner)):
+            raise ValueError(f"inner axes {self.inner} do not split {self.size} channels on axis {self.axis}")
 
     @staticmethod
     def varying(axis: int, size: int) -> "ValueFact":
@@ -87,12 +94,45 @@ class ValueFact:
         return ValueFact(axis, self.size * times, np.repeat(self.const, times), np.repeat(self.value, times))
 
     def moved(self, axis: int) -> "ValueFact":
+        if self.inner:
+            raise ValueError("moved() on a split channel axis: use with_axes()")
         return ValueFact(axis, self.size, self.const, self.value)
+
+    @property
+    def simple(self) -> bool:
+        """True for an ordinary channel axis (not split over several tensor axes)."""
+        return not self.inner
+
+    @property
+    def axes(self) -> tuple:
+        """All tensor axes the channels occupy: (axis, *inner axes)."""
+        return (self.axis,) + tuple(a for a, _ in self.inner)
+
+    @property
+    def radix(self) -> tuple:
+        """Sizes of the tensor axes in :attr:`axes` (their product is ``size``)."""
+        inner = tuple(size for _, size in self.inner)
+        return (self.size // int(np.prod(inner)) if inner else self.size,) + inner
+
+    def with_axes(self, axes) -> "ValueFact":
+        """The same channels on other tensor axes (after a permute or transpose)."""
+        axes = tuple(axes)
+        return ValueFact(axes[0], self.size, self.const, self.value,
+                         tuple((a, size) for a, (_, size) in zip(axes[1:], self.inner)))
+
+    def replaced(self, const, value) -> "ValueFact":
+        """Same axes, new constants (non-finite constants become varying)."""
+        const = np.asarray(const, bool).copy()
+        value = np.asarray(value, np.float64).copy()
+        const &= np.isfinite(value)
+        value[~const] = 0.0
+        return ValueFact(self.axis, self.size, const, value, self.inner)
 
     def __repr__(self) -> str:
         if self.axis is None:
             return "ValueFact(untracked)"
-        return f"ValueFact(axis={self.axis}, size={self.size}, const={int(self.const.sum())})"
+        inner = f", inner={self.inner}" if self.inner else ""
+        return f"ValueFact(axis={self.axis}, size={self.size}, const={int(self.const.sum())}{inner})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -116,6 +116,10 @@ class PlanContext(Context):
             self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
         )
 
+    def patch_node(self, node, args: tuple, kwargs: dict, *, op: str | None = None, target=None) -> None:
+        """Like :meth:`patch`, for another node this rule owns the meaning of (a size read's user)."""
+        self._plan.args[node.name] = ArgEdit(node.name, tuple(args), dict(kwargs), op, target)
+
     def add_module(self, target: str, module: torch.nn.Module, params: dict, like: torch.Tensor | None) -> None:
         """Install a new module (float64) at ``target`` (the node must be patched to call it);
         ``params`` maps its parameter names to (shape before, folded from); ``like`` gives dtype/device."""

@@ -53,6 +53,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in attributes:
             attributes[node.target] = _attribute(plan, source, node.target, dtype)
+    _retie(source, attributes)
     graph.lint()
     result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
     result.eval()
@@ -80,3 +81,26 @@ def _attribute(plan: Plan, source, target: str, dtype):
             copied = copied.to(dtype)
         return nn.Parameter(copied, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else copied
     return copy.deepcopy(value)
+
+
+def _retie(source, attributes: dict) -> None:
+    """Parameters shared in the model (tied embeddings) stay one Parameter when they still agree."""
+    owners: dict = {}
+    for target, value in attributes.items():
+        if not isinstance(value, nn.Module):
+            continue
+        try:
+            original = source.get_submodule(target)
+        except AttributeError:
+            continue
+        for name, parameter in original.named_parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append((value, name))
+    for members in owners.values():
+        if len(members) < 2:
+            continue
+        first_module, first_name = members[0]
+        shared = getattr(first_module, first_name)
+        if all(getattr(m, n) is not None and getattr(m, n).shape == shared.shape and torch.equal(getattr(m, n), shared)
+               for m, n in members[1:]):
+            for module, name in members[1:]:
+                setattr(module, name, shared)

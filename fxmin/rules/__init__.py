@@ -1,4 +1,5 @@
 """All per-op knowledge. Importing this package registers every rule in :data:`REGISTRY`."""
 from .registry import REGISTRY, Registry, Rule, rule  # noqa: F401
-from . import linear, norm, pointwise, shape, structure  # noqa: F401,E402
+from . import attention, embedding, linear, norm, pointwise, shape, structure  # noqa: F401,E402
 from .pointwise import register_pointwise  # noqa: F401,E402
+from . import functional  # noqa: F401,E402  (after the rules it extends)

@@ -119,6 +119,8 @@ def _output(ctx, view: DenseView):
 
 def _required_inputs(ctx, view: DenseView) -> None:
     x, fact = _input_channels(ctx, view)
+    if _is_conv(view) and not ctx.present().any():
+        ctx.require(ctx.node, _first_only(len(ctx.present())), _NO_EMPTY_CONV)
     if fact is None:
         ctx.require_all(x)
         if view.groups > 1:
@@ -138,6 +140,24 @@ def _required_inputs(ctx, view: DenseView) -> None:
     if pinned.any():
         where = "zero-padded conv" if view.padded else "layer without a bias to fold into"
         ctx.require(x, pinned, f"nonzero constant into {where} {ctx.node.target}")
+    if _is_conv(view) and not (required | pinned | ctx.present(x)).any():
+        ctx.require(x, _first_only(fact.size), _NO_EMPTY_CONV)
+
+
+# NOTE [No empty convs]: torch has no zero-channel convolution (no output channel: an error; no
+# input channel: a wrong output shape), unlike nn.Linear. A conv whose every input (or output)
+# channel would go keeps channel 0 instead; exact, since a kept channel is computed as before.
+_NO_EMPTY_CONV = "torch convolutions cannot have zero channels: channel 0 stays"
+
+
+def _is_conv(view: DenseView) -> bool:
+    return view.channel_axis != -1
+
+
+def _first_only(size: int) -> np.ndarray:
+    mask = np.zeros(size, bool)
+    mask[:1] = True
+    return mask
 
 
 def _uniform_groups(inputs: np.ndarray, outputs: np.ndarray, groups: int):
@@ -224,7 +244,27 @@ def _plan_module(ctx) -> None:
 def _forward_module(ctx):
     """Exact: rows of present outputs and columns of present inputs are kept; removed constant
     inputs fold into the bias (behind zero padding only zero constants are removed)."""
-    return _output(ctx, _module_view(ctx))
+    view = _module_view(ctx)
+    result = _output(ctx, view)
+    x, fact = _input_channels(ctx, view)
+    tied = _tied_embedding(ctx)
+    if tied is not None and fact is not None and ctx.units(tied) is not None and len(ctx.units(tied)) == fact.size:
+        ctx.unify(ctx.units(x), ctx.units(tied))  # a tied unembedding loses the embedding's columns
+    return result
+
+
+def _tied_embedding(ctx):
+    """The embedding node whose table is this Linear's weight (a tied unembedding), or None."""
+    if not isinstance(ctx.module, nn.Linear):
+        return None
+    for node in ctx.node.graph.nodes:
+        if node is ctx.node:
+            return None
+        if node.op == "call_module":
+            other = ctx.root.get_submodule(node.target)
+            if isinstance(other, nn.Embedding) and other.weight is ctx.module.weight:
+                return node
+    return None
 
 
 def _backward_module(ctx):

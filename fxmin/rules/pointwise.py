@@ -95,7 +95,7 @@ def pointwise_forward(ctx):
     if fact.const.any():
         result = _apply_unary(ctx, torch.from_numpy(fact.value[fact.const]))
         value[fact.const] = result.to(torch.float64).numpy()
-    return ValueFact.constants(fact.axis, fact.const, value), ctx.units(x)
+    return fact.replaced(fact.const, value), ctx.units(x)
 
 
 def _opaque(ctx):
@@ -120,7 +120,8 @@ def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"
 
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
-    rule(name, modules=modules, functions=functions, methods=methods, backward=_pointwise_backward)(pointwise_forward)
+    rule(name, modules=modules, functions=functions, methods=methods, backward=_pointwise_backward,
+         heads_aware=True)(pointwise_forward)
 
 
 register_pointwise(
@@ -132,7 +133,8 @@ register_pointwise(
                torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.erf, torch.clamp,
                torch.clip, operator.neg, F.logsigmoid, F.softsign),
     methods=("relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "square", "erf", "clamp",
-             "clip", "clamp_", "contiguous", "clone", "detach", "float", "double", "half", "sigmoid_", "tanh_"),
+             "clip", "clamp_", "contiguous", "clone", "detach", "float", "double", "half", "sigmoid_", "tanh_",
+             "to", "type_as", "bool", "long", "int"),
 )
 
 
@@ -142,7 +144,7 @@ def _dropout_forward(ctx):
 
 
 rule("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
-     backward=_pointwise_backward)(_dropout_forward)
+     backward=_pointwise_backward, heads_aware=True)(_dropout_forward)
 
 
 # -- binary elementwise ---------------------------------------------------------------------------------
@@ -183,7 +185,8 @@ def _operand(ctx, value, out_rank, partner_axis=None):
             if 0 <= own_axis < len(shape) and shape[own_axis] > 1:
                 fact = ctx.adopt(value, own_axis)
     if fact is not None and fact.tracked:
-        return "tracked", (fact, fact.axis + out_rank - len(shape))
+        offset = out_rank - len(shape)
+        return "tracked", (fact.with_axes([a + offset for a in fact.axes]), fact.axis + offset)
     return "broadcast", value
 
 
@@ -207,7 +210,7 @@ def _binary_forward(ctx):
         kind_a, pa = _operand(ctx, a, rank, pb[1])
     if kind_a == "tracked" and kind_b == "tracked":
         (fa, axis_a), (fb, axis_b) = pa, pb
-        if axis_a != axis_b or fa.size != fb.size or fa.size != shape[axis_a]:
+        if fa.axes != fb.axes or fa.radix != fb.radix or any(shape[a] != r for a, r in zip(fa.axes, fa.radix)):
             return _opaque(ctx)
         ctx.unify(ctx.units(a), ctx.units(b))
         const = fa.const & fb.const
@@ -217,29 +220,29 @@ def _binary_forward(ctx):
             zero = (fa.const & (fa.value == 0)) | (fb.const & (fb.value == 0))
             const = const | zero
             value = np.where(zero, 0.0, value)
-        return ValueFact.constants(axis_a, const, np.where(const, value, 0.0)), ctx.units(a)
+        return fa.replaced(const, np.where(const, value, 0.0)), ctx.units(a)
     for (kind, payload, other_kind, other, tracked_node, first) in (
         (kind_a, pa, kind_b, pb, a, True), (kind_b, pb, kind_a, pa, b, False)
     ):
         if kind != "tracked" or other_kind not in ("scalar", "broadcast"):
             continue
         fact, axis = payload
-        if fact.size != shape[axis]:
+        if any(shape[a] != r for a, r in zip(fact.axes, fact.radix)):
             return _opaque(ctx)
         if other_kind == "broadcast":
             other_shape = ctx.shape(other)
             offset = rank - len(other_shape)
-            if axis - offset >= 0 and other_shape[axis - offset] != 1:
+            if any(a - offset >= 0 and other_shape[a - offset] != 1 for a in fact.axes):
                 return _opaque(ctx)  # a tensor that varies along the channel axis: not followed here
             const = np.zeros(fact.size, bool)
             if op is torch.mul:
                 const = fact.const & (fact.value == 0)
-            return ValueFact.constants(axis, const, np.zeros(fact.size)), ctx.units(tracked_node)
+            return fact.replaced(const, np.zeros(fact.size)), ctx.units(tracked_node)
         scalar = torch.tensor(other, dtype=torch.float64)
         with torch.no_grad():
             values = torch.tensor(fact.value)
             value = (op(values, scalar) if first else op(scalar, values)).numpy()
-        return ValueFact.constants(axis, fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
+        return fact.replaced(fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
     return _opaque(ctx)
 
 
@@ -255,7 +258,7 @@ def _binary_backward(ctx):
 
 
 rule("elementwise", functions=[k for k in _BINARY if not isinstance(k, str)],
-     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward)(_binary_forward)
+     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, heads_aware=True)(_binary_forward)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ class Rule:
     reads_input_presence: bool = False
     #: plan replaces the module's parameters; a module called from several nodes is then a barrier
     edits_module: bool = False
+    #: understands channel axes split over several tensor axes (attention heads, NOTE [Heads]);
+    #: other rules see such inputs as opaque and keep all of them
+    heads_aware: bool = False
 
 
 @dataclass
@@ -98,12 +101,12 @@ REGISTRY = Registry()
 
 
 def rule(name: str, *, modules=(), functions=(), methods=(), backward=None, plan=None, exact="",
-         reads_input_presence=False, edits_module=False, registry=None):
+         reads_input_presence=False, edits_module=False, heads_aware=False, registry=None):
     """Decorator: register ``forward`` (the decorated function) with its companions."""
 
     def decorate(forward):
         registered = Rule(name, forward, backward, plan, exact or (forward.__doc__ or "").strip(),
-                          reads_input_presence, edits_module)
+                          reads_input_presence, edits_module, heads_aware)
         (registry or REGISTRY).register(registered, modules=modules, functions=functions, methods=methods)
         return forward
 

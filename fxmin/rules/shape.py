@@ -102,21 +102,48 @@ def _view_mapping(ctx):
     groups = _groups(source, target)
     if groups is None:
         return None
+    if not fact.simple:
+        return _view_split_axes(fact, ctx.units(x), groups, source, target)
     axis = fact.axis
     for (i0, i1), (j0, j1) in groups:
         if not i0 <= axis < i1:
             continue
         if j1 - j0 == 1:  # identity or merge into one axis
             return _mapped(fact, ctx.units(x), j0, math.prod(source[axis + 1 : i1]), math.prod(source[i0:axis]))
-        if i1 - i0 == 1:  # split of the channel axis: follow the first part when blocks are uniform
+        if i1 - i0 == 1:  # split of the channel axis
             inner = math.prod(target[j0 + 1 : j1])
             units = ctx.units(x).reshape(-1, inner)
             const = fact.const.reshape(-1, inner)
             value = fact.value.reshape(-1, inner)
             if (units == units[:, :1]).all() and (const == const[:, :1]).all() and (value == value[:, :1]).all():
+                # blocks of one unit (an unflatten of a flatten): follow the first part
                 return ValueFact(j0, units.shape[0], const[:, 0], value[:, 0]), units[:, 0].copy()
+            # NOTE [Heads]: d_model split into (heads, head_dim): the channels occupy both axes
+            sizes = target[j0 + 1 : j1]
+            return ValueFact(j0, fact.size, fact.const, fact.value,
+                             tuple((j0 + 1 + k, size) for k, size in enumerate(sizes))), ctx.units(x)
         return None
     return None
+
+
+def _view_split_axes(fact, units, groups, source, target):
+    """A split channel axis through a reshape: kept axis by axis, or merged back into one."""
+    axes = fact.axes
+    owner = {}
+    for (i0, i1), (j0, j1) in groups:
+        for axis in axes:
+            if i0 <= axis < i1:
+                owner.setdefault((i0, i1, j0, j1), []).append(axis)
+    if len(owner) == 1:
+        (i0, i1, j0, j1), inside = next(iter(owner.items()))
+        if j1 - j0 == 1 and list(range(i0, i1)) == list(axes):  # heads merged back: (H, hd) -> H*hd
+            return ValueFact(j0, fact.size, fact.const, fact.value), units
+    mapped = []
+    for (i0, i1, j0, j1), inside in owner.items():
+        if i1 - i0 != 1 or j1 - j0 != 1:
+            return None
+        mapped.append(j0)
+    return fact.with_axes(mapped), units
 
 
 def _shape_arguments(node):
@@ -130,11 +157,33 @@ def _shape_arguments(node):
 
 def _view_forward(ctx):
     """Exact: reshapes that keep the channel axis whole, merge it into one axis, or split it
-    into uniform blocks are followed (literal sizes patched); others keep every channel."""
+    (into uniform blocks, or into heads) are followed with literal sizes patched; others keep
+    every channel."""
     mapped = _view_mapping(ctx)
     if mapped is None:
         return _opaque(ctx)
     return mapped
+
+
+def uniform_digits(mask: np.ndarray, radix: tuple) -> np.ndarray:
+    """Grow a channel mask over a split axis so that it is a uniform product: every kept head
+    keeps the same number of dims (and so on at every level). Growing keeps the result exact.
+
+    >>> uniform_digits(np.array([1, 1, 0, 1, 0, 0], bool), (3, 2)).astype(int).tolist()
+    [1, 1, 1, 1, 0, 0]
+    """
+    grid = mask.reshape(radix).copy()
+    for level in range(1, len(radix)):
+        alive = grid.reshape(radix[: level + 1] + (-1,)).any(axis=-1)  # prefixes of length level+1
+        parents = alive.any(axis=-1)
+        if not parents.any():
+            break
+        target = alive.sum(axis=-1)[parents].max()
+        for parent in zip(*np.nonzero(parents)):
+            children = alive[parent]
+            for child in np.nonzero(~children)[0][: target - children.sum()]:
+                grid[parent + (child,) + (0,) * (len(radix) - level - 1)] = True
+    return grid.reshape(-1)
 
 
 def _view_backward(ctx):
@@ -143,8 +192,27 @@ def _view_backward(ctx):
         opaque_backward(ctx)
         return
     entries, _, _ = _shape_arguments(ctx.node)
-    if fact.axis < len(entries) and not isinstance(entries[fact.axis], int):
-        ctx.require_all(ctx.node)  # a size computed at run time: keep it unchanged
+    if any(axis < len(entries) and not isinstance(entries[axis], int) for axis in fact.axes):
+        ctx.require_all(ctx.node, "a size computed at run time shapes it")  # keep it unchanged
+        return
+    if not fact.simple:
+        present = ctx.present()
+        ctx.require(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
+
+
+def new_radix(kept: np.ndarray, radix: tuple) -> tuple:
+    """Sizes of the split axes after keeping ``kept`` (a uniform product, see uniform_digits)."""
+    if len(kept) == 0:
+        return (0,) * len(radix)
+    digits = np.stack(np.unravel_index(kept, radix))
+    sizes, previous = [], 1
+    for level in range(len(radix)):
+        prefixes = len({tuple(column) for column in digits[: level + 1].T})
+        if prefixes % previous:
+            raise AssertionError(f"kept channels are not a uniform product over {radix}")
+        sizes.append(prefixes // previous)
+        previous = prefixes
+    return tuple(sizes)
 
 
 def _view_plan(ctx):
@@ -153,9 +221,14 @@ def _view_plan(ctx):
     if fact is None or not fact.tracked or len(kept) == fact.size:
         return
     entries, position, packed = _shape_arguments(ctx.node)
-    if entries[fact.axis] == -1:
+    sizes = new_radix(kept, fact.radix) if not fact.simple else (int(len(kept)),)
+    changed = False
+    for axis, size in zip(fact.axes, sizes):
+        if axis < len(entries) and entries[axis] != -1:
+            entries[axis] = int(size)
+            changed = True
+    if not changed:
         return
-    entries[fact.axis] = int(len(kept))
     args = list(ctx.node.args)
     if packed:
         args[position] = type(ctx.node.args[position])(entries) if isinstance(ctx.node.args[position], tuple) else entries
@@ -165,45 +238,130 @@ def _view_plan(ctx):
 
 
 rule("view/reshape", functions=(torch.reshape,), methods=("view", "reshape"),
-     backward=_view_backward, plan=_view_plan)(_view_forward)
+     backward=_view_backward, plan=_view_plan, heads_aware=True)(_view_forward)
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
 
 def _size_forward(ctx):
-    """Exact: sizes are read from the new tensor; reading the tracked axis' size pins it."""
+    """Exact: a size of a tracked axis that only scales tensors (``q.size(-1) ** -0.5``) is
+    replaced by its original value, which is what the reference computes with; one that shapes
+    tensors (view arguments, ...) pins the axis: every channel is kept, so it never changes."""
     return None, None
 
 
-def _reads_tracked_size(ctx, source, dim) -> bool:
+def original_size(value: int) -> int:
+    """Stands in for a size read whose original value the minimized graph must keep using."""
+    return value
+
+
+_SCALAR_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+                      operator.neg, math.sqrt, math.pow}
+
+
+def _reads(ctx):
+    """[(node that yields the size, axis read)] for this size/shape node; axis None = whole shape."""
+    node = ctx.node
+    source = node.args[0]
+    shape = ctx.shape(source)
+    if shape is None:
+        return []
+    rank = len(shape)
+    if node.op == "call_method" and node.target == "size" and ctx.arg(1, "dim") is not None:
+        dim = ctx.arg(1, "dim")
+        return [(node, dim % rank if isinstance(dim, int) else None)]
+    reads = []
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+            reads.append((user, user.args[1] % rank))
+        elif user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], slice):
+            for axis in range(rank)[user.args[1]]:
+                reads.append((user, axis))  # a slice of the shape feeds its users as a tuple
+            reads.append((user, "slice"))
+        else:
+            reads.append((user, None))
+    return reads
+
+
+def _only_scales(value_node) -> bool:
+    """True when a size flows only through scalar arithmetic into elementwise tensor arithmetic."""
+    from .pointwise import _BINARY
+
+    pending, seen = [value_node], set()
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            is_tensor = user.meta.get("tensor_meta") is not None
+            key = user.target
+            if user.op == "call_function" and key in _SCALAR_ARITHMETIC and not is_tensor:
+                pending.append(user)
+            elif is_tensor and user.op in ("call_function", "call_method") and key in _BINARY:
+                continue
+            else:
+                return False
+    return True
+
+
+def _tracked_reads(ctx):
+    source = ctx.node.args[0]
     fact = ctx.fact(source)
     if fact is None or not fact.tracked:
-        return False
-    rank = len(ctx.shape(source))
-    if dim is not None:
-        return not isinstance(dim, int) or dim % rank == fact.axis
-    for user in ctx.node.users:
-        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
-            if user.args[1] % rank == fact.axis:
-                return True
+        return [], False
+    axes = set(fact.axes)
+    hits, whole = [], False
+    for node, axis in _reads(ctx):
+        if axis is None:
+            whole = True
+        elif axis == "slice":
             continue
-        return True  # the whole shape is used
-    return False
+        elif axis in axes:
+            hits.append(node)
+    return hits, whole
 
 
 def _size_backward(ctx):
     node = ctx.node
-    source = node.args[0]
-    if node.op == "call_method":  # x.size(dim) / x.size() / x.dim()
-        if node.target == "dim":
-            return
-        dim = ctx.arg(1, "dim")
-        if _reads_tracked_size(ctx, source, dim):
-            ctx.require_all(source)
+    if node.op == "call_method" and node.target == "dim":
         return
-    attribute = node.args[1]
-    if attribute == "shape" and _reads_tracked_size(ctx, source, None):
-        ctx.require_all(source)
+    if node.op == "call_function" and node.args[1] != "shape":
+        return
+    hits, whole = _tracked_reads(ctx)
+    sliced = [user for user, axis in _reads(ctx) if axis == "slice"]
+    if whole or any(not _only_scales(hit) for hit in hits if not _is_slice(hit)) or any(
+            _slice_reads_tracked(ctx, user) for user in sliced):
+        ctx.require_all(node.args[0], "its size is read to shape other tensors")
+
+
+def _is_slice(node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice)
+
+
+def _slice_reads_tracked(ctx, user) -> bool:
+    fact = ctx.fact(ctx.node.args[0])
+    rank = len(ctx.shape(ctx.node.args[0]))
+    return any(axis in fact.axes for axis in range(rank)[user.args[1]]) if fact is not None and fact.tracked else False
+
+
+def _size_plan(ctx):
+    node = ctx.node
+    if node.op == "call_method" and node.target == "dim":
+        return
+    if node.op == "call_function" and node.args[1] != "shape":
+        return
+    source = node.args[0]
+    fact = ctx.fact(source)
+    if fact is None or not fact.tracked or ctx.present(source).all():
+        return
+    hits, _ = _tracked_reads(ctx)
+    shape = ctx.shape(source)
+    for hit in hits:
+        if _is_slice(hit):
+            continue
+        axis = (ctx.arg(1, "dim") if hit is node else hit.args[1]) % len(shape)
+        ctx.patch_node(hit, (shape[axis],), {}, op="call_function", target=original_size)
 
 
 _ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
@@ -219,8 +377,9 @@ def _getattr_forward(ctx):
     return None, None
 
 
-rule("size", methods=("size", "dim"), backward=_size_backward)(_size_forward)
-rule("getattr", functions=(builtins.getattr,), backward=_size_backward)(_getattr_forward)
+rule("size", methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True)(_size_forward)
+rule("getattr", functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan,
+     heads_aware=True)(_getattr_forward)
 
 
 def _guard_forward(ctx):
@@ -247,6 +406,8 @@ def _getitem_forward(ctx):
         return (ValueFact.untracked() if shape is not None else None), None
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
+    if not fact.simple:
+        return _opaque(ctx)
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(item, torch.fx.Node) or item is Ellipsis or item is None for item in items[: fact.axis + 1]):
         return _opaque(ctx)
@@ -291,7 +452,8 @@ def _getitem_backward(ctx):
         ctx.require_all(source)
 
 
-rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan)(_getitem_forward)
+rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
+     heads_aware=True)(_getitem_forward)
 
 
 # -- reductions over other axes --------------------------------------------------------------------------------

@@ -120,6 +120,8 @@ def _split_forward(ctx):
         return None, None
     sizes, dim, name = spec
     units = ctx.units(x)
+    if not fact.simple:
+        return _split_heads(fact, units, sizes, dim, name, x)
     if dim != fact.axis:
         axis = fact.axis - (1 if name == "unbind" and dim < fact.axis else 0)
         moved = fact.moved(axis)
@@ -131,13 +133,33 @@ def _split_forward(ctx):
     return TupleFact(parts, tuple(units[s:e] for s, e in zip(bounds[:-1], bounds[1:])), x), None
 
 
+def _split_heads(fact, units, sizes, dim, name, x):
+    """Cut a split channel axis (e.g. fused qkv as (3, heads, head_dim)) along its outer digit
+    into whole pieces, or along an axis it does not occupy."""
+    shift = (lambda axis: axis - 1 if axis > dim else axis) if name == "unbind" else (lambda axis: axis)
+    if dim not in fact.axes:
+        moved = fact.with_axes([shift(a) for a in fact.axes])
+        return TupleFact(tuple(moved for _ in sizes), tuple(units for _ in sizes), x), None
+    if dim != fact.axis or name != "unbind" or len(fact.inner) < 2:
+        return None, None
+    per = fact.size // fact.radix[0]
+    inner_axes = [shift(a) for a, _ in fact.inner]
+    parts, pieces = [], []
+    for index in range(fact.radix[0]):
+        cut = slice(index * per, (index + 1) * per)
+        parts.append(ValueFact(inner_axes[0], per, fact.const[cut], fact.value[cut],
+                               tuple((a, size) for a, (_, size) in zip(inner_axes[1:], fact.inner[1:]))))
+        pieces.append(units[cut])
+    return TupleFact(tuple(parts), tuple(pieces), x), None
+
+
 def _split_backward(ctx):
     if not isinstance(ctx.fact(ctx.node), TupleFact):
         ctx.require_all(ctx.arg(0, "input"))
         return
     spec = _split_spec(ctx)
     fact = ctx.fact(ctx.node)
-    if spec[2] == "chunk" and spec[1] == fact.parts[0].axis:
+    if spec[2] == "chunk" and spec[1] == fact.parts[0].axis and fact.parts[0].simple:
         # chunk(n) makes equal pieces: keep the same count in each (NOTE [Joins and cuts])
         present = [ctx.present_units(units) for units in fact.units]
         target = max(int(p.sum()) for p in present)
@@ -154,7 +176,7 @@ def _split_plan(ctx):
     if not isinstance(fact, TupleFact):
         return
     sizes, dim, name = _split_spec(ctx)
-    if dim != fact.parts[0].axis:
+    if dim != fact.parts[0].axis or not fact.parts[0].simple or name == "unbind":
         return
     kept = [int(ctx.present_units(units).sum()) for units in fact.units]
     if kept == sizes:
@@ -176,7 +198,7 @@ def _split_plan(ctx):
 
 
 rule("split", functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
-     backward=_split_backward, plan=_split_plan, reads_input_presence=True)(_split_forward)
+     backward=_split_backward, plan=_split_plan, reads_input_presence=True, heads_aware=True)(_split_forward)
 
 
 # -- permute / transpose / unsqueeze / squeeze ------------------------------------------------------------------
@@ -199,14 +221,23 @@ def _moved(ctx, axis_out):
     return fact.moved(axis_out), ctx.units(x)
 
 
+def _remapped(ctx, where):
+    """Move every axis the channels occupy with ``where(axis) -> new axis``."""
+    x = ctx.arg(0, "input")
+    fact = _tracked(ctx, x)
+    if fact is None:
+        return _opaque(ctx)
+    return fact.with_axes([where(axis) for axis in fact.axes]), ctx.units(x)
+
+
 def _permute_forward(ctx):
-    """Exact: permuting axes moves the channel axis."""
+    """Exact: permuting axes moves the channel axis (both axes of attention heads)."""
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     if fact is None:
         return _opaque(ctx)
     dims = [d % len(shape) for d in _dims(ctx, 1)]
-    return _moved(ctx, dims.index(fact.axis) if fact.axis in dims else None)
+    return _remapped(ctx, dims.index)
 
 
 def _transpose_forward(ctx):
@@ -219,8 +250,7 @@ def _transpose_forward(ctx):
         a, b = 0, len(shape) - 1
     else:
         a, b = ctx.arg(1, "dim0") % len(shape), ctx.arg(2, "dim1") % len(shape)
-    axis = b if fact.axis == a else a if fact.axis == b else fact.axis
-    return _moved(ctx, axis)
+    return _remapped(ctx, lambda axis: b if axis == a else a if axis == b else axis)
 
 
 def _unsqueeze_forward(ctx):
@@ -249,9 +279,10 @@ def _squeeze_forward(ctx):
     return _moved(ctx, fact.axis - sum(1 for d in dims if d < fact.axis))
 
 
-rule("permute", functions=(torch.permute,), methods=("permute",), backward=_tracked_backward)(_permute_forward)
+rule("permute", functions=(torch.permute,), methods=("permute",), backward=_tracked_backward,
+     heads_aware=True)(_permute_forward)
 rule("transpose", functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
-     backward=_tracked_backward)(_transpose_forward)
+     backward=_tracked_backward, heads_aware=True)(_transpose_forward)
 rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), backward=_tracked_backward)(_unsqueeze_forward)
 rule("squeeze", functions=(torch.squeeze,), methods=("squeeze",), backward=_tracked_backward)(_squeeze_forward)
 

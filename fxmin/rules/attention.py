@@ -1,0 +1,276 @@
+"""Attention: softmax over keys, masks, ``q @ k^T``, ``weights @ v`` and
+``F.scaled_dot_product_attention``; see transformers.md.
+
+NOTE [Attention]
+After ``view(B, T, H, hd)`` the q/k/v channels occupy two axes (NOTE [Heads]). The rules:
+
+- q and k channels couple: dim ``d`` of head ``h`` is kept in both or in neither, since they
+  contract. It is required when a kept head reads it and neither side is ``const(0)``
+  (a nonzero constant on one side still varies the scores).
+- value channels couple with the output channels: ``(h, e)`` goes when nobody reads the
+  output there; a constant value channel gives a constant output (softmax rows sum to 1).
+- a head stays when any of its value/output channels stays; it then keeps at least one q/k
+  and one value channel. The views that split the heads make every kept head keep equally many.
+- the softmax scale stays ``1/sqrt(original head_dim)``: SDPA gets ``scale=`` explicitly,
+  and sizes read for a hand-written scale keep their original value (see shape.py).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ..facts import ValueFact
+from .pointwise import _opaque, opaque_backward
+from .registry import rule
+
+
+def _tracked(ctx, node):
+    fact = ctx.fact(node)
+    return fact if isinstance(fact, ValueFact) and fact.tracked else None
+
+
+def _passthrough_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+        return
+    x = ctx.node.args[0]
+    for node in ctx.input_nodes():
+        if node is not x:
+            ctx.require_all(node)
+
+
+# -- softmax over the keys ---------------------------------------------------------------------------------------
+
+def _softmax_forward(ctx):
+    """Exact: softmax along an axis the channels do not occupy works within each channel."""
+    x = ctx.arg(0, "input")
+    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    dim = ctx.arg(1, "dim")
+    if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
+        return _opaque(ctx)
+    return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
+
+
+rule("softmax", functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
+     methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True)(_softmax_forward)
+
+
+# -- masks --------------------------------------------------------------------------------------------------------
+
+def _broadcast_only(ctx, fact, other, rank) -> bool:
+    if not isinstance(other, torch.fx.Node):
+        return True
+    shape = ctx.shape(other)
+    if shape is None:
+        return True
+    offset = rank - len(shape)
+    return all(a - offset < 0 or shape[a - offset] == 1 for a in fact.axes)
+
+
+def _masked_fill_forward(ctx):
+    """Exact: a mask that is the same for every channel fills positions within each channel."""
+    x = ctx.arg(0, "input")
+    fact, shape = _tracked(ctx, x), ctx.shape()
+    if fact is None or shape is None:
+        return _opaque(ctx)
+    if not all(_broadcast_only(ctx, fact, other, len(shape)) for other in ctx.node.args[1:]):
+        return _opaque(ctx)
+    return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
+
+
+def _where_forward(ctx):
+    """Exact: ``torch.where(mask, x, fill)`` with a mask and fill the same for every channel."""
+    condition, x, other = (ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other"))
+    fact, shape = _tracked(ctx, x), ctx.shape()
+    if fact is None or shape is None or ctx.shape(x) != shape:
+        return _opaque(ctx)
+    if not (_broadcast_only(ctx, fact, condition, len(shape)) and _broadcast_only(ctx, fact, other, len(shape))):
+        return _opaque(ctx)
+    return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
+
+
+def _where_backward(ctx):
+    fact = ctx.fact(ctx.node)
+    if fact is None or not fact.tracked:
+        opaque_backward(ctx)
+        return
+    ctx.require_all(ctx.arg(0, "condition"))
+    ctx.require_all(ctx.arg(2, "other"))
+
+
+rule("masked_fill", methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
+     heads_aware=True)(_masked_fill_forward)
+rule("where", functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
+
+
+# -- the head structure -------------------------------------------------------------------------------------------
+
+def _heads(fact: ValueFact, rank: int, head_axis: int, dim_axis: int):
+    """(heads, dims) when the channels sit on (head_axis, dim_axis) of a rank-``rank`` tensor."""
+    if fact is None or len(fact.axes) != 2 or fact.axes != (head_axis % rank, dim_axis % rank):
+        return None
+    return fact.radix
+
+
+def _head_mask(fact: ValueFact, mask: np.ndarray) -> np.ndarray:
+    heads, dims = fact.radix
+    return mask.reshape(heads, dims).any(axis=1)
+
+
+def _first_per_head(heads_alive: np.ndarray, present: np.ndarray, dims: int) -> np.ndarray:
+    """Require one channel in every alive head that has none."""
+    grid = present.reshape(len(heads_alive), dims)
+    need = np.zeros_like(grid)
+    for head in np.nonzero(heads_alive & ~grid.any(axis=1))[0]:
+        need[head, 0] = True
+    return need.reshape(-1)
+
+
+def _qk_required(q: ValueFact, k: ValueFact, heads_alive: np.ndarray) -> np.ndarray:
+    heads, dims = q.radix
+    zero_q = q.const & (q.value == 0)
+    zero_k = k.const & (k.value == 0)
+    contributes = ~(zero_q | zero_k)
+    return contributes & np.repeat(heads_alive, dims)
+
+
+def _softmax_weights(ctx, node) -> bool:
+    """Whether ``node`` is a softmax over the last axis (through eval-mode dropout)."""
+    from .pointwise import _dropout_forward  # noqa: F401  (dropout is the identity in eval)
+
+    while isinstance(node, torch.fx.Node):
+        rule_ = ctx._engine.rules.get(node)
+        if rule_ is not None and rule_.name == "softmax":
+            return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
+        if rule_ is not None and rule_.name in ("dropout", "pointwise") and node.op != "call_function":
+            node = node.args[0]
+            continue
+        if rule_ is not None and rule_.name == "dropout":
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+# -- q @ k^T and weights @ v ---------------------------------------------------------------------------------------
+
+def _matmul_kind(ctx):
+    a, b = ctx.node.args[0], ctx.node.args[1]
+    fa, fb = _tracked(ctx, a), _tracked(ctx, b)
+    sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape()
+    if None in (sa, sb, out) or len(sa) < 3 or len(sa) != len(sb):
+        return None
+    rank = len(sa)
+    if _heads(fa, rank, -3, -1) and _heads(fb, rank, -3, -2) and fa.radix == fb.radix:
+        return "scores", a, b, fa, fb
+    if fa is not None and fa.simple and fa.axis == rank - 3 and _heads(fb, rank, -3, -1) and fa.size == fb.radix[0]:
+        return "mix", a, b, fa, fb
+    return None
+
+
+def _matmul_forward(ctx):
+    """Exact for attention: ``q @ k^T`` couples q and k channels and yields one score channel
+    per head; ``weights @ v`` keeps v's channels (a constant v channel stays constant when the
+    weights are a softmax). Other matrix products keep every channel."""
+    kind = _matmul_kind(ctx)
+    if kind is None:
+        return _opaque(ctx)
+    name, a, b, fa, fb = kind
+    rank = len(ctx.shape())
+    if name == "scores":
+        ctx.unify(ctx.units(a), ctx.units(b))
+        heads = fa.radix[0]
+        return ValueFact.varying(rank - 3, heads), ctx.fresh(heads)
+    const = fb.const & (fb.value == 0)
+    if _softmax_weights(ctx, a):
+        const = fb.const
+    return fb.replaced(const, np.where(const, fb.value, 0.0)), ctx.units(b)
+
+
+def _matmul_backward(ctx):
+    kind = _matmul_kind(ctx)
+    if kind is None:
+        opaque_backward(ctx)
+        return
+    name, a, b, fa, fb = kind
+    if name == "scores":
+        alive = ctx.present()
+        ctx.require(a, _qk_required(fa, fb, alive), "read by a kept attention head (q.k)")
+        ctx.require(a, _first_per_head(alive, ctx.present(a), fa.radix[1]), "a kept head keeps a q/k dim")
+        return
+    alive = _head_mask(fb, ctx.present())
+    ctx.require(a, alive, "weights of a kept attention head")
+    ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
+
+
+rule("matmul", functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
+     reads_input_presence=True, heads_aware=True)(_matmul_forward)
+
+
+# -- scaled_dot_product_attention -----------------------------------------------------------------------------------
+
+def _sdpa_inputs(ctx):
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
+    shape = ctx.shape(q)
+    if shape is None or len(shape) < 3 or ctx.node.kwargs.get("enable_gqa"):
+        return None
+    rank = len(shape)
+    if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
+        return None
+    if fq.radix != fk.radix or fq.radix[0] != fv.radix[0]:
+        return None
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, torch.fx.Node) and not _broadcast_only(ctx, fq.with_axes((rank - 3, rank - 1)), mask, rank):
+        return None
+    return q, k, v, fq, fk, fv
+
+
+def _sdpa_forward(ctx):
+    """Exact: see NOTE [Attention]; a constant value channel gives a constant output when no
+    dropout is applied."""
+    inputs = _sdpa_inputs(ctx)
+    if inputs is None:
+        return _opaque(ctx)
+    q, k, v, fq, fk, fv = inputs
+    ctx.unify(ctx.units(q), ctx.units(k))
+    dropout = ctx.arg(4, "dropout_p", 0.0)
+    const = fv.const if dropout == 0 else fv.const & (fv.value == 0)
+    return fv.replaced(const, np.where(const, fv.value, 0.0)), ctx.units(v)
+
+
+def _sdpa_backward(ctx):
+    inputs = _sdpa_inputs(ctx)
+    if inputs is None:
+        opaque_backward(ctx)
+        return
+    q, k, v, fq, fk, fv = inputs
+    alive = _head_mask(fv, ctx.present()) | _head_mask(fq, ctx.present(q))
+    ctx.require(q, _qk_required(fq, fk, alive), "read by a kept attention head (q.k)")
+    ctx.require(q, _first_per_head(alive, ctx.present(q), fq.radix[1]), "a kept head keeps a q/k dim")
+    ctx.require(v, _first_per_head(alive, ctx.present(v), fv.radix[1]), "a kept head keeps a value dim")
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, torch.fx.Node):
+        ctx.require_all(mask)
+
+
+def _sdpa_plan(ctx):
+    inputs = _sdpa_inputs(ctx)
+    if inputs is None or ctx.arg(6, "scale") is not None:
+        return
+    q, *_ = inputs
+    if ctx.present(q).all():
+        return
+    kwargs = dict(ctx.node.kwargs)
+    kwargs["scale"] = 1.0 / math.sqrt(ctx.shape(q)[-1])  # the original head size (NOTE [Attention])
+    ctx.patch(tuple(ctx.node.args), kwargs)
+
+
+rule("scaled_dot_product_attention", functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
+     plan=_sdpa_plan, reads_input_presence=True, heads_aware=True)(_sdpa_forward)
