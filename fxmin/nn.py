@@ -1,0 +1,367 @@
+"""Replacement modules: :class:`CompensatedLayerNorm` and :func:`compensate`.
+
+A LayerNorm couples all ``D`` channels it normalizes: drop one and the mean and variance of every
+other channel change. :class:`CompensatedLayerNorm` (CLN) keeps the statistics of the original
+``D`` channels while only ``|K|`` of them still arrive, by adding the constants that the removed
+channels held back in. See ``compensated-layernorm.md`` in the design notes.
+
+>>> import torch, fxmin
+>>> norm = fxmin.CompensatedLayerNorm(4, kept=[0, 2], constants={1: 0.0, 3: 1.5})
+>>> full = torch.tensor([[2.0, 0.0, -1.0, 1.5]])
+>>> torch.allclose(norm(full[:, [0, 2]]), torch.nn.functional.layer_norm(full, (4,)))
+True
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["CompensatedLayerNorm", "compensate"]
+
+KINDS = ("layer", "rms", "group")
+
+
+class CompensatedLayerNorm(nn.Module):
+    """A LayerNorm over ``width`` channels of which only ``kept`` still arrive.
+
+    Arguments:
+        width: ``D``, the original normalized width. It never shrinks.
+        kept: the original indices of the channels that arrive, in input order (default: all).
+        constants: the value each removed channel held: a mapping ``{channel: value}`` that names
+            every removed channel, or a sequence aligned with the removed channels in ascending
+            order; ``None`` means all zero. Stored in float64 (buffer ``constants``).
+        outputs: the original indices of the channels it emits, in output order (default: all).
+            A removed channel may be emitted: its value is computed from its constant.
+        eps: as in LayerNorm. For ``kind="rms"``, ``None`` means ``finfo(dtype).eps`` as in RMSNorm.
+        weight, bias: ``True`` for ones/zeros, ``False`` for none, or a tensor with one entry per
+            emitted channel. ``bias=None`` means ``True`` except for ``kind="rms"``.
+        kind: ``"layer"`` (LayerNorm over the last axis), ``"rms"`` (RMSNorm over the last axis: no
+            mean, only the sum of squared constants matters) or ``"group"`` (``GroupNorm(1, C)``:
+            channels on axis 1, statistics over every non-batch axis, per-channel affine).
+
+    Channels-first LayerNorms (ConvNeXt's ``LayerNorm2d``) permute around a ``kind="layer"`` CLN.
+    The structure lives in buffers (``kept``, ``removed``, ``constants``, ``outputs``, ``source``:
+    where each output comes from in ``cat([input, constants])``), so it moves with ``.to(device)``
+    and exports; a dtype cast (``.half()``) casts ``constants`` like any floating buffer.
+
+    >>> norm = CompensatedLayerNorm(8, kept=range(6), constants=[0.0, 2.0], outputs=[0, 7])
+    >>> norm(torch.randn(3, 6)).shape
+    torch.Size([3, 2])
+    """
+
+    def __init__(self, width: int, kept=None, constants=None, outputs=None, eps: float | None = 1e-5,
+                 weight=True, bias=None, kind: str = "layer", *, device=None, dtype=None):
+        super().__init__()
+        if kind not in KINDS:
+            raise InputError(f"CompensatedLayerNorm kind must be one of {KINDS}, got {kind!r}")
+        width = int(width)
+        if width < 1:
+            raise InputError(f"CompensatedLayerNorm width must be positive, got {width}")
+        kept = _indices("kept", range(width) if kept is None else kept, width)
+        outputs = _indices("outputs", range(width) if outputs is None else outputs, width)
+        removed = sorted(set(range(width)) - set(kept))
+        values = _constants(constants, removed, width)
+        self.width, self.kind = width, kind
+        self.eps = eps if eps is not None or kind == "rms" else 1e-5
+        position = {channel: index for index, channel in enumerate(kept)}
+        position.update({channel: len(kept) + index for index, channel in enumerate(removed)})
+        source = [position[channel] for channel in outputs]
+
+        def index_buffer(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        self.register_buffer("kept", index_buffer(kept))
+        self.register_buffer("removed", index_buffer(removed))
+        self.register_buffer("constants", torch.tensor(values, dtype=torch.float64, device=device))
+        self.register_buffer("outputs", index_buffer(outputs))
+        self.register_buffer("source", index_buffer(source))
+        self.weight = _affine("weight", weight, 1.0, len(outputs), device, dtype)
+        self.bias = _affine("bias", kind != "rms" if bias is None else bias, 0.0, len(outputs), device, dtype)
+        self._read_structure()
+        self.register_load_state_dict_post_hook(_read_structure_after_load)  # module-level: pickles
+
+    def _read_structure(self) -> None:
+        """Python flags from the index buffers, so that forward has no data-dependent branches."""
+        kept, source = self.kept.tolist(), self.source.tolist()
+        everything = list(range(self.width))
+        self._plain = kept == everything and self.outputs.tolist() == everything
+        if source == list(range(len(kept))):
+            self._gather = "none"  # emits exactly what arrives, in order
+        elif all(index < len(kept) for index in source):
+            self._gather = "inputs"
+        else:
+            self._gather = "constants"
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel_axis = 1 if self.kind == "group" else -1
+        if x.dim() < (2 if self.kind == "group" else 1) or x.shape[channel_axis] != len(self.kept):
+            raise InputError(f"CompensatedLayerNorm({self.width}, kind={self.kind}) expects {len(self.kept)} "
+                             f"channels on axis {channel_axis}, got input of shape {tuple(x.shape)}")
+        if self._plain:
+            return self._plain_forward(x)
+        # NOTE [CLN arithmetic]
+        # Half and bfloat16 compute in float32, as the LayerNorm kernels accumulate. Sums over the
+        # constants are taken in the buffer's float64 and rounded once. The variance is the
+        # centred form: the removed channels add sum_j (c_j - mean)^2, computed in closed form as
+        # n * (mean - c_mean)^2 + sum_j (c_j - c_mean)^2 (Chan's parallel-variance combination).
+        # Both terms are non-negative, so nothing cancels: unlike S2 - 2 mean S1 + n mean^2, which
+        # loses everything when the constants are large and close to the mean. It costs O(1)
+        # per position, not O(n).
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        values = x.to(compute)
+        axes = tuple(range(1, x.dim())) if self.kind == "group" else (-1,)
+        positions = math.prod(x.shape[2:]) if self.kind == "group" else 1
+        count = self.width * positions
+        removed_count = self.constants.shape[0]
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.kind == "rms":
+            squares = values.square().sum(axes, keepdim=True)
+            if removed_count:
+                squares = squares + (self.constants.square().sum() * positions).to(compute)
+            scale = torch.rsqrt(squares / count + eps)
+            centred, mean = values, None
+        else:
+            total = values.sum(axes, keepdim=True)
+            if removed_count:
+                total = total + (self.constants.sum() * positions).to(compute)
+            mean = total / count
+            centred = values - mean
+            spread = centred.square().sum(axes, keepdim=True)
+            if removed_count:
+                constant_mean = self.constants.mean()
+                constant_spread = (self.constants - constant_mean).square().sum().to(compute)
+                spread = spread + positions * (removed_count * (mean - constant_mean.to(compute)).square()
+                                               + constant_spread)
+            scale = torch.rsqrt(spread / count + eps)
+        if self._gather == "constants":  # some emitted channels no longer arrive: v_j = c_j
+            removed = self._along_channels(self.constants.to(compute), x.dim())
+            removed = removed if mean is None else removed - mean
+            shape = list(centred.shape)
+            shape[channel_axis] = removed_count
+            centred = torch.cat([centred, removed.expand(shape)], dim=channel_axis)
+        if self._gather != "none":
+            centred = torch.index_select(centred, channel_axis % x.dim(), self.source)
+        result = centred * scale
+        if self.weight is not None:
+            result = result * self._along_channels(self.weight.to(compute), x.dim())
+        if self.bias is not None:
+            result = result + self._along_channels(self.bias.to(compute), x.dim())
+        return result.to(x.dtype)
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Nothing removed, everything emitted in order: the very call the original module makes."""
+        if self.kind == "layer":
+            return F.layer_norm(x, (self.width,), self.weight, self.bias, self.eps)
+        if self.kind == "group":
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        result = F.rms_norm(x, (self.width,), self.weight, self.eps)
+        return result if self.bias is None else result + self.bias
+
+    def _along_channels(self, vector: torch.Tensor, dim: int) -> torch.Tensor:
+        """Shape a per-channel vector to broadcast along the channel axis of a ``dim``-D input."""
+        return vector.view(-1, *([1] * (dim - 2))) if self.kind == "group" else vector
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_layer_norm(cls, norm: nn.LayerNorm) -> CompensatedLayerNorm:
+        """The CLN equal to ``norm`` (bit for bit), nothing removed yet. ``normalized_shape`` must be 1-D.
+
+        >>> CompensatedLayerNorm.from_layer_norm(nn.LayerNorm(16))
+        CompensatedLayerNorm(16, kind=layer, kept=16, removed=0, outputs=16, eps=1e-05, weight=True, bias=True)
+        """
+        return cls._copy_of(norm, "layer", _width(norm, norm.normalized_shape), norm.eps, norm.weight, norm.bias)
+
+    @classmethod
+    def from_rms_norm(cls, norm: nn.RMSNorm) -> CompensatedLayerNorm:
+        """The CLN equal to ``norm`` (an ``nn.RMSNorm`` with 1-D ``normalized_shape``), bit for bit."""
+        return cls._copy_of(norm, "rms", _width(norm, norm.normalized_shape), norm.eps, norm.weight, None)
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm) -> CompensatedLayerNorm:
+        """The CLN equal to ``norm``, a ``GroupNorm(1, C)``, bit for bit.
+
+        GroupNorm(1, C) normalizes each sample over all of ``C x H x W``; the CLN does the same
+        (``kind="group"``): a removed channel counts its constant once per position.
+
+        >>> CompensatedLayerNorm.from_group_norm(nn.GroupNorm(1, 8)).kind
+        'group'
+        """
+        if norm.num_groups != 1:
+            raise InputError(f"only GroupNorm(1, C) is a LayerNorm; got GroupNorm({norm.num_groups}, "
+                             f"{norm.num_channels})")
+        return cls._copy_of(norm, "group", norm.num_channels, norm.eps, norm.weight, norm.bias)
+
+    @classmethod
+    def _copy_of(cls, norm, kind, width, eps, weight, bias):
+        reference = weight if weight is not None else next(iter(norm.buffers()), None)
+        device = reference.device if reference is not None else None
+        result = cls(width, eps=eps, kind=kind, weight=False if weight is None else weight,
+                     bias=False if bias is None else bias, device=device)
+        result.train(norm.training)
+        return result
+
+    def shrink(self, kept, constants=None, outputs=None) -> CompensatedLayerNorm:
+        """A new CLN after a further removal; ``self`` is unchanged. Removals compose.
+
+        ``kept`` lists the original channels (indices into ``width``) that still arrive, a subset
+        of ``self.kept``; ``constants`` gives the values of the newly removed ones (as in the
+        constructor, relative to those); ``outputs`` is a subset of ``self.outputs`` (default: the
+        same). ``width`` stays, earlier constants stay.
+
+        >>> norm = CompensatedLayerNorm(6).shrink([0, 1, 2, 4], {3: 0.0, 5: 1.0}, outputs=[0, 5])
+        >>> norm.shrink([1, 2], None, outputs=[5]).constants.tolist()
+        [0.0, 0.0, 0.0, 1.0]
+        """
+        current = self.kept.tolist()
+        kept = _indices("kept", kept, self.width)
+        if not set(kept) <= set(current):
+            raise InputError(f"shrink: channels {sorted(set(kept) - set(current))} were already removed "
+                             f"(kept now: {len(current)} of {self.width})")
+        newly_removed = sorted(set(current) - set(kept))
+        merged = dict(zip(self.removed.tolist(), self.constants.tolist()))
+        merged.update(zip(newly_removed, _constants(constants, newly_removed, self.width)))
+        emitted = self.outputs.tolist()
+        outputs = emitted if outputs is None else _indices("outputs", outputs, self.width)
+        if not set(outputs) <= set(emitted):
+            raise InputError(f"shrink: channels {sorted(set(outputs) - set(emitted))} are no longer emitted, "
+                             "their affine parameters are gone")
+        rows = torch.tensor([emitted.index(channel) for channel in outputs], dtype=torch.long,
+                            device=self.kept.device)
+
+        def sliced(parameter):
+            return False if parameter is None else parameter.detach()[rows]
+
+        result = type(self)(self.width, kept, merged, outputs, self.eps, sliced(self.weight), sliced(self.bias),
+                            self.kind, device=self.kept.device)
+        for name in ("weight", "bias"):
+            if getattr(self, name) is not None:
+                getattr(result, name).requires_grad_(getattr(self, name).requires_grad)
+        result.train(self.training)
+        return result
+
+    def extra_repr(self) -> str:
+        removed = self.removed.tolist()
+        values = self.constants.tolist()
+        if not removed:
+            described = "removed=0"
+        elif not any(values):
+            described = f"removed={len(removed)} (constant 0)"
+        elif len(removed) <= 4:
+            described = "removed={" + ", ".join(f"{j}: {c:.6g}" for j, c in zip(removed, values)) + "}"
+        else:
+            nonzero = sum(1 for c in values if c)
+            described = (f"removed={len(removed)} ({nonzero} nonzero constants in "
+                         f"[{min(values):.6g}, {max(values):.6g}], sum {sum(values):.6g})")
+        return (f"{self.width}, kind={self.kind}, kept={len(self.kept)}, {described}, outputs={len(self.outputs)}, "
+                f"eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}")
+
+
+def compensate(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every LayerNorm replaced by an equal :class:`CompensatedLayerNorm`.
+
+    Replaced: ``nn.LayerNorm`` and ``nn.RMSNorm`` with a 1-D ``normalized_shape``, and
+    ``nn.GroupNorm(1, C)``, including subclasses that do not override ``forward``. A subclass that
+    overrides ``forward`` (the channels-first ``LayerNorm2d`` of timm and torchvision permutes
+    around ``F.layer_norm``) is left as it is: swapping the module would drop its own forward;
+    ``fxmin.minimize`` handles its ``F.layer_norm`` call in the traced graph instead. A module
+    shared under several names becomes one shared CLN. Hooks on replaced modules are not copied.
+    The output is bit for bit the same; ``model`` is not modified.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    >>> type(compensate(model)[1]).__name__, type(model[1]).__name__
+    ('CompensatedLayerNorm', 'LayerNorm')
+    """
+    result = copy.deepcopy(model)
+    replaced: dict[int, nn.Module] = {}
+    targets = []
+    for name, module in result.named_modules(remove_duplicate=False):
+        if id(module) not in replaced:
+            replacement = _compensated(module)
+            if replacement is None:
+                continue
+            replaced[id(module)] = replacement
+        targets.append((name, replaced[id(module)]))
+    for name, replacement in targets:
+        if not name:
+            return replacement
+        parent_name, _, child = name.rpartition(".")
+        setattr(result.get_submodule(parent_name), child, replacement)
+    return result
+
+
+def _read_structure_after_load(module: CompensatedLayerNorm, incompatible_keys) -> None:
+    module._read_structure()
+
+
+def _compensated(module: nn.Module) -> CompensatedLayerNorm | None:
+    """The CLN for a module ``compensate`` replaces, else ``None``."""
+    kinds = ((nn.LayerNorm, CompensatedLayerNorm.from_layer_norm),
+             (nn.RMSNorm, CompensatedLayerNorm.from_rms_norm),
+             (nn.GroupNorm, CompensatedLayerNorm.from_group_norm))
+    for base, convert in kinds:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            if base is nn.GroupNorm and module.num_groups != 1:
+                return None
+            if base is not nn.GroupNorm and len(module.normalized_shape) != 1:
+                return None
+            return convert(module)
+    return None
+
+
+def _indices(name: str, values, width: int) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    result = [int(value) for value in values]
+    bad = [value for value in result if not 0 <= value < width]
+    if bad:
+        raise InputError(f"CompensatedLayerNorm {name}: channels {bad} are outside 0..{width - 1}")
+    if len(set(result)) != len(result):
+        raise InputError(f"CompensatedLayerNorm {name}: repeated channels in {result}")
+    return result
+
+
+def _constants(constants, removed: list[int], width: int) -> list[float]:
+    """The removed channels' constants as floats aligned with ``removed`` (ascending)."""
+    if constants is None:
+        return [0.0] * len(removed)
+    if isinstance(constants, Mapping):
+        given = {int(channel): float(value) for channel, value in constants.items()}
+        if set(given) != set(removed):
+            raise InputError(f"CompensatedLayerNorm constants must name exactly the removed channels "
+                             f"{removed} (of {width}); missing {sorted(set(removed) - set(given))}, "
+                             f"unexpected {sorted(set(given) - set(removed))}")
+        return [given[channel] for channel in removed]
+    if isinstance(constants, torch.Tensor):
+        constants = constants.detach().double().reshape(-1).tolist()
+    values = [float(value) for value in constants]
+    if len(values) != len(removed):
+        raise InputError(f"CompensatedLayerNorm: {len(values)} constants for {len(removed)} removed channels")
+    return values
+
+
+def _affine(name: str, spec, fill: float, size: int, device, dtype) -> nn.Parameter | None:
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return nn.Parameter(torch.full((size,), fill, device=device, dtype=dtype))
+    tensor = torch.as_tensor(spec).detach()
+    if tensor.shape != (size,):
+        raise InputError(f"CompensatedLayerNorm {name} must have shape ({size},) (one entry per output), "
+                         f"got {tuple(tensor.shape)}")
+    # A Parameter keeps its requires_grad (a frozen norm stays frozen); a plain tensor trains.
+    return nn.Parameter(tensor.clone(), requires_grad=spec.requires_grad if isinstance(spec, nn.Parameter) else True)
+
+
+def _width(norm: nn.Module, shape) -> int:
+    if len(shape) != 1:
+        raise InputError(f"{type(norm).__name__}{tuple(shape)} normalizes over {len(shape)} axes; "
+                         "CompensatedLayerNorm covers one (the channel axis)")
+    return int(shape[0])
