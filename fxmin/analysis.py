@@ -89,6 +89,17 @@ class Context:
             return self._engine.attr_tensor(node.target)
         return None
 
+    def order(self, node) -> int:
+        """Position of ``node`` in the graph."""
+        return self._engine._order[node]
+
+    def graph_memo(self, key, compute):
+        """A value computed once per graph (not per node), e.g. an index of tied parameters."""
+        cache = self._engine.memo
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
     def memo(self, key, compute):
         cache = self._engine.memo
         full_key = (self.node, key)
@@ -220,7 +231,8 @@ class Engine:
     def forward(self) -> None:
         missing = []
         self._calls = {}
-        for node in self.root.graph.nodes:
+        for index, node in enumerate(self.root.graph.nodes):
+            self._order[node] = index
             if node.op == "call_module":
                 self._calls[node.target] = self._calls.get(node.target, 0) + 1
         for index, node in enumerate(self.root.graph.nodes):

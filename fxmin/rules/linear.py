@@ -257,14 +257,18 @@ def _tied_embedding(ctx):
     """The embedding node whose table is this Linear's weight (a tied unembedding), or None."""
     if not isinstance(ctx.module, nn.Linear):
         return None
-    for node in ctx.node.graph.nodes:
-        if node is ctx.node:
-            return None
-        if node.op == "call_module":
-            other = ctx.root.get_submodule(node.target)
-            if isinstance(other, nn.Embedding) and other.weight is ctx.module.weight:
-                return node
-    return None
+
+    def index():
+        tables = {}
+        for node in ctx.node.graph.nodes:
+            if node.op == "call_module":
+                other = ctx.root.get_submodule(node.target)
+                if isinstance(other, nn.Embedding):
+                    tables.setdefault(id(other.weight), node)
+        return tables
+
+    node = ctx.graph_memo("embedding tables", index).get(id(ctx.module.weight))
+    return node if node is not None and ctx.order(node) < ctx.order(ctx.node) else None
 
 
 def _backward_module(ctx):

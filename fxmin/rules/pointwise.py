@@ -26,22 +26,14 @@ def _check_in_place(ctx, mutated) -> None:
     would make that reader see something the analysis did not: refuse loudly."""
     if not isinstance(mutated, torch.fx.Node):
         return
-    later = [user for user in mutated.users if user is not ctx.node and _after(user, ctx.node)]
+    here = ctx.order(ctx.node)
+    later = [user for user in mutated.users if user is not ctx.node and ctx.order(user) > here]
     if later:
         raise FxminError(
             f"{describe_node(ctx.node, ctx.root)} overwrites '{mutated.name}' in place, and "
             f"'{later[0].name}' reads '{mutated.name}' afterwards. fxmin cannot follow aliasing: make the op "
             "out-of-place (inplace=False, x = x + y instead of x += y) or pass it in barriers=[...]."
         )
-
-
-def _after(node, reference) -> bool:
-    cursor = reference.next
-    while cursor.op != "root":
-        if cursor is node:
-            return True
-        cursor = cursor.next
-    return False
 
 
 def _module_in_place(ctx) -> bool:
@@ -93,8 +85,14 @@ def pointwise_forward(ctx):
         return _opaque(ctx)
     value = fact.value.copy()
     if fact.const.any():
-        result = _apply_unary(ctx, torch.from_numpy(fact.value[fact.const]))
-        value[fact.const] = result.to(torch.float64).numpy()
+        constants = torch.from_numpy(fact.value[fact.const])
+        rank = len(ctx.shape(x) or ())
+        if rank > 1 and fact.axis < rank:
+            # Shaped like the input, channels on their axis: ops that check the rank
+            # (nn.Dropout1d/2d/3d) accept it; elementwise ops do not care.
+            constants = constants.reshape([-1 if axis == fact.axis else 1 for axis in range(rank)])
+        result = _apply_unary(ctx, constants)
+        value[fact.const] = result.reshape(-1).to(torch.float64).numpy()
     return fact.replaced(fact.const, value), ctx.units(x)
 
 
@@ -175,7 +173,8 @@ def _operand(ctx, value, out_rank, partner_axis=None):
         return "other", None
     fact, shape = ctx.fact(value), ctx.shape(value)
     if shape is None:
-        return "other", None
+        # a number computed at run time (``h.size(2) * h.size(3)``): one value for every channel
+        return ("symbolic", None) if value.meta.get("type") in (int, float, bool) else ("other", None)
     if value.op == "get_attr" and not (fact is not None and fact.tracked):
         constant = ctx.attr_value(value)
         if constant is not None and constant.numel() and bool((constant == constant.flatten()[0]).all()):
@@ -224,11 +223,14 @@ def _binary_forward(ctx):
     for (kind, payload, other_kind, other, tracked_node, first) in (
         (kind_a, pa, kind_b, pb, a, True), (kind_b, pb, kind_a, pa, b, False)
     ):
-        if kind != "tracked" or other_kind not in ("scalar", "broadcast"):
+        if kind != "tracked" or other_kind not in ("scalar", "broadcast", "symbolic"):
             continue
         fact, axis = payload
         if any(shape[a] != r for a, r in zip(fact.axes, fact.radix)):
             return _opaque(ctx)
+        if other_kind == "symbolic":  # its value is unknown here: only 0 * s stays a known constant
+            const = fact.const & (fact.value == 0) if op is torch.mul else np.zeros(fact.size, bool)
+            return fact.replaced(const, np.zeros(fact.size)), ctx.units(tracked_node)
         if other_kind == "broadcast":
             other_shape = ctx.shape(other)
             offset = rank - len(other_shape)
