@@ -55,13 +55,26 @@ def describe_node(node, root=None) -> str:
     trace = node.meta.get("stack_trace")
     if trace:
         lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
-        # The last 'File ..., line N' pair is the user's source line.
-        for index in range(len(lines) - 1, -1, -1):
-            if lines[index].startswith("File "):
-                code = lines[index + 1] if index + 1 < len(lines) else ""
-                parts.append(f"at {lines[index]}: {code}")
-                break
+        # The last 'File ..., line N' pair outside torch itself is the user's source line
+        # (recent torch versions append torch.fx's own frames to the recorded stack); an
+        # nn.Sequential has none, so fall back to the last frame outside torch.fx.
+        frames = [i for i in range(len(lines)) if lines[i].startswith("File ")]
+        user = [i for i in frames if not _in_torch(lines[i])] or [i for i in frames if not _in_torch(lines[i], "fx")]
+        if user:
+            index = user[-1]
+            code = lines[index + 1] if index + 1 < len(lines) else ""
+            parts.append(f"at {lines[index]}: {code}")
     return ", ".join(parts)
+
+
+def _in_torch(frame_line: str, *subpackage: str) -> bool:
+    import os
+
+    import torch
+
+    root = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), *subpackage) + os.sep
+    path = frame_line[len("File "):].split(",", 1)[0].strip().strip('"')
+    return os.path.abspath(path).startswith(root)
 
 
 def _target_name(target) -> str:

@@ -22,6 +22,21 @@ def _pruned_tensors(model: nn.Module):
     return found
 
 
+def pruned_memo(model: nn.Module) -> dict:
+    """A ``copy.deepcopy`` memo that lets a pruned model be copied.
+
+    ``torch.nn.utils.prune`` stores ``weight = weight_orig * weight_mask`` as a non-leaf
+    tensor, which ``deepcopy`` refuses; the copy gets a detached clone instead (it is
+    recomputed from ``weight_orig`` and ``weight_mask`` on the next forward anyway).
+    """
+    memo = {}
+    for _, module, name in _pruned_tensors(model):
+        value = getattr(module, name, None)
+        if isinstance(value, torch.Tensor) and not value.is_leaf:
+            memo[id(value)] = value.detach().clone()
+    return memo
+
+
 def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks ``torch.nn.utils.prune`` left on ``model``, by parameter name (``fc1.weight``)."""
     masks = {}
@@ -67,7 +82,7 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None)
     if not isinstance(model, nn.Module):
         raise MaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from_prune = prune_masks(model)
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model, pruned_memo(model))
     for _, module, name in _pruned_tensors(reference):
         prune.remove(module, name)  # weight = weight_orig * weight_mask, as a plain parameter
     reference.eval()

@@ -1,12 +1,14 @@
 """Model -> GraphModule with shapes in ``node.meta``; clear errors when tracing fails."""
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Iterable
 
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
 
@@ -15,8 +17,16 @@ class _LeafTracer(torch.fx.Tracer):
     def __init__(self, leaves: tuple):
         super().__init__()
         self._leaves = leaves
+
+    def create_node(self, *args, **kwargs):
         # Errors name the user's source line (describe_node reads node.meta["stack_trace"]).
-        self.record_stack_traces = True
+        # NOTE [Stack traces]: torch's own recorder (record_stack_traces=True) symbolizes frames
+        # with CapturedTraceback, whose first use imports torch._dynamo and torch._inductor
+        # (several seconds of CPU per process); the stdlib traceback module gives the same lines.
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            node.stack_trace = _user_stack_trace()
+        return node
 
     def is_leaf_module(self, module, qualified_name):
         from .nn import CompensatedLayerNorm
@@ -29,9 +39,26 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FXMIN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_stack_trace() -> str | None:
+    """The frames from the first ``forward`` on, without torch's and fxmin's own (as torch.fx does)."""
+    frames = traceback.extract_stack()
+    for index, frame in enumerate(frames):
+        if frame.name == "forward":
+            user = [f for f in frames[index:] if not f.filename.startswith((_TORCH_DIR, _FXMIN_DIR))]
+            return "".join(traceback.StackSummary.from_list(user).format()).strip() or None
+    return None
+
+
 def trace(model: nn.Module, *, tracer: torch.fx.Tracer | None = None, leaf_modules: Iterable = (),
           concrete_args: dict | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (a GraphModule is used as it is).
+
+    ``tracer`` is a ``torch.fx.Tracer`` (its ``trace`` gives the graph) or a function from the
+    model to a GraphModule, such as transformers' ``symbolic_trace`` with its ``input_names``.
 
     >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
     >>> [n.op for n in gm.graph.nodes]
@@ -39,6 +66,17 @@ def trace(model: nn.Module, *, tracer: torch.fx.Tracer | None = None, leaf_modul
     """
     if isinstance(model, torch.fx.GraphModule) and tracer is None and not leaf_modules and not concrete_args:
         return model
+    if tracer is not None and not isinstance(tracer, torch.fx.Tracer) and callable(tracer):
+        # a tracing function model -> GraphModule, e.g.
+        # functools.partial(transformers.utils.fx.symbolic_trace, input_names=["input_ids"])
+        try:
+            traced = tracer(model)
+        except Exception as error:
+            raise TraceError(f"the tracer {tracer!r} could not trace {type(model).__name__}: "
+                             f"{type(error).__name__}: {error}") from error
+        if not isinstance(traced, torch.fx.GraphModule):
+            raise TraceError(f"the tracer {tracer!r} returned a {type(traced).__name__}, not a torch.fx.GraphModule")
+        return traced
     tracer = tracer if tracer is not None else _LeafTracer(tuple(leaf_modules))
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -63,14 +101,44 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
             f"{len(example_inputs)} example input(s) were given; pass example_inputs=(x, ...) with one tensor per input."
         )
+    recorder = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            recorder.run(*example_inputs)
     except Exception as error:
+        where = f" at node '{recorder.current.name}'" if recorder.current is not None else ""
         raise InputError(
-            f"the model failed on the example inputs ({_describe_inputs(example_inputs)}): "
-            f"{type(error).__name__}: {error}"
+            f"the model failed on the example inputs ({_describe_inputs(example_inputs)}){where}: "
+            f"{type(error).__name__}: {str(error).split(_INTERPRETER_NOTE)[0]}"
         ) from error
+
+
+_INTERPRETER_NOTE = "\n\nWhile executing"  # what torch.fx.Interpreter appends to the error message
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """``ShapeProp`` without its import of ``torch.fx.experimental.symbolic_shapes`` (and sympy),
+    which costs seconds in every fresh process: records ``tensor_meta`` and ``type`` the same way."""
+
+    current = None
+
+    def run_node(self, node):
+        self.current = node
+        result = super().run_node(node)
+        found = []
+
+        def extract(value):
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+                return _extract_tensor_metadata(value, include_contiguity=False)  # contiguity checks import sympy
+            return value
+
+        meta = torch.fx.node.map_aggregate(result, extract)
+        if found:
+            node.meta["tensor_meta"] = meta
+        node.meta["type"] = type(result)
+        self.current = None
+        return result
 
 
 def _describe_inputs(inputs) -> str:

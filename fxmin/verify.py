@@ -1,6 +1,7 @@
 """Reference vs result, in float64 and in the model's dtype; the first divergent node."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -84,10 +85,26 @@ def _compare(reference_out, result_out) -> tuple[float, float]:
     return error, scale
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Run float64 comparisons with float64 as the default dtype: tensors a model creates at run
+    time (``torch.full((T, T), torch.finfo(x.dtype).min)`` in HF's causal masks) follow the
+    inputs' precision instead of overflowing in float32."""
+    if dtype != torch.float64:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, tolerance: float | None = None) -> Comparison:
     """Run both modules on ``inputs`` cast to ``dtype`` and compare their outputs."""
     cast = _cast_inputs(inputs, dtype)
-    with torch.no_grad():
+    with torch.no_grad(), default_dtype(dtype):
         error, scale = _compare(reference(*cast), result(*cast))
     return Comparison(dtype, label, error, scale, TOLERANCES.get(dtype, 1e-4) if tolerance is None else tolerance)
 
@@ -107,7 +124,7 @@ def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.Graph
                          tolerance: float) -> str | None:
     """The first node (in the reference's order) whose kept channels differ between the two modules."""
     reference_run, result_run = _Recorder(reference), _Recorder(result)
-    with torch.no_grad():
+    with torch.no_grad(), default_dtype(torch.float64):
         reference_run.run(*inputs)
         result_run.run(*inputs)
     for node in reference.graph.nodes:

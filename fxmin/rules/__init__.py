@@ -3,3 +3,4 @@ from .registry import REGISTRY, Registry, Rule, rule  # noqa: F401
 from . import attention, embedding, linear, norm, pointwise, shape, structure  # noqa: F401,E402
 from .pointwise import register_pointwise  # noqa: F401,E402
 from . import functional  # noqa: F401,E402  (after the rules it extends)
+from . import huggingface, mha  # noqa: F401,E402  (HF-traced ops; nn.MultiheadAttention)

@@ -369,6 +369,9 @@ _ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 
 def _getattr_forward(ctx):
     attribute = ctx.node.args[1]
+    source = ctx.node.args[0]
+    if isinstance(source, torch.fx.Node) and source.meta.get("type") in (torch.finfo, torch.iinfo):
+        return None, None  # torch.finfo(dtype).min: a number, no channel
     if attribute not in _ATTRIBUTES:
         raise MissingRuleError(
             f"fxmin has no rule for {describe_node(ctx.node, ctx.root)} (attribute '{attribute}'); "
