@@ -48,6 +48,10 @@ def _dense_view(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, pa
     grouped_sum = weight.sum(dim=taps) if taps else weight
     out_per_group = out_channels // groups
     in_channels = in_per_group * groups
+    bias_values = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
+    if groups == 1:
+        return DenseView(grouped_nonzero.numpy(), grouped_sum.numpy(), bias_values, padded, groups, in_per_group,
+                         out_per_group, channel_axis, can_fold)
     nonzero = np.zeros((out_channels, in_channels), bool)
     tap_sum = np.zeros((out_channels, in_channels))
     for group in range(groups):
@@ -55,7 +59,6 @@ def _dense_view(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, pa
         cols = slice(group * in_per_group, (group + 1) * in_per_group)
         nonzero[rows, cols] = grouped_nonzero[rows].numpy()
         tap_sum[rows, cols] = grouped_sum[rows].numpy()
-    bias_values = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
     return DenseView(nonzero, tap_sum, bias_values, padded, groups, in_per_group, out_per_group, channel_axis, can_fold)
 
 
