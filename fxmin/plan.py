@@ -23,6 +23,7 @@ class ParamEdit:
     shape_before: tuple
     shape_after: tuple
     folded_from: tuple = ()  # channels (as 'node[index]') whose constants were folded in
+    kept: tuple = ()  # per axis: indices kept (None: the whole axis), when the rule records them
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,17 @@ class Plan:
     def graph_module(self) -> torch.fx.GraphModule:
         return self.analysis.graph_module
 
+    def keeps(self, name: str) -> tuple:
+        """Indices each axis of parameter ``name`` keeps (None: the whole axis); () if unchanged.
+
+        >>> plan.keeps("fc1.weight")  # doctest: +SKIP
+        (array([0, 2, 5]), array([...]))
+        """
+        for edit in self.param_edits():
+            if edit.name == name:
+                return edit.kept
+        return ()
+
     def param_edits(self) -> list:
         edits = [edit for module in self.modules.values() for edit in module.params]
         edits += [attr.edit for attr in self.attrs.values()]
@@ -109,9 +121,10 @@ class PlanContext(Context):
         dtype = reference.dtype if reference is not None else torch.float32
         device = reference.device if reference is not None else torch.device("cpu")
         edits = []
-        for name, (before, folded_from) in params.items():
+        for name, (before, folded_from, *kept) in params.items():
             after = tuple(getattr(module, name).shape) if getattr(module, name, None) is not None else ()
-            edits.append(ParamEdit(f"{self.node.target}.{name}", tuple(before), after, tuple(folded_from)))
+            edits.append(ParamEdit(f"{self.node.target}.{name}", tuple(before), after, tuple(folded_from),
+                                   tuple(kept[0]) if kept else ()))
         self._plan.modules[self.node.target] = ModuleEdit(
             self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
         )
@@ -124,9 +137,10 @@ class PlanContext(Context):
         """Install a new module (float64) at ``target`` (the node must be patched to call it);
         ``params`` maps its parameter names to (shape before, folded from); ``like`` gives dtype/device."""
         edits = []
-        for name, (before, folded_from) in params.items():
+        for name, (before, folded_from, *kept) in params.items():
             after = tuple(getattr(module, name).shape) if getattr(module, name, None) is not None else ()
-            edits.append(ParamEdit(f"{target}.{name}", tuple(before), after, tuple(folded_from)))
+            edits.append(ParamEdit(f"{target}.{name}", tuple(before), after, tuple(folded_from),
+                                   tuple(kept[0]) if kept else ()))
         dtype = like.dtype if like is not None else torch.float32
         device = like.device if like is not None else torch.device("cpu")
         self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device, tuple(edits))

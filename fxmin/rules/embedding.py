@@ -41,7 +41,7 @@ def _embedding_plan(ctx):
     replacement.weight = nn.Parameter(ctx.param("weight")[:, torch.from_numpy(kept)].clone(),
                                       requires_grad=module.weight.requires_grad)
     replacement.embedding_dim = len(kept)
-    ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), ())})
+    ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
 
 
 rule("embedding", modules=(nn.Embedding,), backward=_embedding_backward, plan=_embedding_plan,

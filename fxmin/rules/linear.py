@@ -238,9 +238,9 @@ def _plan_module(ctx) -> None:
         replacement.in_features, replacement.out_features = len(cols), len(rows)
     else:
         replacement.in_channels, replacement.out_channels, replacement.groups = len(cols), len(rows), max(groups, 1)
-    params = {"weight": (tuple(weight.shape), ())}
+    params = {"weight": (tuple(weight.shape), (), (rows, cols))}
     if bias is not None or new_bias is not None:
-        params["bias"] = (tuple(bias.shape) if bias is not None else (0,), folded_from)
+        params["bias"] = (tuple(bias.shape) if bias is not None else (0,), folded_from, (rows,))
     ctx.replace_module(replacement, params)
 
 

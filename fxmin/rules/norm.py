@@ -60,7 +60,7 @@ def _batch_norm_plan(ctx):
             setattr(replacement, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
         else:
             setattr(replacement, name, new)
-        params[name] = (tuple(tensor.shape), ())
+        params[name] = (tuple(tensor.shape), (), (kept,))
     replacement.num_features = len(kept)
     ctx.replace_module(replacement, params)
 
