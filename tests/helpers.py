@@ -10,7 +10,11 @@ import fxmin
 
 def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
     """The reference function, built without fxmin: a copy with W * mask applied, in eval mode."""
-    reference = copy.deepcopy(model).eval()
+    # torch.nn.utils.prune keeps `weight` as a non-leaf tensor that deepcopy refuses: copy a
+    # detached clone of it (the pre-forward hook recomputes it from weight_orig * weight_mask).
+    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+            if isinstance(t, torch.Tensor) and not t.is_leaf}
+    reference = copy.deepcopy(model, memo).eval()
     if masks:
         parameters = dict(reference.named_parameters())
         with torch.no_grad():

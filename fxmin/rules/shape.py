@@ -149,10 +149,121 @@ def _view_split_axes(fact, units, groups, source, target):
 def _shape_arguments(node):
     """(list of shape entries, position of the first entry in node.args, packed-as-tuple)."""
     if node.op == "call_function":  # torch.reshape(x, shape)
-        return list(node.args[1]), 1, True
+        return list(node.args[1]) if isinstance(node.args[1], (tuple, list)) else [node.args[1]], 1, True
     if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
         return list(node.args[1]), 1, True
     return list(node.args[1:]), 1, False
+
+
+# NOTE [Shape tuples]
+# A view's sizes are literals (``view(B, T, 4, 16)``), sizes read at run time (``x.size(0)``), or
+# a tuple computed in the graph (HF: ``x.size()[:-1] + (4, 16)``, an ``operator.add`` of a slice
+# of a size and a literal tuple). ``_view_entries`` resolves them to one entry per output axis:
+# ("literal", value, where) with ``where`` saying which node's argument holds it, so the plan can
+# patch it; ("size", source, axis) for a run-time read of ``source.size(axis)``; ("unknown",).
+
+def _literal_entries(value, owner, position):
+    entries = []
+    for index, item in enumerate(value):
+        if isinstance(item, int):
+            entries.append(("literal", item, (owner, position, index)))
+        else:
+            entries.append(_size_entry(item) if isinstance(item, torch.fx.Node) else ("unknown",))
+    return entries
+
+
+def _size_entry(node):
+    """("size", source, axis) when ``node`` reads one size of a tensor at run time."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        source, dim = node.args
+    elif (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)
+          and isinstance(node.args[0], torch.fx.Node) and _whole_size(node.args[0])):
+        source, dim = node.args[0].args[0], node.args[1]
+    else:
+        return ("unknown",)
+    rank = len(source.meta["tensor_meta"].shape) if source.meta.get("tensor_meta") is not None else None
+    return ("size", source, dim % rank) if rank else ("unknown",)
+
+
+def _whole_size(node) -> bool:
+    return (node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs) or (
+        node.op == "call_function" and node.target is builtins.getattr and node.args[1] == "shape")
+
+
+def _tuple_entries(node):
+    """Entries of a tuple computed in the graph, or None when it cannot be followed."""
+    if _whole_size(node) or (node.op == "call_function" and node.target is operator.getitem
+                             and isinstance(node.args[1], slice) and _whole_size(node.args[0])):
+        whole = node if _whole_size(node) else node.args[0]
+        source = whole.args[0]
+        if source.meta.get("tensor_meta") is None:
+            return None
+        axes = range(len(source.meta["tensor_meta"].shape))
+        axes = axes if whole is node else axes[node.args[1]]
+        return [("size", source, axis) for axis in axes]
+    if node.op == "call_function" and node.target is operator.add and len(node.args) == 2 and not node.kwargs:
+        entries = []
+        for position, part in enumerate(node.args):
+            if isinstance(part, tuple):
+                entries += _literal_entries(part, node, position)
+            elif isinstance(part, torch.fx.Node):
+                inner = _tuple_entries(part)
+                if inner is None:
+                    return None
+                entries += inner
+            else:
+                return None
+        return entries
+    return None
+
+
+def _view_entries(node):
+    """One entry per output axis of a view/reshape (NOTE [Shape tuples]), or None."""
+    entries, position, packed = _shape_arguments(node)
+    if packed and len(entries) == 1 and isinstance(entries[0], torch.fx.Node) and node.meta.get("type") is not None:
+        found = _tuple_entries(entries[0])
+    elif packed:
+        found = _literal_entries(entries, node, (position, "packed"))
+    else:
+        found = _literal_entries(entries, node, (position, "unpacked"))
+    shape = node.meta.get("tensor_meta")
+    if found is None or shape is None or len(found) != len(shape.shape):
+        return None
+    return found
+
+
+def _coupled_size(ctx, entry, axis, view=None) -> bool:
+    """A run-time size read that yields the new size by itself: ``source.size(a)`` where the
+    source's channels on ``a`` are coupled with the view's channels on ``axis`` (the view's
+    forward couples them), as in ``x.view(-1, x.size(-1))``."""
+    view = ctx.node if view is None else view
+    if entry[0] != "size":
+        return False
+    fact, source_fact = ctx.fact(view), ctx.fact(entry[1])
+    return (isinstance(source_fact, ValueFact) and source_fact.tracked and source_fact.simple
+            and isinstance(fact, ValueFact) and fact.tracked and fact.simple
+            and source_fact.axis == entry[2] and fact.axis == axis and source_fact.size == fact.size
+            and ctx.units(entry[1]) is not None and np.array_equal(ctx.units(entry[1]), ctx.units(view)))
+
+
+def _feeds_coupled_views(ctx, read, source, axis) -> bool:
+    """True when the size ``read`` (of ``source`` on ``axis``) only shapes views at positions
+    whose channels are coupled with it (NOTE [Shape tuples]): its run-time value is then the
+    new size by itself."""
+    for user in read.users:
+        if user.op == "call_function" and user.target is operator.add and user.meta.get("tensor_meta") is None:
+            if not _feeds_coupled_views(ctx, user, source, axis):
+                return False
+            continue
+        if not (user.op in ("call_method", "call_function") and user.target in ("view", "reshape", torch.reshape)):
+            return False
+        entries = _view_entries(user)
+        if entries is None:
+            return False
+        if not all(_coupled_size(ctx, entry, position, user) for position, entry in enumerate(entries)
+                   if entry[0] == "size" and entry[1] is source and entry[2] == axis):
+            return False
+    return True
 
 
 def _view_forward(ctx):
@@ -162,6 +273,14 @@ def _view_forward(ctx):
     mapped = _view_mapping(ctx)
     if mapped is None:
         return _opaque(ctx)
+    fact, units = mapped
+    entries = _view_entries(ctx.node) if fact.simple else None
+    if entries is not None and entries[fact.axis][0] == "size":
+        _, source, axis = entries[fact.axis]
+        source_fact = ctx.fact(source)
+        if (isinstance(source_fact, ValueFact) and source_fact.tracked and source_fact.simple
+                and source_fact.axis == axis and source_fact.size == fact.size):
+            ctx.unify(ctx.units(source), units)  # NOTE [Shape tuples]: the size read follows the view
     return mapped
 
 
@@ -191,10 +310,16 @@ def _view_backward(ctx):
     if fact is None or not fact.tracked:
         opaque_backward(ctx)
         return
-    entries, _, _ = _shape_arguments(ctx.node)
-    if any(axis < len(entries) and not isinstance(entries[axis], int) for axis in fact.axes):
+    entries = _view_entries(ctx.node)
+    if entries is None or any(not (entries[axis][0] == "literal" or _coupled_size(ctx, entries[axis], axis))
+                              for axis in fact.axes):
         ctx.require_all(ctx.node, "a size computed at run time shapes it")  # keep it unchanged
         return
+    for axis in fact.axes:
+        owner = entries[axis][2][0] if entries[axis][0] == "literal" else None
+        if owner is not None and owner is not ctx.node and len(owner.users) > 1:
+            ctx.require_all(ctx.node, "its size tuple is shared with other readers")
+            return
     if not fact.simple:
         present = ctx.present()
         ctx.require(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
@@ -220,21 +345,27 @@ def _view_plan(ctx):
     kept = ctx.kept()
     if fact is None or not fact.tracked or len(kept) == fact.size:
         return
-    entries, position, packed = _shape_arguments(ctx.node)
+    entries = _view_entries(ctx.node)
     sizes = new_radix(kept, fact.radix) if not fact.simple else (int(len(kept)),)
-    changed = False
+    edits = {}  # owner node -> {(position, index): new size}
     for axis, size in zip(fact.axes, sizes):
-        if axis < len(entries) and entries[axis] != -1:
-            entries[axis] = int(size)
-            changed = True
-    if not changed:
-        return
-    args = list(ctx.node.args)
-    if packed:
-        args[position] = type(ctx.node.args[position])(entries) if isinstance(ctx.node.args[position], tuple) else entries
-    else:
-        args[position:] = entries
-    ctx.patch(tuple(args))
+        if entries[axis][0] == "literal" and entries[axis][1] != -1:
+            owner, position, index = entries[axis][2]
+            edits.setdefault(owner, {})[(position, index)] = int(size)
+    for owner, changes in edits.items():
+        args = list(owner.args)
+        for (position, index), size in changes.items():
+            if owner is ctx.node and position[1] == "unpacked":
+                args[position[0] + index] = size
+                continue
+            slot = position[0] if owner is ctx.node else position
+            items = list(args[slot])
+            items[index] = size
+            args[slot] = type(args[slot])(items)
+        if owner is ctx.node:
+            ctx.patch(tuple(args))
+        else:
+            ctx.patch_node(owner, tuple(args), dict(owner.kwargs))
 
 
 rule("view/reshape", functions=(torch.reshape,), methods=("view", "reshape"),
@@ -330,9 +461,15 @@ def _size_backward(ctx):
         return
     hits, whole = _tracked_reads(ctx)
     sliced = [user for user, axis in _reads(ctx) if axis == "slice"]
-    if whole or any(not _only_scales(hit) for hit in hits if not _is_slice(hit)) or any(
+    source, shape = node.args[0], ctx.shape(node.args[0])
+    if whole or any(not (_only_scales(hit) or _feeds_coupled_views(ctx, hit, source, _read_axis(ctx, hit, shape)))
+                    for hit in hits if not _is_slice(hit)) or any(
             _slice_reads_tracked(ctx, user) for user in sliced):
         ctx.require_all(node.args[0], "its size is read to shape other tensors")
+
+
+def _read_axis(ctx, hit, shape) -> int:
+    return (ctx.arg(1, "dim") if hit is ctx.node else hit.args[1]) % len(shape)
 
 
 def _is_slice(node) -> bool:
@@ -361,6 +498,8 @@ def _size_plan(ctx):
         if _is_slice(hit):
             continue
         axis = (ctx.arg(1, "dim") if hit is node else hit.args[1]) % len(shape)
+        if not _only_scales(hit):
+            continue  # it shapes coupled views: its run-time value is the new size (NOTE [Shape tuples])
         ctx.patch_node(hit, (shape[axis],), {}, op="call_function", target=original_size)
 
 
