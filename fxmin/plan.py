@@ -73,6 +73,7 @@ class Plan:
     inputs: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)  # node name -> kept indices (None: untracked, all kept)
     axes: dict = field(default_factory=dict)  # node name -> tracked axis
+    notes: dict = field(default_factory=dict)  # what one rule's plan hands to a later one
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -128,6 +129,13 @@ class PlanContext(Context):
         self._plan.modules[self.node.target] = ModuleEdit(
             self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
         )
+
+    def note(self, key, value) -> None:
+        """Hand ``value`` to a later node's plan (e.g. a constant for a BatchNorm to absorb)."""
+        self._plan.notes[key] = value
+
+    def noted(self, key, default=None):
+        return self._plan.notes.get(key, default)
 
     def patch_node(self, node, args: tuple, kwargs: dict, *, op: str | None = None, target=None) -> None:
         """Like :meth:`patch`, for another node this rule owns the meaning of (a size read's user)."""

@@ -210,11 +210,11 @@ def planted_resnet50():
     shift_bn(model, "layer1.0.bn1", 1, -1.0)
     want.out("layer1.0.conv1").out("layer1.0.bn1").into("layer1.0.conv2")
     # Constant channel 1.5 after the 3x3 (zero row, BN -> 1.5, ReLU keeps it) read by the 1x1
-    # conv3 (no padding): it folds into conv3's bias. conv3 has bias=False, so fxmin creates a
-    # 128-entry bias (SUBOPTIMAL: folding into bn3's running_mean would create nothing; reported).
+    # conv3 (no padding): it folds through conv3 (bias=False) into bn3's running mean, so no
+    # parameter is created (NOTE [BatchNorm absorbs] in fxmin/rules/linear.py).
     masks["layer3.2.conv2.weight"][3] = False
     shift_bn(model, "layer3.2.bn2", 3, 1.5)
-    want.out("layer3.2.conv2").out("layer3.2.bn2").into("layer3.2.conv3").create(128)
+    want.out("layer3.2.conv2").out("layer3.2.bn2").into("layer3.2.conv3")
     # Dead unit by its outgoing column in the last stage.
     masks["layer4.1.conv3.weight"][:, 5] = False
     want.out("layer4.1.conv2").out("layer4.1.bn2").into("layer4.1.conv3")
@@ -288,13 +288,13 @@ def planted_mobilenet_v2():
     want.out(f"{block}.conv.0.0").out(f"{block}.conv.0.1").out(f"{block}.conv.1.0").out(f"{block}.conv.1.1")
     want.into(f"{block}.conv.2")
     # Constant hidden channel 7 of features.5: zero depthwise filter, BN maps 0 to 1, ReLU6 keeps
-    # 1; the 1x1 projection folds it into a bias it has to create (24 entries; SUBOPTIMAL, the
-    # projection BN could absorb it). The expansion row is then unread and goes too.
+    # 1; the bias-less 1x1 projection folds it into its BatchNorm's running mean (NOTE [BatchNorm
+    # absorbs]): nothing is created. The expansion row is then unread and goes too.
     block = "features.5"
     masks[f"{block}.conv.1.0.weight"][7] = False
     shift_bn(model, f"{block}.conv.1.1", 7, 1.0)
     want.out(f"{block}.conv.0.0").out(f"{block}.conv.0.1").out(f"{block}.conv.1.0").out(f"{block}.conv.1.1")
-    want.into(f"{block}.conv.2").create(24)
+    want.into(f"{block}.conv.2")
     return model, masks, images(), want
 
 

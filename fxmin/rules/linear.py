@@ -227,6 +227,13 @@ def _plan_module(ctx) -> None:
     module = ctx.module
     weight, bias = ctx.param("weight"), ctx.param("bias")
     new_weight, new_bias, folded_from, cols, rows, groups = _new_weights(ctx, view, weight, bias)
+    absorber = _batch_norm_absorber(ctx) if bias is None and new_bias is not None else None
+    if absorber is not None:
+        # NOTE [BatchNorm absorbs]: a bias-less layer read only by an eval BatchNorm: the folded
+        # constant shifts the BN's running mean instead of creating a bias (exact in eval; in
+        # train mode the batch mean absorbs it anyway).
+        ctx.note(("running_mean shift", absorber), new_bias)
+        new_bias = None
     if new_weight.shape == weight.shape and (new_bias is None) == (bias is None) and (
         bias is None or torch.equal(new_bias, bias)
     ):
@@ -242,6 +249,20 @@ def _plan_module(ctx) -> None:
     if bias is not None or new_bias is not None:
         params["bias"] = (tuple(bias.shape) if bias is not None else (0,), folded_from, (rows,))
     ctx.replace_module(replacement, params)
+
+
+def _batch_norm_absorber(ctx):
+    """The BatchNorm (target) that alone reads this layer's output and can absorb a constant."""
+    users = list(ctx.node.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (ctx.node,):
+        return None
+    module = ctx.root.get_submodule(users[0].target)
+    if not isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return None
+    if not module.track_running_stats or module.running_mean is None or type(ctx.module) is nn.Linear and module.num_features != ctx.module.out_features:
+        return None
+    calls = sum(1 for n in ctx.node.graph.nodes if n.op == "call_module" and n.target == users[0].target)
+    return users[0].target if calls == 1 else None
 
 
 def _forward_module(ctx):

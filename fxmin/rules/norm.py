@@ -46,7 +46,8 @@ def _batch_norm_backward(ctx):
 def _batch_norm_plan(ctx):
     kept = ctx.kept()
     module = ctx.module
-    if kept is None or len(kept) == module.num_features:
+    shift = ctx.noted(("running_mean shift", ctx.node.target))  # NOTE [BatchNorm absorbs]
+    if kept is None or (len(kept) == module.num_features and shift is None):
         return
     replacement = copy.deepcopy(module).to(torch.float64)
     index = torch.from_numpy(kept)
@@ -56,6 +57,8 @@ def _batch_norm_plan(ctx):
         if tensor is None:
             continue
         new = ctx.param(name)[index].clone()
+        if name == "running_mean" and shift is not None:
+            new = new - shift
         if isinstance(tensor, nn.Parameter):
             setattr(replacement, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
         else:
