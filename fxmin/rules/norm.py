@@ -41,6 +41,13 @@ def _batch_norm_forward(ctx):
 def _batch_norm_backward(ctx):
     if not ctx.fact(ctx.node).tracked:
         opaque_backward(ctx)
+        return
+    present = ctx.present()
+    if present.size and not present.any():
+        # torch has no zero-feature BatchNorm (NOTE [No empty convs] in linear.py): keep channel 0
+        first = np.zeros(present.size, bool)
+        first[0] = True
+        ctx.require(ctx.node, first, "torch BatchNorm cannot have zero features: channel 0 stays")
 
 
 def _batch_norm_plan(ctx):
