@@ -103,13 +103,54 @@ DESCRIPTIONS = {
         "Reshapes that keep the channel axis whole, merge it into one axis, or split it into uniform blocks or "
         "heads.",
         "Follows the channels; literal sizes at the channel axis are patched.",
-        "Every channel for other reshapes, and when the size at the channel axis is computed at run time.",
+        "Every channel for other reshapes, and when the size at the channel axis is computed at run time, "
+        "unless it is read from a tensor whose channels couple with the view's (`x.view(-1, x.size(-1))`, "
+        "HF's `x.size()[:-1] + (4, 16)`: literals inside the `operator.add` tuple are patched).",
     ),
     "size": (
         "A size of a tracked axis that only scales tensors (`q.size(-1) ** -0.5`) is replaced by its original "
         "value, which is what the reference uses.",
         "—",
-        "A size that shapes tensors (a `view` argument) pins its axis: every channel kept.",
+        "A size that shapes tensors (a `view` argument) pins its axis: every channel kept, unless it only shapes "
+        "views whose channels it couples with (its run-time value is then the new size).",
+    ),
+    "dtype info": ("Always: `torch.finfo`/`torch.iinfo` compute no channel.", "—", "—"),
+    "comparison": (
+        "Comparisons (`<`, `>`, `torch.lt`...) compute no followed channel.",
+        "—",
+        "On tensors the result is opaque: every input channel kept.",
+    ),
+    "in-place fill": (
+        "`masked_fill_`/`fill_`/`zero_` on a tensor that carries no channel (HF's causal mask); refused when it "
+        "overwrites a tracked tensor that is read later.",
+        "—",
+        "Every channel around it.",
+    ),
+    "cast": (
+        "`x.to(dtype)`/`x.type(dtype)` with the dtype read at run time (`y.dtype`) to a floating dtype: up to "
+        "rounding; with literal arguments, as a pointwise op.",
+        "Nothing itself.",
+        "Any other operand (a tensor in `type_as`, a cast to an integer dtype read at run time).",
+    ),
+    "addmm (Conv1D)": (
+        "`torch.addmm(b, x, W)` with `W` (in, out) and `b` model constants read only here (HF's inlined "
+        "`Conv1D`): exact as `nn.Linear` with weight `W.T`.",
+        "As Linear: rows (columns of `W`) of removed outputs, inputs with their constants folded into `b`.",
+        "Every channel when `W`/`b` are computed or shared, or with `beta`/`alpha`.",
+    ),
+    "Conv1D": (
+        "HF `Conv1D` kept as a leaf module (registered when transformers is imported before fxmin): as "
+        "`nn.Linear` with weight `W.T`.",
+        "As Linear.",
+        "As Linear.",
+    ),
+    "multihead_attention": (
+        "`nn.MultiheadAttention` analysed as the attention it computes (NOTE [MultiheadAttention]), replaced "
+        "by `SlicedMultiheadAttention` (projections + SDPA, original scale) when channels go.",
+        "Dead heads, value dims, `const(0)` q/k dims, input channels (constants folded into the projections), "
+        "output channels.",
+        "The whole module when its attention weights are read, with `add_bias_kv`, `add_zero_attn`, "
+        "`kdim`/`vdim` or 3-D per-head masks.",
     ),
     "getattr": (
         "`.shape`, `.dtype`, `.device`, `.ndim`... read no channel.",

@@ -126,6 +126,11 @@ class Context:
         """
         return self._engine.adopt(node, axis)
 
+    def watch(self, units) -> None:
+        """Process this node again whenever one of ``units`` becomes present: for a rule whose
+        output is a tuple of fresh pieces (their units belong to the ``getitem`` nodes)."""
+        self._engine.watched[self.node] = np.asarray(units, np.int64)
+
     # -- backward ------------------------------------------------------------
     def present(self, node=None) -> np.ndarray:
         """Which channels of ``node`` (default: this node) are present; all True if untracked."""
@@ -199,6 +204,7 @@ class Engine:
         self.present_units = np.zeros(0, bool)
         self._queue: list = []
         self._attr_units: dict = {}
+        self.watched: dict = {}  # node -> units it reads the presence of (Context.watch)
         self._current = None
         self.reasons: list = []
         self._queued: set = set()
@@ -349,14 +355,16 @@ class Engine:
                     self._push(user)
 
     def _build_owner_index(self) -> None:
-        nodes = list(self.units)
+        watched = {node: self.table.find(units) for node, units in self.watched.items()}
+        nodes = list(self.units) + list(watched)
         if not nodes:
             self._owner_units = np.zeros(0, np.int64)
             self._owner_nodes = np.zeros(0, np.int64)
             self._owner_list = []
             return
-        sizes = [len(self.units[n]) for n in nodes]
-        all_units = np.concatenate([self.units[n] for n in nodes])
+        owned = [self.units[n] for n in self.units] + list(watched.values())
+        sizes = [len(units) for units in owned]
+        all_units = np.concatenate(owned)
         all_nodes = np.repeat(np.arange(len(nodes)), sizes)
         pairs = np.unique(np.stack([all_units, all_nodes]), axis=1)
         self._owner_units, self._owner_nodes = pairs[0], pairs[1]

@@ -13,7 +13,7 @@ from .masks import masked_reference
 from .plan import Plan, make_plan
 from .report import Report, build_report
 from .rewrite import rewrite
-from .trace import infer_example_inputs, propagate_shapes, trace
+from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
 from .verify import verify as verify_equivalence
 
 
@@ -39,6 +39,8 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     graph_module.eval()
     if example_inputs is None:
         example_inputs = infer_example_inputs(graph_module)
+    elif isinstance(example_inputs, Mapping):
+        example_inputs = arrange_inputs(graph_module, example_inputs)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)

@@ -171,3 +171,28 @@ def infer_example_inputs(gm: torch.fx.GraphModule) -> tuple:
         f"example_inputs are required: fxmin cannot infer the input shape ({what}; only a first "
         "nn.Linear reveals it). Pass example_inputs=(torch.randn(1, 3, 224, 224),) with the shapes your model takes."
     )
+
+
+def arrange_inputs(gm: torch.fx.GraphModule, inputs) -> tuple:
+    """Keyword example inputs (``{"input_ids": ids, "attention_mask": mask}``) in the order of the
+    graph's placeholders; inputs not given fall back to the placeholder's default.
+
+    >>> gm = trace(torch.nn.Linear(4, 2))
+    >>> [tuple(x.shape) for x in arrange_inputs(gm, {"input": torch.randn(3, 4)})]
+    [(3, 4)]
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.target for n in placeholders]
+    unknown = [name for name in inputs if name not in names]
+    if unknown:
+        raise InputError(f"example input(s) {unknown} name no input of the model; its inputs are {names}.")
+    arranged = []
+    for node in placeholders:
+        if node.target in inputs:
+            arranged.append(inputs[node.target])
+        elif node.args:
+            arranged.append(node.args[0])
+        else:
+            raise InputError(f"example input '{node.target}' is missing; the model's inputs are {names}.")
+    return tuple(arranged)
+

@@ -227,7 +227,8 @@ def _sdpa_inputs(ctx):
     if fq.radix != fk.radix or fq.radix[0] != fv.radix[0]:
         return None
     mask = ctx.arg(3, "attn_mask")
-    if isinstance(mask, torch.fx.Node) and not _broadcast_only(ctx, fq.with_axes((rank - 3, rank - 1)), mask, rank):
+    # the mask is (..., heads, queries, keys): only its heads axis meets the channels
+    if isinstance(mask, torch.fx.Node) and not _broadcast_only(ctx, ValueFact.varying(rank - 3, fq.radix[0]), mask, rank):
         return None
     return q, k, v, fq, fk, fv
 

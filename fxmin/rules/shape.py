@@ -220,8 +220,8 @@ def _tuple_entries(node):
 def _view_entries(node):
     """One entry per output axis of a view/reshape (NOTE [Shape tuples]), or None."""
     entries, position, packed = _shape_arguments(node)
-    if packed and len(entries) == 1 and isinstance(entries[0], torch.fx.Node) and node.meta.get("type") is not None:
-        found = _tuple_entries(entries[0])
+    if len(entries) == 1 and isinstance(entries[0], torch.fx.Node) and entries[0].meta.get("type") is not int:
+        found = _tuple_entries(entries[0])  # view(shape) with the shape computed in the graph
     elif packed:
         found = _literal_entries(entries, node, (position, "packed"))
     else:
@@ -429,6 +429,8 @@ def _only_scales(value_node) -> bool:
             key = user.target
             if user.op == "call_function" and key in _SCALAR_ARITHMETIC and not is_tensor:
                 pending.append(user)
+            elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
+                pending.append(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
             elif is_tensor and user.op in ("call_function", "call_method") and key in _BINARY:
                 continue
             else:
