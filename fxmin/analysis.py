@@ -13,6 +13,7 @@ The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits.
 from __future__ import annotations
 
 import heapq
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,9 +277,35 @@ class Engine:
             self.facts[node] = ValueFact.untracked() if shape is not None else None
             return
         # NOTE [Input axis]: axis 1 is the channel axis of (N, C, ...) inputs and the
-        # feature axis of (N, F) inputs. A reader that reads another axis requires
-        # all of axis 1, which is exact; it only forgoes dropping unused inputs.
-        self._set(node, ValueFact.varying(1, shape[1]), self.table.fresh(shape[1]))
+        # feature axis of (N, F) inputs; (N, T, D) inputs read by a Linear or a LayerNorm are
+        # tracked on their last axis. A reader that reads another axis requires all of the
+        # tracked one, which is exact; it only forgoes dropping unused inputs.
+        axis = len(shape) - 1 if len(shape) > 2 and self._read_last_axis(node) else 1
+        self._set(node, ValueFact.varying(axis, shape[axis]), self.table.fresh(shape[axis]))
+
+    def _read_last_axis(self, node) -> bool:
+        """Whether the first layer reading ``node`` (through elementwise ops) reads its last axis."""
+        pending, seen = list(node.users), set()
+        while pending:
+            user = pending.pop(0)
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module":
+                module = self.root.get_submodule(user.target)
+                if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.MultiheadAttention)):
+                    return True
+                if isinstance(module, (torch.nn.Dropout, torch.nn.Identity)):
+                    pending.extend(user.users)
+                    continue
+                return False
+            if user.op == "call_function" and user.target in (torch.nn.functional.linear, torch.nn.functional.layer_norm):
+                return True
+            if user.op in ("call_function", "call_method") and user.target in (operator.add, operator.mul, torch.add, "add", "contiguous"):
+                pending.extend(user.users)
+                continue
+            return False
+        return False
 
     def adopt(self, node, axis: int) -> ValueFact | None:
         if not isinstance(node, torch.fx.Node):

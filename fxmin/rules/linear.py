@@ -104,8 +104,8 @@ def _output(ctx, view: DenseView):
     shape = ctx.shape()
     axis = view.channel_axis % len(shape)
     out_channels = view.nonzero.shape[0]
-    if fact is None:
-        reads_varying = np.ones(out_channels, bool)
+    if fact is None:  # the input is tracked on another axis (or not at all): every column varies
+        reads_varying = view.nonzero.any(axis=1)
         const_value = np.zeros(view.nonzero.shape[1])
     else:
         inexact = fact.const & (fact.value != 0) if view.padded else np.zeros(fact.size, bool)

@@ -200,8 +200,8 @@ def _norm_plan(ctx):
     else:
         kept, constants = current_kept, {}
     outputs = [current_outputs[i] for i in ctx.kept()]
-    if kept == current_kept and outputs == current_outputs and ctx.module is not None and type(ctx.module) is type(norm):
-        return
+    if kept == current_kept and outputs == current_outputs:
+        return  # nothing leaves: the norm stays as it is
     shrunk = norm.shrink(kept, constants, outputs).to(torch.float64)
     params = {name: (tuple(getattr(norm, name).shape), ()) for name in ("weight", "bias") if getattr(norm, name) is not None}
     if ctx.module is not None:
