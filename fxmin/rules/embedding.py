@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..facts import ValueFact

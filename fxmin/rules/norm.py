@@ -23,7 +23,6 @@ def _batch_norm_forward(ctx):
     x = ctx.arg(0, "input")
     fact = ctx.fact(x)
     if fact is None or not fact.tracked or fact.axis != 1 or fact.size != module.num_features:
-        shape = ctx.shape()
         return ValueFact.untracked(), None
     size = module.num_features
     gamma = ctx.param("weight").numpy() if module.affine else np.ones(size)
@@ -92,7 +91,7 @@ def _norm_view(ctx):
     from ..nn import CompensatedLayerNorm
 
     def compute():
-        node, module = ctx.node, ctx.module
+        module = ctx.module
         x = ctx.arg(0, "input")
         shape = ctx.shape(x)
         if shape is None:

@@ -208,7 +208,7 @@ def _binary_forward(ctx):
     if kind_b == "tracked" and kind_a == "broadcast":
         kind_a, pa = _operand(ctx, a, rank, pb[1])
     if kind_a == "tracked" and kind_b == "tracked":
-        (fa, axis_a), (fb, axis_b) = pa, pb
+        (fa, _), (fb, _) = pa, pb
         if fa.axes != fb.axes or fa.radix != fb.radix or any(shape[a] != r for a, r in zip(fa.axes, fa.radix)):
             return _opaque(ctx)
         ctx.unify(ctx.units(a), ctx.units(b))

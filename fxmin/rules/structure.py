@@ -10,7 +10,6 @@ the call are patched to the kept counts of each piece.
 """
 from __future__ import annotations
 
-import operator
 
 import numpy as np
 import torch

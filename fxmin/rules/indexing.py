@@ -1,0 +1,108 @@
+"""Indexing (pieces of a split, sizes, tensor slices) and reductions over non-channel axes."""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx
+
+from ..facts import TupleFact, ValueFact
+from .pointwise import _opaque
+from .registry import rule
+from .shape import _tracked_backward
+
+
+# -- indexing ---------------------------------------------------------------------------------------------------
+
+def _getitem_forward(ctx):
+    """Exact: picking a piece of a split takes that piece's channels; indexing a size reads no
+    channel; indexing a tensor is followed when the indices before the channel axis are full
+    slices and the channel axis is taken whole or sliced with step 1 (bounds patched)."""
+    source, index = ctx.node.args
+    fact = ctx.fact(source)
+    shape = ctx.shape()
+    if isinstance(fact, TupleFact):
+        if isinstance(index, int) and -len(fact.parts) <= index < len(fact.parts):
+            return fact.parts[index], fact.units[index]
+        return (ValueFact.untracked() if shape is not None else None), None
+    if fact is None or not fact.tracked:
+        return (ValueFact.untracked() if shape is not None else None), None
+    if not fact.simple:
+        return _opaque(ctx)
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(item, torch.fx.Node) or item is Ellipsis or item is None for item in items[: fact.axis + 1]):
+        return _opaque(ctx)
+    if any(isinstance(item, torch.fx.Node) for item in items):
+        return _opaque(ctx)
+    full = slice(None, None, None)
+    if any(item != full for item in items[: fact.axis]):
+        return _opaque(ctx)
+    if len(items) <= fact.axis or items[fact.axis] == full:
+        return fact, ctx.units(source)
+    cut = items[fact.axis]
+    if not isinstance(cut, slice) or cut.step not in (None, 1):
+        return _opaque(ctx)
+    start, stop, _ = cut.indices(fact.size)
+    piece = ValueFact(fact.axis, max(stop - start, 0), fact.const[start:stop], fact.value[start:stop])
+    return piece, ctx.units(source)[start:stop]
+
+
+def _getitem_plan(ctx):
+    source, index = ctx.node.args
+    fact = ctx.fact(source)
+    if not isinstance(fact, ValueFact) or not fact.tracked or not ctx.fact(ctx.node).tracked:
+        return
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) <= fact.axis or not isinstance(items[fact.axis], slice) or items[fact.axis] == slice(None):
+        return
+    present = ctx.present(source)
+    start, stop, _ = items[fact.axis].indices(fact.size)
+    if present.all():
+        return
+    cut = slice(int(present[:start].sum()), int(present[:stop].sum()))
+    items = list(items)
+    items[fact.axis] = cut
+    ctx.patch((source, tuple(items) if isinstance(index, tuple) else cut), {})
+
+
+def _getitem_backward(ctx):
+    source = ctx.node.args[0]
+    fact_in = ctx.fact(source)
+    fact = ctx.fact(ctx.node)
+    if isinstance(fact_in, ValueFact) and fact_in.tracked and (fact is None or not fact.tracked):
+        ctx.require_all(source)
+
+
+rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
+     heads_aware=True)(_getitem_forward)
+
+
+# -- reductions over other axes --------------------------------------------------------------------------------
+
+def _reduce_forward(ctx):
+    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
+    multiplies it by the number of reduced elements."""
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    dims = ctx.arg(1, "dim")
+    keepdim = ctx.arg(2, "keepdim", False)
+    if fact is None or not fact.tracked or shape is None or dims is None or ctx.node.kwargs.get("dtype") is not None:
+        return _opaque(ctx)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return _opaque(ctx)
+    rank = len(shape)
+    dims = {d % rank for d in dims}
+    if fact.axis in dims:
+        return _opaque(ctx)
+    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    value = fact.value
+    if name == "sum":
+        value = value * math.prod(shape[d] for d in dims)
+    return ValueFact.constants(axis, fact.const, value), ctx.units(x)
+
+
+rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
+     backward=_tracked_backward)(_reduce_forward)

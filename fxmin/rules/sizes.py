@@ -1,0 +1,183 @@
+"""Reading sizes: ``x.size(d)``, ``x.shape``, ``x.dim()``, and guards FX leaves behind.
+
+NOTE [Size reads]
+A size of a tracked axis that only scales tensors (``q.size(-1) ** -0.5``) is replaced by its
+original value, which is what the reference computes with; one that shapes views of the same
+channels follows them; any other use pins the axis (every channel kept), so it never changes.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+
+import torch
+import torch.fx
+
+from ..errors import MissingRuleError, describe_node
+from .pointwise import _opaque, opaque_backward
+from .registry import rule
+from .shape import _feeds_coupled_views
+
+
+# -- reading sizes --------------------------------------------------------------------------------------------
+
+def _size_forward(ctx):
+    """Exact: a size of a tracked axis that only scales tensors (``q.size(-1) ** -0.5``) is
+    replaced by its original value, which is what the reference computes with; one that shapes
+    tensors (view arguments, ...) pins the axis: every channel is kept, so it never changes."""
+    return None, None
+
+
+def original_size(value: int) -> int:
+    """Stands in for a size read whose original value the minimized graph must keep using."""
+    return value
+
+
+_SCALAR_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+                      operator.neg, math.sqrt, math.pow}
+
+
+def _reads(ctx):
+    """[(node that yields the size, axis read)] for this size/shape node; axis None = whole shape."""
+    node = ctx.node
+    source = node.args[0]
+    shape = ctx.shape(source)
+    if shape is None:
+        return []
+    rank = len(shape)
+    if node.op == "call_method" and node.target == "size" and ctx.arg(1, "dim") is not None:
+        dim = ctx.arg(1, "dim")
+        return [(node, dim % rank if isinstance(dim, int) else None)]
+    reads = []
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+            reads.append((user, user.args[1] % rank))
+        elif user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], slice):
+            for axis in range(rank)[user.args[1]]:
+                reads.append((user, axis))  # a slice of the shape feeds its users as a tuple
+            reads.append((user, "slice"))
+        else:
+            reads.append((user, None))
+    return reads
+
+
+def _only_scales(value_node) -> bool:
+    """True when a size flows only through scalar arithmetic into elementwise tensor arithmetic."""
+    from .pointwise import _BINARY
+
+    pending, seen = [value_node], set()
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            is_tensor = user.meta.get("tensor_meta") is not None
+            key = user.target
+            if user.op == "call_function" and key in _SCALAR_ARITHMETIC and not is_tensor:
+                pending.append(user)
+            elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
+                pending.append(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
+            elif is_tensor and user.op in ("call_function", "call_method") and key in _BINARY:
+                continue
+            else:
+                return False
+    return True
+
+
+def _tracked_reads(ctx):
+    source = ctx.node.args[0]
+    fact = ctx.fact(source)
+    if fact is None or not fact.tracked:
+        return [], False
+    axes = set(fact.axes)
+    hits, whole = [], False
+    for node, axis in _reads(ctx):
+        if axis is None:
+            whole = True
+        elif axis == "slice":
+            continue
+        elif axis in axes:
+            hits.append(node)
+    return hits, whole
+
+
+def _size_backward(ctx):
+    node = ctx.node
+    if node.op == "call_method" and node.target == "dim":
+        return
+    if node.op == "call_function" and node.args[1] != "shape":
+        return
+    hits, whole = _tracked_reads(ctx)
+    sliced = [user for user, axis in _reads(ctx) if axis == "slice"]
+    source, shape = node.args[0], ctx.shape(node.args[0])
+    if whole or any(not (_only_scales(hit) or _feeds_coupled_views(ctx, hit, source, _read_axis(ctx, hit, shape)))
+                    for hit in hits if not _is_slice(hit)) or any(
+            _slice_reads_tracked(ctx, user) for user in sliced):
+        ctx.require_all(node.args[0], "its size is read to shape other tensors")
+
+
+def _read_axis(ctx, hit, shape) -> int:
+    return (ctx.arg(1, "dim") if hit is ctx.node else hit.args[1]) % len(shape)
+
+
+def _is_slice(node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice)
+
+
+def _slice_reads_tracked(ctx, user) -> bool:
+    fact = ctx.fact(ctx.node.args[0])
+    rank = len(ctx.shape(ctx.node.args[0]))
+    return any(axis in fact.axes for axis in range(rank)[user.args[1]]) if fact is not None and fact.tracked else False
+
+
+def _size_plan(ctx):
+    node = ctx.node
+    if node.op == "call_method" and node.target == "dim":
+        return
+    if node.op == "call_function" and node.args[1] != "shape":
+        return
+    source = node.args[0]
+    fact = ctx.fact(source)
+    if fact is None or not fact.tracked or ctx.present(source).all():
+        return
+    hits, _ = _tracked_reads(ctx)
+    shape = ctx.shape(source)
+    for hit in hits:
+        if _is_slice(hit):
+            continue
+        axis = (ctx.arg(1, "dim") if hit is node else hit.args[1]) % len(shape)
+        if not _only_scales(hit):
+            continue  # it shapes coupled views: its run-time value is the new size (NOTE [Shape tuples])
+        ctx.patch_node(hit, (shape[axis],), {}, op="call_function", target=original_size)
+
+
+_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+
+
+def _getattr_forward(ctx):
+    attribute = ctx.node.args[1]
+    source = ctx.node.args[0]
+    if isinstance(source, torch.fx.Node) and source.meta.get("type") in (torch.finfo, torch.iinfo):
+        return None, None  # torch.finfo(dtype).min: a number, no channel
+    if attribute not in _ATTRIBUTES:
+        raise MissingRuleError(
+            f"fxmin has no rule for {describe_node(ctx.node, ctx.root)} (attribute '{attribute}'); "
+            f"known tensor attributes: {sorted(_ATTRIBUTES)}. Pass barriers=['{ctx.node.name}'] to keep "
+            "every channel around it.", node_name=ctx.node.name)
+    return None, None
+
+
+rule("size", methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True)(_size_forward)
+rule("getattr", functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan,
+     heads_aware=True)(_getattr_forward)
+
+
+def _guard_forward(ctx):
+    """Exact: comparisons and asserts (the guards ``concrete_args`` leaves, ``flag_1 == True``)
+    compute no channel; on tensors the result is opaque and every input channel is kept."""
+    return _opaque(ctx)
+
+
+rule("guard", functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
