@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxmin
-from fxmin.facts import ValueFact
 from helpers import check_minimize
 
 
