@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from .analysis import Analysis, Context
+from .analysis import Analysis
+from .context import Context
 
 
 @dataclass(frozen=True)
