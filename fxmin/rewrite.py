@@ -39,6 +39,11 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
         select = plan.inputs.get(node.name)
         if select is not None:
             buffer = f"_fxmin_input_{node.name}"
+            taken = {n.target for n in source.graph.nodes if n.op == "get_attr"} | set(attributes)
+            suffix = 1
+            while buffer in taken or hasattr(source, buffer):
+                suffix += 1
+                buffer = f"_fxmin_input_{node.name}_{suffix}"
             attributes[buffer] = torch.as_tensor(select.index, dtype=torch.long)
             with graph.inserting_after(new):
                 index = graph.get_attr(buffer)
@@ -71,7 +76,8 @@ def _module(plan: Plan, source, target: str, dtype):
 def _attribute(plan: Plan, source, target: str, dtype):
     edit = plan.attrs.get(target)
     if edit is not None:
-        value = edit.value.to(dtype if dtype is not None else edit.dtype)
+        floating = edit.dtype.is_floating_point or edit.dtype.is_complex
+        value = edit.value.to(dtype if dtype is not None and floating else edit.dtype)
         return nn.Parameter(value, requires_grad=edit.requires_grad) if edit.is_parameter else value
     module_path, _, name = target.rpartition(".")
     value = getattr(source.get_submodule(module_path), name)

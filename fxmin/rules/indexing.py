@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -106,3 +107,49 @@ def _reduce_forward(ctx):
 
 rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
      backward=_tracked_backward)(_reduce_forward)
+
+
+# -- index_select with a constant index (what minimize writes at the inputs) -----------------------------------
+
+def _index_select_spec(ctx):
+    x, dim, index = ctx.arg(0, "input"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    value = ctx.attr_value(index)
+    if fact is None or not fact.tracked or not fact.simple or shape is None or value is None or not isinstance(dim, int):
+        return None
+    if dim % len(shape) != fact.axis or len(index.users) > 1:
+        return None
+    return x, fact, value.long().numpy(), index
+
+
+def _index_select_forward(ctx):
+    """Exact: selecting channels with a constant index maps each output channel to its source
+    (a minimized model minimized again); the index is rewritten for the channels that stay."""
+    spec = _index_select_spec(ctx)
+    if spec is None:
+        return _opaque(ctx)
+    x, fact, index, _ = spec
+    picked = ValueFact(fact.axis, len(index), fact.const[index], fact.value[index])
+    return picked, ctx.units(x)[index]
+
+
+def _index_select_backward(ctx):
+    if _index_select_spec(ctx) is None:
+        opaque_backward(ctx)
+
+
+def _index_select_plan(ctx):
+    spec = _index_select_spec(ctx)
+    if spec is None:
+        return
+    x, fact, index, index_node = spec
+    present_in = ctx.present(x)
+    kept_out = ctx.kept()
+    if present_in.all() and len(kept_out) == len(index):
+        return
+    position = np.cumsum(present_in) - 1  # where each kept input channel lands in the smaller input
+    ctx.replace_attr(index_node, torch.as_tensor(position[index[kept_out]], dtype=torch.float64))
+
+
+rule("index_select", functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+     plan=_index_select_plan)(_index_select_forward)
