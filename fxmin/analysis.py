@@ -201,6 +201,15 @@ class Engine:
                 return None
             self._set(node, fact.moved(axis), self.units[source])
             return self.facts[node]
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            # a table sliced along other axes (``self.cos[:T]``): adopt the table, the slice follows
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if all(isinstance(i, slice) for i in index) and (axis >= len(index) or index[axis] == slice(None)):
+                fact = self.adopt(node.args[0], axis)
+                if fact is not None:
+                    self._set(node, fact, self.units[node.args[0]])
+                    return fact
+            return None
         if node.op != "get_attr":
             return None
         fact = self.facts.get(node)

@@ -175,14 +175,14 @@ def _operand(ctx, value, out_rank, partner_axis=None):
     if shape is None:
         # a number computed at run time (``h.size(2) * h.size(3)``): one value for every channel
         return ("symbolic", None) if value.meta.get("type") in (int, float, bool) else ("other", None)
-    if value.op == "get_attr" and not (fact is not None and fact.tracked):
+    if not (fact is not None and fact.tracked):
         constant = ctx.attr_value(value)
         if constant is not None and constant.numel() and bool((constant == constant.flatten()[0]).all()):
             return "scalar", float(constant.flatten()[0])
         if partner_axis is not None:
             own_axis = partner_axis - (out_rank - len(shape))
             if 0 <= own_axis < len(shape) and shape[own_axis] > 1:
-                fact = ctx.adopt(value, own_axis)
+                fact = ctx.adopt(value, own_axis)  # a model constant (or a slice/expand of one)
     if fact is not None and fact.tracked:
         offset = out_rank - len(shape)
         return "tracked", (fact.with_axes([a + offset for a in fact.axes]), fact.axis + offset)
@@ -204,9 +204,11 @@ def _binary_forward(ctx):
         return _opaque(ctx)
     rank = len(shape)
     kind_a, pa = _operand(ctx, a, rank)
-    kind_b, pb = _operand(ctx, b, rank, pa[1] if kind_a == "tracked" else None)
+    kind_b, pb = _operand(ctx, b, rank, _adoption_axis(pa) if kind_a == "tracked" else None)
     if kind_b == "tracked" and kind_a == "broadcast":
-        kind_a, pa = _operand(ctx, a, rank, pb[1])
+        kind_a, pa = _operand(ctx, a, rank, _adoption_axis(pb))
+    if kind_a == "tracked" and kind_b == "tracked" and pa[0].simple != pb[0].simple:
+        return _head_dim_table(ctx, op, a, b, pa[0], pb[0])
     if kind_a == "tracked" and kind_b == "tracked":
         (fa, _), (fb, _) = pa, pb
         if fa.axes != fb.axes or fa.radix != fb.radix or any(shape[a] != r for a, r in zip(fa.axes, fa.radix)):
@@ -246,6 +248,36 @@ def _binary_forward(ctx):
             value = (op(values, scalar) if first else op(scalar, values)).numpy()
         return fact.replaced(fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
     return _opaque(ctx)
+
+
+def _adoption_axis(payload):
+    """Where a model constant meets the partner's channels: its channel axis, or for channels
+    split into heads the head_dim axis (rotary cos/sin tables vary along head_dim only)."""
+    fact = payload[0]
+    return fact.axes[-1] if not fact.simple else payload[1]
+
+
+def _head_dim_table(ctx, op, a, b, fa, fb):
+    """NOTE [Rotary pairs]: a per-head-dim table (cos/sin of rotary embeddings, shape (T, hd))
+    times channels split into (heads, head_dim): dim ``e`` of every head couples with entry ``e``
+    of the table, so the table is sliced like the dims and every head keeps the same dims."""
+    split, table = (fa, fb) if not fa.simple else (fb, fa)
+    split_node, table_node = (a, b) if not fa.simple else (b, a)
+    if table.axis != split.axes[-1] or table.size != split.radix[-1]:
+        return _opaque(ctx)
+    grid = ctx.units(split_node).reshape(-1, table.size)
+    for row in grid:
+        ctx.unify(row, ctx.units(table_node))
+    table_const = np.tile(table.const, split.size // table.size)
+    table_value = np.tile(table.value, split.size // table.size)
+    const = split.const & table_const
+    with torch.no_grad():
+        first, second = (split.value, table_value) if split is fa else (table_value, split.value)
+        value = op(torch.tensor(first), torch.tensor(second)).numpy()
+    if op is torch.mul:
+        zero = (split.const & (split.value == 0)) | (table_const & (table_value == 0))
+        const, value = const | zero, np.where(zero, 0.0, value)
+    return split.replaced(const, np.where(const, value, 0.0)), ctx.units(split_node)
 
 
 def _binary_backward(ctx):

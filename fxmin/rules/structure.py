@@ -51,6 +51,8 @@ def _cat_forward(ctx):
     rank = len(shape)
     dim = dim % rank
     facts = [_tracked(ctx, t) for t in tensors]
+    if any(f is not None and not f.simple for f in facts):
+        return _cat_heads(ctx, tensors, facts, dim)
     axes = {f.axis for f in facts if f is not None}
     if len(axes) != 1:
         axis = dim if not axes else None
@@ -76,7 +78,32 @@ def _cat_forward(ctx):
     return ValueFact.constants(axis, const, np.where(const, facts[0].value, 0.0)), units[0]
 
 
-rule("cat", functions=(torch.cat, torch.concat, torch.concatenate), backward=_tracked_backward)(_cat_forward)
+def _cat_heads(ctx, tensors, facts, dim):
+    """Tensors whose channels sit on (heads, head_dim): joined along head_dim (rotate_half's
+    ``cat((-x2, x1), -1)``) the dims line up head by head; joined elsewhere they couple."""
+    if any(f is None or f.simple or f.axes != facts[0].axes or f.radix[:-1] != facts[0].radix[:-1] for f in facts):
+        return _opaque(ctx)
+    units = [ctx.units(t) for t in tensors]
+    first = facts[0]
+    if dim == first.axes[-1]:
+        prefix = first.radix[:-1]
+        def joined(arrays, sizes):
+            return np.concatenate([a.reshape(prefix + (n,)) for a, n in zip(arrays, sizes)], axis=-1).reshape(-1)
+        sizes = [f.radix[-1] for f in facts]
+        inner = first.inner[:-1] + ((first.axes[-1], sum(sizes)),)
+        fact = ValueFact(first.axis, sum(f.size for f in facts), joined([f.const for f in facts], sizes),
+                         joined([f.value for f in facts], sizes), inner)
+        return fact, joined(units, sizes)
+    if dim in first.axes or any(f.radix != first.radix for f in facts):
+        return _opaque(ctx)
+    for other in units[1:]:
+        ctx.unify(units[0], other)
+    const = np.logical_and.reduce([f.const for f in facts]) & np.logical_and.reduce([f.value == first.value for f in facts])
+    return first.replaced(const, np.where(const, first.value, 0.0)), units[0]
+
+
+rule("cat", functions=(torch.cat, torch.concat, torch.concatenate), backward=_tracked_backward,
+     heads_aware=True)(_cat_forward)
 
 
 # -- split / chunk --------------------------------------------------------------------------------------------
@@ -120,7 +147,12 @@ def _split_forward(ctx):
     sizes, dim, name = spec
     units = ctx.units(x)
     if not fact.simple:
-        return _split_heads(fact, units, sizes, dim, name, x)
+        result, extra = _split_heads(fact, units, sizes, dim, name, x)
+        if isinstance(extra, tuple) and extra and extra[0] == "unify":
+            for other in extra[1][1:]:
+                ctx.unify(extra[1][0], other)
+            extra = None
+        return result, extra
     if dim != fact.axis:
         axis = fact.axis - (1 if name == "unbind" and dim < fact.axis else 0)
         moved = fact.moved(axis)
@@ -139,6 +171,8 @@ def _split_heads(fact, units, sizes, dim, name, x):
     if dim not in fact.axes:
         moved = fact.with_axes([shift(a) for a in fact.axes])
         return TupleFact(tuple(moved for _ in sizes), tuple(units for _ in sizes), x), None
+    if dim == fact.axes[-1] and len(set(sizes)) == 1 and fact.radix[-1] % len(sizes) == 0 and name == "chunk":
+        return _split_innermost(fact, units, len(sizes), x)
     if dim != fact.axis or name != "unbind" or len(fact.inner) < 2:
         return None, None
     per = fact.size // fact.radix[0]
@@ -150,6 +184,24 @@ def _split_heads(fact, units, sizes, dim, name, x):
                                tuple((a, size) for a, (_, size) in zip(inner_axes[1:], fact.inner[1:]))))
         pieces.append(units[cut])
     return TupleFact(tuple(parts), tuple(pieces), x), None
+
+
+def _split_innermost(fact, units, pieces, x):
+    """NOTE [Rotary pairs]: equal pieces of the head dim (``x.chunk(2, -1)`` in rotate_half) keep
+    the same dims: dim ``e`` of each piece couples with dim ``e`` of the others, so the pieces stay
+    equal and rotary pairs ``(e, e + hd/2)`` stay or go together."""
+    radix = fact.radix
+    grid = units.reshape(radix[:-1] + (pieces, radix[-1] // pieces))
+    const = fact.const.reshape(grid.shape)
+    value = fact.value.reshape(grid.shape)
+    parts, piece_units = [], []
+    inner = tuple((a, size) for a, size in fact.inner[:-1]) + ((fact.axes[-1], radix[-1] // pieces),)
+    for index in range(pieces):
+        piece = grid[..., index, :].reshape(-1)
+        piece_units.append(piece)
+        parts.append(ValueFact(fact.axis, piece.size, const[..., index, :].reshape(-1),
+                               value[..., index, :].reshape(-1), inner))
+    return TupleFact(tuple(parts), tuple(piece_units), x), ("unify", piece_units)
 
 
 def _split_backward(ctx):
