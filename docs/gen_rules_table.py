@@ -212,6 +212,12 @@ DESCRIPTIONS = {
         "Query/key dims that are `const(0)` in q or k; value dims.",
         "Every channel for other matrix products.",
     ),
+    "index_select": (
+        "With a constant index along the channel axis (what minimize writes at the inputs): each output "
+        "channel maps to its source.",
+        "Channels nobody reads; the index is rewritten, so a minimized module minimizes again.",
+        "A computed index, or one along another axis: every channel of the input.",
+    ),
     "scaled_dot_product_attention": (
         "See `transformers.md` and NOTE [Attention]: q/k dims couple; a constant value channel gives a constant "
         "output when no dropout is applied.",
