@@ -1,0 +1,266 @@
+"""``flops``: multiply-accumulates per node of an FX graph, for "ideal speed-up = MACs before / after".
+
+NOTE [What is counted]
+``macs`` counts the multiply-accumulates of the dense products, the work that shrinks with the
+channels fxmin removes: Linear and ``F.linear`` (``out.numel() * in_features``), ConvNd and
+``F.convNd`` including groups (``out.numel() * in_channels / groups * prod(kernel)``),
+ConvTransposeNd, ``matmul`` / ``@`` / ``bmm`` / ``mm`` / ``addmm`` / ``baddbmm`` (``out.numel() * K``)
+and ``F.scaled_dot_product_attention`` (``B * L * S * (E + Ev)``, counted dense even when causal:
+the ideal ratio compares like with like). ``other`` counts the cheap extras, roughly one operation
+per output element: pointwise arithmetic and activations one, BatchNorm two (scale and shift),
+LayerNorm / GroupNorm / InstanceNorm four (mean, variance, normalize, affine), softmax three,
+pooling one per input element, a bias one per output element. Shape ops, indexing and embedding
+lookups cost nothing. A node no rule here knows (a custom leaf module, ``einsum``) is run under
+``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs / 2 become its MACs, plus one ``other``
+per output element: nothing is silently counted as free.
+
+>>> import torch, fxmin
+>>> net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+>>> fxmin.flops(net, (torch.randn(3, 10),)).macs   # 3*20*10 + 3*5*20
+900
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .nn import CompensatedLayerNorm
+from .trace import trace
+
+#: ``counter(module_or_target, args, kwargs, output) -> (macs, other)``
+Counter = Callable[..., tuple]
+
+_MODULES: dict[type, Counter] = {}
+_FUNCTIONS: dict[object, Counter] = {}  # call_function targets and call_method names
+
+
+def _numel(value) -> int:
+    return sum(leaf.numel() for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor))
+
+
+def _free(*_):
+    return 0, 0
+
+
+def _pointwise(times: int = 1) -> Counter:
+    return lambda _target, _args, _kwargs, out: (0, times * _numel(out))
+
+
+def _on_input(_target, args, _kwargs, _out):
+    return 0, _numel(args[0])
+
+
+def _linear_module(module, args, kwargs, out):
+    return out.numel() * module.in_features, out.numel() if module.bias is not None else 0
+
+
+def _conv_module(module, args, kwargs, out):
+    kernel = math.prod(module.kernel_size)
+    extra = out.numel() if module.bias is not None else 0
+    if module.transposed:  # every input element scatters a (out/groups x kernel) patch
+        return args[0].numel() * (module.out_channels // module.groups) * kernel, extra
+    return out.numel() * (module.in_channels // module.groups) * kernel, extra
+
+
+def _linear_function(_target, args, kwargs, out):
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return out.numel() * weight.shape[-1], out.numel() if bias is not None else 0
+
+
+def _conv_function(_target, args, kwargs, out):
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return out.numel() * math.prod(weight.shape[1:]), out.numel() if bias is not None else 0
+
+
+def _matmul(_target, args, _kwargs, out):
+    """Each output element is a dot product of length K (the first operand's last axis)."""
+    return out.numel() * args[0].shape[-1], 0
+
+
+def _add_matmul(_target, args, _kwargs, out):
+    """``addmm(input, a, b)`` / ``baddbmm``: the product plus the add."""
+    return out.numel() * args[1].shape[-1], out.numel()
+
+
+def _attention(_target, args, kwargs, out):
+    query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
+    value = args[2] if len(args) > 2 else kwargs["value"]
+    queries, keys = query.shape[-2], key.shape[-2]
+    batch = out.numel() // (queries * value.shape[-1])
+    products = batch * queries * keys
+    return products * (query.shape[-1] + value.shape[-1]), 3 * products
+
+
+def _register(table: dict, keys, counter: Counter) -> None:
+    for key in keys:
+        table[key] = counter
+
+
+_register(_MODULES, [nn.Linear], _linear_module)
+_register(_MODULES, [nn.modules.conv._ConvNd], _conv_module)
+_register(_MODULES, [nn.modules.batchnorm._BatchNorm], _pointwise(2))
+_register(_MODULES, [nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, CompensatedLayerNorm],
+          _pointwise(4))
+_register(_MODULES, [nn.Softmax, nn.LogSoftmax], _pointwise(3))
+_register(_MODULES, [nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd], _on_input)
+_register(_MODULES, [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                     nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU], _pointwise(1))
+_register(_MODULES, [nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, nn.Embedding], _free)
+
+_register(_FUNCTIONS, [F.linear], _linear_function)
+_register(_FUNCTIONS, [F.conv1d, F.conv2d, F.conv3d], _conv_function)
+_register(_FUNCTIONS, [torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"], _matmul)
+_register(_FUNCTIONS, [torch.addmm, torch.baddbmm, "addmm", "baddbmm"], _add_matmul)
+_register(_FUNCTIONS, [F.scaled_dot_product_attention], _attention)
+_register(_FUNCTIONS, [F.layer_norm, F.group_norm], _pointwise(4))
+_register(_FUNCTIONS, [F.batch_norm], _pointwise(2))
+_register(_FUNCTIONS, [F.softmax, torch.softmax, "softmax", F.log_softmax, "log_softmax"], _pointwise(3))
+_register(_FUNCTIONS, [F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, "mean", torch.mean, "sum", torch.sum],
+          _on_input)
+_register(_FUNCTIONS, [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub, torch.mul,
+    torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, F.relu, F.gelu, F.silu,
+    F.dropout, "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "sqrt", "rsqrt", "pow",
+    operator.pow, torch.pow, torch.where, torch.masked_fill, "masked_fill", "__add__", "__mul__",
+], _pointwise(1))
+_register(_FUNCTIONS, [
+    operator.getitem, getattr, torch.flatten, torch.reshape, torch.cat, torch.stack, torch.transpose,
+    torch.permute, torch.squeeze, torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.arange,
+    torch.zeros, torch.ones, torch.full, torch.tensor, F.embedding, F.pad, torch.narrow, torch.index_select,
+    "size", "dim", "view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as",
+    "split", "chunk", "unbind", "squeeze", "unsqueeze", "repeat", "narrow", "index_select", "to", "type",
+    "float", "double", "half", "type_as", "new_zeros", "new_ones", "clone", "detach", "t",
+], _free)
+
+
+@dataclass(frozen=True)
+class NodeFlops:
+    """One node: its name, what it calls, its multiply-accumulates and its cheap extras."""
+
+    name: str
+    target: str
+    macs: int
+    other: int
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """Per-node counts in graph order. ``macs``: the dense products; ``other``: elementwise extras.
+
+    ``before.speedup(after)`` is the ideal speed-up ``before.macs / after.macs``.
+    """
+
+    nodes: tuple
+
+    def __post_init__(self):
+        if any(n.macs < 0 or n.other < 0 for n in self.nodes):
+            raise ValueError("negative operation count")
+
+    @property
+    def macs(self) -> int:
+        return sum(n.macs for n in self.nodes)
+
+    @property
+    def other(self) -> int:
+        return sum(n.other for n in self.nodes)
+
+    @property
+    def total(self) -> int:
+        return self.macs + self.other
+
+    def speedup(self, after: "FlopReport") -> float:
+        """Ideal speed-up from ``self`` (before) to ``after``: the ratio of multiply-accumulates."""
+        return self.macs / max(after.macs, 1)
+
+    def by_target(self) -> dict:
+        """``{target: macs}`` summed over the nodes that call it."""
+        totals: dict = {}
+        for n in self.nodes:
+            totals[n.target] = totals.get(n.target, 0) + n.macs
+        return totals
+
+    def table(self, tablefmt: str = "simple", top: int | None = None) -> str:
+        rows = sorted(self.nodes, key=lambda n: -n.macs)[:top] if top else self.nodes
+        body = tabulate([(n.name, n.target, f"{n.macs:,}", f"{n.other:,}") for n in rows],
+                        headers=["node", "calls", "MACs", "other ops"], tablefmt=tablefmt, disable_numparse=True)
+        return body + f"\ntotal: {self.macs:,} MACs, {self.other:,} other operations"
+
+    def __str__(self) -> str:
+        return self.table(top=20)
+
+
+def _lookup_module(module: nn.Module):
+    for cls in type(module).__mro__:
+        if cls in _MODULES:
+            return _MODULES[cls]
+    return None
+
+
+def _describe(node: torch.fx.Node, module) -> str:
+    if node.op == "call_module":
+        return type(module).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+class _Counter(torch.fx.Interpreter):
+    def __init__(self, module: torch.fx.GraphModule):
+        super().__init__(module)
+        self.counts: list = []
+
+    def run_node(self, node):
+        if node.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        module = self.fetch_attr(node.target) if node.op == "call_module" else None
+        if node.op == "call_module":
+            counter = _lookup_module(module)
+        else:
+            try:
+                counter = _FUNCTIONS.get(node.target)
+            except TypeError:  # an unhashable target
+                counter = None
+        if counter is not None:
+            out = getattr(self, node.op)(node.target, args, kwargs)
+            macs, other = counter(module if module is not None else node.target, args, kwargs, out)
+        else:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as mode:
+                out = getattr(self, node.op)(node.target, args, kwargs)
+            macs, other = mode.get_total_flops() // 2, _numel(out)
+        self.counts.append(NodeFlops(node.name, _describe(node, module), int(macs), int(other)))
+        return out
+
+
+def flops(module: nn.Module, example_inputs) -> FlopReport:
+    """Count the multiply-accumulates of ``module`` on ``example_inputs``, node by node.
+
+    ``module`` is traced with :func:`fxmin.trace` (a GraphModule, such as ``minimize(...).module``,
+    is used as it is) and run once without gradients. See NOTE [What is counted].
+
+    >>> import torch, fxmin
+    >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+    >>> fxmin.flops(conv, torch.randn(1, 8, 8, 8)).macs   # 512 outputs x (8/4 x 3x3)
+    9216
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    graph_module = trace(module)
+    counter = _Counter(graph_module)
+    with torch.no_grad():
+        counter.run(*example_inputs)
+    return FlopReport(tuple(counter.counts))

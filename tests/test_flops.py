@@ -1,0 +1,76 @@
+"""fxmin.flops: multiply-accumulates counted by hand for a conv net, an MLP and attention blocks."""
+import torch
+from torch import nn
+
+import fxmin
+from fxmin.zoo import Attention, CausalSelfAttention
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = self.depthwise(self.conv2(x) + x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_conv_net_macs_counted_by_hand_including_groups():
+    report = fxmin.flops(ConvNet().eval(), (torch.randn(2, 3, 8, 8),))
+    by_node = {n.name: n.macs for n in report.nodes}
+    assert by_node["conv1"] == 2 * 8 * 8 * 8 * (3 * 9)        # outputs x (in x kernel)
+    assert by_node["conv2"] == 2 * 8 * 8 * 8 * (2 * 9)        # groups=4: 8/4 inputs per output
+    assert by_node["depthwise"] == 2 * 8 * 4 * 4 * (1 * 9)    # stride 2, depthwise
+    assert by_node["fc"] == 2 * 10 * 8
+    assert report.macs == 27648 + 18432 + 2304 + 160
+    assert by_node["bn"] == 0 and report.other > 0            # norms and pointwise: extras only
+
+
+def test_mlp_macs_and_ideal_speedup_after_minimize():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5)).eval()
+    x = torch.randn(3, 10)
+    before = fxmin.flops(net, (x,))
+    assert before.macs == 3 * 20 * 10 + 3 * 5 * 20
+    mask = torch.ones(20, 10, dtype=torch.bool)
+    mask[10:] = False                                        # 10 of the 20 hidden units dead
+    result = fxmin.minimize(net, {"0.weight": mask}, (x,))
+    after = fxmin.flops(result.module, (x,))
+    assert after.macs == 3 * 10 * 10 + 3 * 5 * 10
+    assert before.speedup(after) == 2.0
+
+
+def test_written_out_attention_block():
+    block = Attention(16, heads=2).eval()                     # qkv, q @ k^T, attn @ v, proj
+    report = fxmin.flops(block, (torch.randn(2, 5, 16),))
+    qkv, scores, mix, proj = 2 * 5 * 48 * 16, 2 * 2 * 5 * 5 * 8, 2 * 2 * 5 * 8 * 5, 2 * 5 * 16 * 16
+    assert report.macs == qkv + scores + mix + proj == 11840
+    assert report.by_target()["matmul"] == scores + mix
+
+
+def test_sdpa_attention_block_counts_the_same_products():
+    block = CausalSelfAttention(16, heads=2).eval()           # c_attn, SDPA (causal, counted dense), c_proj
+    report = fxmin.flops(block, (torch.randn(2, 5, 16),))
+    assert report.by_target()["scaled_dot_product_attention"] == 2 * 2 * 5 * 5 * (8 + 8)
+    assert report.macs == 11840
+
+
+def test_unknown_leaf_module_falls_back_to_torch_counter():
+    class Leaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x):
+            return torch.einsum("bi,oi->bo", x, self.weight)
+
+    gm = fxmin.trace(nn.Sequential(Leaf()), leaf_modules=[Leaf])
+    report = fxmin.flops(gm, (torch.randn(3, 6),))
+    assert report.macs == 3 * 4 * 6                          # nothing silently free
