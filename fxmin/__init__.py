@@ -4,10 +4,18 @@
 >>> result = fxmin.minimize(model, masks, example_inputs=(x,))  # doctest: +SKIP
 """
 from .analysis import Analysis, analyze_graph
+from .depgraph import DependencyGraph, analyze
+from .compile import backend, minimize_exported
+from . import prune
+from .cycle import SqueezeReleaseResult, TrainStep, squeeze_release
+from .flops import FlopReport, flops
 from .errors import EquivalenceError, FxminError, InputError, MaskError, MissingRuleError, TraceError
 from .masks import masked_reference, prune_masks
 from .minimize import MinimizeResult, minimize
+from .nn import CompensatedLayerNorm, compensate
 from .plan import Plan, make_plan
+from .prune import (ReleaseResult, global_magnitude, group_lasso, hold_masks, layer_magnitude, magnitude, prunable, release,
+                    unit_scaled_magnitude)
 from .report import Report, count_parameters
 from .rewrite import rewrite
 from .rules import REGISTRY, Rule, register_pointwise, rule
@@ -15,9 +23,16 @@ from .trace import trace
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "Analysis", "EquivalenceError", "FxminError", "InputError", "MaskError", "MinimizeResult", "MissingRuleError",
-    "Plan", "REGISTRY", "Report", "Rule", "TraceError", "VerifyReport", "analyze_graph", "count_parameters",
+    "Analysis", "CompensatedLayerNorm", "EquivalenceError", "FxminError", "InputError", "MaskError", "MinimizeResult", "MissingRuleError",
+    "Plan", "REGISTRY", "Report", "Rule", "TraceError", "VerifyReport", "analyze_graph", "compensate", "count_parameters",
     "make_plan", "masked_reference", "minimize", "prune_masks", "register_pointwise", "rewrite", "rule", "trace",
     "verify",
+    # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py)
+    "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
+    "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",
+    # audit and compiler integration (fxmin/depgraph.py, fxmin/compile.py)
+    "DependencyGraph", "analyze", "backend", "minimize_exported",
+    # multiply-accumulates per node (fxmin/flops.py)
+    "FlopReport", "flops",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""Squeeze-Release with the user's own DistributedDataParallel loop (CPU, gloo).
+
+    .venv/bin/torchrun --nproc_per_node 2 examples/ddp_mnist.py --quick
+
+fxmin owns no data loop: ``train(model, step)`` below wraps whatever module fxmin hands it in a fresh
+DDP (the module changes size every cycle), shards the data by rank and trains. Every rank runs the
+same cycle (pruning, minimization and the seeded release are deterministic, and DDP keeps the weights
+identical); only rank 0 writes checkpoints and shows the progress bar.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fxmin  # noqa: E402
+from examples.mnist_lenet300 import LeNet300, load_mnist  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="4k training samples, 1 dense epoch, 2 cycles")
+    parser.add_argument("--cycles", type=int, default=6)
+    parser.add_argument("--amount", type=float, default=0.5)
+    parser.add_argument("--dense-epochs", type=int, default=4)
+    parser.add_argument("--checkpoints", default="runs/ddp_mnist")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    (x, y), (vx, vy), _ = load_mnist()
+    if args.quick:
+        x, y, vx, vy, args.cycles, args.dense_epochs = x[:4000], y[:4000], vx[:2000], vy[:2000], 2, 1
+    x, y = x[rank::world], y[rank::world]  # this rank's shard
+    vx_shard, vy_shard = vx[rank::world], vy[rank::world]
+
+    def train(model, step):
+        epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(1000 * rank + getattr(step, "cycle", 0))
+        ddp.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for i in range(0, len(order) - 63, 64):  # equal step counts on every rank
+                index = order[i:i + 64]
+                optimizer.zero_grad()
+                loss = F.cross_entropy(ddp(x[index]), y[index])
+                loss = loss + 1e-4 * fxmin.group_lasso(model, skip_rows=["fc3.weight"])
+                loss.backward()
+                optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            counts = torch.tensor([(model(vx_shard).argmax(1) == vy_shard).sum().item(), len(vy_shard)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        return 100.0 * float(counts[0] / counts[1])
+
+    dense = LeNet300()
+    train(dense, args.dense_epochs)
+    result = fxmin.squeeze_release(dense.eval(), train=train, evaluate=evaluate, example_inputs=(vx[:32],),
+                                   calibration_batch=(vx[:256],), cycles=args.cycles, amount=args.amount,
+                                   criterion=fxmin.unit_scaled_magnitude, tolerance=1.0, backoff=0.5, patience=2,
+                                   checkpoint_dir=args.checkpoints, minimize_options={"trials": 1})
+    shapes = [tuple(p.shape) for p in result.module.parameters()]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, shapes)
+    if rank == 0:
+        print(result.table())
+        print(f"ranks agree on the minimized shapes: {all(g == gathered[0] for g in gathered)}")
+        print(f"best cycle {result.best_cycle}: {fxmin.count_parameters(result.module):,} parameters "
+              f"({result.history[result.best_cycle].compression:.1f}x fewer), checkpoints in {args.checkpoints}/")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

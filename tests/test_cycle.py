@@ -1,0 +1,225 @@
+"""Pruning helpers, held masks, release and the Squeeze-Release loop on a tiny MLP (seconds)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxmin
+from fxmin.cycle import latest_checkpoint, load_checkpoint, minimize_again
+from tests.helpers import assert_equivalent, masked_copy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread, much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed=0, sizes=(20, 32, 16, 3)):
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def data(n=400, seed=0):
+    """A synthetic 3-class problem on 20 features, 8 of them informative."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g)
+    w = torch.randn(8, 3, generator=g)
+    y = (x[:, :8] @ w).argmax(1)
+    return x, y
+
+
+def pruned_count(masks):
+    return sum(int((~m).sum()) for m in masks.values())
+
+
+# ------------------------------------------------------------------------------- prune helpers
+def test_global_amount_is_exact_and_ranks_across_layers():
+    net = mlp()
+    with torch.no_grad():
+        net[2].weight.abs_().add_(10)  # layer 2 is large: a global ranking spares it
+    masks = fxmin.global_magnitude(net, 0.3)
+    total = sum(p.numel() for p in fxmin.prunable(net).values())
+    assert set(masks) == {"0.weight", "2.weight", "4.weight"}  # Linear weights only, no biases
+    assert pruned_count(masks) == round(0.3 * total)
+    assert int((~masks["2.weight"]).sum()) == 0
+
+
+def test_layer_amount_is_exact_per_tensor_and_prior_masks_stay():
+    net = mlp()
+    masks = fxmin.layer_magnitude(net, 0.5)
+    for name, parameter in fxmin.prunable(net).items():
+        assert int((~masks[name]).sum()) == round(0.5 * parameter.numel())
+    again = fxmin.layer_magnitude(net, 0.5, masks=masks)  # half of what is left
+    for name, parameter in fxmin.prunable(net).items():
+        left = parameter.numel() - round(0.5 * parameter.numel())
+        assert int((~again[name]).sum()) == round(0.5 * parameter.numel()) + round(0.5 * left)
+        assert not (again[name] & ~masks[name]).any()
+
+
+def test_criterion_is_pluggable_and_options_select_parameters():
+    net = mlp()
+    # prune the *largest* weights: the opposite of magnitude
+    masks = fxmin.global_magnitude(net, 0.1, criterion=lambda name, p: -p.abs())
+    weights = torch.cat([p.detach().abs().flatten() for p in fxmin.prunable(net).values()])
+    pruned = torch.cat([p.detach().abs()[~masks[n]] for n, p in fxmin.prunable(net).items()])
+    assert pruned.min() >= weights.kthvalue(int(0.9 * weights.numel())).values
+    with_biases = fxmin.global_magnitude(net, 0.1, biases=True, exclude=["4.weight"])
+    assert "0.bias" in with_biases and "4.weight" not in with_biases
+    structured = fxmin.global_magnitude(net, 0.5, criterion=fxmin.unit_scaled_magnitude)
+    assert pruned_count(structured) == round(0.5 * weights.numel())
+
+
+def test_pruning_does_not_mutate_the_model():
+    net = mlp()
+    before = copy.deepcopy(net.state_dict())
+    fxmin.global_magnitude(net, 0.7)
+    fxmin.layer_magnitude(net, 0.7)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_bad_amount_is_a_clear_error():
+    with pytest.raises(fxmin.MaskError, match="fraction"):
+        fxmin.global_magnitude(mlp(), 1.5)
+
+
+def test_held_masks_keep_zeros_with_momentum_and_weight_decay():
+    net = mlp()
+    x, y = data(64)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):  # build momentum before masking: it would revive weights
+        optimizer.zero_grad(); nn.functional.cross_entropy(net(x), y).backward(); optimizer.step()
+    masks = fxmin.global_magnitude(net, 0.6)
+    with fxmin.hold_masks(net, masks):  # no optimizer given: the forward hook and grad hook suffice
+        for _ in range(5):
+            optimizer.zero_grad(); nn.functional.cross_entropy(net(x), y).backward(); optimizer.step()
+    parameters = dict(net.named_parameters())
+    for name, mask in masks.items():
+        assert (parameters[name][~mask] == 0).all()
+        assert (parameters[name][mask] != 0).all()
+    # hooks are gone after the block: training moves the zeros again
+    optimizer.zero_grad(); nn.functional.cross_entropy(net(x), y).backward(); optimizer.step()
+    assert (parameters["0.weight"][~masks["0.weight"]] != 0).any()
+
+
+# ------------------------------------------------------------------------------------ release
+def test_release_calibrates_sigma_below_tolerance_and_copies():
+    net = mlp()
+    masks = fxmin.global_magnitude(net, 0.5)
+    net = masked_copy(net, masks)
+    before = copy.deepcopy(net.state_dict())
+    x, _ = data(128)
+    out = fxmin.release(net, x, alpha=0.5, tolerance=1e-3, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # input untouched
+    assert out.change < 1e-3
+    with torch.no_grad():
+        change = float((out.module(x) - net(x)).norm() / net(x).norm())
+    assert change == pytest.approx(out.change, rel=1e-4)
+    parameters = dict(out.module.named_parameters())
+    for name, mask in masks.items():
+        assert out.zeros[name] == int((~mask).sum())
+        assert 0 < out.sigmas[name] <= 0.5 * float(net.get_parameter(name).detach()[mask].std())
+        assert (parameters[name] != 0).all()
+    # a looser tolerance keeps a larger sigma
+    loose = fxmin.release(net, x, alpha=0.5, tolerance=1.0, generator=torch.Generator().manual_seed(0))
+    assert loose.sigmas["0.weight"] == pytest.approx(0.5 * float(net[0].weight.detach()[masks["0.weight"]].std()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- minimize, twice
+def test_a_minimized_module_minimizes_again_with_new_parameter_names():
+    net = mlp()
+    masks = fxmin.global_magnitude(net, 0.5)
+    masks["0.weight"][:, :6] = False  # drop 6 inputs: minimize adds an input selection
+    masks["0.weight"][:10] = False  # and 10 hidden units
+    x = data(8)[0]
+    first = fxmin.minimize(net, masks, (x,)).module
+    assert fxmin.count_parameters(first) < fxmin.count_parameters(net)
+    second_masks = fxmin.global_magnitude(first, 0.5)
+    second_masks["0.weight"][:, :3] = False
+    second = minimize_again(first, second_masks, (x,)).module
+    assert fxmin.count_parameters(second) < fxmin.count_parameters(first)
+    assert_equivalent(masked_copy(first, second_masks), second, (x,))
+
+
+# ------------------------------------------------------------------------------------ the loop
+def make_callbacks(x, y, crash_at=None):
+    calls = []
+
+    def train(model, step):
+        calls.append((step.phase, step.cycle))
+        if crash_at is not None and step.cycle == crash_at:
+            raise RuntimeError("simulated crash")
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(step.epochs * 10):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return {"accuracy": float((model(x).argmax(1) == y).float().mean()), "loss": 0.0}
+
+    return train, evaluate, calls
+
+
+def trained_mlp(x, y):
+    net = mlp()
+    train, _, _ = make_callbacks(x, y)
+    train(net, fxmin.TrainStep("dense", 0, 10))
+    return net.eval()
+
+
+def test_squeeze_release_shrinks_checkpoints_and_resumes(tmp_path):
+    x, y = data(300)
+    net = trained_mlp(x, y)
+    before = copy.deepcopy(net.state_dict())
+    train, evaluate, calls = make_callbacks(x, y, crash_at=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3, amount=0.5,
+                              criterion=fxmin.unit_scaled_magnitude, tolerance=0.2, patience=3,
+                              checkpoint_dir=str(tmp_path), progress=False)
+    assert latest_checkpoint(str(tmp_path)).endswith("cycle_001.pt")  # cycle 1 survived the crash
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+    train, evaluate, calls = make_callbacks(x, y)
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3,
+                                   amount=0.5, criterion=fxmin.unit_scaled_magnitude, tolerance=0.2, patience=3,
+                                   checkpoint_dir=str(tmp_path), resume=True,
+                                   progress=False)
+    assert calls[0] == ("squeeze", 2)  # continued at cycle 2, not from scratch
+    assert [r.cycle for r in result.history] == [0, 1, 2, 3]
+    assert latest_checkpoint(str(tmp_path)).endswith("cycle_003.pt")
+    params = [r.params for r in result.history]
+    assert params[-1] < params[1] < params[0] == fxmin.count_parameters(net)
+    for record in result.history[1:]:
+        assert record.compression == pytest.approx(params[0] / record.params)
+        assert record.time_s > 0 and record.sigma > 0 and record.released > 0 and "loss" in record.metrics
+    best = result.history[result.best_cycle]
+    assert best.accuracy >= result.baseline - 0.2
+    assert fxmin.count_parameters(result.module) == best.params
+    assert "compression" in result.table() and "best" in result.table()
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert state["cycle"] == 3 and len(state["history"]) == 4
+    with torch.no_grad():  # the checkpointed module runs
+        assert state["module"](x[:4]).shape == (4, 3)
+
+
+def test_cycles_without_release_keep_zeros_and_stop_below_tolerance():
+    x, y = data(300)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = make_callbacks(x, y)
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=6,
+                                   amount=0.9, tolerance=0.0, release_zeros=False, progress=False,
+                                   baseline=1.01)  # nothing can reach it: stops after the first cycle
+    assert [r.cycle for r in result.history] == [0, 1] and result.stopped
+    assert result.best_cycle == 0 and result.history[1].sigma == 0.0
+    assert ("recover", 1) in calls
