@@ -190,7 +190,7 @@ def run_seed(seed, data, args, log):
             criterion=fxmin.unit_scaled_magnitude, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
             release_epochs=args.release_epochs, release_zeros=release_zeros, alpha=args.alpha,
             release_tolerance=args.release_tolerance, baseline=baseline, patience=args.patience,
-            backoff=args.backoff, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
+            backoff=args.backoff, regrow=args.regrow, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
             resume=args.resume, progress=args.progress, minimize_options={"trials": 1})
         best = result.history[result.best_cycle]
         entry = {"params": best.params, "val": best.accuracy, "test": best.metrics["test"],
@@ -313,6 +313,8 @@ def main(argv=None):
     parser.add_argument("--tolerance", type=float, default=0.7, help="validation accuracy points below dense")
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--backoff", type=float, default=0.5)
+    parser.add_argument("--regrow", type=float, default=None,
+                        help="after an accepted cycle multiply the (backed-off) amount by this, up to --amount")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--release-tolerance", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -250,7 +250,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     release_epochs: float = 1, release_zeros: bool = True, alpha: float = 0.01,
                     release_tolerance: float = 1e-3, calibration_batch=None, checkpoint_dir: str | None = None,
                     resume=False, seed: int = 0, baseline: float | None = None, patience: int = 1,
-                    backoff: float | None = None, progress: bool = True,
+                    backoff: float | None = None, regrow: float | None = None, progress: bool = True,
                     minimize_options: dict | None = None) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
@@ -265,7 +265,9 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     are ranked with all others and pruned on top (NOTE [Amount after a release]; ``scope='global'`` only).
     A cycle whose accuracy is below ``baseline - tolerance`` is a miss; the loop stops after ``patience``
     consecutive misses. With ``backoff`` (e.g. 0.5) a miss instead restarts from the best model so far
-    with the amount multiplied by ``backoff`` (until ``patience`` misses in a row).
+    with the amount multiplied by ``backoff`` (until ``patience`` misses in a row); with ``regrow``
+    (e.g. 1.5) each accepted cycle multiplies it back up (never above the scheduled amount), so one
+    miss does not shrink every later step.
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
@@ -353,6 +355,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         current, current_released = minimized, released_count
         if accepted:
             misses = 0
+            if regrow is not None:
+                scale = min(1.0, scale * regrow)
             if (params, -accuracy) < (history[best_cycle].params, -history[best_cycle].accuracy):
                 best, best_cycle, best_masks = minimized, cycle, masks
         else:
