@@ -352,8 +352,9 @@ def _plan_functional_linear(ctx):
     weight = ctx.attr_value(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
     new_weight, new_bias, folded_from, *_ = _new_weights(ctx, view, weight, bias)
-    ctx.replace_attr(weight_node, new_weight)
-    if bias_node is not None:
+    if new_weight.shape != weight.shape:
+        ctx.replace_attr(weight_node, new_weight)
+    if bias_node is not None and not torch.equal(new_bias, bias):
         ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
