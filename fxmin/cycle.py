@@ -30,77 +30,6 @@ from .report import count_parameters
 CHECKPOINT_VERSION = 1
 
 
-# --------------------------------------------------------------------------- input-selection stripping
-# NOTE [Re-minimizing a minimized module]
-# minimize() writes a removed input channel as ``index_select(x, axis, _fxmin_input_x)`` on the
-# placeholder. The core has no rule for index_select yet (MissingRuleError when the result is
-# minimized again), so each cycle strips those selections first: the placeholder then carries the
-# already-selected input, minimize can select again, and the two index lists compose. No op other
-# than index_select-on-a-placeholder-with-a-constant-index is touched.
-
-def _strip_input_selections(gm: torch.fx.GraphModule):
-    """(copy of gm without the input selections, {placeholder: (axis, index)})."""
-    gm = copy.deepcopy(gm)
-    selections = {}
-    for node in list(gm.graph.nodes):
-        if (node.op == "call_function" and node.target is torch.index_select and len(node.args) == 3
-                and node.args[0].op == "placeholder" and isinstance(node.args[2], torch.fx.Node)
-                and node.args[2].op == "get_attr" and str(node.args[2].target).startswith("_fxmin_input_")):
-            placeholder, axis, index_node = node.args
-            selections[placeholder.name] = (axis, getattr(gm, index_node.target).clone())
-            node.replace_all_uses_with(placeholder)
-            gm.graph.erase_node(node)
-            if not index_node.users:
-                gm.graph.erase_node(index_node)
-                delattr(gm, index_node.target)
-    gm.recompile()
-    return gm, selections
-
-
-def _restore_input_selections(gm: torch.fx.GraphModule, selections: dict) -> torch.fx.GraphModule:
-    if not selections:
-        return gm
-    for node in list(gm.graph.nodes):
-        if node.op != "placeholder" or node.name not in selections:
-            continue
-        axis, outer = selections[node.name]
-        inner = [user for user in node.users if user.op == "call_function" and user.target is torch.index_select
-                 and user.args[0] is node and user.args[2].op == "get_attr"]
-        if inner:  # compose: the new selection indexes the old one
-            for user in inner:
-                target = user.args[2].target
-                setattr(gm, target, outer.index_select(0, getattr(gm, target).to(outer.device)))
-            continue
-        buffer = f"_fxmin_input_{node.name}"
-        gm.register_buffer(buffer, outer)
-        with gm.graph.inserting_after(node):
-            index = gm.graph.get_attr(buffer)
-        with gm.graph.inserting_after(index):
-            select = gm.graph.call_function(torch.index_select, (node, axis, index))
-        node.replace_all_uses_with(select, delete_user_cb=lambda user: user is not select)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def minimize_again(model: nn.Module, masks: Mapping, example_inputs, **options):
-    """``fxmin.minimize`` that also accepts a module minimize produced before (see NOTE above)."""
-    example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if not isinstance(model, torch.fx.GraphModule):
-        return minimize(model, masks, tuple(example_inputs), **options)
-    stripped, selections = _strip_input_selections(model)
-    inner_inputs = []
-    placeholders = [n for n in stripped.graph.nodes if n.op == "placeholder"]
-    for node, x in zip(placeholders, example_inputs):
-        if node.name in selections:
-            axis, index = selections[node.name]
-            x = x.index_select(axis, index.to(x.device))
-        inner_inputs.append(x)
-    result = minimize(stripped, masks, tuple(inner_inputs), **options)
-    result.module = _restore_input_selections(result.module, selections)
-    return result
-
-
 # ------------------------------------------------------------------------------------- the loop
 @dataclass(frozen=True)
 class TrainStep:
@@ -335,7 +264,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
             if release_zeros and scope == "global" else fraction
         masks = prune_masks_for(working, effective, criterion=criterion, masks=prior, **(select or {}))
         _train(train, working, TrainStep("squeeze", cycle, squeeze_epochs, masks))
-        minimized = minimize_again(working, masks, example_inputs, **options).module
+        minimized = minimize(working, masks, example_inputs, **options).module
         if release_zeros:
             generator = torch.Generator().manual_seed(seed * 100_003 + cycle)
             released = release(minimized, calibration, alpha=alpha, tolerance=release_tolerance, generator=generator)

@@ -131,6 +131,10 @@ class PlanContext(Context):
             self.node.target, type(original).__qualname__, module, dtype, device, tuple(edits)
         )
 
+    def select_input_here(self, placeholder) -> None:
+        """This node selects the channels of input ``placeholder`` itself: no input selection before it."""
+        self._plan.inputs.pop(placeholder.name, None)
+
     def note(self, key, value) -> None:
         """Hand ``value`` to a later node's plan (e.g. a constant for a BatchNorm to absorb)."""
         self._plan.notes[key] = value

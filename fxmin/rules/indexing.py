@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
-from .pointwise import _opaque
+from .pointwise import _opaque, opaque_backward
 from .registry import rule
 from .shape import _tracked_backward
 
@@ -146,6 +146,11 @@ def _index_select_plan(ctx):
     present_in = ctx.present(x)
     kept_out = ctx.kept()
     if present_in.all() and len(kept_out) == len(index):
+        return
+    if x.op == "placeholder" and len(x.users) == 1:
+        # the selection minimize wrote at an input: select straight from the input (no second select)
+        ctx.select_input_here(x)
+        ctx.replace_attr(index_node, torch.as_tensor(index[kept_out], dtype=torch.float64))
         return
     position = np.cumsum(present_in) - 1  # where each kept input channel lands in the smaller input
     ctx.replace_attr(index_node, torch.as_tensor(position[index[kept_out]], dtype=torch.float64))
