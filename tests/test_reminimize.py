@@ -40,19 +40,30 @@ def test_minimizing_a_result_with_nothing_new_changes_nothing():
     assert_equivalent(once.module, again.module, (torch.randn(2, 3, 6, 6),))
 
 
-def test_index_select_with_a_computed_index_keeps_its_channels():
-    class Pick(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(4, 2)
+class Pick(nn.Module):
+    def __init__(self, computed: bool):
+        super().__init__()
+        self.fc1, self.fc2, self.computed = nn.Linear(6, 8), nn.Linear(4, 2), computed
 
-        def forward(self, x):
-            return self.fc2(self.fc1(x).index_select(1, torch.arange(4)))
+    def forward(self, x):
+        # a constant index (FX folds torch.arange(4) into a tensor) or one computed in the graph
+        index = torch.arange(x.shape[1] - 2) if self.computed else torch.arange(4)
+        return self.fc2(self.fc1(x).index_select(1, index))
 
+
+def test_index_select_with_a_constant_index_drops_the_channels_it_never_picks():
     torch.manual_seed(3)
-    model = Pick()
+    model = Pick(computed=False)
+    result = fxmin.minimize(model, None, (torch.randn(3, 6),))
+    assert result.module.get_submodule("fc1").out_features == 4  # units 4..7 are never picked
+    assert_equivalent(model, result.module, (torch.randn(3, 6),))
+
+
+def test_index_select_with_a_computed_index_keeps_its_channels():
+    torch.manual_seed(3)
+    model = Pick(computed=True)
     mask = torch.ones(8, 6, dtype=torch.bool)
-    mask[6] = False  # a dead unit the computed index does not pick: fxmin cannot know that, so it stays
+    mask[6] = False  # a dead unit: with an index computed at run time fxmin cannot drop it
     result = fxmin.minimize(model, {"fc1.weight": mask}, (torch.randn(3, 6),))
     assert result.report.params_after == result.report.params_before
     assert_equivalent(masked_copy(model, {"fc1.weight": mask}), result.module, (torch.randn(3, 6),))
