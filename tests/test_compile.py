@@ -103,6 +103,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
 
     model, masks = build_model(), build_masks()
     result = fxmin.minimize(model, masks, (X,))
+    assert fxmin.count_parameters(result.module) < fxmin.count_parameters(model)
     torch.onnx.export(result.module, (X,), str(tmp_path / "small.onnx"), dynamo=True)
     session = onnxruntime.InferenceSession(str(tmp_path / "small.onnx"))
     (out,) = session.run(None, {session.get_inputs()[0].name: X.numpy()})
@@ -114,6 +115,9 @@ def test_backend_inductor():
     """The one inductor test (~15 s cold)."""
     torch._dynamo.reset()
     model, masks = build_model(), build_masks()
-    compiled = torch.compile(model, backend=fxmin.backend(masks, inner="inductor"))
+    backend = fxmin.backend(masks, inner="inductor")
+    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         _close(compiled(X), masked_copy(model, masks)(X))
+    assert backend.results, "the backend never received a graph"
+    assert sum(r.report.params_after for r in backend.results) < sum(r.report.params_before for r in backend.results)
