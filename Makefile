@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/python -m examples.lenet300_demo
 
 test: venv
-	$(BIN)/python -m pytest tests -x -q -m "not slow"
+	$(BIN)/python -m pytest tests fxmin --doctest-modules -x -q -m "not slow"
 
 # Benchmarks (issue 6): minutes of CPU each, run one after the other; not part of `make test`.
 # torch-pruning goes in with --no-deps (its requirements would pull a CUDA torch); see the `bench` extra.

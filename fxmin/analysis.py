@@ -28,6 +28,10 @@ from .rules.registry import Rule, Registry
 from .units import UnitTable
 
 
+#: why a model output's channels stay (``Analysis.reasons``); not a rule blocking removal
+OUTPUT_REASON = "a model output (outputs never shrink)"
+
+
 def _barrier_forward(ctx):
     return ValueFact.untracked(), None
 
@@ -308,7 +312,7 @@ class Engine:
                 for value in node.all_input_nodes:
                     fact = self.facts.get(value)
                     if fact is not None and fact.tracked:
-                        self.require(value, np.ones(fact.size, bool), "a model output (outputs never shrink)")
+                        self.require(value, np.ones(fact.size, bool), OUTPUT_REASON)
             elif node in self.rules:
                 self._push(node)
         while self._queue:

@@ -18,9 +18,6 @@ True
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from collections import defaultdict
 from typing import Iterable, Mapping
 
@@ -28,16 +25,12 @@ import networkx as nx
 import numpy as np
 import torch
 import torch.fx
-from tabulate import tabulate
+from networkx.utils import UnionFind
 
-from .analysis import Analysis, analyze_graph
-from .errors import FxminError
+from .analysis import OUTPUT_REASON, Analysis, analyze_graph
+from . import exports
 from .facts import ValueFact
 from .plan import Plan, make_plan
-
-#: requirement texts that come from ordinary reading, not from a rule that blocks removal
-OUTPUT_REASON = "a model output (outputs never shrink)"
-
 
 class DependencyGraph:
     """Channel groups and their read/write dependencies for one analysis; see :func:`analyze`.
@@ -69,25 +62,15 @@ class DependencyGraph:
     def _build(self) -> nx.DiGraph:
         analysis = self.analysis
         nodes = list(self._tracked())
-        # Union nodes that share a unit: each connected set is one channel group.
-        parent = list(range(len(nodes)))
-
-        def find(i):
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
+        # Nodes that share a unit are one channel group.
+        groups = UnionFind(range(len(nodes)))
         first_owner: dict = {}
         for index, (_, units) in enumerate(nodes):
             for unit in np.unique(units).tolist():
-                other = first_owner.setdefault(unit, index)
-                a, b = find(index), find(other)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+                groups.union(index, first_owner.setdefault(unit, index))
         members = defaultdict(list)
         for index, (node, _) in enumerate(nodes):
-            members[find(index)].append(node)
+            members[groups[index]].append(node)
             self._group_of[node] = None  # tracked; named below
         graph = nx.DiGraph()
         for group_nodes in members.values():
@@ -263,121 +246,35 @@ class DependencyGraph:
             note += f" ({int(mask[channel].sum())} unmasked)"
         return note + "."
 
-    # -- tables -----------------------------------------------------------------------------------
+    # -- tables and exports (fxmin/exports.py) ------------------------------------------------------
     def layer_rows(self) -> list:
         """Per layer (node that owns parameters): name, type, shape before -> after, removed, blocked-by."""
-        edits = {edit.name: edit for edit in self.plan.param_edits()}
-        rows = []
-        for node in self.graph_module.graph.nodes:
-            weight_name, kind = self._layer_weight(node)
-            if weight_name is None:
-                continue
-            before = tuple(self.graph_module.get_parameter(weight_name).shape) if weight_name in dict(
-                self.graph_module.named_parameters()) else tuple(_get(self.graph_module, weight_name).shape)
-            edit = edits.get(weight_name)
-            after = edit.shape_after if edit is not None else before
-            units = self.analysis.units.get(node)
-            removed = int((~self.analysis.present_units[units]).sum()) if units is not None else 0
-            blocked = defaultdict(int)
-            if units is not None:
-                for unit in units[self.analysis.present_units[units]].tolist():
-                    reason = self._reason(unit)
-                    if reason is not None and reason[2] is not None and reason[2] != OUTPUT_REASON:
-                        blocked[reason[2]] += 1
-            rows.append({"layer": weight_name.rpartition(".")[0] or node.name, "type": kind,
-                         "before": _shape(before), "after": _shape(after), "removed": removed,
-                         "blocked_by": "; ".join(f"{why} ({count})" for why, count in blocked.items())})
-        return rows
-
-    def _layer_weight(self, node):
-        if node.op == "call_module":
-            module = self.graph_module.get_submodule(node.target)
-            if isinstance(getattr(module, "weight", None), torch.Tensor):
-                return f"{node.target}.weight" if node.target else "weight", type(module).__name__
-            return None, None
-        if node.op == "call_function":
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                return weight.target, getattr(node.target, "__name__", str(node.target))
-        return None, None
+        return exports.layer_rows(self)
 
     def group_rows(self) -> list:
-        return [{"group": name, "kind": g["kind"], "size": g["size"], "kept": g["kept"], "removed": g["removed"],
-                 "constant": g["constant"], "blocked": g["blocked"], "writers": g["writers"]}
-                for name, g in self.groups.items()]
+        return exports.group_rows(self)
 
     def table(self, tablefmt: str = "simple") -> str:
         """Per-layer and per-group tables as text."""
-        layers = tabulate([list(r.values()) for r in self.layer_rows()],
-                          headers=["layer", "type", "weight before", "after", "channels removed", "blocked by"],
-                          tablefmt=tablefmt)
-        groups = tabulate([list(r.values()) for r in self.group_rows()],
-                          headers=["channel group", "kind", "size", "kept", "removed", "constant", "blocked", "writers"],
-                          tablefmt=tablefmt)
-        return f"{layers}\n\n{groups}"
+        return exports.table(self, tablefmt)
 
     def __str__(self) -> str:
         return self.table()
 
-    # -- exports ----------------------------------------------------------------------------------
     def to_json(self, indent: int | None = 2) -> str:
         """Node-link JSON (``networkx.node_link_graph`` reads it back) plus ``layers`` rows."""
-        data = nx.node_link_data(self.graph, edges="links")
-        data["layers"] = self.layer_rows()
-        return json.dumps(data, indent=indent, default=_jsonable)
+        return exports.to_json(self, indent)
 
     def to_graphml(self, path) -> None:
-        nx.write_graphml(self.graph, str(path))
+        exports.to_graphml(self, path)
 
     def to_dot(self) -> str:
         """Graphviz DOT text: one box per group, colored by the fraction kept."""
-        lines = ["digraph fxmin {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
-        for name, data in self.graph.nodes(data=True):
-            if data["kind"] == "output":
-                lines.append(f"  {_quote(name)} [label=\"output\", shape=ellipse, fillcolor=\"#dddddd\"];")
-                continue
-            fraction = data["kept"] / data["size"] if data["size"] else 1.0
-            color = "#%02x%02x%02x" % (255, int(150 + 105 * fraction), int(150 + 105 * fraction))
-            label = f"{name}\\n{data['kind']}: {data['kept']}/{data['size']} kept"
-            if data["blocked"]:
-                label += f"\\n{data['blocked']} blocked"
-            lines.append(f"  {_quote(name)} [label={_quote(label, escaped=True)}, fillcolor=\"{color}\"];")
-        for a, b, data in self.graph.edges(data=True):
-            lines.append(f"  {_quote(a)} -> {_quote(b)} [tooltip={_quote(data['via'])}];")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        return exports.to_dot(self)
 
     def to_svg(self, path=None) -> str:
         """Render the DOT graph with graphviz's ``dot`` (must be installed); return the SVG text."""
-        dot = shutil.which("dot")
-        if dot is None:
-            raise FxminError("rendering SVG needs graphviz's 'dot' program (apt-get install graphviz); "
-                             "to_dot() gives the text without it")
-        svg = subprocess.run([dot, "-Tsvg"], input=self.to_dot(), capture_output=True, text=True, check=True).stdout
-        if path is not None:
-            with open(path, "w") as handle:
-                handle.write(svg)
-        return svg
-
-
-def _get(root, target):
-    module_path, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(module_path), name)
-
-
-def _shape(shape) -> str:
-    return "x".join(str(s) for s in shape) if shape else "-"
-
-
-def _quote(text: str, escaped: bool = False) -> str:
-    text = str(text).replace('"', '\\"')
-    return f'"{text}"' if escaped else '"' + text.replace("\\n", "\\\\n") + '"'
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    return str(value)
+        return exports.to_svg(self, path)
 
 
 def analyze(model: torch.nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
@@ -392,7 +289,7 @@ def analyze(model: torch.nn.Module, masks: Mapping | None = None, example_inputs
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> audit = fxmin.analyze(net, {"0.weight": torch.ones(8, 4)})
     >>> sorted(audit.graph.nodes)[:2]
-    ['_0', '_2']
+    ['0', '2']
     """
     from .minimize import prepare
 

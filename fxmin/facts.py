@@ -30,7 +30,7 @@ class ValueFact:
     where the channel varies.
 
     >>> fact = ValueFact.varying(axis=1, size=3)
-    >>> fact.const.any()
+    >>> bool(fact.const.any())
     False
     """
 

@@ -48,7 +48,7 @@ class Report:
         return self.verification.max_error(dtype) if self.verification is not None else float("nan")
 
     def rows(self) -> list:
-        rows = [(c.name, c.kind, _shape(c.shape_before), _shape(c.shape_after),
+        rows = [(c.name, c.kind, shape_text(c.shape_before), shape_text(c.shape_after),
                  "yes" if c.folded_from else "") for c in self.layers]
         rows += [(f"input '{name}'", "index_select", before, after, "") for name, before, after in self.inputs]
         return rows
@@ -71,8 +71,10 @@ class Report:
         return self.table()
 
 
-def _shape(shape) -> str:
+def shape_text(shape) -> str:
+    """``(3, 4)`` -> ``'3x4'``; an empty shape -> ``'-'``."""
     return "x".join(str(s) for s in shape) if shape else "-"
+
 
 
 def build_report(plan, reference, result, verification) -> Report:
