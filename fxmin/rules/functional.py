@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..facts import ValueFact
 from . import pointwise
-from .linear import _dense_view, _new_weights, _output, _required_inputs
+from .linear import _dense_view, _new_weights, layer_rule
 from .pointwise import _opaque, _pointwise_backward, opaque_backward, register_pointwise
 from .registry import REGISTRY, rule
 
@@ -72,27 +72,6 @@ def _conv_view(ctx):
     return ctx.memo("view", compute)
 
 
-def _conv_forward(ctx):
-    """Exact as nn.ConvNd when weight (and bias) are model attributes read only here; otherwise
-    every channel around the conv is kept."""
-    view = _conv_view(ctx)
-    if view is None:
-        out_shape = ctx.shape()
-        if out_shape is None or len(out_shape) < 2:
-            return _opaque(ctx)
-        return ValueFact.varying(1, out_shape[1]), ctx.fresh(out_shape[1])
-    return _output(ctx, view)
-
-
-def _conv_backward(ctx):
-    view = _conv_view(ctx)
-    if view is None:
-        ctx.require_all(_conv_setting(ctx.node, "input", None), "a convolution whose weight is not a model attribute")
-        ctx.require_all(ctx.node, "a convolution whose weight is not a model attribute")
-        return
-    _required_inputs(ctx, view)
-
-
 def _conv_plan(ctx):
     view = _conv_view(ctx)
     if view is None:
@@ -122,8 +101,10 @@ def _conv_plan(ctx):
         ctx.patch(tuple(args), kwargs)
 
 
-rule("functional conv", functions=tuple(_CONVS), backward=_conv_backward, plan=_conv_plan,
-     reads_input_presence=True)(_conv_forward)
+layer_rule("functional conv", _conv_view, _conv_plan, channel_axis=1,
+           exact="Exact as nn.ConvNd when weight (and bias) are model attributes read only here; otherwise "
+                 "every channel around the conv is kept.",
+           functions=tuple(_CONVS))
 
 # -- linear: the F.linear rule serves aten.linear too (same signature) -----------------------------
 

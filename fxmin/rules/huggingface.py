@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.fx
 
-from .linear import _dense_view, _new_weights, _output, _parameter, _required_inputs
+from .linear import _dense_view, _new_weights, _parameter, layer_rule
 from .pointwise import (_check_in_place, _opaque, _pointwise_backward, opaque_backward, pointwise_forward,
                         register_pointwise)
 from .registry import rule
@@ -118,23 +118,6 @@ def _addmm_view(ctx):
     return ctx.memo("view", compute)
 
 
-def _addmm_forward(ctx):
-    """Exact as nn.Linear with weight ``W.T`` (NOTE [Conv1D]) when ``W`` and the bias are model
-    constants read only here; otherwise every channel around it is kept."""
-    view = _addmm_view(ctx)
-    if view is None:
-        return _opaque(ctx)
-    return _output(_MatrixOperand(ctx, 1), view)
-
-
-def _addmm_backward(ctx):
-    view = _addmm_view(ctx)
-    if view is None:
-        opaque_backward(ctx)
-        return
-    _required_inputs(_MatrixOperand(ctx, 1), view)
-
-
 def _addmm_plan(ctx):
     view = _addmm_view(ctx)
     if view is None:
@@ -148,8 +131,10 @@ def _addmm_plan(ctx):
     ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
-rule("addmm (Conv1D)", functions=(torch.addmm,), backward=_addmm_backward, plan=_addmm_plan,
-     reads_input_presence=True)(_addmm_forward)
+layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
+           exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]) when W and the bias are model constants "
+                 "read only here; otherwise every channel around it is kept.",
+           functions=(torch.addmm,))
 
 
 # -- Conv1D kept as a leaf module -------------------------------------------------------------------------------
@@ -163,20 +148,6 @@ def _conv1d_view(ctx):
         return _dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
 
     return ctx.memo("view", compute)
-
-
-def _conv1d_forward(ctx):
-    """Exact as nn.Linear with weight ``W.T`` (NOTE [Conv1D])."""
-    view = _conv1d_view(ctx)
-    return _opaque(ctx) if view is None else _output(ctx, view)
-
-
-def _conv1d_backward(ctx):
-    view = _conv1d_view(ctx)
-    if view is None:
-        opaque_backward(ctx)
-        return
-    _required_inputs(ctx, view)
 
 
 def _conv1d_plan(ctx):
@@ -209,8 +180,8 @@ def register_conv1d() -> bool:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is an optional extra
         return False
-    rule("Conv1D", modules=(Conv1D,), backward=_conv1d_backward, plan=_conv1d_plan, reads_input_presence=True,
-         edits_module=True)(_conv1d_forward)
+    layer_rule("Conv1D", _conv1d_view, _conv1d_plan, channel_axis=-1, edits_module=True,
+               exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]).", modules=(Conv1D,))
     return True
 
 

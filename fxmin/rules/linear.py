@@ -265,6 +265,39 @@ def _batch_norm_absorber(ctx):
     return users[0].target if calls == 1 else None
 
 
+def layer_rule(name: str, view, plan, *, channel_axis: int, exact: str, operand=None, **targets):
+    """Register a layer read through a :class:`DenseView` (``view(ctx)``, None when its weights are
+    not model constants read by this node alone: then every channel around it stays).
+
+    ``channel_axis`` is the output axis the layer writes; ``operand(ctx)`` adapts the context when
+    the input is not argument 0 (``addmm``).
+    """
+    adapt = operand or (lambda ctx: ctx)
+
+    def forward(ctx):
+        dense = view(ctx)
+        if dense is not None:
+            return _output(adapt(ctx), dense)
+        shape = ctx.shape()
+        if not shape:
+            return ValueFact.untracked() if shape is not None else None, None
+        axis = channel_axis % len(shape)
+        return ValueFact.varying(axis, shape[axis]), ctx.fresh(shape[axis])
+
+    def backward(ctx):
+        dense = view(ctx)
+        if dense is not None:
+            _required_inputs(adapt(ctx), dense)
+            return
+        why = f"{name} whose weights are not model constants read here alone"
+        for node in ctx.input_nodes():
+            ctx.require_all(node, why)
+        ctx.require_all(ctx.node, why)
+
+    forward.__doc__ = exact
+    return rule(name, backward=backward, plan=plan, exact=exact, reads_input_presence=True, **targets)(forward)
+
+
 def _forward_module(ctx):
     """Exact: rows of present outputs and columns of present inputs are kept; removed constant
     inputs fold into the bias (behind zero padding only zero constants are removed)."""
@@ -325,25 +358,6 @@ def _functional_view(ctx) -> DenseView | None:
     return ctx.memo("view", compute)
 
 
-def _forward_functional_linear(ctx):
-    """Exact as nn.Linear when weight (and bias) are module attributes read only here;
-    otherwise every channel around it is kept."""
-    view = _functional_view(ctx)
-    if view is None:
-        shape = ctx.shape()
-        return ValueFact.varying(len(shape) - 1, shape[-1]), ctx.fresh(shape[-1])
-    return _output(ctx, view)
-
-
-def _backward_functional_linear(ctx):
-    view = _functional_view(ctx)
-    if view is None:
-        ctx.require_all(ctx.arg(0, "input"))
-        ctx.require_all(ctx.node)
-        return
-    _required_inputs(ctx, view)
-
-
 def _plan_functional_linear(ctx):
     view = _functional_view(ctx)
     if view is None:
@@ -358,9 +372,7 @@ def _plan_functional_linear(ctx):
         ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
-rule(
-    "functional linear",
-    functions=(F.linear,),
-    backward=_backward_functional_linear,
-    plan=_plan_functional_linear,
-)(_forward_functional_linear)
+layer_rule("functional linear", _functional_view, _plan_functional_linear, channel_axis=-1,
+           exact="Exact as nn.Linear when weight (and bias) are module attributes read only here; otherwise "
+                 "every channel around it is kept.",
+           functions=(F.linear,))
