@@ -166,32 +166,25 @@ class Engine:
         # feature axis of (N, F) inputs; (N, T, D) inputs read by a Linear or a LayerNorm are
         # tracked on their last axis. A reader that reads another axis requires all of the
         # tracked one, which is exact; it only forgoes dropping unused inputs.
-        axis = len(shape) - 1 if len(shape) > 2 and self._read_last_axis(node) else 1
+        axis = self._reader_axis(node, len(shape))
+        axis = 1 if axis is None else axis
         self._set(node, ValueFact.varying(axis, shape[axis]), self.table.fresh(shape[axis]))
 
-    def _read_last_axis(self, node) -> bool:
-        """Whether the first layer reading ``node`` (through elementwise ops) reads its last axis."""
-        pending, seen = list(node.users), set()
+    def _reader_axis(self, node, rank: int) -> int | None:
+        """The axis the first layer reading ``node`` (through channel-preserving ops) reads, per its rule."""
+        pending = [(user, node) for user in node.users]
         while pending:
-            user = pending.pop(0)
-            if user in seen:
-                continue
-            seen.add(user)
-            if user.op == "call_module":
-                module = self.root.get_submodule(user.target)
-                if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.MultiheadAttention)):
-                    return True
-                if isinstance(module, (torch.nn.Dropout, torch.nn.Identity)):
-                    pending.extend(user.users)
-                    continue
-                return False
-            if user.op == "call_function" and user.target in (torch.nn.functional.linear, torch.nn.functional.layer_norm):
-                return True
-            if user.op in ("call_function", "call_method") and user.target in (operator.add, operator.mul, torch.add, "add", "contiguous"):
-                pending.extend(user.users)
-                continue
-            return False
-        return False
+            user, source = pending.pop(0)
+            if user.op not in ("call_module", "call_function", "call_method") or user.args[:1] != (source,):
+                return None
+            rule = self.registry.lookup(user, self.root)
+            if rule is not None and rule.input_axis is not None:
+                axis = rule.input_axis(user, self.root)
+                return None if axis is None else axis % rank
+            if rule is None or not rule.passes_axis:
+                return None
+            pending.extend((reader, user) for reader in user.users)
+        return None
 
     def adopt(self, node, axis: int) -> ValueFact | None:
         if not isinstance(node, torch.fx.Node):

@@ -74,3 +74,24 @@ def test_rotary_attention_random_masks_exact():
     masks = {name: torch.rand_like(p) > 0.7 for name, p in model.named_parameters() if p.dim() == 2}
     check_minimize(model, masks, (torch.randn(2, 16, 32),))
     assert fxmin.count_parameters(model) == 4 * (32 * 32 + 32)  # the model itself is untouched
+
+
+class SlicedPositions(nn.Module):
+    """A position table longer than the sequence, sliced before it is added (``pos[:, :T]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 32, 8))
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) + self.pos[:, :16])
+
+
+def test_a_sliced_position_table_loses_the_removed_channels():
+    torch.manual_seed(3)
+    model = SlicedPositions()
+    masks = {"fc1.weight": torch.ones(8, 8, dtype=torch.bool), "fc2.weight": torch.ones(3, 8, dtype=torch.bool)}
+    masks["fc2.weight"][:, 5] = False  # channel 5 is read by nobody: fc1's row, and the table's column, go
+    result = check_minimize(model, masks, (torch.randn(2, 16, 8),), expected_params=32 * 7 + 7 * 8 + 7 + 3 * 7 + 3)
+    assert tuple(result.module.pos.shape) == (1, 32, 7)

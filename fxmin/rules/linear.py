@@ -265,7 +265,7 @@ def _batch_norm_absorber(ctx):
     return users[0].target if calls == 1 else None
 
 
-def layer_rule(name: str, view, plan, *, channel_axis: int, exact: str, operand=None, **targets):
+def layer_rule(name: str, view, plan, *, channel_axis: int, exact: str, operand=None, input_axis=None, **targets):
     """Register a layer read through a :class:`DenseView` (``view(ctx)``, None when its weights are
     not model constants read by this node alone: then every channel around it stays).
 
@@ -295,7 +295,9 @@ def layer_rule(name: str, view, plan, *, channel_axis: int, exact: str, operand=
         ctx.require_all(ctx.node, why)
 
     forward.__doc__ = exact
-    return rule(name, backward=backward, plan=plan, exact=exact, reads_input_presence=True, **targets)(forward)
+    reads = input_axis if input_axis is not None else (None if operand else (lambda node, root: channel_axis))
+    return rule(name, backward=backward, plan=plan, exact=exact, reads_input_presence=True, input_axis=reads,
+                **targets)(forward)
 
 
 def _forward_module(ctx):
@@ -338,6 +340,7 @@ rule(
     backward=_backward_module,
     plan=_plan_module,
     reads_input_presence=True,
+    input_axis=lambda node, root: -1 if isinstance(root.get_submodule(node.target), nn.Linear) else 1,
     edits_module=True,
 )(_forward_module)
 

@@ -274,5 +274,5 @@ def _record_shapes(ctx, replacement, folded: bool) -> None:
     plan_modules[target] = dataclasses.replace(plan_modules[target], params=tuple(edits))
 
 
-rule("multihead_attention", modules=(nn.MultiheadAttention,), backward=_backward, plan=_plan,
+rule("multihead_attention", modules=(nn.MultiheadAttention,), input_axis=lambda node, root: -1, backward=_backward, plan=_plan,
      reads_input_presence=True, edits_module=True)(_forward)

@@ -75,6 +75,7 @@ def _batch_norm_plan(ctx):
 
 
 rule("batch_norm", modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
+     input_axis=lambda node, root: 1,
      edits_module=True)(_batch_norm_forward)
 
 
@@ -218,6 +219,14 @@ def _is_called(ctx, path) -> bool:
     return any(n.op == "call_module" and (n.target == path or n.target.startswith(path + ".")) for n in ctx.node.graph.nodes)
 
 
+def _norm_input_axis(node, root) -> int:
+    """GroupNorm(1, C) normalizes channels on axis 1; the LayerNorm kinds, the last axis."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return 1 if isinstance(module, nn.GroupNorm) or getattr(module, "kind", None) == "group" else -1
+    return 1 if node.target is F.group_norm else -1
+
+
 def _cln_type():
     from ..nn import CompensatedLayerNorm
 
@@ -226,4 +235,4 @@ def _cln_type():
 
 rule("layer_norm", modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
-     backward=_norm_backward, plan=_norm_plan, edits_module=True)(_norm_forward)
+     backward=_norm_backward, plan=_norm_plan, edits_module=True, input_axis=_norm_input_axis)(_norm_forward)

@@ -119,7 +119,7 @@ def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
     rule(name, modules=modules, functions=functions, methods=methods, backward=_pointwise_backward,
-         heads_aware=True)(pointwise_forward)
+         heads_aware=True, passes_axis=True)(pointwise_forward)
 
 
 register_pointwise(
@@ -142,7 +142,7 @@ def _dropout_forward(ctx):
 
 
 rule("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
-     backward=_pointwise_backward, heads_aware=True)(_dropout_forward)
+     backward=_pointwise_backward, heads_aware=True, passes_axis=True)(_dropout_forward)
 
 
 # -- binary elementwise ---------------------------------------------------------------------------------
@@ -292,7 +292,8 @@ def _binary_backward(ctx):
 
 
 rule("elementwise", functions=[k for k in _BINARY if not isinstance(k, str)],
-     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, heads_aware=True)(_binary_forward)
+     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, heads_aware=True,
+     passes_axis=True)(_binary_forward)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ class Rule:
     #: understands channel axes split over several tensor axes (attention heads, NOTE [Heads]);
     #: other rules see such inputs as opaque and keep all of them
     heads_aware: bool = False
+    #: ``input_axis(node, root)``: the axis of argument 0 the op reads as channels (-1 for a Linear,
+    #: 1 for a conv), or None; it decides which axis of a model input is tracked (NOTE [Input axis])
+    input_axis: Callable | None = None
+    #: channels of argument 0 pass through unchanged (activations, dropout, elementwise ops)
+    passes_axis: bool = False
 
 
 @dataclass
@@ -101,12 +106,13 @@ REGISTRY = Registry()
 
 
 def rule(name: str, *, modules=(), functions=(), methods=(), backward=None, plan=None, exact="",
-         reads_input_presence=False, edits_module=False, heads_aware=False, registry=None):
+         reads_input_presence=False, edits_module=False, heads_aware=False, input_axis=None, passes_axis=False,
+         registry=None):
     """Decorator: register ``forward`` (the decorated function) with its companions."""
 
     def decorate(forward):
         registered = Rule(name, forward, backward, plan, exact or (forward.__doc__ or "").strip(),
-                          reads_input_presence, edits_module, heads_aware)
+                          reads_input_presence, edits_module, heads_aware, input_axis, passes_axis)
         (registry or REGISTRY).register(registered, modules=modules, functions=functions, methods=methods)
         return forward
 
