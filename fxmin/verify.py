@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,4 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
 
 
 def _double(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(module).to(torch.float64).eval()
