@@ -95,9 +95,13 @@ class Trainer:
 
     def train(self, model, step):
         epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step  # may be fractional
+        finish = isinstance(step, fxmin.TrainStep) and step.phase == "finish"
         optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr)
         model.train()
         steps = math.ceil(epochs * len(self.x) / self.args.batch)
+        # the finishing phase: no group lasso, learning rate decayed to 0 (cosine)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if finish else None
+        lasso, self.lasso = self.lasso, (0.0 if finish else self.lasso)
         order = torch.empty(0, dtype=torch.long)
         for _ in range(steps):
             if len(order) < self.args.batch:
@@ -106,6 +110,9 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             self.loss(model, model(self.x[index]), index).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        self.lasso = lasso
         self.epochs += epochs
         model.eval()
 
@@ -130,6 +137,8 @@ def iterative_magnitude(dense, trainer, args, baseline):
     if best[0] is None:
         return None, rounds
     result = fxmin.minimize(best[0], best[1], (trainer.vx[:64],))
+    if args.finish_epochs:  # the same finishing training as ours
+        trainer.train(result.module, fxmin.TrainStep("finish", round_, args.finish_epochs))
     return result.module, rounds
 
 
@@ -191,18 +200,26 @@ def run_seed(seed, data, args, log):
             release_epochs=args.release_epochs, release_zeros=release_zeros, alpha=args.alpha,
             release_tolerance=args.release_tolerance, baseline=baseline, patience=args.patience,
             backoff=args.backoff, regrow=args.regrow, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
-            resume=args.resume, progress=args.progress, minimize_options={"trials": 1})
+            resume=args.resume, progress=args.progress, minimize_options={"trials": 1},
+            finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
+            finish_candidates=args.finish_candidates)
         best = result.history[result.best_cycle]
-        entry = {"params": best.params, "val": best.accuracy, "test": best.metrics["test"],
+        chosen = next((f for f in result.finished if f.cycle == result.best_cycle), None)
+        val, test = (chosen.accuracy, chosen.metrics["test"]) if chosen else (best.accuracy, best.metrics["test"])
+        entry = {"params": best.params, "val": val, "test": test, "stopped": result.stopped,
+                 "finished": [(f.cycle, f.params, f.before, f.accuracy, f.metrics.get("test"), f.accepted)
+                              for f in result.finished],
                  "cycle": result.best_cycle, "epochs": args.dense_epochs + trainer.epochs,
                  "time_s": time.perf_counter() - start,
                  "history": [(r.cycle, r.params, r.accuracy, r.metrics.get("test"), r.amount, r.sigma, r.accepted)
                              for r in result.history],
                  "shape": [tuple(p.shape) for n, p in result.module.named_parameters() if n.endswith("weight")]}
         log(f"seed {seed}: {name} best cycle {result.best_cycle}: {best.params:,} params "
-            f"({out['dense']['params'] / best.params:.1f}x) val {best.accuracy:.2f} test {entry['test']:.2f} "
+            f"({out['dense']['params'] / best.params:.1f}x) val {entry['val']:.2f} test {entry['test']:.2f} "
             f"({entry['time_s']:.0f}s, {entry['epochs']} epochs)")
         log(result.table())
+        if result.finished:
+            log(result.finish_table())
         return result, entry
 
     if "sr" in methods:
@@ -315,6 +332,11 @@ def main(argv=None):
     parser.add_argument("--backoff", type=float, default=0.5)
     parser.add_argument("--regrow", type=float, default=None,
                         help="after an accepted cycle multiply the (backed-off) amount by this, up to --amount")
+    parser.add_argument("--finish-epochs", type=float, default=None,
+                        help="after the cycles, train the smallest candidates this long without the lasso (cosine lr)")
+    parser.add_argument("--finish-tolerance", type=float, default=None,
+                        help="validation points below dense a finished candidate may be (default --tolerance)")
+    parser.add_argument("--finish-candidates", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--release-tolerance", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-3)

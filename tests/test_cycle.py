@@ -225,3 +225,73 @@ def test_cycles_without_release_keep_zeros_and_stop_below_tolerance():
     assert [r.cycle for r in result.history] == [0, 1] and result.stopped
     assert result.best_cycle == 0 and result.history[1].sigma == 0.0
     assert ("recover", 1) in calls
+
+
+def finish_callbacks(x, y, finished_scores):
+    """train marks a model finished; evaluate gives 0.6 before and the next of ``finished_scores`` after."""
+    calls, scores = [], list(finished_scores)
+
+    def train(model, step):
+        calls.append((step.phase, step.cycle))
+        if step.phase == "finish":
+            model.finished_score = scores.pop(0)
+        else:
+            assert not hasattr(model, "finished_score")  # finishing never leaks into the cycles
+
+    def evaluate(model):
+        return getattr(model, "finished_score", 0.6)
+
+    return train, evaluate, calls
+
+
+@pytest.mark.parametrize("scores, chosen", [([0.95], 0), ([0.8, 0.97], 1)])
+def test_finish_trains_the_smallest_candidates_until_one_is_within_tolerance(scores, chosen, tmp_path):
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = finish_callbacks(x, y, scores)
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3,
+                                   amount=0.5, criterion=fxmin.unit_scaled_magnitude, baseline=1.0, tolerance=0.5,
+                                   finish_epochs=2, finish_tolerance=0.1, finish_candidates=3, finish_spacing=1.0,
+                                   progress=False, checkpoint_dir=str(tmp_path))
+    finishes = [c for c in calls if c[0] == "finish"]
+    assert len(result.finished) == len(finishes) == chosen + 1
+    records = result.finished
+    assert [r.accepted for r in records] == [False] * chosen + [True]
+    by_size = sorted(result.history[1:], key=lambda r: (r.params, -r.accuracy))
+    assert [r.cycle for r in records] == [r.cycle for r in by_size[:chosen + 1]]  # smallest first
+    assert result.best_cycle == records[-1].cycle and records[-1].accuracy == scores[-1]
+    assert fxmin.count_parameters(result.module) == records[-1].params == result.history[result.best_cycle].params
+    assert result.module.finished_score == scores[-1] and not result.stopped
+    assert "before" in result.finish_table() and "best" in result.finish_table()
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert sorted(c for c, _ in state["candidates"]) == sorted(r.cycle for r in by_size[:3])
+
+
+def test_finish_without_a_passing_candidate_returns_the_most_accurate_and_says_so():
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = finish_callbacks(x, y, [0.7, 0.85])
+    with pytest.warns(UserWarning, match="no candidate within 0.1"):
+        result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3,
+                                       amount=0.5, baseline=1.0, tolerance=0.5, finish_epochs=1,
+                                       finish_tolerance=0.1, finish_candidates=2, progress=False)
+    assert [r.accepted for r in result.finished] == [False, False]
+    assert result.best_cycle == result.finished[1].cycle and result.module.finished_score == 0.85
+    assert "no candidate" in result.stopped
+    with pytest.raises(fxmin.InputError, match="finish_candidates must be at least 1"):
+        fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), finish_epochs=1,
+                              finish_candidates=0, progress=False)
+
+
+def test_finish_candidates_are_spaced_in_size():
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = finish_callbacks(x, y, [0.0] * 6)
+    with pytest.warns(UserWarning):
+        result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=6,
+                                       amount=0.3, baseline=1.0, tolerance=0.5, finish_epochs=1, finish_tolerance=0.1,
+                                       finish_candidates=6, finish_spacing=1.1, progress=False)
+    sizes = [r.params for r in result.finished]
+    assert len(sizes) >= 2 and sizes[0] == min(r.params for r in result.history[1:])
+    assert all(b >= 1.1 * a for a, b in zip(sizes, sizes[1:]))  # each clearly larger than the last
+    assert len(sizes) < len(result.history) - 1  # near twins were passed over (all 6 cycles were accepted)
