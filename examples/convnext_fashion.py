@@ -31,9 +31,10 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 from fxmin.zoo.convnext import convnext_tiny  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
+from _results import replace_section  # noqa: E402
 
 DATA = "/usr/share/datasets/fashion-mnist"
-MARKER = "<!-- convnext_fashion.py writes below this line -->"
 
 
 def load_fashion(root=DATA):
@@ -61,7 +62,7 @@ def accuracy(model, x, y, batch=1000):
 
 
 class Trainer:
-    """The user's loop: AdamW + cosine-free constant lr, optional group lasso; fxmin calls train/evaluate."""
+    """The user's loop: AdamW, a warm-up + cosine lr per call, optional group lasso; fxmin calls train/evaluate."""
 
     def __init__(self, data, args, lasso=0.0):
         (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data
@@ -70,9 +71,14 @@ class Trainer:
 
     def train(self, model, step):
         epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step
+        finish = isinstance(step, fxmin.TrainStep) and step.phase == "finish"
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.05)
         model.train()
         steps = math.ceil(epochs * len(self.x) / self.args.batch)
+        # every call: 10 % linear warm-up, then cosine decay to 0 (--schedule constant: the old flat lr)
+        schedule = None if self.args.schedule == "constant" else torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, self.args.lr, total_steps=max(steps, 2), pct_start=0.1, anneal_strategy="cos")
+        lasso = 0.0 if finish else self.lasso  # the finishing phase drops the sparsity penalty
         order = torch.empty(0, dtype=torch.long)
         for _ in range(steps):
             if len(order) < self.args.batch:
@@ -80,10 +86,12 @@ class Trainer:
             index, order = order[:self.args.batch].to(self.x.device), order[self.args.batch:]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(self.x[index]), self.y[index])
-            if self.lasso:
-                loss = loss + self.lasso * fxmin.group_lasso(model)
+            if lasso:
+                loss = loss + lasso * fxmin.group_lasso(model)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
         self.epochs += epochs
         model.eval()
 
@@ -109,6 +117,14 @@ def main(argv=None):
     parser.add_argument("--lasso", type=float, default=1e-4)
     parser.add_argument("--tolerance", type=float, default=0.8, help="validation points below dense")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--schedule", choices=["onecycle", "constant"], default="onecycle",
+                        help="lr within every training call: warm-up + cosine decay, or flat")
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--backoff", type=float, default=0.5)
+    parser.add_argument("--regrow", type=float, default=1.5)
+    parser.add_argument("--finish-epochs", type=float, default=None,
+                        help="after the cycles, train the smallest candidates this long without the lasso")
+    parser.add_argument("--finish-tolerance", type=float, default=None, help="default: --tolerance")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--methods", default="sr,a,b,c")
@@ -136,11 +152,26 @@ def main(argv=None):
     began = time.perf_counter()
     dense = build(args).to(device)
     plain = Trainer(data, args)
-    plain.train(dense, args.dense_epochs)
+    cache = os.path.join(args.checkpoints, f"dense-w{args.width}-d{'-'.join(map(str, args.depths))}-"
+                                           f"{args.dense_epochs}ep-{args.schedule}-n{args.train_samples or 50000}-seed{args.seed}.pt")
+    if os.path.exists(cache):  # the dense model is the same for every method: train it once
+        saved = torch.load(cache, map_location=device)
+        dense.load_state_dict(saved["state"])
+        dense_time = saved["time_s"]
+    else:
+        plain.train(dense, args.dense_epochs)
+        dense_time = time.perf_counter() - began
+        os.makedirs(args.checkpoints, exist_ok=True)
+        torch.save({"state": dense.state_dict(), "time_s": dense_time}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
     scores = plain.evaluate(dense)
     rows = [["dense", fxmin.count_parameters(dense), scores["accuracy"], scores["test"], args.dense_epochs,
-             time.perf_counter() - began]]
+             dense_time]]
     log(f"dense: {rows[0][1]:,} params val {scores['accuracy']:.2f} test {scores['test']:.2f}")
+
+    def report(final=False):
+        write_report(args, rows, log_lines, log, final)
+
     baseline, methods = scores["accuracy"], args.methods.split(",")
 
     def cycles(release_zeros, name):
@@ -150,16 +181,31 @@ def main(argv=None):
             dense, train=trainer.train, evaluate=trainer.evaluate, example_inputs=(data[1][0][:16],),
             calibration_batch=(data[1][0][:256],), cycles=args.cycles, amount=args.amount,
             criterion=fxmin.unit_scaled_magnitude, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
-            release_epochs=args.release_epochs, release_zeros=release_zeros, baseline=baseline, patience=2,
-            backoff=0.5, seed=args.seed, checkpoint_dir=os.path.join(args.checkpoints, name), resume=args.resume,
-            minimize_options={"trials": 1})
+            release_epochs=args.release_epochs, release_zeros=release_zeros, baseline=baseline,
+            patience=args.patience, backoff=args.backoff, regrow=args.regrow, seed=args.seed,
+            checkpoint_dir=os.path.join(args.checkpoints, name), resume=args.resume, progress=False,
+            minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance)
         best = result.history[result.best_cycle]
         log(result.table())
-        rows.append([name, best.params, best.accuracy, best.metrics["test"], args.dense_epochs + trainer.epochs,
-                     time.perf_counter() - start])
+        chosen = next((f for f in result.finished if f.cycle == result.best_cycle), None)
+        if result.finished:
+            log(result.finish_table())
+        val, test = (chosen.accuracy, chosen.metrics["test"]) if chosen else (best.accuracy, best.metrics["test"])
+        rows.append([name, best.params, val, test, args.dense_epochs + trainer.epochs, time.perf_counter() - start])
+        report()
         return result
 
     sr = cycles(True, "squeeze-release") if "sr" in methods else None
+    if "c" in methods and sr is not None:
+        target = sr.history[sr.best_cycle].params
+        width = min((w / 64 for w in range(1, 65)),
+                    key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - target))
+        start, model = time.perf_counter(), build(args, width * args.width).to(device)
+        trainer = Trainer(data, args)
+        trainer.train(model, rows[1][4])
+        s = trainer.evaluate(model)
+        rows.append([f"(c) width x{width:.3f} from scratch", fxmin.count_parameters(model), s["accuracy"], s["test"],
+                     rows[1][4], time.perf_counter() - start])
     if "b" in methods:
         cycles(False, "no-release")
     if "a" in methods:
@@ -174,33 +220,31 @@ def main(argv=None):
             best = (copy.deepcopy(model), {k: v.clone() for k, v in masks.items()})
         if best is not None:
             module = fxmin.minimize(best[0], best[1], (data[1][0][:16],)).module
+            if args.finish_epochs:  # the same finishing training as ours
+                trainer.train(module, fxmin.TrainStep("finish", 0, args.finish_epochs))
             s = trainer.evaluate(module)
             rows.append(["(a) IMP + one minimization", fxmin.count_parameters(module), s["accuracy"], s["test"],
                          args.dense_epochs + trainer.epochs, time.perf_counter() - start])
-    if "c" in methods and sr is not None:
-        target = sr.history[sr.best_cycle].params
-        width = min((w / 64 for w in range(1, 65)),
-                    key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - target))
-        start, model = time.perf_counter(), build(args, width * args.width).to(device)
-        trainer = Trainer(data, args)
-        trainer.train(model, rows[1][4])
-        s = trainer.evaluate(model)
-        rows.append([f"(c) width x{width:.3f} from scratch", fxmin.count_parameters(model), s["accuracy"], s["test"],
-                     rows[1][4], time.perf_counter() - start])
+            report()
+    report(final=True)
+
+
+def write_report(args, rows, log_lines, log, final):
+    """The table so far (after every method, so that a long run that is cut short still leaves its rows)."""
     from tabulate import tabulate
-    table = tabulate([[r[0], f"{r[1]:,}", f"{rows[0][1] / r[1]:.1f}x", f"{r[2]:.2f}", f"{r[3]:.2f}", f"{r[4]:g}",
-                       f"{r[5]:.0f}"] for r in rows],
-                     headers=["method", "params", "fewer", "val %", "test %", "epochs", "time s"], tablefmt="github",
-                     disable_numparse=True)
-    log(table)
+    table = tabulate([[r[0], f"{r[1]:,}", f"{rows[0][1] / r[1]:.1f}x", f"{r[2]:.2f}", f"{r[3]:.2f}",
+                       f"{rows[0][3] - r[3]:.2f}", f"{r[4]:g}", f"{r[5]:.0f}"] for r in rows],
+                     headers=["method", "params", "fewer", "val %", "test %", "test drop (pts)", "epochs", "time s"],
+                     tablefmt="github", disable_numparse=True)
     if args.write:
-        section = (f"{MARKER}\n\n## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py)\n\n"
+        section = (f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py)\n\n"
                    f"```\n.venv/bin/python examples/convnext_fashion.py {' '.join(sys.argv[1:])}\n```\n\n"
-                   f"{log_lines[0]}\n\n{table}\n")
-        text = open(args.write).read() if os.path.exists(args.write) else "# Results\n"
-        text = text.split(MARKER)[0].rstrip() + "\n\n" + section
-        with open(args.write, "w") as handle:
-            handle.write(text)
+                   f"{log_lines[0]}\n\n{table}\n\n### Cycles (validation accuracy; test in its own column)\n\n"
+                   + "\n\n".join(line for line in log_lines[1:] if line.startswith("|") or line.startswith("dense"))
+                   + "\n")
+        replace_section(args.write, "convnext_fashion.py", section)
+    if final:
+        log(table)
 
 
 if __name__ == "__main__":

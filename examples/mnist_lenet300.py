@@ -43,6 +43,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
+from _results import replace_section  # noqa: E402
 
 
 class LeNet300(nn.Module):
@@ -423,11 +425,7 @@ def write_markdown(args, runs, table, total, picture, commands, settings):
     met = [r["dense"]["params"] / r["squeeze-release"]["params"] >= 50
            and r["squeeze-release"]["test"] >= r["dense"]["test"] - 1 for r in runs if "squeeze-release" in r]
     command = "\n".join(commands)
-    text = f"""# Results
-
-Numbers in this file are written by the scripts named below; nothing is typed in by hand.
-
-## LeNet-300-100 on MNIST (examples/mnist_lenet300.py)
+    text = f"""## LeNet-300-100 on MNIST (examples/mnist_lenet300.py)
 
 Commands (CPU, {args.threads} torch thread(s) per process, seeds as parallel processes on a 2-core machine
 shared with other jobs, so times are wall-clock under heavy load), then the merge that wrote this file:
@@ -461,11 +459,8 @@ the method's test accuracy, per seed.
 """
     if picture:
         text += f"\n![accuracy vs parameters]({os.path.basename(picture)})\n"
-    marker = "<!-- convnext_fashion.py writes below this line -->"  # keep the ConvNeXt section
-    if os.path.exists(args.write) and marker in open(args.write).read():
-        text += "\n" + marker + open(args.write).read().split(marker, 1)[1]
-    with open(args.write, "w") as handle:
-        handle.write(text)
+    replace_section(args.write, "mnist_lenet300.py", text)
+
 
 
 if __name__ == "__main__":
