@@ -64,20 +64,21 @@ def accuracy(model, x, y, batch=1000):
 class Trainer:
     """The user's loop: AdamW, a warm-up + cosine lr per call, optional group lasso; fxmin calls train/evaluate."""
 
-    def __init__(self, data, args, lasso=0.0):
+    def __init__(self, data, args, lasso=0.0, lr=None):
         (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data
         self.args, self.lasso, self.epochs = args, lasso, 0.0
+        self.lr = lr if lr is not None else args.lr
         self.generator = torch.Generator().manual_seed(args.seed)
 
     def train(self, model, step):
         epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step
         finish = isinstance(step, fxmin.TrainStep) and step.phase == "finish"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.05)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.05)
         model.train()
         steps = math.ceil(epochs * len(self.x) / self.args.batch)
         # every call: 10 % linear warm-up, then cosine decay to 0 (--schedule constant: the old flat lr)
         schedule = None if self.args.schedule == "constant" else torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, self.args.lr, total_steps=max(steps, 2), pct_start=0.1, anneal_strategy="cos")
+            optimizer, self.lr, total_steps=max(steps, 2), pct_start=0.1, anneal_strategy="cos")
         lasso = 0.0 if finish else self.lasso  # the finishing phase drops the sparsity penalty
         order = torch.empty(0, dtype=torch.long)
         for _ in range(steps):
@@ -117,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--lasso", type=float, default=1e-4)
     parser.add_argument("--tolerance", type=float, default=0.8, help="validation points below dense")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--finetune-lr", type=float, default=None,
+                        help="peak lr of the pruning methods' fine-tuning (default --lr; dense and (c) use --lr)")
     parser.add_argument("--schedule", choices=["onecycle", "constant"], default="onecycle",
                         help="lr within every training call: warm-up + cosine decay, or flat")
     parser.add_argument("--patience", type=int, default=3)
@@ -175,7 +178,7 @@ def main(argv=None):
     baseline, methods = scores["accuracy"], args.methods.split(",")
 
     def cycles(release_zeros, name):
-        trainer = Trainer(data, args, args.lasso)
+        trainer = Trainer(data, args, args.lasso, args.finetune_lr)
         start = time.perf_counter()
         result = fxmin.squeeze_release(
             dense, train=trainer.train, evaluate=trainer.evaluate, example_inputs=(data[1][0][:16],),
@@ -209,7 +212,7 @@ def main(argv=None):
     if "b" in methods:
         cycles(False, "no-release")
     if "a" in methods:
-        start, trainer = time.perf_counter(), Trainer(data, args)
+        start, trainer = time.perf_counter(), Trainer(data, args, lr=args.finetune_lr)
         model, masks, best = copy.deepcopy(dense), None, None
         for _ in range(args.cycles):
             masks = fxmin.global_magnitude(model, args.amount, masks=masks)

@@ -104,8 +104,15 @@ class Trainer:
         # the finishing phase: no group lasso, learning rate decayed to 0 (cosine)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if finish else None
         lasso, self.lasso = self.lasso, (0.0 if finish else self.lasso)
+        # --lasso-fraction f: in the release phase only the first f of the steps carry the lasso; the
+        # rest recover from it (with the lr decayed to 0), so the accuracy fxmin judges is not the lasso's
+        release = isinstance(step, fxmin.TrainStep) and step.phase == "release" and self.args.lasso_fraction < 1
+        free_from = math.ceil(self.args.lasso_fraction * steps) if release else steps
         order = torch.empty(0, dtype=torch.long)
-        for _ in range(steps):
+        for i in range(steps):
+            if i == free_from:
+                self.lasso = 0.0
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps - i, 1))
             if len(order) < self.args.batch:
                 order = torch.cat([order, torch.randperm(len(self.x), generator=self.generator)])
             index, order = order[:self.args.batch], order[self.args.batch:]
@@ -334,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--backoff", type=float, default=0.5)
     parser.add_argument("--regrow", type=float, default=None,
                         help="after an accepted cycle multiply the (backed-off) amount by this, up to --amount")
+    parser.add_argument("--lasso-fraction", type=float, default=1.0,
+                        help="fraction of each release phase trained with the lasso (the rest: without, lr decayed)")
     parser.add_argument("--finish-epochs", type=float, default=None,
                         help="after the cycles, train the smallest candidates this long without the lasso (cosine lr)")
     parser.add_argument("--finish-tolerance", type=float, default=None,

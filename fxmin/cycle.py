@@ -29,6 +29,10 @@ from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, pru
 from .report import count_parameters
 
 CHECKPOINT_VERSION = 1
+# the finishing phase picks its spaced candidates from this many times finish_candidates smallest
+# accepted models (kept in memory and in checkpoints); picking spaced ones as the loop goes would lose
+# a model that a later, smaller one crowds out but that finishing may need
+POOL_PER_CANDIDATE = 4
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -337,8 +341,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                 scale = min(1.0, scale * regrow)
             if (params, -accuracy) < (history[best_cycle].params, -history[best_cycle].accuracy):
                 best, best_cycle, best_masks = minimized, cycle, masks
-            if finish_epochs is not None:
-                candidates = _spaced(candidates + [(cycle, minimized)], history, finish_spacing, finish_candidates)
+            if finish_epochs is not None:  # a pool of the smallest; spacing is applied when finishing
+                candidates = _smallest(candidates + [(cycle, minimized)], history, POOL_PER_CANDIDATE * finish_candidates)
         else:
             misses += 1
             if misses >= patience:
@@ -366,6 +370,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         bar.close()
     finished = []
     if finish_epochs is not None and candidates:
+        candidates = _spaced(candidates, history, finish_spacing, finish_candidates)
         chosen, note = _finish(train, evaluate, candidates, history, baseline, finish_epochs,
                                tolerance if finish_tolerance is None else finish_tolerance, finished)
         if chosen[0] != best_cycle:
@@ -375,10 +380,14 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     return SqueezeReleaseResult(best, history, best_cycle, baseline, params_original, best_masks, stopped, finished)
 
 
+def _smallest(candidates, history, count):
+    return sorted(candidates, key=lambda c: (history[c[0]].params, -history[c[0]].accuracy))[:count]
+
+
 def _spaced(candidates, history, spacing, count):
     """The smallest candidates (ties: the more accurate), each ``spacing`` times larger than the last kept."""
     kept = []
-    for cycle, module in sorted(candidates, key=lambda c: (history[c[0]].params, -history[c[0]].accuracy)):
+    for cycle, module in _smallest(candidates, history, len(candidates)):
         if not kept or history[cycle].params >= history[kept[-1][0]].params * spacing:
             kept.append((cycle, module))
     return kept[:count]

@@ -263,8 +263,8 @@ def test_finish_trains_the_smallest_candidates_until_one_is_within_tolerance(sco
     assert fxmin.count_parameters(result.module) == records[-1].params == result.history[result.best_cycle].params
     assert result.module.finished_score == scores[-1] and not result.stopped
     assert "before" in result.finish_table() and "best" in result.finish_table()
-    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
-    assert sorted(c for c, _ in state["candidates"]) == sorted(r.cycle for r in by_size[:3])
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))  # the pool: up to 4 x 3 smallest accepted
+    assert sorted(c for c, _ in state["candidates"]) == sorted(r.cycle for r in by_size[:12])
 
 
 def test_finish_without_a_passing_candidate_returns_the_most_accurate_and_says_so():
@@ -295,3 +295,15 @@ def test_finish_candidates_are_spaced_in_size():
     assert len(sizes) >= 2 and sizes[0] == min(r.params for r in result.history[1:])
     assert all(b >= 1.1 * a for a, b in zip(sizes, sizes[1:]))  # each clearly larger than the last
     assert len(sizes) < len(result.history) - 1  # near twins were passed over (all 6 cycles were accepted)
+
+
+def test_finish_spacing_is_chosen_from_all_small_candidates_not_as_the_loop_goes():
+    """A model crowded out of a spaced list by a later, smaller twin must still be available."""
+    from fxmin.cycle import CycleRecord, _smallest, _spaced
+    history = [CycleRecord(c, p, 1.0, 0.9, 0.5, 0.0, 0, 0.0, True) for c, p in
+               enumerate([10_000, 6_604, 5_544, 5_295, 5_216, 4_650])]
+    pool = []
+    for cycle in range(1, 6):
+        pool = _smallest(pool + [(cycle, None)], history, 12)
+    chosen = [history[c].params for c, _ in _spaced(pool, history, 1.1, 3)]
+    assert chosen == [4_650, 5_216, 6_604]
