@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench venv clean experiments
+.PHONY: demo test bench venv clean experiments experiments-fashion
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,14 @@ experiments: venv
 	done; wait
 	$(BIN)/python examples/mnist_lenet300.py --write docs/results.md --merge \
 	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
+
+# ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST, CPU (about an hour per process on one core;
+# a GPU is used when present). Needs the Debian package dataset-fashion-mnist (apt-get install -y
+# dataset-fashion-mnist, as root). Ours + (c) write docs/results.md; (a) + (b), which wait for
+# the dense model that the first process trains, their own file.
+experiments-fashion: venv
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
+	mkdir -p runs/convnext
+	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c --write docs/results.md > runs/convnext/log-sr-c.txt 2>&1 & \
+	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a --write runs/convnext/b-a.md > runs/convnext/log-b-a.txt 2>&1 & wait

@@ -8,18 +8,23 @@ Methods (every choice is a CLI flag; the defaults are the recipe reported in doc
 
 - dense: LeNet-300-100 (784-300-100-10, ReLU), Adam, cross-entropy.
 - squeeze-release (ours): per cycle prune ``--amount`` of the weights by ``fxmin.unit_scaled_magnitude``
-  (global), fine-tune with masks held, minimize, release the remaining zeros as calibrated noise,
-  fine-tune. Training loss: cross-entropy + ``--lasso`` * group lasso on unit norms (rows of the
+  (global), fine-tune ``--squeeze-epochs`` with masks held, minimize, release the remaining zeros as
+  calibrated noise, fine-tune ``--release-epochs`` (Adam, lr decayed to 0 by ``--release-schedule
+  cosine``). Training loss: cross-entropy + ``--lasso`` * group lasso on unit norms (rows of the
   hidden layers, columns of every layer) + ``--distill`` * distillation from the dense model.
-  A cycle below (dense validation accuracy - ``--tolerance``) restarts from the best model with half
-  the amount (``--backoff``), ``--patience`` misses in a row end the run.
+  A cycle below (dense validation accuracy - ``--tolerance``) is a miss: it restarts from the best
+  model with the amount times ``--backoff``; an accepted cycle multiplies it by ``--regrow`` (up to
+  ``--amount``); ``--patience`` misses in a row end the run. Then the finishing phase: the smallest
+  accepted models (spaced 1.1x in size) are trained ``--finish-epochs`` without the lasso (cosine lr)
+  until one is within ``--finish-tolerance`` of dense on validation; that one is reported.
 - (a) iterative magnitude pruning: plain |w| global pruning by ``--amount`` per round, cross-entropy
-  fine-tuning with masks held, the same epoch budget; the sparsest round within the tolerance is
-  minimized once at the end.
-- (b) cycles without release: our recipe, but the zeros inside compacted tensors stay masked.
+  fine-tuning with masks held, the same epochs per round; the sparsest round within the tolerance is
+  minimized once at the end and gets the same finishing training.
+- (b) cycles without release: our recipe (finishing included), but the zeros inside compacted
+  tensors stay masked.
 - (c) dense from scratch: a 784-h-h/3-10 MLP with as many parameters as ours, and (c') our final
   architecture (its selected pixels included) re-initialized, both trained for the whole epoch budget
-  with the same loss as ours.
+  of ours (finishing included) with the same loss as ours, lasso excepted.
 
 Choices (best model, tolerance) use the validation split (10k); test accuracy (10k) is only reported.
 """
@@ -101,8 +106,10 @@ class Trainer:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr)
         model.train()
         steps = math.ceil(epochs * len(self.x) / self.args.batch)
-        # the finishing phase: no group lasso, learning rate decayed to 0 (cosine)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if finish else None
+        # the finishing phase: no group lasso, learning rate decayed to 0 (cosine); --release-schedule
+        cosine = finish or (self.args.release_schedule == "cosine" and isinstance(step, fxmin.TrainStep)
+                            and step.phase in ("release", "recover"))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
         lasso, self.lasso = self.lasso, (0.0 if finish else self.lasso)
         # --lasso-fraction f: in the release phase only the first f of the steps carry the lasso; the
         # rest recover from it (with the lr decayed to 0), so the accuracy fxmin judges is not the lasso's
@@ -326,26 +333,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dense-epochs", type=float, default=8)
-    parser.add_argument("--cycles", type=int, default=16)
+    parser.add_argument("--cycles", type=int, default=80)
     parser.add_argument("--amount", type=float, default=0.5, help="fraction of the weights pruned per cycle")
-    parser.add_argument("--squeeze-epochs", type=float, default=0.5, help="epochs (fractions allowed) per squeeze")
-    parser.add_argument("--release-epochs", type=float, default=1.5, help="epochs (fractions allowed) after release")
+    parser.add_argument("--squeeze-epochs", type=float, default=1, help="epochs (fractions allowed) per squeeze")
+    parser.add_argument("--release-epochs", type=float, default=4, help="epochs (fractions allowed) after release")
     parser.add_argument("--methods", default="sr,b,a,c",
                         help="comma-separated: sr (ours), a, b, c (c needs sr in the same process); "
                              "split them over processes that share the cached dense model")
-    parser.add_argument("--lasso", type=float, default=5e-4, help="group-lasso weight on unit norms")
+    parser.add_argument("--lasso", type=float, default=3e-3, help="group-lasso weight on unit norms")
     parser.add_argument("--distill", type=float, default=0.5, help="weight of distillation from the dense model")
     parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--tolerance", type=float, default=0.7, help="validation accuracy points below dense")
-    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--tolerance", type=float, default=1.5,
+                        help="validation accuracy points below dense a cycle may fall (the search; see --finish-tolerance)")
+    parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--backoff", type=float, default=0.5)
-    parser.add_argument("--regrow", type=float, default=None,
+    parser.add_argument("--regrow", type=float, default=1.5,
                         help="after an accepted cycle multiply the (backed-off) amount by this, up to --amount")
+    parser.add_argument("--release-schedule", choices=["constant", "cosine"], default="cosine",
+                        help="lr within each release (or recover) phase: flat, or decayed to 0")
     parser.add_argument("--lasso-fraction", type=float, default=1.0,
                         help="fraction of each release phase trained with the lasso (the rest: without, lr decayed)")
-    parser.add_argument("--finish-epochs", type=float, default=None,
+    parser.add_argument("--finish-epochs", type=float, default=30,
                         help="after the cycles, train the smallest candidates this long without the lasso (cosine lr)")
-    parser.add_argument("--finish-tolerance", type=float, default=None,
+    parser.add_argument("--finish-tolerance", type=float, default=0.8,
                         help="validation points below dense a finished candidate may be (default --tolerance)")
     parser.add_argument("--finish-candidates", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.01)
@@ -384,6 +394,7 @@ def main(argv=None):
                                  f"results-seeds-{'-'.join(map(str, args.seeds))}-{args.methods.replace(',', '')}.json")
     if args.quick:
         args.seeds, args.dense_epochs, args.cycles, args.train_samples = args.seeds[:1], 1, 2, 5000
+        args.finish_epochs = 1
     torch.set_num_threads(args.threads)
     data = load_mnist()
     if args.train_samples:
@@ -431,13 +442,20 @@ def write_markdown(args, runs, table, total, picture, commands, settings):
             cycles.append([run["seed"], cycle, f"{params:,}", f"{dense_params / params:.1f}x", f"{val:.2f}",
                            f"{test:.2f}" if test is not None else "", f"{amount:.3f}", f"{sigma:.1e}",
                            "" if accepted else "miss"])
+    finishing = []
+    for run in runs:
+        for key in ("squeeze-release", "no-release"):
+            for cycle, params, before, after, test, accepted in run.get(key, {}).get("finished", []):
+                finishing.append([run["seed"], dict(METHODS)[key], cycle, f"{params:,}", f"{dense_params / params:.1f}x",
+                                  f"{before:.2f}", f"{after:.2f}", f"{test:.2f}" if test is not None else "",
+                                  "chosen" if accepted else "over tol."])
     met = [r["dense"]["params"] / r["squeeze-release"]["params"] >= 50
            and r["squeeze-release"]["test"] >= r["dense"]["test"] - 1 for r in runs if "squeeze-release" in r]
     command = "\n".join(commands)
     text = f"""## LeNet-300-100 on MNIST (examples/mnist_lenet300.py)
 
-Commands (CPU, {args.threads} torch thread(s) per process, seeds as parallel processes on a 2-core machine
-shared with other jobs, so times are wall-clock under heavy load), then the merge that wrote this file:
+Commands (CPU, {args.threads} torch thread(s) per process, on a 2-core machine shared with other jobs, so
+times are wall-clock under load), then the merge that wrote this file:
 
 ```
 {command}
@@ -462,7 +480,11 @@ the method's test accuracy, per seed.
 
 {tabulate(per_seed, headers=["seed", "method", "params", "fewer", "val %", "test %", "epochs", "time s", "weight shapes"], tablefmt="github", disable_numparse=True)}
 
-### Squeeze-Release cycles
+### Finishing phase (validation accuracy before and after the last training; test after)
+
+{tabulate(finishing, headers=["seed", "method", "cycle", "params", "fewer", "val before", "val after", "test after", ""], tablefmt="github", disable_numparse=True)}
+
+### Squeeze-Release cycles (accuracy before finishing)
 
 {tabulate(cycles, headers=["seed", "cycle", "params", "fewer", "val %", "test %", "amount", "sigma (median)", ""], tablefmt="github", disable_numparse=True)}
 """
