@@ -14,7 +14,7 @@ Methods (every choice is a CLI flag; the defaults are the recipe reported in doc
   hidden layers, columns of every layer) + ``--distill`` * distillation from the dense model.
   A cycle below (dense validation accuracy - ``--tolerance``) is a miss: it restarts from the best
   model with the amount times ``--backoff``; an accepted cycle multiplies it by ``--regrow`` (up to
-  ``--amount``); ``--patience`` misses in a row end the run. Then the finishing phase: the smallest
+  ``--amount``); ``--patience`` misses in a row, or an amount below ``--min-amount``, end the run. Then the finishing phase: the smallest
   accepted models (spaced 1.1x in size) are trained ``--finish-epochs`` without the lasso (cosine lr)
   until one is within ``--finish-tolerance`` of dense on validation; that one is reported.
 - (a) iterative magnitude pruning: plain |w| global pruning by ``--amount`` per round, cross-entropy
@@ -218,7 +218,7 @@ def run_seed(seed, data, args, log):
             backoff=args.backoff, regrow=args.regrow, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
             resume=args.resume, progress=args.progress, minimize_options={"trials": 1},
             finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
-            finish_candidates=args.finish_candidates)
+            finish_candidates=args.finish_candidates, min_amount=args.min_amount)
         best = result.history[result.best_cycle]
         chosen = next((f for f in result.finished if f.cycle == result.best_cycle), None)
         val, test = (chosen.accuracy, chosen.metrics["test"]) if chosen else (best.accuracy, best.metrics["test"])
@@ -349,6 +349,8 @@ def main(argv=None):
     parser.add_argument("--backoff", type=float, default=0.5)
     parser.add_argument("--regrow", type=float, default=1.5,
                         help="after an accepted cycle multiply the (backed-off) amount by this, up to --amount")
+    parser.add_argument("--min-amount", type=float, default=0.01,
+                        help="stop when misses have backed the amount off below this")
     parser.add_argument("--release-schedule", choices=["constant", "cosine"], default="cosine",
                         help="lr within each release (or recover) phase: flat, or decayed to 0")
     parser.add_argument("--lasso-fraction", type=float, default=1.0,

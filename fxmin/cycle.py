@@ -13,6 +13,7 @@ consecutive cycles whose accuracy is below ``baseline - tolerance``; the best mo
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import warnings
@@ -29,9 +30,11 @@ from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, pru
 from .report import count_parameters
 
 CHECKPOINT_VERSION = 1
-# the finishing phase picks its spaced candidates from this many times finish_candidates smallest
-# accepted models (kept in memory and in checkpoints); picking spaced ones as the loop goes would lose
-# a model that a later, smaller one crowds out but that finishing may need
+# the finishing phase picks its spaced candidates from a pool of this many times finish_candidates
+# accepted models, the most accurate of each size band spacing**(1/4) wide (kept in memory and in
+# checkpoints); picking spaced ones as the loop goes would lose a model that a later, smaller one crowds
+# out but that finishing may need, and a plain "smallest N" fills up with near twins when the loop
+# lingers at one size (seen on MNIST: 12 models of 4,404-4,450 parameters, one candidate)
 POOL_PER_CANDIDATE = 4
 
 
@@ -219,7 +222,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     backoff: float | None = None, regrow: float | None = None, progress: bool = True,
                     minimize_options: dict | None = None, finish_epochs: float | None = None,
                     finish_tolerance: float | None = None, finish_candidates: int = 3,
-                    finish_spacing: float = 1.1) -> SqueezeReleaseResult:
+                    finish_spacing: float = 1.1, min_amount: float = 0.0) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
     Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
@@ -235,7 +238,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     consecutive misses. With ``backoff`` (e.g. 0.5) a miss instead restarts from the best model so far
     with the amount multiplied by ``backoff`` (until ``patience`` misses in a row); with ``regrow``
     (e.g. 1.5) each accepted cycle multiplies it back up (never above the scheduled amount), so one
-    miss does not shrink every later step.
+    miss does not shrink every later step. The loop also stops when the amount has backed off below
+    ``min_amount`` (misses and regrowth that alternate drive it towards 0 while the model barely changes).
 
     ``finish_epochs``: after the loop, up to ``finish_candidates`` accepted models, smallest first and
     each at least ``finish_spacing`` times the size of the one before (so that a miss moves to a
@@ -304,6 +308,9 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
             break
         began = time.perf_counter()
         fraction = float(schedule(cycle)) * scale
+        if fraction < min_amount:
+            stopped = f"cycle {cycle}: amount {fraction:.2g} backed off below min_amount {min_amount}"
+            break
         working = copy.deepcopy(current)
         prior = None if release_zeros else zero_masks(working, **(select or {}))
         # NOTE [Amount after a release]: the last release refilled `current_released` zeros; pruning
@@ -342,7 +349,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
             if (params, -accuracy) < (history[best_cycle].params, -history[best_cycle].accuracy):
                 best, best_cycle, best_masks = minimized, cycle, masks
             if finish_epochs is not None:  # a pool of the smallest; spacing is applied when finishing
-                candidates = _smallest(candidates + [(cycle, minimized)], history, POOL_PER_CANDIDATE * finish_candidates)
+                candidates = _pool(candidates + [(cycle, minimized)], history, finish_spacing,
+                                   POOL_PER_CANDIDATE * finish_candidates)
         else:
             misses += 1
             if misses >= patience:
@@ -382,6 +390,19 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
 
 def _smallest(candidates, history, count):
     return sorted(candidates, key=lambda c: (history[c[0]].params, -history[c[0]].accuracy))[:count]
+
+
+def _pool(candidates, history, spacing, count):
+    """The most accurate candidate of each size band (bands ``spacing ** (1/4)`` wide), smallest bands
+    first: a loop that lingers at one size fills one band, not the whole pool, with near twins."""
+    bands = {}
+    for cycle, module in candidates:
+        record = history[cycle]
+        band = math.floor(4 * math.log(record.params) / math.log(spacing)) if spacing > 1 else record.params
+        held = bands.get(band)
+        if held is None or (-record.accuracy, record.params) < (-history[held[0]].accuracy, history[held[0]].params):
+            bands[band] = (cycle, module)
+    return _smallest(list(bands.values()), history, count)
 
 
 def _spaced(candidates, history, spacing, count):

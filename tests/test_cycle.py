@@ -299,11 +299,22 @@ def test_finish_candidates_are_spaced_in_size():
 
 def test_finish_spacing_is_chosen_from_all_small_candidates_not_as_the_loop_goes():
     """A model crowded out of a spaced list by a later, smaller twin must still be available."""
-    from fxmin.cycle import CycleRecord, _smallest, _spaced
-    history = [CycleRecord(c, p, 1.0, 0.9, 0.5, 0.0, 0, 0.0, True) for c, p in
-               enumerate([10_000, 6_604, 5_544, 5_295, 5_216, 4_650])]
+    from fxmin.cycle import CycleRecord, _pool, _spaced
+    sizes = [10_000, 6_604, 5_544, 5_295, 5_216, 4_650] + [4_450, 4_404] * 10  # then it lingers
+    history = [CycleRecord(c, p, 1.0, 0.9 + 0.001 * c, 0.5, 0.0, 0, 0.0, True) for c, p in enumerate(sizes)]
     pool = []
-    for cycle in range(1, 6):
-        pool = _smallest(pool + [(cycle, None)], history, 12)
+    for cycle in range(1, len(sizes)):
+        pool = _pool(pool + [(cycle, None)], history, 1.1, 12)
     chosen = [history[c].params for c, _ in _spaced(pool, history, 1.1, 3)]
-    assert chosen == [4_650, 5_216, 6_604]
+    assert chosen[0] in (4_404, 4_450) and chosen[1:] == [5_216, 6_604]  # the twins fill one band only
+    assert len({history[c].params for c, _ in pool}) == len(pool)
+
+
+def test_min_amount_stops_a_loop_that_backs_off_to_nothing():
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = make_callbacks(x, y)
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=10,
+                                   amount=0.5, baseline=2.0, tolerance=0.0, backoff=0.5, patience=10,
+                                   min_amount=0.1, progress=False)  # every cycle misses: 0.5, 0.25, 0.125
+    assert len(result.history) == 4 and "below min_amount" in result.stopped
