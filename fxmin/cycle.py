@@ -8,7 +8,8 @@ NOTE [Defaults]
 ``alpha = 0.01`` and ``release_tolerance = 1e-3`` (relative L2 change of the output on the calibration
 batch) are our choices, not derived; both are parameters. Stopping: the loop stops after ``patience``
 consecutive cycles whose accuracy is below ``baseline - tolerance``; the best model is the smallest one
-(ties: the most accurate) whose accuracy is within the tolerance.
+(ties: the most accurate) whose accuracy is within the tolerance, or, with ``finish_epochs``, the
+smallest candidate that is within ``finish_tolerance`` after its finishing training.
 """
 from __future__ import annotations
 
@@ -243,11 +244,12 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
 
     ``finish_epochs``: after the loop, up to ``finish_candidates`` accepted models, smallest first and
     each at least ``finish_spacing`` times the size of the one before (so that a miss moves to a
-    clearly larger model, not to a near twin), are trained once more, ``train(model, TrainStep('finish', cycle, finish_epochs))``; the first
-    whose accuracy is then within ``finish_tolerance`` (default ``tolerance``) of the baseline is the
-    result. The cycles' weights carry whatever penalty drove the squeeze; a last training without it
-    recovers accuracy (on LeNet-300-100: +0.2 to +0.4 points, docs/results.md), so the search
-    ``tolerance`` may be looser than ``finish_tolerance``. When no candidate passes, the most accurate
+    clearly larger model, not to a near twin), are trained once more with
+    ``train(model, TrainStep('finish', cycle, finish_epochs))``; the first whose accuracy is then within
+    ``finish_tolerance`` (default ``tolerance``) of the baseline is the result. The cycles' weights
+    carry whatever penalty drove the squeeze; a last training without it recovers accuracy (on
+    LeNet-300-100: 0.2-0.6 validation points, docs/results.md), so the search ``tolerance`` may be
+    looser than ``finish_tolerance``. When no candidate passes, the most accurate
     finished one is returned and ``stopped`` says so. Each is recorded in ``result.finished``.
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
@@ -293,7 +295,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         best, best_cycle, best_masks, misses, stopped = current, 0, None, 0, ""
         scale = 1.0
         current_released = 0
-        candidates = []  # (cycle, module): the smallest accepted models, for the finishing phase
+        candidates = []  # (cycle, module): the pool of accepted models for the finishing phase
     start = history[-1].cycle + 1
     if finish_epochs is not None and (finish_candidates < 1 or finish_spacing < 1):
         raise InputError(f"finish_candidates must be at least 1 and finish_spacing at least 1.0, "
@@ -398,7 +400,7 @@ def _pool(candidates, history, spacing, count):
     bands = {}
     for cycle, module in candidates:
         record = history[cycle]
-        band = math.floor(4 * math.log(record.params) / math.log(spacing)) if spacing > 1 else record.params
+        band = math.floor(4 * math.log(max(record.params, 1)) / math.log(spacing)) if spacing > 1 else record.params
         held = bands.get(band)
         if held is None or (-record.accuracy, record.params) < (-history[held[0]].accuracy, history[held[0]].params):
             bands[band] = (cycle, module)
