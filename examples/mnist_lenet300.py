@@ -343,7 +343,7 @@ def main(argv=None):
     parser.add_argument("--lasso", type=float, default=3e-3, help="group-lasso weight on unit norms")
     parser.add_argument("--distill", type=float, default=0.5, help="weight of distillation from the dense model")
     parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--tolerance", type=float, default=1.5,
+    parser.add_argument("--tolerance", type=float, default=1.1,
                         help="validation accuracy points below dense a cycle may fall (the search; see --finish-tolerance)")
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--backoff", type=float, default=0.5)
@@ -357,7 +357,7 @@ def main(argv=None):
                         help="fraction of each release phase trained with the lasso (the rest: without, lr decayed)")
     parser.add_argument("--finish-epochs", type=float, default=30,
                         help="after the cycles, train the smallest candidates this long without the lasso (cosine lr)")
-    parser.add_argument("--finish-tolerance", type=float, default=0.8,
+    parser.add_argument("--finish-tolerance", type=float, default=0.85,
                         help="validation points below dense a finished candidate may be (default --tolerance)")
     parser.add_argument("--finish-candidates", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=0.01)
@@ -382,7 +382,7 @@ def main(argv=None):
             for run in item["runs"]:
                 by_seed.setdefault(run["seed"], {}).update(run)
         runs = [by_seed[seed] for seed in sorted(by_seed)]
-        commands = [item["command"] for item in loaded]
+        commands = [item["command"].replace("nice -n 10 ", "") for item in loaded]  # older files claimed a nice level
         total = max(item["total_s"] for item in loaded)
         args.seeds = [run["seed"] for run in runs]
         args.threads = loaded[0]["args"]["threads"]
@@ -418,10 +418,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump({"args": vars(args), "runs": runs, "total_s": total, "log": lines,
-                   "command": "nice -n 10 .venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])}, handle, indent=1, default=str)
+                   "command": ".venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])}, handle, indent=1, default=str)
     if args.write:
         picture = plot(runs, os.path.join(os.path.dirname(args.write) or ".", "mnist_lenet300.png"))
-        command = "nice -n 10 .venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])
+        command = ".venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])
         write_markdown(args, runs, table, total, picture, [command], vars(args))
     return runs
 
