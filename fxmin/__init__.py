@@ -27,7 +27,7 @@ __all__ = [
     "Plan", "REGISTRY", "Report", "Rule", "TraceError", "VerifyReport", "analyze_graph", "compensate", "count_parameters",
     "make_plan", "masked_reference", "minimize", "prune_masks", "register_pointwise", "rewrite", "rule", "trace",
     "verify",
-    # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py)
+    # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py, fxmin/cycle_records.py, fxmin/checkpoints.py)
     "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
     "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",
     # audit and compiler integration (fxmin/depgraph.py, fxmin/compile.py)

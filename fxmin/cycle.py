@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Mapping
 
 import torch
-import torch.fx
 from torch import nn
 
 from .errors import InputError
 from .minimize import minimize
 from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
+from .checkpoints import CHECKPOINT_VERSION, _picklable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .cycle_records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
 from .report import count_parameters
 
-CHECKPOINT_VERSION = 1
+__all__ = ["CHECKPOINT_VERSION", "CycleRecord", "FinishRecord", "SqueezeReleaseResult", "TrainStep",
+           "latest_checkpoint", "load_checkpoint", "squeeze_release"]
+
 # the finishing phase picks its spaced candidates from a pool of this many times finish_candidates
 # accepted models, the most accurate of each size band spacing**(1/4) wide (kept in memory and in
 # checkpoints); picking spaced ones as the loop goes would lose a model that a later, smaller one crowds
@@ -38,120 +40,6 @@ CHECKPOINT_VERSION = 1
 # lingers at one size (seen on MNIST: 12 models of 4,404-4,450 parameters, one candidate)
 POOL_PER_CANDIDATE = 4
 
-
-# ------------------------------------------------------------------------------------- the loop
-@dataclass(frozen=True)
-class TrainStep:
-    """What fxmin asks your ``train(model, step)`` to do.
-
-    ``phase``: 'squeeze' (masks held fixed by fxmin: any optimizer works), 'release' (all weights
-    trainable), 'recover' (cycles without release: the remaining zeros held) or 'finish' (the final
-    training of a candidate after the loop, see ``finish_epochs``; a place to drop a sparsity penalty
-    and decay the learning rate). ``epochs``: the budget you configured for this phase. ``masks``: the
-    masks being held (None in 'release' and 'finish').
-    """
-
-    phase: str
-    cycle: int
-    epochs: float
-    masks: dict | None = None
-
-
-@dataclass
-class CycleRecord:
-    cycle: int
-    params: int
-    compression: float
-    accuracy: float
-    amount: float
-    sigma: float  # median released sigma over tensors (0 without release)
-    released: int  # zeros released
-    time_s: float
-    accepted: bool
-    metrics: dict = field(default_factory=dict)
-    sigmas: dict = field(default_factory=dict)
-
-
-@dataclass
-class FinishRecord:
-    """One candidate trained by the finishing phase: accuracy before and after, whether it passed."""
-
-    cycle: int
-    params: int
-    before: float
-    accuracy: float
-    accepted: bool
-    time_s: float
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass
-class SqueezeReleaseResult:
-    """``module``: the best model (smallest within tolerance, after finishing when ``finish_epochs``
-    was given); ``history``: one record per cycle (cycle 0 = the input model); ``best_cycle``;
-    ``baseline``: cycle-0 accuracy; ``finished``: one :class:`FinishRecord` per finished candidate."""
-
-    module: nn.Module
-    history: list
-    best_cycle: int
-    baseline: float
-    params_original: int
-    masks: dict | None = None
-    stopped: str = ""
-    finished: list = field(default_factory=list)
-
-    def table(self, tablefmt: str = "github") -> str:
-        from tabulate import tabulate
-
-        extra = sorted({key for record in self.history for key in record.metrics})
-        rows = [[r.cycle, f"{r.params:,}", f"{r.compression:.1f}x", f"{r.accuracy:.4f}",
-                 *[_format(r.metrics.get(k)) for k in extra], f"{r.amount:.2f}", f"{r.sigma:.2e}",
-                 f"{r.time_s:.1f}", "best" if r.cycle == self.best_cycle else ("" if r.accepted else "over tol.")]
-                for r in self.history]
-        return tabulate(rows, headers=["cycle", "params", "compression", "accuracy", *extra, "amount",
-                                       "sigma (median)", "time s", ""], tablefmt=tablefmt,
-                        disable_numparse=True)
-
-    def finish_table(self, tablefmt: str = "github") -> str:
-        """The finishing phase: each candidate's accuracy before and after its final training."""
-        from tabulate import tabulate
-
-        extra = sorted({key for record in self.finished for key in record.metrics})
-        rows = [[f.cycle, f"{f.params:,}", f"{self.params_original / max(f.params, 1):.1f}x", f"{f.before:.4f}",
-                 f"{f.accuracy:.4f}", *[_format(f.metrics.get(k)) for k in extra], f"{f.time_s:.1f}",
-                 "best" if f.accepted and f.cycle == self.best_cycle else ("" if f.accepted else "over tol.")]
-                for f in self.finished]
-        return tabulate(rows, headers=["cycle", "params", "compression", "before", "after", *extra, "time s", ""],
-                        tablefmt=tablefmt, disable_numparse=True)
-
-    def plot(self, path: str, label: str = "Squeeze-Release", ax=None):
-        """Accuracy vs parameters per cycle; needs matplotlib (returns None without it)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r.params for r in self.history], [r.accuracy for r in self.history], "o-", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("accuracy")
-        ax.legend()
-        for f in self.finished:
-            ax.plot([f.params, f.params], [f.before, f.accuracy], "k-", lw=1)
-            ax.plot(f.params, f.accuracy, "k*" if f.accepted else "kx", markersize=8)
-        if own:
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-        return path
-
-
-def _format(value):
-    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
 def _is_main() -> bool:
@@ -182,36 +70,6 @@ def _train(train, model, step):
     else:
         train(model, step)
     model.eval()
-
-
-def _checkpoint_path(directory, cycle):
-    return os.path.join(directory, f"cycle_{cycle:03d}.pt")
-
-
-def _picklable(module):
-    """A copy that pickles. NOTE [Pickling GraphModules]: torch 2.13 fails to pickle a GraphModule
-    whose code carries type annotations (``x: torch.Tensor`` gives a global '_torch_Tensor_' that its
-    import writer cannot name), so the copy drops node type annotations, which change nothing at run time."""
-    if not isinstance(module, torch.fx.GraphModule):
-        return module
-    module = copy.deepcopy(module)
-    for node in module.graph.nodes:
-        node.type = None
-    module.recompile()
-    return module
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    """Path of the last cycle checkpoint in ``directory`` (None when there is none)."""
-    if not directory or not os.path.isdir(directory):
-        return None
-    found = sorted(f for f in os.listdir(directory) if f.startswith("cycle_") and f.endswith(".pt"))
-    return os.path.join(directory, found[-1]) if found else None
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by :func:`squeeze_release` (a dict: module, history, best_cycle, ...)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, example_inputs,
@@ -361,7 +219,6 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                 current, scale = best, scale * backoff
                 current_released = history[best_cycle].released
         if checkpoint_dir and main:
-            os.makedirs(checkpoint_dir, exist_ok=True)
             payload = {"version": CHECKPOINT_VERSION, "cycle": cycle, "module": _picklable(current),
                        "history": [asdict(r) for r in history], "baseline": baseline, "best_cycle": best_cycle,
                        "best_module": _picklable(best) if best_cycle > 0 else None, "best_masks": best_masks,
@@ -369,9 +226,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                        "rng": torch.get_rng_state(), "scale": scale,
                        "current_released": current_released,
                        "candidates": [(c, _picklable(m)) for c, m in candidates]}
-            target = _checkpoint_path(checkpoint_dir, cycle)
-            torch.save(payload, target + ".tmp")
-            os.replace(target + ".tmp", target)  # a crash never leaves a half-written checkpoint
+            save_checkpoint(checkpoint_dir, cycle, payload)
         _barrier()
         if bar is not None:
             bar.update(1)

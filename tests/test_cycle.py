@@ -12,15 +12,6 @@ from fxmin.cycle import latest_checkpoint, load_checkpoint
 from tests.helpers import assert_equivalent, masked_copy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed=0, sizes=(20, 32, 16, 3)):
     torch.manual_seed(seed)
     layers = []
@@ -208,6 +199,7 @@ def test_squeeze_release_shrinks_checkpoints_and_resumes(tmp_path):
     best = result.history[result.best_cycle]
     assert best.accuracy >= result.baseline - 0.2
     assert fxmin.count_parameters(result.module) == best.params
+    assert result.scores() == (best.accuracy, best.metrics)  # no finishing: as measured in its cycle
     assert "compression" in result.table() and "best" in result.table()
     state = load_checkpoint(latest_checkpoint(str(tmp_path)))
     assert state["cycle"] == 3 and len(state["history"]) == 4
@@ -262,6 +254,7 @@ def test_finish_trains_the_smallest_candidates_until_one_is_within_tolerance(sco
     assert result.best_cycle == records[-1].cycle and records[-1].accuracy == scores[-1]
     assert fxmin.count_parameters(result.module) == records[-1].params == result.history[result.best_cycle].params
     assert result.module.finished_score == scores[-1] and not result.stopped
+    assert result.scores() == (scores[-1], {})  # the returned model's accuracy after finishing
     assert "before" in result.finish_table() and "best" in result.finish_table()
     state = load_checkpoint(latest_checkpoint(str(tmp_path)))  # the pool: up to 4 x 3 smallest accepted
     assert sorted(c for c, _ in state["candidates"]) == sorted(r.cycle for r in by_size[:12])
@@ -277,6 +270,7 @@ def test_finish_without_a_passing_candidate_returns_the_most_accurate_and_says_s
                                        finish_tolerance=0.1, finish_candidates=2, progress=False)
     assert [r.accepted for r in result.finished] == [False, False]
     assert result.best_cycle == result.finished[1].cycle and result.module.finished_score == 0.85
+    assert result.scores()[0] == 0.85
     assert "no candidate" in result.stopped
     with pytest.raises(fxmin.InputError, match="finish_candidates must be at least 1"):
         fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), finish_epochs=1,

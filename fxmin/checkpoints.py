@@ -1,0 +1,50 @@
+"""Checkpoints of the Squeeze-Release loop: one file per cycle, written atomically, read back for
+``resume``."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.fx
+
+CHECKPOINT_VERSION = 1
+
+
+def _checkpoint_path(directory, cycle):
+    return os.path.join(directory, f"cycle_{cycle:03d}.pt")
+
+
+def _picklable(module):
+    """A copy that pickles. NOTE [Pickling GraphModules]: torch 2.13 fails to pickle a GraphModule
+    whose code carries type annotations (``x: torch.Tensor`` gives a global '_torch_Tensor_' that its
+    import writer cannot name), so the copy drops node type annotations, which change nothing at run time."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return module
+    module = copy.deepcopy(module)
+    for node in module.graph.nodes:
+        node.type = None
+    module.recompile()
+    return module
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """Path of the last cycle checkpoint in ``directory`` (None when there is none)."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    found = sorted(f for f in os.listdir(directory) if f.startswith("cycle_") and f.endswith(".pt"))
+    return os.path.join(directory, found[-1]) if found else None
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by :func:`squeeze_release` (a dict: module, history, best_cycle, ...)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(directory: str, cycle: int, payload: dict) -> str:
+    """Write ``payload`` as ``directory/cycle_NNN.pt``; a crash never leaves a half-written file."""
+    os.makedirs(directory, exist_ok=True)
+    target = _checkpoint_path(directory, cycle)
+    torch.save(payload, target + ".tmp")
+    os.replace(target + ".tmp", target)
+    return target
