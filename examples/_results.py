@@ -1,7 +1,10 @@
-"""What the experiment scripts share: writing their section of docs/results.md."""
+"""What the experiment scripts share: the cached dense model, writing their section of docs/results.md."""
 from __future__ import annotations
 
 import os
+import time
+
+import torch
 
 
 def replace_section(path, owner, text):
@@ -16,3 +19,22 @@ def replace_section(path, owner, text):
         new = old.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as handle:
         handle.write(new)
+
+
+def cached_dense(model, train, cache, wait=False, map_location=None):
+    """Load ``model``'s trained weights from ``cache`` or train it (``train(model)``) and save them there,
+    so that every process of an experiment starts from the same dense model; ``wait``: another process
+    trains it, poll until the file appears. Returns the training time in seconds (as first measured)."""
+    while wait and not os.path.exists(cache):
+        time.sleep(5)
+    if os.path.exists(cache):
+        saved = torch.load(cache, map_location=map_location)
+        model.load_state_dict(saved["state"])
+        return saved["time_s"]
+    began = time.perf_counter()
+    train(model)
+    seconds = time.perf_counter() - began
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    torch.save({"state": model.state_dict(), "time_s": seconds}, cache + ".tmp")
+    os.replace(cache + ".tmp", cache)  # a reader never sees a half-written file
+    return seconds

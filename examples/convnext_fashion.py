@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 from fxmin.zoo.convnext import convnext_tiny  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import replace_section  # noqa: E402
+from _results import cached_dense, replace_section  # noqa: E402
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -158,24 +158,13 @@ def main(argv=None):
 
     log(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
         f"settings: {json.dumps(vars(args))}")
-    began = time.perf_counter()
     dense = build(args).to(device)
     plain = Trainer(data, args)
     cache = os.path.join(args.checkpoints, f"dense-w{args.width}-d{'-'.join(map(str, args.depths))}-"
                                            f"{args.dense_epochs}ep-{args.schedule}-n{args.train_samples or 50000}-seed{args.seed}.pt")
-    if "sr" not in args.methods.split(","):  # the process running ours trains the dense model: wait for it
-        while not os.path.exists(cache):
-            time.sleep(10)
-    if os.path.exists(cache):  # the dense model is the same for every method: train it once
-        saved = torch.load(cache, map_location=device)
-        dense.load_state_dict(saved["state"])
-        dense_time = saved["time_s"]
-    else:
-        plain.train(dense, args.dense_epochs)
-        dense_time = time.perf_counter() - began
-        os.makedirs(args.checkpoints, exist_ok=True)
-        torch.save({"state": dense.state_dict(), "time_s": dense_time}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+    # the dense model is the same for every method: trained once (by the process running ours) and cached
+    dense_time = cached_dense(dense, lambda m: plain.train(m, args.dense_epochs), cache,
+                              wait="sr" not in args.methods.split(","), map_location=device)
     scores = plain.evaluate(dense)
     rows = [["dense", fxmin.count_parameters(dense), scores["accuracy"], scores["test"], args.dense_epochs,
              dense_time]]
@@ -199,10 +188,10 @@ def main(argv=None):
             minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance)
         best = result.history[result.best_cycle]
         log(result.table())
-        chosen = next((f for f in result.finished if f.cycle == result.best_cycle), None)
         if result.finished:
             log(result.finish_table())
-        val, test = (chosen.accuracy, chosen.metrics["test"]) if chosen else (best.accuracy, best.metrics["test"])
+        val, metrics = result.scores()
+        test = metrics["test"]
         rows.append([name, best.params, val, test, args.dense_epochs + trainer.epochs, time.perf_counter() - start])
         report()
         return result

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import replace_section  # noqa: E402
+from _results import cached_dense, replace_section  # noqa: E402
 
 
 class LeNet300(nn.Module):
@@ -180,24 +180,12 @@ def reinitialize(module, seed):
 
 def run_seed(seed, data, args, log):
     torch.manual_seed(seed)
-    began = time.perf_counter()
     dense = LeNet300()
     plain = Trainer(data, args, seed=seed)
     cache = os.path.join(args.checkpoints, f"dense-seed{seed}-{args.dense_epochs}ep.pt")
     methods = args.methods.split(",")
-    if "sr" not in methods:  # another process trains the dense model: wait for it
-        while not os.path.exists(cache):
-            time.sleep(5)
-    if os.path.exists(cache):
-        saved = torch.load(cache)
-        dense.load_state_dict(saved["state"])
-        dense_time = saved["time_s"]
-    else:
-        plain.train(dense, args.dense_epochs)
-        dense_time = time.perf_counter() - began
-        os.makedirs(args.checkpoints, exist_ok=True)
-        torch.save({"state": dense.state_dict(), "time_s": dense_time}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+    # trained once per seed (by the process running ours) and cached for the others
+    dense_time = cached_dense(dense, lambda m: plain.train(m, args.dense_epochs), cache, wait="sr" not in methods)
     dense_scores = plain.evaluate(dense)
     log(f"seed {seed}: dense val {dense_scores['accuracy']:.2f} test {dense_scores['test']:.2f} ({dense_time:.0f}s)")
     with torch.no_grad():
@@ -220,8 +208,8 @@ def run_seed(seed, data, args, log):
             finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
             finish_candidates=args.finish_candidates, min_amount=args.min_amount)
         best = result.history[result.best_cycle]
-        chosen = next((f for f in result.finished if f.cycle == result.best_cycle), None)
-        val, test = (chosen.accuracy, chosen.metrics["test"]) if chosen else (best.accuracy, best.metrics["test"])
+        val, metrics = result.scores()
+        test = metrics["test"]
         entry = {"params": best.params, "val": val, "test": test, "stopped": result.stopped,
                  "finished": [(f.cycle, f.params, f.before, f.accuracy, f.metrics.get("test"), f.accepted)
                               for f in result.finished],

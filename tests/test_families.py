@@ -29,15 +29,6 @@ from fxmin.zoo import MODELS, convnext_tiny, densenet, efficientnet, efficientne
 from helpers import check_minimize, masked_copy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- shared pieces ----------------------------------------------------------------------------------------------
 
 def images(channels: int = 3, size: int = 32, batch: int = 2) -> tuple:
