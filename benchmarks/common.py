@@ -172,6 +172,17 @@ def rss_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def parse_common(parser, argv):
+    """Add the options every benchmark shares (--seed, --threads, --write), parse ``argv`` and set the
+    torch thread count (1 by default: CPU times stay comparable on a shared machine)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def publish(title: str, table: str, argv, script: str, notes: str = "") -> None:
     """Write ``## title`` (command, machine, date, table, notes) into docs/benchmarks.md."""
     command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -182,6 +193,6 @@ def publish(title: str, table: str, argv, script: str, notes: str = "") -> None:
     print(f"wrote section '{title}' to {DOC}")
 
 
-__all__ = ["DOC", "FULL", "MODEST", "apply_masks", "build", "cpu_seconds", "machine", "median_latency",
+__all__ = ["DOC", "FULL", "MODEST", "apply_masks", "build", "cpu_seconds", "machine", "median_latency", "parse_common",
            "planted_masks", "publish", "random_masks", "randomize_affine", "reset_peak_rss", "rss_mib",
            "weight_names"]

@@ -23,7 +23,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from common import MODEST, build, planted_masks, publish, random_masks
+from common import MODEST, build, planted_masks, parse_common, publish, random_masks
 
 import fxmin
 from fxmin import zoo
@@ -70,11 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=list(CATALOG), choices=list(CATALOG))
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     parser.add_argument("--trials", type=int, default=4, help="random input sets beside the example")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
 
     rows = []
     for name in args.models:

@@ -24,7 +24,7 @@ import sys
 import torch
 from tabulate import tabulate
 
-from common import FULL, build, cpu_seconds, publish, random_masks, reset_peak_rss, rss_mib
+from common import FULL, build, cpu_seconds, parse_common, publish, random_masks, reset_peak_rss, rss_mib
 
 import fxmin
 from fxmin.minimize import prepare
@@ -88,12 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.9])
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one model, JSON out
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
     if args.one:
         print(json.dumps(measure(args.models[0], args.sparsities[0], args.repeat, args.seed)))
         return

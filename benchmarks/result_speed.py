@@ -27,7 +27,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from common import MODEST, apply_masks, build, planted_masks, publish
+from common import MODEST, apply_masks, build, planted_masks, parse_common, publish
 
 import fxmin
 
@@ -101,11 +101,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=21, help="timed calls at batch 1 (a third of it at larger batches)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
     modes = ["eager"] if args.no_compile else ["eager", "inductor"]
     runs = {batch: args.runs if batch == 1 else max(3, args.runs // 3) for batch in args.batches}
 

@@ -38,7 +38,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.nn.utils import prune
 
-from common import MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, publish
+from common import MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, parse_common, publish
 
 import fxmin
 
@@ -163,11 +163,7 @@ HEADERS = ["model", "method", "parameters removed", "stored tensors change", "ma
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODEST), choices=list(MODEST))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
     import torch_pruning
 
     rows = []
