@@ -206,7 +206,8 @@ def run_seed(seed, data, args, log):
             backoff=args.backoff, regrow=args.regrow, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
             resume=args.resume, progress=args.progress, minimize_options={"trials": 1},
             finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
-            finish_candidates=args.finish_candidates, min_amount=args.min_amount)
+            finish_candidates=args.finish_candidates, finish_pool_tolerance=args.finish_pool_tolerance,
+            min_amount=args.min_amount)
         best = result.history[result.best_cycle]
         val, metrics = result.scores()
         test = metrics["test"]
@@ -348,6 +349,9 @@ def main(argv=None):
     parser.add_argument("--finish-tolerance", type=float, default=0.85,
                         help="validation points below dense a finished candidate may be (default --tolerance)")
     parser.add_argument("--finish-candidates", type=int, default=3)
+    parser.add_argument("--finish-pool-tolerance", type=float, default=None,
+                        help="validation points below dense within which a cycle the search rejected is still a "
+                             "finishing candidate (default --tolerance: accepted cycles only)")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--release-tolerance", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-3)

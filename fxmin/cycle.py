@@ -81,7 +81,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     backoff: float | None = None, regrow: float | None = None, progress: bool = True,
                     minimize_options: dict | None = None, finish_epochs: float | None = None,
                     finish_tolerance: float | None = None, finish_candidates: int = 3,
-                    finish_spacing: float = 1.1, min_amount: float = 0.0) -> SqueezeReleaseResult:
+                    finish_spacing: float = 1.1, finish_pool_tolerance: float | None = None,
+                    min_amount: float = 0.0) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
     Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
@@ -109,6 +110,10 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     LeNet-300-100: 0.2-0.6 validation points, docs/results.md), so the search ``tolerance`` may be
     looser than ``finish_tolerance``. When no candidate passes, the most accurate
     finished one is returned and ``stopped`` says so. Each is recorded in ``result.finished``.
+    ``finish_pool_tolerance`` (default ``tolerance``) admits the search's near misses to the pool too:
+    a cycle within it of the baseline is a finishing candidate even when the loop rejected it and
+    went on from the best model (a miss at the search tolerance may pass once finished; the search
+    itself still only continues from accepted models).
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
@@ -153,11 +158,15 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         best, best_cycle, best_masks, misses, stopped = current, 0, None, 0, ""
         scale = 1.0
         current_released = 0
-        candidates = []  # (cycle, module): the pool of accepted models for the finishing phase
+        candidates = []  # (cycle, module): the pool for the finishing phase (accepted models and near misses)
     start = history[-1].cycle + 1
     if finish_epochs is not None and (finish_candidates < 1 or finish_spacing < 1):
         raise InputError(f"finish_candidates must be at least 1 and finish_spacing at least 1.0, "
                          f"got {finish_candidates} and {finish_spacing}")
+    pool_tolerance = tolerance if finish_pool_tolerance is None else float(finish_pool_tolerance)
+    if pool_tolerance < tolerance:
+        raise InputError(f"finish_pool_tolerance ({pool_tolerance}) must be at least tolerance ({tolerance}): "
+                         f"every accepted model is a finishing candidate")
 
     bar = None
     if progress and main:
@@ -208,9 +217,6 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                 scale = min(1.0, scale * regrow)
             if (params, -accuracy) < (history[best_cycle].params, -history[best_cycle].accuracy):
                 best, best_cycle, best_masks = minimized, cycle, masks
-            if finish_epochs is not None:  # a pool of the smallest; spacing is applied when finishing
-                candidates = _pool(candidates + [(cycle, minimized)], history, finish_spacing,
-                                   POOL_PER_CANDIDATE * finish_candidates)
         else:
             misses += 1
             if misses >= patience:
@@ -218,6 +224,10 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
             elif backoff is not None:  # retry from the best model with a smaller step
                 current, scale = best, scale * backoff
                 current_released = history[best_cycle].released
+        if finish_epochs is not None and accuracy >= baseline - pool_tolerance:
+            # a pool of the smallest (near misses too); spacing is applied when finishing
+            candidates = _pool(candidates + [(cycle, minimized)], history, finish_spacing,
+                               POOL_PER_CANDIDATE * finish_candidates)
         if checkpoint_dir and main:
             payload = {"version": CHECKPOINT_VERSION, "cycle": cycle, "module": _picklable(current),
                        "history": [asdict(r) for r in history], "baseline": baseline, "best_cycle": best_cycle,

@@ -312,3 +312,37 @@ def test_min_amount_stops_a_loop_that_backs_off_to_nothing():
                                    amount=0.5, baseline=2.0, tolerance=0.0, backoff=0.5, patience=10,
                                    min_amount=0.1, progress=False)  # every cycle misses: 0.5, 0.25, 0.125
     assert len(result.history) == 4 and "below min_amount" in result.stopped
+
+
+def test_finish_pool_tolerance_admits_near_misses_that_pass_once_finished():
+    """A cycle the search rejected (0.6 < 1.0 - 0.3) but within the pool tolerance is finished first:
+    it is the smallest, and the loop went on from the last accepted model, never from it."""
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    calls, finished_scores = [], [0.95]
+
+    def train(model, step):
+        calls.append((step.phase, step.cycle))
+        if step.phase == "finish":
+            model.finished_score = finished_scores.pop(0)
+
+    def evaluate(model):  # cycle 1 is accepted (0.8), every later cycle a near miss (0.6)
+        return getattr(model, "finished_score", 0.8 if len(calls) <= 2 else 0.6)
+
+    kwargs = dict(train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3, amount=0.5,
+                  criterion=fxmin.unit_scaled_magnitude, baseline=1.0, tolerance=0.3, finish_epochs=1,
+                  finish_tolerance=0.1, finish_spacing=1.0, progress=False)
+    result = fxmin.squeeze_release(net, finish_pool_tolerance=0.45, backoff=0.5, patience=3, **kwargs)
+    assert [r.accepted for r in result.history[1:]] == [True, False, False]
+    smallest_miss = min(result.history[2:], key=lambda r: (r.params, -r.accuracy))
+    assert smallest_miss.params < result.history[1].params
+    assert result.finished[0].cycle == smallest_miss.cycle and result.finished[0].accepted
+    assert result.best_cycle == smallest_miss.cycle and result.module.finished_score == 0.95
+    assert fxmin.count_parameters(result.module) == smallest_miss.params
+    # without it only the accepted cycle is a candidate
+    calls.clear()
+    finished_scores[:] = [0.95]
+    plain = fxmin.squeeze_release(net, backoff=0.5, patience=3, **kwargs)
+    assert [r.cycle for r in plain.finished] == [1]
+    with pytest.raises(fxmin.InputError, match="finish_pool_tolerance .* must be at least tolerance"):
+        fxmin.squeeze_release(net, finish_pool_tolerance=0.1, **kwargs)
