@@ -85,7 +85,7 @@ class SqueezeReleaseResult:
         extra = sorted({key for record in self.history for key in record.metrics})
         rows = [[r.cycle, f"{r.params:,}", f"{r.compression:.1f}x", f"{r.accuracy:.4f}",
                  *[_format(r.metrics.get(k)) for k in extra], f"{r.amount:.2f}", f"{r.sigma:.2e}",
-                 f"{r.time_s:.1f}", "best" if r.cycle == self.best_cycle else ("" if r.accepted else "over tol.")]
+                 f"{r.time_s:.1f}", _mark(r, self.best_cycle)]
                 for r in self.history]
         return tabulate(rows, headers=["cycle", "params", "compression", "accuracy", *extra, "amount",
                                        "sigma (median)", "time s", ""], tablefmt=tablefmt,
@@ -131,3 +131,10 @@ class SqueezeReleaseResult:
 
 def _format(value):
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def _mark(record, best_cycle):
+    """'best', 'over tol.', or both for a near miss that finishing chose (finish_pool_tolerance)."""
+    if record.cycle == best_cycle:
+        return "best" if record.accepted else "best (over tol. in the search)"
+    return "" if record.accepted else "over tol."

@@ -339,6 +339,7 @@ def test_finish_pool_tolerance_admits_near_misses_that_pass_once_finished():
     assert result.finished[0].cycle == smallest_miss.cycle and result.finished[0].accepted
     assert result.best_cycle == smallest_miss.cycle and result.module.finished_score == 0.95
     assert fxmin.count_parameters(result.module) == smallest_miss.params
+    assert "best (over tol. in the search)" in result.table()
     # without it only the accepted cycle is a candidate
     calls.clear()
     finished_scores[:] = [0.95]
