@@ -134,6 +134,10 @@ def main(argv=None):
     parser.add_argument("--finish-epochs", type=float, default=2,
                         help="after the cycles, train the smallest candidates this long without the lasso")
     parser.add_argument("--finish-tolerance", type=float, default=0.9, help="validation points below dense")
+    parser.add_argument("--finish-candidates", type=int, default=3)
+    parser.add_argument("--finish-pool-tolerance", type=float, default=None,
+                        help="validation points below dense within which a cycle the search rejected is still a "
+                             "finishing candidate (default --tolerance)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--methods", default="sr,a,b,c")
@@ -185,7 +189,8 @@ def main(argv=None):
             release_epochs=args.release_epochs, release_zeros=release_zeros, baseline=baseline,
             patience=args.patience, backoff=args.backoff, regrow=args.regrow, seed=args.seed,
             checkpoint_dir=os.path.join(args.checkpoints, name), resume=args.resume, progress=False,
-            minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance)
+            minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
+            finish_candidates=args.finish_candidates, finish_pool_tolerance=args.finish_pool_tolerance)
         best = result.history[result.best_cycle]
         log(result.table())
         if result.finished:
