@@ -82,7 +82,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     minimize_options: dict | None = None, finish_epochs: float | None = None,
                     finish_tolerance: float | None = None, finish_candidates: int = 3,
                     finish_spacing: float = 1.1, finish_pool_tolerance: float | None = None,
-                    min_amount: float = 0.0) -> SqueezeReleaseResult:
+                    finish_evaluate: Callable | None = None, min_amount: float = 0.0) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
     Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
@@ -114,6 +114,12 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     a cycle within it of the baseline is a finishing candidate even when the loop rejected it and
     went on from the best model (a miss at the search tolerance may pass once finished; the search
     itself still only continues from accepted models).
+    ``finish_evaluate`` (default ``evaluate``, same return convention) judges the finishing phase on
+    data the search never saw: the loop accepts and rejects dozens of models on ``evaluate``'s split,
+    and what it keeps is biased towards that split (on MNIST, a lineage 0.8 points below dense on
+    validation was 1.3 below on test). With it, ``finish_tolerance`` is measured from
+    ``finish_evaluate(model)`` of the input model (``result.finish_baseline``), and each candidate's
+    accuracy before and after finishing is ``finish_evaluate``'s.
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
@@ -148,6 +154,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         scale = state.get("scale", 1.0)
         current_released = state.get("current_released", 0)
         candidates = [(c, m) for c, m in state.get("candidates", [])]
+        finish_baseline = state.get("finish_baseline")
         torch.set_rng_state(state["rng"])
     else:
         current = copy.deepcopy(model)
@@ -159,6 +166,11 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         scale = 1.0
         current_released = 0
         candidates = []  # (cycle, module): the pool for the finishing phase (accepted models and near misses)
+        finish_baseline = None
+    if finish_evaluate is not None and finish_baseline is None:
+        finish_baseline = _evaluate(finish_evaluate, copy.deepcopy(model))[0]
+    elif finish_evaluate is None:
+        finish_baseline = baseline
     start = history[-1].cycle + 1
     if finish_epochs is not None and (finish_candidates < 1 or finish_spacing < 1):
         raise InputError(f"finish_candidates must be at least 1 and finish_spacing at least 1.0, "
@@ -234,7 +246,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                        "best_module": _picklable(best) if best_cycle > 0 else None, "best_masks": best_masks,
                        "params_original": params_original, "misses": misses, "stopped": stopped,
                        "rng": torch.get_rng_state(), "scale": scale,
-                       "current_released": current_released,
+                       "current_released": current_released, "finish_baseline": finish_baseline,
                        "candidates": [(c, _picklable(m)) for c, m in candidates]}
             save_checkpoint(checkpoint_dir, cycle, payload)
         _barrier()
@@ -246,13 +258,15 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     finished = []
     if finish_epochs is not None and candidates:
         candidates = _spaced(candidates, history, finish_spacing, finish_candidates)
-        chosen, note = _finish(train, evaluate, candidates, history, baseline, finish_epochs,
+        chosen, note = _finish(train, finish_evaluate or evaluate, finish_evaluate is not None, candidates, history,
+                               finish_baseline, finish_epochs,
                                tolerance if finish_tolerance is None else finish_tolerance, finished)
         if chosen[0] != best_cycle:
             best_masks = None  # the masks of the best cycle's squeeze; not kept for other candidates
         best_cycle, best = chosen
         stopped = f"{stopped}; {note}" if stopped and note else (note or stopped)
-    return SqueezeReleaseResult(best, history, best_cycle, baseline, params_original, best_masks, stopped, finished)
+    return SqueezeReleaseResult(best, history, best_cycle, baseline, params_original, best_masks, stopped, finished,
+                                finish_baseline)
 
 
 def _smallest(candidates, history, count):
@@ -281,17 +295,19 @@ def _spaced(candidates, history, spacing, count):
     return kept[:count]
 
 
-def _finish(train, evaluate, candidates, history, baseline, epochs, tolerance, finished):
+def _finish(train, judge, separate, candidates, history, baseline, epochs, tolerance, finished):
     """The finishing phase: train candidates smallest first until one is within ``tolerance``;
+    ``judge`` scores them (``separate``: it is not the search's evaluate, whose scores ``history`` holds);
     returns ((cycle, module), note) -- the note is empty unless none passed."""
     trained_all = []
     for cycle, module in candidates:
         began = time.perf_counter()
+        before = _evaluate(judge, copy.deepcopy(module))[0] if separate else history[cycle].accuracy
         trained = copy.deepcopy(module)
         _train(train, trained, TrainStep("finish", cycle, epochs, None))
-        accuracy, metrics = _evaluate(evaluate, trained)
+        accuracy, metrics = _evaluate(judge, trained)
         accepted = accuracy >= baseline - tolerance
-        finished.append(FinishRecord(cycle, count_parameters(trained), history[cycle].accuracy, accuracy, accepted,
+        finished.append(FinishRecord(cycle, count_parameters(trained), before, accuracy, accepted,
                                      time.perf_counter() - began, metrics))
         if accepted:
             return (cycle, trained), ""

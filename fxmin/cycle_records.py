@@ -56,7 +56,8 @@ class FinishRecord:
 class SqueezeReleaseResult:
     """``module``: the best model (smallest within tolerance, after finishing when ``finish_epochs``
     was given); ``history``: one record per cycle (cycle 0 = the input model); ``best_cycle``;
-    ``baseline``: cycle-0 accuracy; ``finished``: one :class:`FinishRecord` per finished candidate."""
+    ``baseline``: cycle-0 accuracy; ``finished``: one :class:`FinishRecord` per finished candidate;
+    ``finish_baseline``: the input model's score by ``finish_evaluate`` (``baseline`` without one)."""
 
     module: nn.Module
     history: list
@@ -66,10 +67,11 @@ class SqueezeReleaseResult:
     masks: dict | None = None
     stopped: str = ""
     finished: list = field(default_factory=list)
+    finish_baseline: float | None = None
 
     def scores(self) -> tuple[float, dict]:
-        """(accuracy, other metrics) of ``module`` as ``evaluate`` last measured it: after its finishing
-        training when the finishing phase chose it, else in its cycle."""
+        """(accuracy, other metrics) of ``module`` as last measured: after its finishing training when
+        the finishing phase chose it (by ``finish_evaluate`` when given), else in its cycle."""
         finished = next((f for f in self.finished if f.accepted and f.cycle == self.best_cycle), None)
         if finished is None:  # none passed: the most accurate finished one was returned
             finished = next((f for f in sorted(self.finished, key=lambda f: -f.accuracy)

@@ -347,3 +347,41 @@ def test_finish_pool_tolerance_admits_near_misses_that_pass_once_finished():
     assert [r.cycle for r in plain.finished] == [1]
     with pytest.raises(fxmin.InputError, match="finish_pool_tolerance .* must be at least tolerance"):
         fxmin.squeeze_release(net, finish_pool_tolerance=0.1, **kwargs)
+
+
+def test_finish_evaluate_judges_the_finishing_phase_against_its_own_baseline(tmp_path):
+    """The search runs on evaluate's split; the finishing decision, its baseline and the reported
+    score come from finish_evaluate (held-out data the search never saw)."""
+    x, y = data(200)
+    net = trained_mlp(x, y).train()
+    seen = []
+
+    def train(model, step):
+        if step.phase == "finish":
+            model.finished = True
+
+    def evaluate(model):
+        seen.append("search")
+        return 0.9
+
+    def held_out(model):  # the input model scores 0.8 here; a finished candidate 0.75 (within 0.1)
+        seen.append("held-out")
+        if not getattr(model, "finished", False):
+            return {"accuracy": 0.8 if fxmin.count_parameters(model) == fxmin.count_parameters(net) else 0.5}
+        return {"accuracy": 0.75, "split": "held-out"}
+
+    kwargs = dict(train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=2, amount=0.5,
+                  criterion=fxmin.unit_scaled_magnitude, tolerance=0.05, finish_epochs=1, finish_tolerance=0.1,
+                  progress=False)
+    result = fxmin.squeeze_release(net, finish_evaluate=held_out, checkpoint_dir=str(tmp_path), **kwargs)
+    assert result.baseline == 0.9 and result.finish_baseline == 0.8
+    assert result.finished[0].before == 0.5 and result.finished[0].accuracy == 0.75 and result.finished[0].accepted
+    assert result.scores() == (0.75, {"split": "held-out"})
+    assert seen.count("held-out") == 1 + 2 * len(result.finished)  # the baseline, each candidate before/after
+    assert not hasattr(net, "finished") and net.training  # the input model is untouched
+    assert load_checkpoint(latest_checkpoint(str(tmp_path)))["finish_baseline"] == 0.8
+    # judged by the search's evaluate, 0.75 would be 0.15 below its 0.9 baseline: a warning, no pass
+    with pytest.warns(UserWarning, match="no candidate within 0.1"):
+        plain = fxmin.squeeze_release(net, finish_evaluate=None, **{**kwargs, "evaluate": lambda m: (
+            0.75 if getattr(m, "finished", False) else 0.9)})
+    assert plain.finish_baseline == 0.9 and not any(f.accepted for f in plain.finished)
