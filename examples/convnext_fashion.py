@@ -116,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--width", type=float, default=0.25, help="stage-width multiplier (1 = ConvNeXt-Tiny)")
     parser.add_argument("--depths", type=int, nargs=4, default=[1, 1, 3, 1], help="3 3 9 3 = ConvNeXt-Tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dense-epochs", type=float, default=6)
+    parser.add_argument("--dense-epochs", type=float, default=6.0)
     parser.add_argument("--cycles", type=int, default=14)
     parser.add_argument("--amount", type=float, default=0.5)
     parser.add_argument("--squeeze-epochs", type=float, default=0.5)
