@@ -15,9 +15,12 @@ Methods (every choice is a CLI flag; the defaults are the recipe reported in doc
   hidden layers, columns of every layer) + ``--distill`` * distillation from the dense model.
   A cycle below (dense validation accuracy - ``--tolerance``) is a miss: it restarts from the best
   model with the amount times ``--backoff``; an accepted cycle multiplies it by ``--regrow`` (up to
-  ``--amount``); ``--patience`` misses in a row, or an amount below ``--min-amount``, end the run. Then the finishing phase: the smallest
-  accepted models (spaced 1.1x in size) are trained ``--finish-epochs`` without the lasso (cosine lr)
-  until one is within ``--finish-tolerance`` of dense on validation; that one is reported.
+  ``--amount``); ``--patience`` misses in a row, or an amount below ``--min-amount``, end the run.
+  Then the finishing phase: up to ``--finish-candidates`` of the smallest models within
+  ``--finish-pool-tolerance`` (near misses of the search included; spaced ``--finish-spacing`` in
+  size) are trained ``--finish-epochs`` without the lasso (cosine lr), smallest first, until one is
+  within ``--finish-tolerance`` of dense on the finishing half of the validation split; that one is
+  reported.
 - (a) iterative magnitude pruning: plain |w| global pruning by ``--amount`` per round, cross-entropy
   fine-tuning with masks held, the same epochs per round; the sparsest round within the tolerance is
   minimized once at the end and gets the same finishing training.
@@ -388,7 +391,7 @@ def main(argv=None):
     parser.add_argument("--lasso", type=float, default=3e-3, help="group-lasso weight on unit norms")
     parser.add_argument("--distill", type=float, default=0.5, help="weight of distillation from the dense model")
     parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--tolerance", type=float, default=1.1,
+    parser.add_argument("--tolerance", type=float, default=1.3,
                         help="validation accuracy points below dense a cycle may fall (the search; see --finish-tolerance)")
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--backoff", type=float, default=0.5)
@@ -400,17 +403,17 @@ def main(argv=None):
                         help="lr within each release (or recover) phase: flat, or decayed to 0")
     parser.add_argument("--lasso-fraction", type=float, default=1.0,
                         help="fraction of each release phase trained with the lasso (the rest: without, lr decayed)")
-    parser.add_argument("--finish-epochs", type=float, default=30,
+    parser.add_argument("--finish-epochs", type=float, default=60,
                         help="after the cycles, train the smallest candidates this long without the lasso (cosine lr)")
     parser.add_argument("--finish-tolerance", type=float, default=0.85,
                         help="validation points below dense a finished candidate may be (default --tolerance)")
-    parser.add_argument("--finish-candidates", type=int, default=3)
-    parser.add_argument("--finish-spacing", type=float, default=1.1,
+    parser.add_argument("--finish-candidates", type=int, default=8)
+    parser.add_argument("--finish-spacing", type=float, default=1.05,
                         help="each finishing candidate at least this many times the size of the previous one")
     parser.add_argument("--finish-split", choices=["half", "none"], default="half",
                         help="half: the search judges on the first half of the validation split and the finishing "
                              "phase on the second, which the search never saw; none: both on all of it")
-    parser.add_argument("--finish-pool-tolerance", type=float, default=None,
+    parser.add_argument("--finish-pool-tolerance", type=float, default=2.0,
                         help="validation points below dense within which a cycle the search rejected is still a "
                              "finishing candidate (default --tolerance: accepted cycles only)")
     parser.add_argument("--alpha", type=float, default=0.01)
