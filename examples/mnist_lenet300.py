@@ -353,8 +353,12 @@ def plot(runs, path):
         for key, style in (("squeeze-release", "o-"), ("no-release", "s--")):
             if key in run:
                 history = run[key]["history"]
-                ax.plot([h[1] for h in history], [h[3] for h in history], style, color=f"C{0 if key == 'squeeze-release' else 1}",
-                        alpha=0.7, label=(dict(METHODS)[key] if i == 0 else None), markersize=3)
+                color = f"C{0 if key == 'squeeze-release' else 1}"
+                ax.plot([h[1] for h in history], [h[3] for h in history], style, color=color,
+                        alpha=0.7, label=(dict(METHODS)[key] + ", cycles" if i == 0 else None), markersize=3)
+                ax.plot(run[key]["params"], run[key]["test"], "*" if key == "squeeze-release" else "P", color=color,
+                        markersize=13, markeredgecolor="black",
+                        label=(dict(METHODS)[key] + ", after finishing" if i == 0 else None))
         for j, key in enumerate(("imp", "small-dense", "same-arch-reinit")):
             if key in run:
                 ax.plot(run[key]["params"], run[key]["test"], "^v<"[j], color=f"C{j + 2}", markersize=8,
