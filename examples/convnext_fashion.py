@@ -117,12 +117,12 @@ def main(argv=None):
     parser.add_argument("--depths", type=int, nargs=4, default=[1, 1, 3, 1], help="3 3 9 3 = ConvNeXt-Tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense-epochs", type=float, default=6.0)
-    parser.add_argument("--cycles", type=int, default=14)
+    parser.add_argument("--cycles", type=int, default=16)
     parser.add_argument("--amount", type=float, default=0.5)
     parser.add_argument("--squeeze-epochs", type=float, default=0.5)
-    parser.add_argument("--release-epochs", type=float, default=0.5)
-    parser.add_argument("--lasso", type=float, default=1e-4)
-    parser.add_argument("--tolerance", type=float, default=1.2, help="validation points below dense (the search)")
+    parser.add_argument("--release-epochs", type=float, default=1.0)
+    parser.add_argument("--lasso", type=float, default=5e-4)
+    parser.add_argument("--tolerance", type=float, default=1.5, help="validation points below dense (the search)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=5e-4,
                         help="peak lr of the pruning methods' fine-tuning (dense and (c) use --lr)")
@@ -134,8 +134,8 @@ def main(argv=None):
     parser.add_argument("--finish-epochs", type=float, default=2,
                         help="after the cycles, train the smallest candidates this long without the lasso")
     parser.add_argument("--finish-tolerance", type=float, default=0.9, help="validation points below dense")
-    parser.add_argument("--finish-candidates", type=int, default=3)
-    parser.add_argument("--finish-pool-tolerance", type=float, default=None,
+    parser.add_argument("--finish-candidates", type=int, default=4)
+    parser.add_argument("--finish-pool-tolerance", type=float, default=2.2,
                         help="validation points below dense within which a cycle the search rejected is still a "
                              "finishing candidate (default --tolerance)")
     parser.add_argument("--batch", type=int, default=128)
