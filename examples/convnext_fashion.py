@@ -137,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--finish-candidates", type=int, default=4)
     parser.add_argument("--finish-pool-tolerance", type=float, default=2.2,
                         help="validation points below dense within which a cycle the search rejected is still a "
-                             "finishing candidate (default --tolerance)")
+                             "finishing candidate (--tolerance: accepted cycles only)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--methods", default="sr,a,b,c")

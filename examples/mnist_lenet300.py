@@ -83,11 +83,14 @@ def load_mnist():
     return [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)) for x, y in splits]
 
 
-def accuracy(model, x, y, batch=5000):
+def correct(model, x, y, batch=5000):
     model.eval()
     with torch.no_grad():
-        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    return 100.0 * correct / len(x)
+        return sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+
+
+def accuracy(model, x, y, batch=5000):
+    return 100.0 * correct(model, x, y, batch) / len(x)
 
 
 class Trainer:
@@ -143,17 +146,22 @@ class Trainer:
         self.epochs += epochs
         model.eval()
 
-    def _scores(self, model, lo, hi):
-        return {"accuracy": accuracy(model, self.vx[lo:hi], self.vy[lo:hi]), "val": accuracy(model, self.vx, self.vy),
-                "test": accuracy(model, self.tx, self.ty)}
+    def _scores(self, model, judged):
+        """'accuracy' on validation half ``judged`` (0, 1; None: the whole split), 'val' on the whole split
+        (each validation image is run once), 'test'."""
+        half = len(self.vx) // 2
+        hits = (correct(model, self.vx[:half], self.vy[:half]), correct(model, self.vx[half:], self.vy[half:]))
+        whole = 100.0 * sum(hits) / len(self.vx)
+        judged_accuracy = whole if judged is None else 100.0 * hits[judged] / (half, len(self.vx) - half)[judged]
+        return {"accuracy": judged_accuracy, "val": whole, "test": accuracy(model, self.tx, self.ty)}
 
     def evaluate(self, model):
         """The search's judge: the first half of the validation split (all of it with --finish-split none)."""
-        return self._scores(model, 0, len(self.vx) // 2 if self.args.finish_split == "half" else len(self.vx))
+        return self._scores(model, 0 if self.args.finish_split == "half" else None)
 
     def finish_evaluate(self, model):
         """The finishing phase's judge: the second half of the validation split, which the search never saw."""
-        return self._scores(model, len(self.vx) // 2, len(self.vx))
+        return self._scores(model, 1)
 
 
 def iterative_magnitude(dense, trainer, args, baseline):
@@ -225,7 +233,8 @@ def run_seed(seed, data, args, log):
     cache = os.path.join(args.checkpoints, f"dense-seed{seed}-{args.dense_epochs}ep{suffix}.pt")
     methods = args.methods.split(",")
     # trained once per seed (by the process running ours) and cached for the others
-    dense_time = cached_dense(dense, lambda m: plain.train(m, fxmin.TrainStep("dense", 0, args.dense_epochs)), cache, wait="sr" not in methods)
+    dense_time = cached_dense(dense, lambda m: plain.train(m, fxmin.TrainStep("dense", 0, args.dense_epochs)), cache,
+                              wait="sr" not in methods)
     dense_scores = plain.evaluate(dense)
     log(f"seed {seed}: dense val {dense_scores['val']:.2f} (search split {dense_scores['accuracy']:.2f}, "
         f"finishing split {plain.finish_evaluate(dense)['accuracy']:.2f}) test {dense_scores['test']:.2f} "
@@ -248,8 +257,8 @@ def run_seed(seed, data, args, log):
             backoff=args.backoff, regrow=args.regrow, seed=seed, checkpoint_dir=os.path.join(args.checkpoints, f"{name}-seed{seed}"),
             resume=args.resume, progress=args.progress, minimize_options={"trials": 1},
             finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
-            finish_candidates=args.finish_candidates, finish_spacing=args.finish_spacing, finish_pool_tolerance=args.finish_pool_tolerance,
-            min_amount=args.min_amount,
+            finish_candidates=args.finish_candidates, finish_spacing=args.finish_spacing,
+            finish_pool_tolerance=args.finish_pool_tolerance, min_amount=args.min_amount,
             finish_evaluate=trainer.finish_evaluate if args.finish_split == "half" else None)
         best = result.history[result.best_cycle]
         chosen, metrics = result.scores()
@@ -419,7 +428,7 @@ def main(argv=None):
                              "phase on the second, which the search never saw; none: both on all of it")
     parser.add_argument("--finish-pool-tolerance", type=float, default=2.0,
                         help="validation points below dense within which a cycle the search rejected is still a "
-                             "finishing candidate (default --tolerance: accepted cycles only)")
+                             "finishing candidate (--tolerance: accepted cycles only)")
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--release-tolerance", type=float, default=1e-3)
     parser.add_argument("--lr", type=float, default=1e-3)

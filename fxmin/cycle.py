@@ -34,10 +34,10 @@ __all__ = ["CHECKPOINT_VERSION", "CycleRecord", "FinishRecord", "SqueezeReleaseR
            "latest_checkpoint", "load_checkpoint", "squeeze_release"]
 
 # the finishing phase picks its spaced candidates from a pool of this many times finish_candidates
-# accepted models, the most accurate of each size band spacing**(1/4) wide (kept in memory and in
-# checkpoints); picking spaced ones as the loop goes would lose a model that a later, smaller one crowds
-# out but that finishing may need, and a plain "smallest N" fills up with near twins when the loop
-# lingers at one size (seen on MNIST: 12 models of 4,404-4,450 parameters, one candidate)
+# models (accepted, or near misses within finish_pool_tolerance), the most accurate of each size band
+# spacing**(1/4) wide (kept in memory and in checkpoints); picking spaced ones as the loop goes would
+# lose a model that a later, smaller one crowds out but that finishing may need, and a plain "smallest N"
+# fills up with near twins when the loop lingers at one size (seen on MNIST: 12 models of 4,404-4,450 parameters, one candidate)
 POOL_PER_CANDIDATE = 4
 
 
@@ -258,8 +258,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     finished = []
     if finish_epochs is not None and candidates:
         candidates = _spaced(candidates, history, finish_spacing, finish_candidates)
-        chosen, note = _finish(train, finish_evaluate or evaluate, finish_evaluate is not None, candidates, history,
-                               finish_baseline, finish_epochs,
+        chosen, note = _finish(train, evaluate, finish_evaluate, candidates, history, finish_baseline, finish_epochs,
                                tolerance if finish_tolerance is None else finish_tolerance, finished)
         if chosen[0] != best_cycle:
             best_masks = None  # the masks of the best cycle's squeeze; not kept for other candidates
@@ -295,17 +294,17 @@ def _spaced(candidates, history, spacing, count):
     return kept[:count]
 
 
-def _finish(train, judge, separate, candidates, history, baseline, epochs, tolerance, finished):
-    """The finishing phase: train candidates smallest first until one is within ``tolerance``;
-    ``judge`` scores them (``separate``: it is not the search's evaluate, whose scores ``history`` holds);
+def _finish(train, evaluate, finish_evaluate, candidates, history, baseline, epochs, tolerance, finished):
+    """The finishing phase: train candidates smallest first until one is within ``tolerance`` as
+    ``finish_evaluate`` (None: ``evaluate``, whose scores before finishing ``history`` holds) judges;
     returns ((cycle, module), note) -- the note is empty unless none passed."""
     trained_all = []
     for cycle, module in candidates:
         began = time.perf_counter()
-        before = _evaluate(judge, copy.deepcopy(module))[0] if separate else history[cycle].accuracy
         trained = copy.deepcopy(module)
+        before = history[cycle].accuracy if finish_evaluate is None else _evaluate(finish_evaluate, trained)[0]
         _train(train, trained, TrainStep("finish", cycle, epochs, None))
-        accuracy, metrics = _evaluate(judge, trained)
+        accuracy, metrics = _evaluate(finish_evaluate or evaluate, trained)
         accepted = accuracy >= baseline - tolerance
         finished.append(FinishRecord(cycle, count_parameters(trained), before, accuracy, accepted,
                                      time.perf_counter() - began, metrics))
