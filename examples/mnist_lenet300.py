@@ -110,7 +110,7 @@ class Trainer:
             loss = (1 - self.distill) * loss + self.distill * t * t * soft
         if self.lasso:
             last = [n for n, _ in model.named_parameters() if n.endswith("weight")][-1]
-            loss = loss + self.lasso * fxmin.group_lasso(model, skip_rows=[last])
+            loss = loss + self.lasso * fxmin.group_lasso(model, skip_rows=[last], weighting=self.args.lasso_weighting)
         return loss
 
     def train(self, model, step):
@@ -402,6 +402,9 @@ def main(argv=None):
                         help="comma-separated: sr (ours), a, b, c (c needs sr in the same process); "
                              "split them over processes that share the cached dense model")
     parser.add_argument("--lasso", type=float, default=3e-3, help="group-lasso weight on unit norms")
+    parser.add_argument("--lasso-weighting", choices=["none", "sqrt", "size"], default="none",
+                        help="scale each unit's norm in the lasso by nothing, sqrt(entries) or entries "
+                             "(the parameters its removal saves); fxmin.group_lasso(weighting=)")
     parser.add_argument("--distill", type=float, default=0.5, help="weight of distillation from the dense model")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--tolerance", type=float, default=1.3,

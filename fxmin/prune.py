@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import MaskError
+from .errors import InputError, MaskError
 
 #: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
 Criterion = Callable[[str, torch.Tensor], torch.Tensor]
@@ -188,29 +188,42 @@ def _check_amount(amount):
 
 
 def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: bool = True,
-                columns: bool = True, skip_rows: Iterable[str] = ()) -> torch.Tensor:
+                columns: bool = True, skip_rows: Iterable[str] = (), weighting: str = "none") -> torch.Tensor:
     """Sum of the L2 norms of the rows (output units) and columns (input units) of weight tensors.
 
     Add ``lam * group_lasso(model)`` to your training loss to drive whole units to zero, so that
     pruning empties rows and columns that minimization removes. ``names`` defaults to the Linear/Conv
     weights; ``skip_rows`` exempts tensors whose rows are not units you may remove (a classifier).
+
+    ``weighting`` scales each group's norm: ``"none"`` (every group alike), ``"sqrt"`` (by the square
+    root of its number of entries, the textbook group lasso) or ``"size"`` (by its number of entries,
+    the parameters its removal saves, so an expensive unit is pressed harder than a cheap one). The
+    weights are divided by their mean over all groups of the call, so ``lam`` keeps its scale.
     """
+    if weighting not in ("none", "sqrt", "size"):
+        raise InputError(f"group_lasso: weighting must be 'none', 'sqrt' or 'size', not {weighting!r}")
     parameters = dict(model.named_parameters())
     chosen = list(names) if names is not None else list(prunable(model))
     skip = set(skip_rows)
-    total = None
+    norms, sizes = [], []
     for name in chosen:
         w = parameters[name]
         if w.dim() < 2:
             continue
         flat = w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1)
-        term = 0.0
         if rows and name not in skip:
-            term = term + flat.pow(2).sum(dim=(1, 2)).add(1e-16).sqrt().sum()
+            norms.append(flat.pow(2).sum(dim=(1, 2)).add(1e-16).sqrt())
+            sizes.append(flat[0].numel())
         if columns:
-            term = term + flat.pow(2).sum(dim=(0, 2)).add(1e-16).sqrt().sum()
-        total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
+            norms.append(flat.pow(2).sum(dim=(0, 2)).add(1e-16).sqrt())
+            sizes.append(flat.shape[0] * flat.shape[2])
+    if not norms:
+        return torch.zeros(())
+    if weighting == "none":
+        return sum(n.sum() for n in norms)
+    scale = [float(size) ** (0.5 if weighting == "sqrt" else 1.0) for size in sizes]
+    mean = sum(s * n.numel() for s, n in zip(scale, norms)) / sum(n.numel() for n in norms)
+    return sum(n.sum() * (s / mean) for s, n in zip(scale, norms))
 
 
 class MaskHold:

@@ -83,6 +83,32 @@ def test_bad_amount_is_a_clear_error():
         fxmin.global_magnitude(mlp(), 1.5)
 
 
+def _lasso_by_hand(net, weighting, skip=()):
+    groups = []  # (norm, entries) of every row and column of every weight
+    for name, w in fxmin.prunable(net).items():
+        flat = w.detach().double().flatten(2) if w.dim() > 2 else w.detach().double().unsqueeze(-1)
+        if name not in skip:
+            groups += [(flat[i].norm(), flat[i].numel()) for i in range(flat.shape[0])]
+        groups += [(flat[:, j].norm(), flat[:, j].numel()) for j in range(flat.shape[1])]
+    power = {"none": 0.0, "sqrt": 0.5, "size": 1.0}[weighting]
+    mean = sum(n ** power for _, n in groups) / len(groups)
+    return sum(norm * n ** power / mean for norm, n in groups)
+
+
+@pytest.mark.parametrize("weighting", ["none", "sqrt", "size"])
+def test_group_lasso_sums_weighted_row_and_column_norms(weighting):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    net = net.double()
+    got = fxmin.group_lasso(net, skip_rows=["3.weight"], weighting=weighting)
+    assert torch.allclose(got, _lasso_by_hand(net, weighting, skip={"3.weight"}), rtol=1e-9)
+
+
+def test_group_lasso_bad_weighting_is_a_clear_error():
+    with pytest.raises(fxmin.InputError, match="weighting must be 'none', 'sqrt' or 'size'"):
+        fxmin.group_lasso(mlp(), weighting="cost")
+
+
 def test_held_masks_keep_zeros_with_momentum_and_weight_decay():
     net = mlp()
     x, y = data(64)
