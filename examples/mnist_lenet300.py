@@ -397,7 +397,7 @@ def main(argv=None):
     parser.add_argument("--cycles", type=int, default=80)
     parser.add_argument("--amount", type=float, default=0.5, help="fraction of the weights pruned per cycle")
     parser.add_argument("--squeeze-epochs", type=float, default=1, help="epochs (fractions allowed) per squeeze")
-    parser.add_argument("--release-epochs", type=float, default=4, help="epochs (fractions allowed) after release")
+    parser.add_argument("--release-epochs", type=float, default=8, help="epochs (fractions allowed) after release")
     parser.add_argument("--methods", default="sr,b,a,c",
                         help="comma-separated: sr (ours), a, b, c (c needs sr in the same process); "
                              "split them over processes that share the cached dense model")
