@@ -200,7 +200,8 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     the parameters its removal saves, so an expensive unit is pressed harder than a cheap one). The
     weights are divided by their mean over all groups of the call, so ``lam`` keeps its scale.
     """
-    if weighting not in ("none", "sqrt", "size"):
+    power = {"none": 0.0, "sqrt": 0.5, "size": 1.0}.get(weighting)
+    if power is None:
         raise InputError(f"group_lasso: weighting must be 'none', 'sqrt' or 'size', not {weighting!r}")
     parameters = dict(model.named_parameters())
     chosen = list(names) if names is not None else list(prunable(model))
@@ -219,9 +220,7 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
             sizes.append(flat.shape[0] * flat.shape[2])
     if not norms:
         return torch.zeros(())
-    if weighting == "none":
-        return sum(n.sum() for n in norms)
-    scale = [float(size) ** (0.5 if weighting == "sqrt" else 1.0) for size in sizes]
+    scale = [float(size) ** power for size in sizes]
     mean = sum(s * n.numel() for s, n in zip(scale, norms)) / sum(n.numel() for n in norms)
     return sum(n.sum() * (s / mean) for s, n in zip(scale, norms))
 
