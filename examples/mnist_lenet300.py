@@ -36,7 +36,9 @@ Choices use the validation split (10k), never the test split (10k, only reported
 search never saw (``--finish-split half``; fxmin's ``finish_evaluate``). The search accepts and
 rejects dozens of models on its half and what it keeps is biased towards it: with one split for
 both, one seed's finished model was 0.82 validation points but 1.32 test points below dense. The
-tables' val column is the whole validation split.
+tables' val column is the whole validation split. ``--finish-split train`` instead holds ``--holdout``
+training images out of every phase (dense model included) for the finishing phase and lets the search
+judge on the whole validation split: twice the images for each judge.
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ class Trainer:
     """The user's training code: fxmin only calls train(model, step) and evaluate(model)."""
 
     def __init__(self, data, args, teacher_logits=None, lasso=0.0, distill=0.0, seed=0):
-        (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data
+        (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data[:3]
+        self.holdout = data[3] if len(data) > 3 else None  # --finish-split train: images nothing trains on
         self.args, self.teacher, self.lasso, self.distill = args, teacher_logits, lasso, distill
         self.generator = torch.Generator().manual_seed(seed)
         self.epochs = 0
@@ -156,12 +159,16 @@ class Trainer:
         return {"accuracy": judged_accuracy, "val": whole, "test": accuracy(model, self.tx, self.ty)}
 
     def evaluate(self, model):
-        """The search's judge: the first half of the validation split (all of it with --finish-split none)."""
+        """The search's judge: the first half of the validation split (all of it with --finish-split none
+        or train)."""
         return self._scores(model, 0 if self.args.finish_split == "half" else None)
 
     def finish_evaluate(self, model):
-        """The finishing phase's judge: the second half of the validation split, which the search never saw."""
-        return self._scores(model, 1)
+        """The finishing phase's judge, on images the search never saw: the second half of the validation
+        split, or (--finish-split train) the training images held out from all training."""
+        if self.holdout is None:
+            return self._scores(model, 1)
+        return {**self._scores(model, None), "accuracy": accuracy(model, *self.holdout)}
 
 
 def iterative_magnitude(dense, trainer, args, baseline):
@@ -230,6 +237,7 @@ def run_seed(seed, data, args, log):
     dense = LeNet300()
     plain = Trainer(data, args, seed=seed)
     suffix = "-cosine" if args.dense_schedule == "cosine" else ""
+    suffix += "" if len(data[0][0]) == 50000 else f"-train{len(data[0][0])}"  # the dense model saw these images
     cache = os.path.join(args.checkpoints, f"dense-seed{seed}-{args.dense_epochs}ep{suffix}.pt")
     methods = args.methods.split(",")
     # trained once per seed (by the process running ours) and cached for the others
@@ -259,7 +267,7 @@ def run_seed(seed, data, args, log):
             finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
             finish_candidates=args.finish_candidates, finish_spacing=args.finish_spacing,
             finish_pool_tolerance=args.finish_pool_tolerance, min_amount=args.min_amount,
-            finish_evaluate=trainer.finish_evaluate if args.finish_split == "half" else None)
+            finish_evaluate=None if args.finish_split == "none" else trainer.finish_evaluate)
         best = result.history[result.best_cycle]
         chosen, metrics = result.scores()
         entry = {"params": best.params, "val": metrics["val"], "test": metrics["test"], "selected_on": chosen,
@@ -426,9 +434,12 @@ def main(argv=None):
     parser.add_argument("--finish-candidates", type=int, default=8)
     parser.add_argument("--finish-spacing", type=float, default=1.05,
                         help="each finishing candidate at least this many times the size of the previous one")
-    parser.add_argument("--finish-split", choices=["half", "none"], default="half",
+    parser.add_argument("--finish-split", choices=["half", "train", "none"], default="half",
                         help="half: the search judges on the first half of the validation split and the finishing "
-                             "phase on the second, which the search never saw; none: both on all of it")
+                             "phase on the second, which the search never saw; train: the search on all of it, "
+                             "the finishing on the last --holdout training images, which no phase trains on; "
+                             "none: both on all of the validation split")
+    parser.add_argument("--holdout", type=int, default=10000, help="training images held out by --finish-split train")
     parser.add_argument("--finish-pool-tolerance", type=float, default=2.0,
                         help="validation points below dense within which a cycle the search rejected is still a "
                              "finishing candidate (--tolerance: accepted cycles only)")
@@ -471,6 +482,9 @@ def main(argv=None):
                                  f"results-seeds-{'-'.join(map(str, args.seeds))}-{args.methods.replace(',', '')}.json")
     torch.set_num_threads(args.threads)
     data = load_mnist()
+    if args.finish_split == "train":  # the last --holdout training images judge the finishing phase only
+        (x, y), held = data[0], args.holdout
+        data = [(x[:-held], y[:-held]), data[1], data[2], (x[-held:], y[-held:])]
     if args.train_samples:
         data[0] = (data[0][0][:args.train_samples], data[0][1][:args.train_samples])
     lines = []
@@ -526,10 +540,13 @@ def write_markdown(args, runs, table, total, picture, commands, settings):
     shapes = [[run["seed"], e["family"], e["layers"], f"{e['params']:,}",
                f"{e['val']:.2f}", f"{e['test']:.2f}"]
               for run in runs for e in run.get("small-dense", {}).get("tried", [])]
-    halves = settings.get("finish_split", "none") == "half"
-    splits = ("the search (tolerances, backoff) judges on the first half of the validation split, the finishing "
-              "phase on the second half, which the search never saw; the val columns are the whole split"
-              if halves else "validation split (10k) for every choice")
+    splits = {"half": "the search (tolerances, backoff) judges on the first half of the validation split, the "
+                      "finishing phase on the second half, which the search never saw; the val columns are the "
+                      "whole split",
+              "train": f"the search (tolerances, backoff) judges on the validation split (10k), the finishing phase "
+                       f"on the last {settings.get('holdout')} training images, which no phase trains on",
+              "none": "validation split (10k) for every choice"}[settings.get("finish_split", "none")]
+    halves, held_out = settings.get("finish_split") == "half", settings.get("finish_split", "none") != "none"
     ours = [r for r in runs if "squeeze-release" in r]
     fewer = [r["dense"]["params"] / r["squeeze-release"]["params"] for r in ours]
     drops = [r["dense"]["test"] - r["squeeze-release"]["test"] for r in ours]
@@ -566,7 +583,7 @@ the method's test accuracy, per seed.
 
 {tabulate(per_seed, headers=["seed", "method", "params", "fewer", "val %", "test %", "epochs", "time s", "weight shapes"], tablefmt="github", disable_numparse=True)}
 
-### Finishing phase ({"finishing split" if halves else "validation"} accuracy before and after the last training; test after)
+### Finishing phase ({"finishing split" if held_out else "validation"} accuracy before and after the last training; test after)
 
 {tabulate(finishing, headers=["seed", "method", "cycle", "params", "fewer", "before", "after", "test after", ""], tablefmt="github", disable_numparse=True)}
 
