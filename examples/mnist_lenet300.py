@@ -437,7 +437,7 @@ def main(argv=None):
     parser.add_argument("--finish-split", choices=["half", "train", "none"], default="half",
                         help="half: the search judges on the first half of the validation split and the finishing "
                              "phase on the second, which the search never saw; train: the search on all of it, "
-                             "the finishing on the last --holdout training images, which no phase trains on; "
+                             "the finishing on --holdout training images drawn at random, which no phase trains on; "
                              "none: both on all of the validation split")
     parser.add_argument("--holdout", type=int, default=10000, help="training images held out by --finish-split train")
     parser.add_argument("--finish-pool-tolerance", type=float, default=2.0,
@@ -482,9 +482,10 @@ def main(argv=None):
                                  f"results-seeds-{'-'.join(map(str, args.seeds))}-{args.methods.replace(',', '')}.json")
     torch.set_num_threads(args.threads)
     data = load_mnist()
-    if args.finish_split == "train":  # the last --holdout training images judge the finishing phase only
-        (x, y), held = data[0], args.holdout
-        data = [(x[:-held], y[:-held]), data[1], data[2], (x[-held:], y[-held:])]
+    if args.finish_split == "train":  # --holdout training images, drawn at random, judge the finishing phase only
+        (x, y), order = data[0], torch.randperm(len(data[0][0]), generator=torch.Generator().manual_seed(0))
+        held, kept = order[:args.holdout], order[args.holdout:].sort().values
+        data = [(x[kept], y[kept]), data[1], data[2], (x[held], y[held])]
     if args.train_samples:
         data[0] = (data[0][0][:args.train_samples], data[0][1][:args.train_samples])
     lines = []
@@ -544,7 +545,7 @@ def write_markdown(args, runs, table, total, picture, commands, settings):
                       "finishing phase on the second half, which the search never saw; the val columns are the "
                       "whole split",
               "train": f"the search (tolerances, backoff) judges on the validation split (10k), the finishing phase "
-                       f"on the last {settings.get('holdout')} training images, which no phase trains on",
+                       f"on {settings.get('holdout')} training images drawn at random, which no phase trains on",
               "none": "validation split (10k) for every choice"}[settings.get("finish_split", "none")]
     halves, held_out = settings.get("finish_split") == "half", settings.get("finish_split", "none") != "none"
     ours = [r for r in runs if "squeeze-release" in r]
