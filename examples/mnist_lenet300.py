@@ -237,7 +237,8 @@ def run_seed(seed, data, args, log):
     dense = LeNet300()
     plain = Trainer(data, args, seed=seed)
     suffix = "-cosine" if args.dense_schedule == "cosine" else ""
-    suffix += "" if len(data[0][0]) == 50000 else f"-train{len(data[0][0])}"  # the dense model saw these images
+    if args.finish_split == "train" or args.train_samples:  # a reduced training set: a dense model of its own
+        suffix += f"-train{len(data[0][0])}"
     cache = os.path.join(args.checkpoints, f"dense-seed{seed}-{args.dense_epochs}ep{suffix}.pt")
     methods = args.methods.split(",")
     # trained once per seed (by the process running ours) and cached for the others
