@@ -51,13 +51,16 @@ experiments: venv
 	$(BIN)/python examples/mnist_lenet300.py --write docs/results.md --merge \
 	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
 
-# ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST, CPU (about an hour per process on one core;
-# a GPU is used when present). Needs the Debian package dataset-fashion-mnist (apt-get install -y
-# dataset-fashion-mnist, as root). Ours + (c) write docs/results.md; (a) + (b), which wait for
-# the dense model that the first process trains, their own file.
+# ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST, CPU (one to two hours per process on one
+# core; a GPU is used when present). Needs the Debian package dataset-fashion-mnist (apt-get install -y
+# dataset-fashion-mnist, as root). Ours + (c, c') and (a) + (b), which wait for the dense model that the
+# first process trains, write raw results; the merge writes docs/results.md and docs/convnext_fashion.png.
 experiments-fashion: venv
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
+	$(BIN)/pip install -q matplotlib || true
 	mkdir -p runs/convnext
-	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c --write docs/results.md > runs/convnext/log-sr-c.txt 2>&1 & \
-	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a --write runs/convnext/b-a.md > runs/convnext/log-b-a.txt 2>&1 & wait
+	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c > runs/convnext/log-sr-c.txt 2>&1 & \
+	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
+	$(BIN)/python examples/convnext_fashion.py --write docs/results.md --merge \
+	  runs/convnext/results-sr-c.json runs/convnext/results-b-a.json

@@ -2,9 +2,12 @@
 
     apt-get install -y dataset-fashion-mnist
     # reduced width on CPU (the defaults: width 0.25, depths 1 1 3 1; ~100 s per epoch on one core);
-    # ours + (c) and (a) + (b) as two processes sharing the cached dense model (make experiments-fashion):
-    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods sr,c --write docs/results.md
-    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods b,a --write runs/convnext/b-a.md
+    # ours + (c, c') and (a) + (b) as two processes sharing the cached dense model, each writing its raw
+    # results (runs/convnext/results-<methods>.json), then the merge (make experiments-fashion):
+    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods sr,c &
+    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods b,a & wait
+    .venv/bin/python examples/convnext_fashion.py --merge runs/convnext/results-sr-c.json \
+        runs/convnext/results-b-a.json --write docs/results.md    # and docs/convnext_fashion.png
     # ConvNeXt-Tiny where a GPU is present (picked automatically):
     .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30
 
@@ -191,7 +194,23 @@ def main(argv=None):
     parser.add_argument("--checkpoints", default="runs/convnext")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--write", default=None, help="markdown file whose ConvNeXt section is replaced")
+    parser.add_argument("--json", default=None,
+                        help="raw results (default <checkpoints>/results-<methods>.json), written after every method")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="only merge these raw result files (one seed's processes) into --write")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.write:
+            raise SystemExit("--merge needs --write (the markdown file whose ConvNeXt section is replaced)")
+        records = []
+        for path in args.merge:
+            with open(path) as handle:
+                records.append(json.load(handle))
+        print(summary(records))
+        write_section(records, args.write)
+        return
+    if args.json is None:
+        args.json = os.path.join(args.checkpoints, f"results-{args.methods.replace(',', '-')}.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -205,8 +224,8 @@ def main(argv=None):
         print(message, flush=True)
         log_lines.append(message)
 
-    log(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-        f"settings: {json.dumps(vars(args))}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    log(f"device: {device} ({device_name}), settings: {json.dumps(vars(args))}")
     dense = build(args).to(device)
     plain = Trainer(data, args)
     cache = os.path.join(args.checkpoints, f"dense-w{args.width}-d{'-'.join(map(str, args.depths))}-"
@@ -215,16 +234,30 @@ def main(argv=None):
     dense_time = cached_dense(dense, lambda m: plain.train(m, args.dense_epochs), cache,
                               wait="sr" not in args.methods.split(","), map_location=device)
     scores = plain.evaluate(dense)
-    rows = [["dense", fxmin.count_parameters(dense), scores["val"], scores["test"], args.dense_epochs, dense_time]]
-    log(f"dense: {rows[0][1]:,} params val {scores['val']:.2f} (search half {scores['accuracy']:.2f}, finishing "
-        f"half {plain.finish_evaluate(dense)['accuracy']:.2f}) test {scores['test']:.2f}")
+    finish_half = plain.finish_evaluate(dense)["accuracy"]
+    record = {"command": ".venv/bin/python examples/convnext_fashion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "args": vars(args), "device": f"{device} ({device_name})", "methods": {},
+              "dense": {"params": fxmin.count_parameters(dense), "val": scores["val"], "test": scores["test"],
+                        "search": scores["accuracy"], "finish": finish_half, "epochs": args.dense_epochs,
+                        "time_s": dense_time}}
+    log(f"dense: {record['dense']['params']:,} params val {scores['val']:.2f} (search half {scores['accuracy']:.2f}, "
+        f"finishing half {finish_half:.2f}) test {scores['test']:.2f}")
 
-    def report(final=False):
-        write_report(args, rows, log_lines, log, final)
+    def add(key, entry):
+        """One method's result: into the raw file (after every method, so a run cut short keeps its rows)
+        and, with --write, this process's section."""
+        record["methods"][key] = entry
+        log(f"{LABELS[key]}: {entry['params']:,} params val {entry['val']:.2f} test {entry['test']:.2f}")
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json + ".tmp", "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+        if args.write:
+            write_section([record], args.write)
 
     baseline, methods = scores["accuracy"], args.methods.split(",")
 
-    def cycles(release_zeros, name):
+    def cycles(release_zeros, key):
         trainer = Trainer(data, args, args.lasso, args.finetune_lr)
         start = time.perf_counter()
         result = fxmin.squeeze_release(
@@ -233,78 +266,177 @@ def main(argv=None):
             criterion=fxmin.unit_scaled_magnitude, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
             release_epochs=args.release_epochs, release_zeros=release_zeros, baseline=baseline,
             patience=args.patience, backoff=args.backoff, regrow=args.regrow, seed=args.seed,
-            checkpoint_dir=os.path.join(args.checkpoints, name), resume=args.resume, progress=False,
+            checkpoint_dir=os.path.join(args.checkpoints, key), resume=args.resume, progress=False,
             minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
             finish_candidates=args.finish_candidates, finish_pool_tolerance=args.finish_pool_tolerance,
             finish_evaluate=None if args.finish_split == "none" else trainer.finish_evaluate)
-        best = result.history[result.best_cycle]
         log(result.table())
         if result.finished:
             log(result.finish_table())
         _, metrics = result.scores()
-        rows.append([name, best.params, metrics["val"], metrics["test"], args.dense_epochs + trainer.epochs,
-                     time.perf_counter() - start])
-        report()
+        add(key, {"params": result.history[result.best_cycle].params, "val": metrics["val"], "test": metrics["test"],
+                  "epochs": args.dense_epochs + trainer.epochs, "time_s": time.perf_counter() - start,
+                  "best_cycle": result.best_cycle, "stopped": result.stopped,
+                  "history": [[r.cycle, r.params, r.accuracy, r.metrics.get("val"), r.metrics.get("test"), r.amount,
+                               r.sigma, r.time_s, r.accepted] for r in result.history],
+                  "finished": [[f.cycle, f.params, f.before, f.accuracy, f.metrics.get("val"), f.metrics.get("test"),
+                                f.time_s, f.accepted] for f in result.finished]})
         return result
+
+    def from_scratch(key, model, epochs, **extra):
+        start, trainer = time.perf_counter(), Trainer(data, args)
+        trainer.train(model, epochs)
+        s = trainer.evaluate(model)
+        add(key, {"params": fxmin.count_parameters(model), "val": s["val"], "test": s["test"], "epochs": epochs,
+                  "time_s": time.perf_counter() - start, **extra})
 
     sr = cycles(True, "squeeze-release") if "sr" in methods else None
     if "c" in methods and sr is not None:
+        budget = record["methods"]["squeeze-release"]["epochs"]
         target = sr.history[sr.best_cycle].params
         width = min((w / 64 for w in range(1, 65)),
                     key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - target))
-        start, model = time.perf_counter(), build(args, width * args.width).to(device)
-        trainer = Trainer(data, args)
-        trainer.train(model, rows[1][4])
-        s = trainer.evaluate(model)
-        rows.append([f"(c) width x{width:.3f} from scratch", fxmin.count_parameters(model), s["val"], s["test"],
-                     rows[1][4], time.perf_counter() - start])
-        report()
+        from_scratch("width-scratch", build(args, width * args.width).to(device), budget, width=width)
         # (c'): our final architecture (the minimized GraphModule), re-initialized, trained like (c)
-        start, model = time.perf_counter(), reinitialize(sr.module, args.seed)
-        trainer = Trainer(data, args)
-        trainer.train(model, rows[1][4])
-        s = trainer.evaluate(model)
-        rows.append(["(c') our final architecture, re-initialized", fxmin.count_parameters(model), s["val"],
-                     s["test"], rows[1][4], time.perf_counter() - start])
+        from_scratch("same-arch-reinit", reinitialize(sr.module, args.seed), budget)
     if "b" in methods:
         cycles(False, "no-release")
     if "a" in methods:
         start, trainer = time.perf_counter(), Trainer(data, args, lr=args.finetune_lr)
-        model, masks, best = copy.deepcopy(dense), None, None
-        for _ in range(args.cycles):
+        model, masks, best, rounds = copy.deepcopy(dense), None, None, []
+        for round_ in range(1, args.cycles + 1):
             masks = fxmin.global_magnitude(model, args.amount, masks=masks)
             with fxmin.hold_masks(model, masks):
                 trainer.train(model, args.squeeze_epochs + args.release_epochs)
-            if trainer.evaluate(model)["accuracy"] < baseline - args.tolerance:
+            s = trainer.evaluate(model)
+            rounds.append([round_, sum(int(m.sum()) for m in masks.values()), s["accuracy"], s["test"]])
+            if s["accuracy"] < baseline - args.tolerance:
                 break
             best = (copy.deepcopy(model), {k: v.clone() for k, v in masks.items()})
-        if best is not None:
-            module = fxmin.minimize(best[0], best[1], (data[1][0][:16],)).module
-            if args.finish_epochs:  # the same finishing training as ours
-                trainer.train(module, fxmin.TrainStep("finish", 0, args.finish_epochs))
-            s = trainer.evaluate(module)
-            rows.append(["(a) IMP + one minimization", fxmin.count_parameters(module), s["val"], s["test"],
-                         args.dense_epochs + trainer.epochs, time.perf_counter() - start])
-            report()
-    report(final=True)
+        # no round within the tolerance: the dense model itself is what (a) can deploy
+        module = dense if best is None else fxmin.minimize(best[0], best[1], (data[1][0][:16],)).module
+        if best is not None and args.finish_epochs:  # the same finishing training as ours
+            trainer.train(module, fxmin.TrainStep("finish", 0, args.finish_epochs))
+        s = trainer.evaluate(module)
+        add("imp", {"params": fxmin.count_parameters(module), "val": s["val"], "test": s["test"],
+                    "epochs": args.dense_epochs + trainer.epochs, "time_s": time.perf_counter() - start,
+                    "rounds": rounds})
+    if record["methods"]:
+        log(summary([record]))
 
 
-def write_report(args, rows, log_lines, log, final):
-    """The table so far (after every method, so that a long run that is cut short still leaves its rows)."""
+LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)",
+          "imp": "(a) iterative magnitude pruning + one minimization", "no-release": "(b) cycles without release",
+          "width-scratch": "(c) narrower ConvNeXt, from scratch", "same-arch-reinit":
+          "(c') our final architecture, re-initialized, from scratch"}
+
+
+def merged(records):
+    """dense and every method's entry from the raw files of one seed's processes (they share the dense model)."""
+    entries = {"dense": records[0]["dense"]}
+    for item in records:
+        if item["dense"]["params"] != entries["dense"]["params"] or item["dense"]["test"] != entries["dense"]["test"]:
+            raise SystemExit(f"{item['command']} has another dense model: merge only one seed's processes")
+        entries.update(item["methods"])
+    return entries
+
+
+def summary(records):
     from tabulate import tabulate
-    table = tabulate([[r[0], f"{r[1]:,}", f"{rows[0][1] / r[1]:.1f}x", f"{r[2]:.2f}", f"{r[3]:.2f}",
-                       f"{rows[0][3] - r[3]:.2f}", f"{r[4]:g}", f"{r[5]:.0f}"] for r in rows],
-                     headers=["method", "params", "fewer", "val %", "test %", "test drop (pts)", "epochs", "time s"],
-                     tablefmt="github", disable_numparse=True)
-    if args.write:
-        section = (f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py)\n\n"
-                   f"```\n.venv/bin/python examples/convnext_fashion.py {' '.join(sys.argv[1:])}\n```\n\n"
-                   f"{log_lines[0]}\n\n{table}\n\n### Cycles (validation accuracy; test in its own column)\n\n"
-                   + "\n\n".join(line for line in log_lines[1:] if line.startswith("|") or line.startswith("dense"))
-                   + "\n")
-        replace_section(args.write, "convnext_fashion.py", section)
-    if final:
-        log(table)
+    entries = merged(records)
+    dense = entries["dense"]
+    rows = [[LABELS[key] + (f" (width x{e['width']:.3f})" if "width" in e else ""), f"{e['params']:,}",
+             f"{dense['params'] / e['params']:.1f}x", f"{e['val']:.2f}", f"{e['test']:.2f}",
+             f"{dense['test'] - e['test']:.2f}", f"{e['epochs']:g}", f"{e['time_s']:.0f}"]
+            for key in LABELS if key in entries for e in [entries[key]]]
+    return tabulate(rows, headers=["method", "params", "fewer", "val %", "test %", "test drop (pts)", "epochs",
+                                   "time s"], tablefmt="github", disable_numparse=True)
+
+
+def plot(records, path):
+    """Test accuracy against deployed parameters: both loops' cycles, the finished models, the controls."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    entries = merged(records)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, key in (("C0", "squeeze-release"), ("C1", "no-release")):
+        if key in entries:
+            history = entries[key]["history"]
+            ax.plot([h[1] for h in history], [h[4] for h in history], "o-" if key == "squeeze-release" else "s--",
+                    color=color, alpha=0.7, markersize=3, label=LABELS[key] + ", cycles")
+            ax.plot(entries[key]["params"], entries[key]["test"], "*" if key == "squeeze-release" else "P",
+                    color=color, markersize=13, markeredgecolor="black", label=LABELS[key] + ", after finishing")
+    for marker, color, key in (("^", "C2", "imp"), ("v", "C3", "width-scratch"), ("<", "C4", "same-arch-reinit")):
+        if key in entries:
+            ax.plot(entries[key]["params"], entries[key]["test"], marker, color=color, markersize=8, label=LABELS[key])
+    dense = entries["dense"]
+    ax.plot(dense["params"], dense["test"], "kD", label="dense")
+    ax.axhline(dense["test"] - 1, color="grey", ls=":", label="dense - 1 point")
+    ax.axvline(dense["params"] / 14.8, color="grey", ls="-.", label="14.8x fewer")
+    ax.set_xscale("log")
+    ax.set_xlabel("deployed parameters")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
+    ax.legend(fontsize=7)
+    ax.set_title("ConvNeXt on Fashion-MNIST")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_section(records, path):
+    """This script's section of ``path`` (docs/results.md) from the raw files of one seed's processes, and
+    its plot next to it (with matplotlib)."""
+    from tabulate import tabulate
+    entries, settings = merged(records), dict(records[0]["args"])
+    dense = entries["dense"]
+    for key in ("methods", "write", "json", "merge", "resume"):
+        settings.pop(key, None)
+    commands = "\n".join(item["command"] for item in records)
+    text = [(f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py)\n\nCommands (one process each, sharing "
+             f"the cached dense model), device {records[0]['device']}:\n\n```\n{commands}\n```\n"),
+            f"Settings: `{json.dumps(settings)}`\n",
+            "The validation split (10k) makes every choice: "
+            + ("the search judges on its first half, the finishing phase on its second half, which the search "
+               "never saw; " if settings.get("finish_split", "half") == "half" else "")
+            + f"the val column is the whole split, the test split is only reported. Dense: val {dense['val']:.2f} "
+              f"(search half {dense['search']:.2f}, finishing half {dense['finish']:.2f}), test {dense['test']:.2f}. "
+              f"Target: 14.8x fewer parameters at no more than 1 point below dense test accuracy (aim: 20x).\n",
+            summary(records) + "\n",
+            ('"fewer" is dense parameters / deployed parameters; "test drop" is dense test accuracy minus the '
+             "method's.\n")]
+    for key in ("squeeze-release", "no-release"):
+        if key not in entries:
+            continue
+        entry = entries[key]
+        rows = [[c, f"{p:,}", f"{dense['params'] / p:.1f}x", f"{a:.2f}", f"{t:.2f}", f"{m:.3f}", f"{sg:.1e}",
+                 f"{ts:.0f}", "best" if c == entry["best_cycle"] else ("" if ok else "miss")]
+                for c, p, a, v, t, m, sg, ts, ok in entry["history"]]
+        text.append(f"### {LABELS[key]}: cycles (search half; test only reported)\n\n" + tabulate(
+            rows, headers=["cycle", "params", "fewer", "search %", "test %", "amount", "sigma (median)", "time s", ""],
+            tablefmt="github", disable_numparse=True) + "\n")
+        if entry["finished"]:
+            rows = [[c, f"{p:,}", f"{dense['params'] / p:.1f}x", f"{b:.2f}", f"{a:.2f}", f"{t:.2f}", f"{ts:.0f}",
+                     ("chosen" if c == entry["best_cycle"] else "passed") if ok else "over tol."]
+                    for c, p, b, a, v, t, ts, ok in entry["finished"]]
+            text.append(f"Finishing ({settings['finish_epochs']:g} epochs without the lasso; finishing half before / "
+                        f"after, test after):\n\n" + tabulate(
+                            rows, headers=["cycle", "params", "fewer", "before %", "after %", "test %", "time s", ""],
+                            tablefmt="github", disable_numparse=True) + "\n")
+    if "imp" in entries:
+        rows = [[r, f"{k:,}", f"{a:.2f}", f"{t:.2f}"] for r, k, a, t in entries["imp"]["rounds"]]
+        text.append("### (a): rounds of global magnitude pruning (weights kept; search half; test only reported)\n\n"
+                    + tabulate(rows, headers=["round", "weights kept", "search %", "test %"], tablefmt="github",
+                               disable_numparse=True) + "\n")
+    picture = plot(records, os.path.join(os.path.dirname(path) or ".", "convnext_fashion.png"))
+    if picture:
+        text.append(f"![accuracy vs parameters]({os.path.basename(picture)})\n")
+    replace_section(path, "convnext_fashion.py", "\n".join(text))
 
 
 if __name__ == "__main__":

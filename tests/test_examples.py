@@ -1,0 +1,44 @@
+"""The experiment scripts' report code: what lands in docs/results.md comes from the raw results."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("tabulate")
+
+
+def _record(methods, command, dense_test=89.25):
+    args = {"width": 0.25, "seed": 0, "finish_split": "half", "finish_epochs": 2, "methods": "x", "json": "y"}
+    return {"command": command, "args": args, "device": "cpu (CPU)", "methods": methods,
+            "dense": {"params": 1000, "val": 90.0, "test": dense_test, "search": 90.3, "finish": 89.7,
+                      "epochs": 6, "time_s": 10.0}}
+
+
+def test_convnext_merge_puts_both_processes_in_one_section(tmp_path):
+    from examples.convnext_fashion import write_section
+
+    history = [[0, 1000, 90.3, 90.0, 89.25, 0.0, 0.0, 0.0, True], [1, 50, 89.5, 89.4, 88.9, 0.5, 1e-4, 5.0, True]]
+    ours = {"params": 50, "val": 89.6, "test": 88.75, "epochs": 9.5, "time_s": 20.0, "best_cycle": 1,
+            "stopped": "", "history": history, "finished": [[1, 50, 89.4, 89.9, 89.6, 88.75, 3.0, True]]}
+    first = _record({"squeeze-release": ours,
+                     "width-scratch": {"params": 52, "val": 88.0, "test": 87.25, "epochs": 9.5, "time_s": 4.0,
+                                       "width": 0.25}}, "python examples/convnext_fashion.py --methods sr,c")
+    second = _record({"imp": {"params": 900, "val": 90.1, "test": 89.5, "epochs": 9, "time_s": 7.0,
+                              "rounds": [[1, 500, 90.2, 89.4]]}}, "python examples/convnext_fashion.py --methods b,a")
+    path = tmp_path / "results.md"
+    path.write_text("# Results\n\nkept by hand\n")
+    write_section([first, second], str(path))
+    text = path.read_text()
+    assert "kept by hand" in text and text.count("<!-- convnext_fashion.py begins -->") == 1
+    assert "--methods sr,c" in text and "--methods b,a" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "20.0x" in rows["Squeeze-Release (ours)"] and "| 0.50 " in rows["Squeeze-Release (ours)"]
+    assert "(c) narrower ConvNeXt, from scratch (width x0.250)" in rows
+    assert "-0.25" in rows["(a) iterative magnitude pruning + one minimization"]  # above dense: a negative drop
+    assert "| chosen" in text  # the finishing table
+
+
+def test_convnext_merge_refuses_processes_of_different_dense_models(tmp_path):
+    from examples.convnext_fashion import write_section
+
+    with pytest.raises(SystemExit, match="another dense model"):
+        write_section([_record({}, "a"), _record({}, "b", dense_test=88.0)], str(tmp_path / "r.md"))
