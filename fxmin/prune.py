@@ -209,12 +209,12 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     norms, sizes = [], []
     for name in chosen:
         w = parameters[name]
-        if w.dim() < 2:
+        if w.dim() < 2 or w.numel() == 0:  # a minimized layer may have no units left (a block's dead MLP)
             continue
         flat = w.flatten(2) if w.dim() > 2 else w.unsqueeze(-1)
         if rows and name not in skip:
             norms.append(flat.pow(2).sum(dim=(1, 2)).add(1e-16).sqrt())
-            sizes.append(flat[0].numel())
+            sizes.append(flat.shape[1] * flat.shape[2])
         if columns:
             norms.append(flat.pow(2).sum(dim=(0, 2)).add(1e-16).sqrt())
             sizes.append(flat.shape[0] * flat.shape[2])

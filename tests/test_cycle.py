@@ -104,6 +104,20 @@ def test_group_lasso_sums_weighted_row_and_column_norms(weighting):
     assert torch.allclose(got, _lasso_by_hand(net, weighting, skip={"3.weight"}), rtol=1e-9)
 
 
+@pytest.mark.parametrize("weighting", ["none", "sqrt", "size"])
+def test_group_lasso_skips_layers_with_no_units_left(weighting):
+    """A minimized model can keep a layer whose units all died (a residual block's MLP): a (0, d) or
+    (d, 0) weight has no groups, and the other layers' penalty is unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 4), nn.Linear(4, 3)).double()
+    alone = nn.Sequential(nn.Linear(4, 3)).double()
+    alone[0].load_state_dict(net[2].state_dict())
+    got = fxmin.group_lasso(net, weighting=weighting)
+    assert torch.allclose(got, fxmin.group_lasso(alone, weighting=weighting), rtol=1e-12)
+    got.backward()
+    assert net[2].weight.grad is not None
+
+
 def test_group_lasso_bad_weighting_is_a_clear_error():
     with pytest.raises(fxmin.InputError, match="weighting must be 'none', 'sqrt' or 'size'"):
         fxmin.group_lasso(mlp(), weighting="cost")
