@@ -60,7 +60,7 @@ experiments-fashion: venv
 	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
 	$(BIN)/pip install -q matplotlib || true
 	mkdir -p runs/convnext
-	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c > runs/convnext/log-sr-c.txt 2>&1 & \
+	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c,r > runs/convnext/log-sr-c-r.txt 2>&1 & \
 	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
 	$(BIN)/python examples/convnext_fashion.py --write docs/results.md --merge \
-	  runs/convnext/results-sr-c.json runs/convnext/results-b-a.json
+	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json

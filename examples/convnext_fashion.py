@@ -4,10 +4,12 @@
     # reduced width on CPU (the defaults: width 0.25, depths 1 1 3 1; ~100 s per epoch on one core);
     # ours + (c, c') and (a) + (b) as two processes sharing the cached dense model, each writing its raw
     # results (runs/convnext/results-<methods>.json), then the merge (make experiments-fashion):
-    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods sr,c &
+    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods sr,c,r &
     nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods b,a & wait
-    .venv/bin/python examples/convnext_fashion.py --merge runs/convnext/results-sr-c.json \
+    .venv/bin/python examples/convnext_fashion.py --merge runs/convnext/results-sr-c-r.json \
         runs/convnext/results-b-a.json --write docs/results.md    # and docs/convnext_fashion.png
+    # the controls (c, c') can also run as a process of their own once ours has finished:
+    .venv/bin/python examples/convnext_fashion.py --methods r --ours runs/convnext/results-sr-c.json
     # ConvNeXt-Tiny where a GPU is present (picked automatically):
     .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30
 
@@ -188,7 +190,11 @@ def main(argv=None):
                              "phase on the second half, which the search never saw; none: the whole split for both")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=None)
-    parser.add_argument("--methods", default="sr,a,b,c")
+    parser.add_argument("--methods", default="sr,c,r,b,a",
+                        help="comma-separated: sr (ours), a, b, c (a narrower ConvNeXt), r (c': ours "
+                             "re-initialized); c and r need sr in the same process or --ours")
+    parser.add_argument("--ours", default=None,
+                        help="c and r in a process of their own: the raw results (JSON) of the process that ran sr")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--checkpoints", default="runs/convnext")
@@ -291,14 +297,17 @@ def main(argv=None):
                   "time_s": time.perf_counter() - start, **extra})
 
     sr = cycles(True, "squeeze-release") if "sr" in methods else None
-    if "c" in methods and sr is not None:
-        budget = record["methods"]["squeeze-release"]["epochs"]
-        target = sr.history[sr.best_cycle].params
-        width = min((w / 64 for w in range(1, 65)),
-                    key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - target))
-        from_scratch("width-scratch", build(args, width * args.width).to(device), budget, width=width)
-        # (c'): our final architecture (the minimized GraphModule), re-initialized, trained like (c)
-        from_scratch("same-arch-reinit", reinitialize(sr.module, args.seed), budget)
+    if {"c", "r"} & set(methods):
+        if sr is not None:
+            ours, module = record["methods"]["squeeze-release"], sr.module
+        else:  # controls as a process of their own, after ours: its raw results and checkpoints
+            ours, module = load_ours(args.ours)
+        if "c" in methods:  # (c): a narrower ConvNeXt of about our size
+            width = min((w / 64 for w in range(1, 65)),
+                        key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - ours["params"]))
+            from_scratch("width-scratch", build(args, width * args.width).to(device), ours["epochs"], width=width)
+        if "r" in methods:  # (c'): our final architecture (the minimized GraphModule), re-initialized
+            from_scratch("same-arch-reinit", reinitialize(module, args.seed).to(device), ours["epochs"])
     if "b" in methods:
         cycles(False, "no-release")
     if "a" in methods:
@@ -323,6 +332,34 @@ def main(argv=None):
                     "rounds": rounds})
     if record["methods"]:
         log(summary([record]))
+
+
+def load_ours(path):
+    """Ours (its raw entry) and its final architecture, from the raw results of the process that ran it
+    (``--ours``) and its last cycle checkpoint, whose finishing pool holds the chosen cycle's model (the
+    finishing training changes weights, not the architecture)."""
+    if not path or not os.path.exists(path):
+        raise SystemExit(f"--methods c or r without sr needs --ours: the raw results (JSON) of the process that "
+                         f"ran ours, got {path!r}")
+    with open(path) as handle:
+        saved = json.load(handle)
+    if "squeeze-release" not in saved["methods"]:
+        raise SystemExit(f"{path} holds no Squeeze-Release result yet (its process is still running?)")
+    entry = saved["methods"]["squeeze-release"]
+    checkpoint = fxmin.cycle.load_checkpoint(fxmin.cycle.latest_checkpoint(
+        os.path.join(saved["args"]["checkpoints"], "squeeze-release")))
+    pool = dict(checkpoint["candidates"])
+    if entry["best_cycle"] in pool:
+        module = pool[entry["best_cycle"]]
+    elif entry["best_cycle"] == checkpoint["best_cycle"]:
+        module = checkpoint["best_module"]
+    else:
+        raise SystemExit(f"cycle {entry['best_cycle']} (ours) is in neither the finishing pool nor the best model "
+                         f"of the last checkpoint")
+    if fxmin.count_parameters(module) != entry["params"]:
+        raise SystemExit(f"the checkpoint's cycle {entry['best_cycle']} has {fxmin.count_parameters(module):,} "
+                         f"parameters, ours {entry['params']:,}: another run?")
+    return entry, module
 
 
 LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)",
