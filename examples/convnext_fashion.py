@@ -8,8 +8,8 @@
     nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods b,a & wait
     .venv/bin/python examples/convnext_fashion.py --merge runs/convnext/results-sr-c-r.json \
         runs/convnext/results-b-a.json --write docs/results.md    # and docs/convnext_fashion.png
-    # the controls (c, c') can also run as a process of their own once ours has finished:
-    .venv/bin/python examples/convnext_fashion.py --methods r --ours runs/convnext/results-sr-c.json
+    # or the controls (c, c') as a process of their own once ours (--methods sr) has finished:
+    .venv/bin/python examples/convnext_fashion.py --methods c,r --ours runs/convnext/results-sr.json
     # ConvNeXt-Tiny where a GPU is present (picked automatically):
     .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30
 
