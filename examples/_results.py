@@ -38,3 +38,42 @@ def cached_dense(model, train, cache, wait=False, map_location=None):
     torch.save({"state": model.state_dict(), "time_s": seconds}, cache + ".tmp")
     os.replace(cache + ".tmp", cache)  # a reader never sees a half-written file
     return seconds
+
+
+def accuracy_axes():
+    """(figure, axes) for an accuracy-vs-parameters plot, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_accuracy_plot(fig, ax, path, title, dense_params, dense_test, target):
+    """The reference lines (dense - 1 point, ``target``x fewer), log axes and labels; saves ``path``."""
+    import matplotlib.pyplot as plt
+    ax.axhline(dense_test - 1, color="grey", ls=":", label="dense - 1 point")
+    ax.axvline(dense_params / target, color="grey", ls="-.", label=f"{target:g}x fewer")
+    ax.set_xscale("log")
+    ax.set_xlabel("deployed parameters")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def split_scores(correct, model, validation, test, judged):
+    """'accuracy' on validation half ``judged`` (0, 1; None: the whole split), 'val' on the whole split
+    (each validation image is run once), 'test'; ``correct(model, x, y)`` counts the right answers."""
+    (vx, vy), (tx, ty) = validation, test
+    half = len(vx) // 2
+    hits = (correct(model, vx[:half], vy[:half]), correct(model, vx[half:], vy[half:]))
+    whole = 100.0 * sum(hits) / len(vx)
+    judged_accuracy = whole if judged is None else 100.0 * hits[judged] / (half, len(vx) - half)[judged]
+    return {"accuracy": judged_accuracy, "val": whole, "test": 100.0 * correct(model, tx, ty) / len(tx)}

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 from fxmin.zoo.convnext import convnext_tiny  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import cached_dense, replace_section  # noqa: E402
+from _results import accuracy_axes, cached_dense, replace_section, save_accuracy_plot, split_scores  # noqa: E402
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -71,10 +71,6 @@ def correct(model, x, y, batch=1000):
     model.eval()
     with torch.no_grad():
         return sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-
-
-def accuracy(model, x, y, batch=1000):
-    return 100.0 * correct(model, x, y, batch) / len(x)
 
 
 def reinitialize(module, seed):
@@ -136,13 +132,7 @@ class Trainer:
         model.eval()
 
     def _scores(self, model, judged):
-        """'accuracy' on validation half ``judged`` (0, 1; None: the whole split), 'val' on the whole split
-        (each validation image is run once), 'test'."""
-        half = len(self.vx) // 2
-        hits = (correct(model, self.vx[:half], self.vy[:half]), correct(model, self.vx[half:], self.vy[half:]))
-        whole = 100.0 * sum(hits) / len(self.vx)
-        judged_accuracy = whole if judged is None else 100.0 * hits[judged] / (half, len(self.vx) - half)[judged]
-        return {"accuracy": judged_accuracy, "val": whole, "test": accuracy(model, self.tx, self.ty)}
+        return split_scores(correct, model, (self.vx, self.vy), (self.tx, self.ty), judged)
 
     def evaluate(self, model):
         """The search's judge: the first half of the validation split (all of it with --finish-split none)."""
@@ -392,14 +382,11 @@ def summary(records):
 
 def plot(records, path):
     """Test accuracy against deployed parameters: both loops' cycles, the finished models, the controls."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = accuracy_axes()
+    if figure is None:
         return None
+    fig, ax = figure
     entries = merged(records)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, key in (("C0", "squeeze-release"), ("C1", "no-release")):
         if key in entries:
             history = entries[key]["history"]
@@ -412,18 +399,7 @@ def plot(records, path):
             ax.plot(entries[key]["params"], entries[key]["test"], marker, color=color, markersize=8, label=LABELS[key])
     dense = entries["dense"]
     ax.plot(dense["params"], dense["test"], "kD", label="dense")
-    ax.axhline(dense["test"] - 1, color="grey", ls=":", label="dense - 1 point")
-    ax.axvline(dense["params"] / 14.8, color="grey", ls="-.", label="14.8x fewer")
-    ax.set_xscale("log")
-    ax.set_xlabel("deployed parameters")
-    ax.set_ylabel("test accuracy %")
-    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
-    ax.legend(fontsize=7)
-    ax.set_title("ConvNeXt on Fashion-MNIST")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_accuracy_plot(fig, ax, path, "ConvNeXt on Fashion-MNIST", dense["params"], dense["test"], 14.8)
 
 
 def write_section(records, path):

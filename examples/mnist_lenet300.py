@@ -61,7 +61,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import cached_dense, replace_section  # noqa: E402
+from _results import accuracy_axes, cached_dense, replace_section, save_accuracy_plot, split_scores  # noqa: E402
 
 
 class LeNet300(nn.Module):
@@ -150,13 +150,7 @@ class Trainer:
         model.eval()
 
     def _scores(self, model, judged):
-        """'accuracy' on validation half ``judged`` (0, 1; None: the whole split), 'val' on the whole split
-        (each validation image is run once), 'test'."""
-        half = len(self.vx) // 2
-        hits = (correct(model, self.vx[:half], self.vy[:half]), correct(model, self.vx[half:], self.vy[half:]))
-        whole = 100.0 * sum(hits) / len(self.vx)
-        judged_accuracy = whole if judged is None else 100.0 * hits[judged] / (half, len(self.vx) - half)[judged]
-        return {"accuracy": judged_accuracy, "val": whole, "test": accuracy(model, self.tx, self.ty)}
+        return split_scores(correct, model, (self.vx, self.vy), (self.tx, self.ty), judged)
 
     def evaluate(self, model):
         """The search's judge: the first half of the validation split (all of it with --finish-split none
@@ -360,13 +354,10 @@ def summarize(runs):
 
 
 def plot(runs, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = accuracy_axes()
+    if figure is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure
     for i, run in enumerate(runs):
         for key, style in (("squeeze-release", "o-"), ("no-release", "s--")):
             if key in run:
@@ -382,18 +373,8 @@ def plot(runs, path):
                 ax.plot(run[key]["params"], run[key]["test"], "^v<"[j], color=f"C{j + 2}", markersize=8,
                         label=dict(METHODS)[key] if i == 0 else None)
     dense = runs[0]["dense"]
-    ax.axhline(statistics.mean(r["dense"]["test"] for r in runs) - 1, color="grey", ls=":", label="dense - 1 point")
-    ax.axvline(dense["params"] / 50, color="grey", ls="-.", label="50x fewer")
-    ax.set_xscale("log")
-    ax.set_xlabel("deployed parameters")
-    ax.set_ylabel("test accuracy %")
-    ax.set_ylim(bottom=max(80, ax.get_ylim()[0]))
-    ax.legend(fontsize=7)
-    ax.set_title("LeNet-300-100 on MNIST")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_accuracy_plot(fig, ax, path, "LeNet-300-100 on MNIST", dense["params"],
+                              statistics.mean(r["dense"]["test"] for r in runs), 50)
 
 
 def main(argv=None):
