@@ -302,3 +302,31 @@ def test_conv_chain(conv, spatial, bias):
     expected = 3 * 2 * taps + 4 * 3 * taps + 2 * 4 + (3 + 4 + 2 if bias else 0)
     result = check_minimize(model, masks, (torch.randn(2, 3, *spatial),), expected_params=expected)
     assert [sizes for _, *sizes in result.report.inputs] == [[3, 2]]
+
+
+class UniformScaleResidual(nn.Module):
+    """``scale * a(x) + b(x)``: ConvNeXt's layer scale (C, 1, 1), here at one value for every channel."""
+
+    def __init__(self, value=1e-6, scale_first=True):
+        super().__init__()
+        self.scale_first = scale_first
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1)
+        self.scale = nn.Parameter(torch.full((6, 1, 1), value))
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        scaled = self.scale * self.a(x) if self.scale_first else self.a(x) * self.scale
+        return self.head(torch.relu(scaled + self.b(x)))
+
+
+@pytest.mark.parametrize("order", ["scale first", "scale second"])
+def test_a_uniform_scale_along_the_channels_is_sliced_with_them(order):
+    """NOTE [Uniform constants]: a layer scale that holds one value (its init, 1e-6) is still sliced
+    with the channels it multiplies; as a scalar it kept all 6 and no longer broadcast (a crash)."""
+    torch.manual_seed(0)
+    model = UniformScaleResidual(scale_first=order == "scale first")
+    dead = torch.ones(6, 3, 1, 1, dtype=torch.bool)
+    dead[[1, 4]] = False  # channels 1 and 4 die in both branches: constant, folded into the head's bias
+    result = check_minimize(model, {"a.weight": dead, "b.weight": dead}, (torch.randn(2, 3, 5, 5),))
+    assert tuple(result.module.scale.shape) == (4, 1, 1)
+    assert result.module.head.in_channels == 4

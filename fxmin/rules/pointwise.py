@@ -177,12 +177,20 @@ def _operand(ctx, value, out_rank, partner_axis=None):
         return ("symbolic", None) if value.meta.get("type") in (int, float, bool) else ("other", None)
     if not (fact is not None and fact.tracked):
         constant = ctx.attr_value(value)
-        if constant is not None and constant.numel() and bool((constant == constant.flatten()[0]).all()):
+        uniform = constant is not None and constant.numel() and bool((constant == constant.flatten()[0]).all())
+        if uniform and constant.numel() == 1:
             return "scalar", float(constant.flatten()[0])
-        if partner_axis is not None:
-            own_axis = partner_axis - (out_rank - len(shape))
-            if 0 <= own_axis < len(shape) and shape[own_axis] > 1:
-                fact = ctx.adopt(value, own_axis)  # a model constant (or a slice/expand of one)
+        own_axis = None if partner_axis is None else partner_axis - (out_rank - len(shape))
+        runs_along = own_axis is not None and 0 <= own_axis < len(shape) and shape[own_axis] > 1
+        if runs_along:
+            fact = ctx.adopt(value, own_axis)  # a model constant (or a slice/expand of one)
+        elif uniform and partner_axis is not None:
+            # NOTE [Uniform constants]: one value everywhere, and size 1 along the partner's channels
+            # (or not reaching them): a scalar that still broadcasts once those channels are sliced.
+            # One that runs along them (a layer scale still at its init value 1e-6) is adopted and
+            # sliced like any other: treated as a scalar it kept its full length and no longer
+            # broadcast against the sliced partner.
+            return "scalar", float(constant.flatten()[0])
     if fact is not None and fact.tracked:
         offset = out_rank - len(shape)
         return "tracked", (fact.with_axes([a + offset for a in fact.axes]), fact.axis + offset)
