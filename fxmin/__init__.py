@@ -20,13 +20,13 @@ from .report import Report, count_parameters
 from .rewrite import rewrite
 from .rules import REGISTRY, Rule, register_pointwise, rule
 from .trace import trace
-from .verify import VerifyReport, verify
+from .verify import VerifyReport, full_precision, verify
 
 __all__ = [
     "Analysis", "CompensatedLayerNorm", "EquivalenceError", "FxminError", "InputError", "MaskError", "MinimizeResult", "MissingRuleError",
     "Plan", "REGISTRY", "Report", "Rule", "TraceError", "VerifyReport", "analyze_graph", "compensate", "count_parameters",
     "make_plan", "masked_reference", "minimize", "prune_masks", "register_pointwise", "rewrite", "rule", "trace",
-    "verify",
+    "verify", "full_precision",
     # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py, fxmin/cycle_records.py, fxmin/checkpoints.py)
     "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
     "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",

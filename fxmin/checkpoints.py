@@ -36,9 +36,10 @@ def latest_checkpoint(directory: str) -> str | None:
     return os.path.join(directory, found[-1]) if found else None
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by :func:`squeeze_release` (a dict: module, history, best_cycle, ...)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`squeeze_release` (a dict: module, history, best_cycle, ...), its
+    tensors on ``map_location`` (``squeeze_release(resume=...)`` loads them onto the model's device)."""
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def save_checkpoint(directory: str, cycle: int, payload: dict) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .masks import model_device
 from .minimize import minimize
 from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
 from .checkpoints import CHECKPOINT_VERSION, _picklable, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -141,8 +142,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
 
     state = None
     path = resume if isinstance(resume, str) else (latest_checkpoint(checkpoint_dir) if resume else None)
-    if path:
-        state = load_checkpoint(path)
+    if path:  # onto the model's device: the user's train/evaluate feed it there
+        state = load_checkpoint(path, map_location=model_device(model))
     if state is not None:
         current = state["module"]
         history = [CycleRecord(**r) for r in state["history"]]
@@ -155,7 +156,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         current_released = state.get("current_released", 0)
         candidates = [(c, m) for c, m in state.get("candidates", [])]
         finish_baseline = state.get("finish_baseline")
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # loaded onto the model's device with the rest
     else:
         current = copy.deepcopy(model)
         params_original = count_parameters(current)

@@ -37,6 +37,32 @@ def pruned_memo(model: nn.Module) -> dict:
     return memo
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The one device of ``model``'s parameters and buffers (CPU for a model with none).
+
+    fxmin reasons about parameter values on the host, so :func:`fxmin.minimize` works on a CPU copy
+    and puts the result back here; a model spread over several devices has no such place."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+    if len(devices) > 1:
+        raise MaskError(f"the model's parameters and buffers are on several devices ({', '.join(sorted(map(str, devices)))}); "
+                        "fxmin returns the smaller model on one device: minimize a copy moved to one device "
+                        "(model.to('cuda:0') or model.cpu()), then place its parts again")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def host_memo(model: nn.Module) -> dict:
+    """A ``copy.deepcopy`` memo that copies ``model``'s parameters and buffers straight to the CPU, so
+    that copying a model on an accelerator to analyse it never holds a second copy there."""
+    memo = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device.type != "cpu" and id(tensor) not in memo:
+            host = tensor.detach().cpu()
+            memo[id(tensor)] = nn.Parameter(host, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else host
+    for key, value in pruned_memo(model).items():
+        memo[key] = value.cpu()
+    return memo
+
+
 def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """The masks ``torch.nn.utils.prune`` left on ``model``, by parameter name (``fc1.weight``)."""
     masks = {}
@@ -68,8 +94,9 @@ def _as_bool(name: str, mask, parameter: torch.Tensor) -> torch.Tensor:
     return mask.to(parameter.device)
 
 
-def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None):
-    """A deep copy of ``model`` in eval mode with every mask applied (``W * mask``).
+def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False):
+    """A deep copy of ``model`` in eval mode with every mask applied (``W * mask``); on the CPU with
+    ``host=True`` (the model's tensors are copied there directly).
 
     Returns ``(reference, masks)`` where ``masks`` are the validated bool masks actually applied
     (the torch.nn.utils.prune masks when ``masks`` is None, else those given). The model and the
@@ -82,7 +109,10 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None)
     if not isinstance(model, nn.Module):
         raise MaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from_prune = prune_masks(model)
-    reference = copy.deepcopy(model, pruned_memo(model))
+    reference = copy.deepcopy(model, host_memo(model) if host else pruned_memo(model))
+    if host:
+        reference.cpu()  # tensors held outside parameters and buffers
+        from_prune = {name: mask.cpu() for name, mask in from_prune.items()}
     for _, module, name in _pruned_tensors(reference):
         prune.remove(module, name)  # weight = weight_orig * weight_mask, as a plain parameter
     reference.eval()

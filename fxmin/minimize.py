@@ -7,9 +7,10 @@ from typing import Iterable, Mapping
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .analysis import Analysis, analyze_graph
-from .masks import masked_reference
+from .masks import masked_reference, model_device
 from .plan import Plan, make_plan
 from .report import Report, build_report
 from .rewrite import rewrite
@@ -33,8 +34,10 @@ class MinimizeResult:
 
 def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
             leaf_modules: Iterable = (), concrete_args=None):
-    """Masked reference copy, traced with shapes: ``(graph_module, masks applied, example inputs)``."""
-    reference, used_masks = masked_reference(model, masks)
+    """Masked reference copy, traced with shapes: ``(graph_module, masks applied, example inputs)``; all
+    three on the CPU, where the analysis reads parameter values (whatever device ``model`` is on)."""
+    host = model_device(model).type != "cpu"
+    reference, used_masks = masked_reference(model, masks, host=host)
     graph_module = trace(reference, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     graph_module.eval()
     if example_inputs is None:
@@ -43,7 +46,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
         example_inputs = arrange_inputs(graph_module, example_inputs)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = tuple(tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, tuple(example_inputs)))
     propagate_shapes(graph_module, example_inputs)
     return graph_module, used_masks, example_inputs
 
@@ -56,7 +59,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
     same shape; ``None`` reads ``torch.nn.utils.prune`` masks, else the exact zeros in the weights.
     ``barriers`` (module paths, node names, module types or functions) keep every channel around
-    those ops. The model and the masks are never modified.
+    those ops. The model and the masks are never modified. A model on an accelerator is analysed,
+    rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
+    the model's device.
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -75,4 +80,8 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
         verification = verify_equivalence(graph_module, module, example_inputs, exact_result=rewrite(plan, torch.float64),
                                           plan=plan, trials=trials, seed=seed, tolerances=tolerances)
     report = build_report(plan, graph_module, module, verification)
+    device = model_device(model)
+    if device.type != "cpu":
+        module, graph_module = module.to(device), graph_module.to(device)
+        example_inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
     return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, MaskError
+from .verify import full_precision
 
 #: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
 Criterion = Callable[[str, torch.Tensor], torch.Tensor]
@@ -305,7 +306,7 @@ class ReleaseResult:
 
 
 def _outputs(module, batch) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():  # TF32's rounding would drown the noise being calibrated
         out = module(*batch)
     leaves = [t.detach().double().flatten() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     return torch.cat(leaves)

@@ -87,6 +87,32 @@ def _compare(reference_out, result_out) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
+def full_precision():
+    """float32 matrix products and convolutions in IEEE float32, not TF32, inside the block.
+
+    On Ampere and later GPUs cuDNN convolutions default to TF32 (and matmuls do after
+    ``torch.set_float32_matmul_precision('high')``): about 1e-3 relative error, ten times the
+    float32 tolerance of the comparison, and more than :func:`fxmin.release` allows its noise. Two
+    runs of one model would then disagree, so comparisons and calibrations run in full precision;
+    the user's settings are restored on exit (no effect on CPU)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the per-backend API
+        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
+        matmul.fp32_precision = cudnn.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
+        return
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)  # pragma: no cover - older torch
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     """Run float64 comparisons with float64 as the default dtype: tensors a model creates at run
     time (``torch.full((T, T), torch.finfo(x.dtype).min)`` in HF's causal masks) follow the
@@ -105,7 +131,7 @@ def default_dtype(dtype: torch.dtype):
 def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, tolerance: float | None = None) -> Comparison:
     """Run both modules on ``inputs`` cast to ``dtype`` and compare their outputs."""
     cast = _cast_inputs(inputs, dtype)
-    with torch.no_grad(), default_dtype(dtype):
+    with torch.no_grad(), default_dtype(dtype), full_precision():
         error, scale = _compare(reference(*cast), result(*cast))
     return Comparison(dtype, label, error, scale, TOLERANCES.get(dtype, 1e-4) if tolerance is None else tolerance)
 
@@ -125,7 +151,7 @@ def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.Graph
                          tolerance: float) -> str | None:
     """The first node (in the reference's order) whose kept channels differ between the two modules."""
     reference_run, result_run = _Recorder(reference), _Recorder(result)
-    with torch.no_grad(), default_dtype(torch.float64):
+    with torch.no_grad(), default_dtype(torch.float64), full_precision():
         reference_run.run(*inputs)
         result_run.run(*inputs)
     for node in reference.graph.nodes:

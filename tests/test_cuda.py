@@ -1,0 +1,132 @@
+"""fxmin on a model on an accelerator: minimize, release and the cycle keep the model where it was.
+
+Each test runs on the CPU and, where there is one, on a CUDA device (examples/convnext_tiny_gpu.sh runs
+this file first on the device machine); the analysis itself runs on a CPU copy either way."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxmin
+from fxmin.zoo.convnext import convnext_tiny
+from tests.helpers import masked_copy
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
+def device(request):
+    return torch.device(request.param)
+
+
+def small_convnext(device):
+    torch.manual_seed(0)
+    return convnext_tiny(10, in_channels=1, stem="small", width=0.25, depths=(1, 1, 1, 1)).eval().to(device)
+
+
+def dead_channel_masks(model, seed=0):
+    """Random masks that kill whole output channels of every convolution and linear layer."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, parameter in fxmin.prunable(model).items():
+        rows = torch.rand(parameter.shape[0], generator=generator) < 0.4
+        mask = torch.ones_like(parameter, dtype=torch.bool)
+        mask[rows.to(mask.device)] = False
+        masks[name] = mask
+    masks.pop(next(name for name in masks if name.startswith("classifier")), None)  # keep the 10 logits
+    return masks
+
+
+def test_minimize_returns_a_smaller_module_on_the_models_device_that_computes_the_same(device):
+    model = small_convnext(device)
+    masks = dead_channel_masks(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 1, 28, 28, device=device)
+    result = fxmin.minimize(model, masks, (x,))
+    assert all(p.device.type == device.type for p in result.module.parameters())
+    assert all(b.device.type == device.type for b in result.module.buffers())
+    assert fxmin.count_parameters(result.module) < fxmin.count_parameters(model)
+    reference = masked_copy(model, masks).double()
+    with torch.no_grad(), fxmin.full_precision():
+        expected = reference(x.double())
+        got = copy.deepcopy(result.module).double()(x.double())
+    assert float((got - expected).abs().max()) <= 1e-6 * max(1.0, float(expected.abs().max()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+
+
+def test_release_with_tf32_training_settings_still_calibrates_noise(device):
+    model = small_convnext(device)
+    result = fxmin.minimize(model, dead_channel_masks(model), (torch.randn(4, 1, 28, 28, device=device),))
+    masks = fxmin.global_magnitude(result.module, 0.5)
+    pruned = copy.deepcopy(result.module)
+    with torch.no_grad():
+        for name, parameter in pruned.named_parameters():
+            if name in masks:
+                parameter.mul_(masks[name])
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        released = fxmin.release(pruned, torch.randn(64, 1, 28, 28, device=device),
+                                 generator=torch.Generator().manual_seed(0))
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+    sigmas = [s for name, s in released.sigmas.items() if released.zeros[name]]
+    assert sigmas and all(s > 0 for s in sigmas)  # TF32's rounding does not swallow the calibration
+    assert released.change < 1e-3
+    assert all(p.device.type == device.type for p in released.module.parameters())
+
+
+def test_squeeze_release_cycles_and_resumes_on_the_models_device(device, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)).to(device)
+    x = torch.randn(256, 20, device=device)
+    y = (x[:, :3]).argmax(1)
+
+    def train(model, step):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(int(step.epochs * 20)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+
+    train(net, fxmin.TrainStep("dense", 0, 5))
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=2,
+                                   amount=0.5, criterion=fxmin.unit_scaled_magnitude, tolerance=0.3,
+                                   checkpoint_dir=str(tmp_path), progress=False)
+    assert len(result.history) == 3
+    assert all(p.device.type == device.type for p in result.module.parameters())
+    resumed = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3,
+                                    amount=0.5, tolerance=0.3, checkpoint_dir=str(tmp_path), resume=True,
+                                    progress=False)
+    assert [r.cycle for r in resumed.history] == [0, 1, 2, 3]
+
+
+@cuda
+def test_a_model_split_over_two_devices_is_a_clear_error():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[2].cuda()
+    with pytest.raises(fxmin.MaskError, match="several devices"):
+        fxmin.minimize(net, {"0.weight": torch.ones(8, 4)})
+
+
+def test_full_precision_turns_tf32_off_inside_and_restores_the_users_setting():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"  # what a user training fast on a GPU sets
+        with fxmin.full_precision():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with pytest.raises(RuntimeError, match="inside"), fxmin.full_precision():
+            raise RuntimeError("inside")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored on errors too
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
