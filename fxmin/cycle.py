@@ -83,7 +83,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     minimize_options: dict | None = None, finish_epochs: float | None = None,
                     finish_tolerance: float | None = None, finish_candidates: int = 3,
                     finish_spacing: float = 1.1, finish_pool_tolerance: float | None = None,
-                    finish_evaluate: Callable | None = None, min_amount: float = 0.0) -> SqueezeReleaseResult:
+                    finish_evaluate: Callable | None = None, min_amount: float = 0.0,
+                    time_budget: float | None = None) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
     Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
@@ -121,6 +122,10 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     validation was 1.3 below on test). With it, ``finish_tolerance`` is measured from
     ``finish_evaluate(model)`` of the input model (``result.finish_baseline``), and each candidate's
     accuracy before and after finishing is ``finish_evaluate``'s.
+
+    ``time_budget`` (seconds): the wall-clock time this call may spend in cycles. A cycle is not
+    started when the time spent so far plus the last cycle's duration would pass it (the finishing
+    phase comes on top); ``stopped`` says so, and ``resume=True`` with a new budget goes on.
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
@@ -181,7 +186,10 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         raise InputError(f"finish_pool_tolerance ({pool_tolerance}) must be at least tolerance ({tolerance}): "
                          f"every accepted model is a finishing candidate")
 
+    if time_budget is not None and time_budget <= 0:
+        raise InputError(f"time_budget must be a positive number of seconds, got {time_budget}")
     bar = None
+    called = time.perf_counter()
     if progress and main:
         from tqdm.auto import tqdm
         bar = tqdm(total=cycles, initial=start - 1, desc="squeeze-release", unit="cycle")
@@ -189,6 +197,11 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         if stopped:
             break
         began = time.perf_counter()
+        spent, last = began - called, history[-1].time_s
+        if time_budget is not None and spent + last > time_budget:
+            stopped = (f"cycle {cycle}: time budget of {time_budget:.0f} s reached ({spent:.1f} s spent, the last "
+                       f"cycle took {last:.1f} s)")
+            break
         fraction = float(schedule(cycle)) * scale
         if fraction < min_amount:
             stopped = f"cycle {cycle}: amount {fraction:.2g} backed off below min_amount {min_amount}"

@@ -354,6 +354,29 @@ def test_min_amount_stops_a_loop_that_backs_off_to_nothing():
     assert len(result.history) == 4 and "below min_amount" in result.stopped
 
 
+def test_time_budget_starts_no_cycle_that_would_overrun_it_and_resume_goes_on(tmp_path):
+    import time
+
+    x, y = data(200)
+    net = trained_mlp(x, y)
+    train, evaluate, calls = make_callbacks(x, y)
+
+    def slow_train(model, step):  # every training call takes at least 0.3 s: a cycle (two calls) >= 0.6 s
+        time.sleep(0.3)
+        train(model, step)
+
+    options = dict(train=slow_train, evaluate=evaluate, example_inputs=(x[:16],), cycles=5, amount=0.3,
+                   tolerance=1.0, progress=False, checkpoint_dir=str(tmp_path))
+    # cycle 1 starts (nothing measured yet); cycle 2 would end near 1.2 s, past the 1 s budget
+    result = fxmin.squeeze_release(net, time_budget=1.0, **options)
+    assert [r.cycle for r in result.history] == [0, 1]
+    assert result.stopped.startswith("cycle 2: time budget of 1 s reached")
+    resumed = fxmin.squeeze_release(net, time_budget=100, resume=True, **options)
+    assert [r.cycle for r in resumed.history] == [0, 1, 2, 3, 4, 5] and not resumed.stopped
+    with pytest.raises(fxmin.InputError, match="time_budget must be a positive number of seconds"):
+        fxmin.squeeze_release(net, time_budget=0, **options)
+
+
 def test_finish_pool_tolerance_admits_near_misses_that_pass_once_finished():
     """A cycle the search rejected (0.6 < 1.0 - 0.3) but within the pool tolerance is finished first:
     it is the smallest, and the loop went on from the last accepted model, never from it."""
