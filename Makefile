@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench venv clean experiments experiments-fashion
+.PHONY: demo test bench venv clean experiments experiments-fashion experiments-tiny-gpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,3 +64,14 @@ experiments-fashion: venv
 	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
 	$(BIN)/python examples/convnext_fashion.py --write docs/results.md --merge \
 	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
+
+# ConvNeXt-Tiny on a CUDA GPU within a fixed wall-clock lease (TOTAL seconds: dense, then ours with what
+# is left, finishing included); its own section of docs/results.md (docs/device-runs/ holds the reported one)
+TOTAL ?= 480
+experiments-tiny-gpu: venv
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'experiments-tiny-gpu needs a CUDA GPU (and a CUDA build of torch in $(VENV))')"
+	$(BIN)/pip install -q matplotlib || true
+	PYTHON=$(BIN)/python WORK=runs/tiny-gpu bash examples/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
+	$(BIN)/python examples/convnext_fashion.py --merge runs/tiny-gpu/out/results-tiny-sr.json --write docs/results.md

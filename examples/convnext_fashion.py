@@ -10,8 +10,11 @@
         runs/convnext/results-b-a.json --write docs/results.md    # and docs/convnext_fashion.png
     # or the controls (c, c') as a process of their own once ours (--methods sr) has finished:
     .venv/bin/python examples/convnext_fashion.py --methods c,r --ours runs/convnext/results-sr.json
-    # ConvNeXt-Tiny where a GPU is present (picked automatically):
-    .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30
+    # ConvNeXt-Tiny where a GPU is present (picked automatically; TF32 training, --tf32 off to disable):
+    .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30 \
+        --section tiny-gpu --write docs/results.md    # its own section and docs/convnext_fashion-tiny-gpu.png
+    # the reported H200 run: dense, then ours within a fixed wall-clock lease (--search-seconds)
+    examples/convnext_tiny_gpu.sh OUT_DIR 480
 
 Training: AdamW (weight decay 0.05), batch 128, in every call a 10 % linear warm-up then cosine decay
 of the lr to 0 (``--lr`` for the dense model and control (c), ``--finetune-lr`` for the pruning
@@ -155,6 +158,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dense-epochs", type=float, default=6.0)
     parser.add_argument("--cycles", type=int, default=30)
+    parser.add_argument("--search-seconds", type=float, default=None,
+                        help="wall-clock budget of each pruning loop's cycles (fxmin's time_budget; finishing on top)")
     parser.add_argument("--amount", type=float, default=0.5)
     parser.add_argument("--squeeze-epochs", type=float, default=0.5)
     parser.add_argument("--release-epochs", type=float, default=1.0)
@@ -182,11 +187,18 @@ def main(argv=None):
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--methods", default="sr,c,r,b,a",
                         help="comma-separated: sr (ours), a, b, c (a narrower ConvNeXt), r (c': ours "
-                             "re-initialized); c and r need sr in the same process or --ours")
+                             "re-initialized); c and r need sr in the same process or --ours; dense alone: train "
+                             "and cache the dense model only")
     parser.add_argument("--ours", default=None,
                         help="c and r in a process of their own: the raw results (JSON) of the process that ran sr")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tf32", choices=["on", "off"], default="on",
+                        help="train in TF32 on CUDA (fxmin verifies and calibrates in full float32 regardless)")
+    parser.add_argument("--data", default=DATA, help="folder of the four Fashion-MNIST .gz files")
+    parser.add_argument("--section", default="",
+                        help="a tag of the docs section and plot this run writes (e.g. tiny-gpu; default: the "
+                             "reduced-width CPU section)")
     parser.add_argument("--checkpoints", default="runs/convnext")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--write", default=None, help="markdown file whose ConvNeXt section is replaced")
@@ -205,12 +217,17 @@ def main(argv=None):
         print(summary(records))
         write_section(records, args.write)
         return
+    unknown = set(args.methods.split(",")) - {"sr", "a", "b", "c", "r", "dense"}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from sr, a, b, c, r, dense")
     if args.json is None:
         args.json = os.path.join(args.checkpoints, f"results-{args.methods.replace(',', '-')}.json")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    data = load_fashion()
+    if device.type == "cuda" and args.tf32 == "on":
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    data = load_fashion(args.data)
     if args.train_samples:
         data[0] = (data[0][0][:args.train_samples], data[0][1][:args.train_samples])
     data = [(x.to(device), y.to(device)) for x, y in data]
@@ -228,7 +245,8 @@ def main(argv=None):
                                            f"{args.dense_epochs}ep-{args.schedule}-n{args.train_samples or 50000}-seed{args.seed}.pt")
     # the dense model is the same for every method: trained once (by the process running ours) and cached
     dense_time = cached_dense(dense, lambda m: plain.train(m, args.dense_epochs), cache,
-                              wait="sr" not in args.methods.split(","), map_location=device)
+                              wait=not {"sr", "dense"} & set(args.methods.split(",")),
+                              map_location=device)
     scores = plain.evaluate(dense)
     finish_half = plain.finish_evaluate(dense)["accuracy"]
     record = {"command": ".venv/bin/python examples/convnext_fashion.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -265,8 +283,10 @@ def main(argv=None):
             checkpoint_dir=os.path.join(args.checkpoints, key), resume=args.resume, progress=False,
             minimize_options={"trials": 1}, finish_epochs=args.finish_epochs, finish_tolerance=args.finish_tolerance,
             finish_candidates=args.finish_candidates, finish_pool_tolerance=args.finish_pool_tolerance,
-            finish_evaluate=None if args.finish_split == "none" else trainer.finish_evaluate)
+            finish_evaluate=None if args.finish_split == "none" else trainer.finish_evaluate,
+            time_budget=args.search_seconds)
         log(result.table())
+        log(f"stopped: {result.stopped or 'after the last cycle'}")
         if result.finished:
             log(result.finish_table())
         _, metrics = result.scores()
@@ -399,7 +419,10 @@ def plot(records, path):
             ax.plot(entries[key]["params"], entries[key]["test"], marker, color=color, markersize=8, label=LABELS[key])
     dense = entries["dense"]
     ax.plot(dense["params"], dense["test"], "kD", label="dense")
-    return save_accuracy_plot(fig, ax, path, "ConvNeXt on Fashion-MNIST", dense["params"], dense["test"], 14.8)
+    settings = records[0]["args"]
+    title = (f"ConvNeXt (width {settings['width']:g}, depths {' '.join(map(str, settings['depths']))}) on "
+             f"Fashion-MNIST, {records[0]['device'].split(' (')[-1].rstrip(')')}")
+    return save_accuracy_plot(fig, ax, path, title, dense["params"], dense["test"], 14.8)
 
 
 def write_section(records, path):
@@ -408,10 +431,12 @@ def write_section(records, path):
     from tabulate import tabulate
     entries, settings = merged(records), dict(records[0]["args"])
     dense = entries["dense"]
-    for key in ("methods", "write", "json", "merge", "resume"):
+    tag = settings.get("section") or ""
+    for key in ("methods", "write", "json", "merge", "resume", "data", "section"):
         settings.pop(key, None)
     commands = "\n".join(item["command"] for item in records)
-    text = [(f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py)\n\nCommands (one process each, sharing "
+    title = f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py{', ' + tag if tag else ''})"
+    text = [(f"{title}\n\nCommands (one process each, sharing "
              f"the cached dense model), device {records[0]['device']}:\n\n```\n{commands}\n```\n"),
             f"Settings: `{json.dumps(settings)}`\n",
             "The validation split (10k) makes every choice: "
@@ -446,10 +471,11 @@ def write_section(records, path):
         text.append("### (a): rounds of global magnitude pruning (weights kept; search half; test only reported)\n\n"
                     + tabulate(rows, headers=["round", "weights kept", "search %", "test %"], tablefmt="github",
                                disable_numparse=True) + "\n")
-    picture = plot(records, os.path.join(os.path.dirname(path) or ".", "convnext_fashion.png"))
+    picture = plot(records, os.path.join(os.path.dirname(path) or ".",
+                                         f"convnext_fashion{'-' + tag if tag else ''}.png"))
     if picture:
         text.append(f"![accuracy vs parameters]({os.path.basename(picture)})\n")
-    replace_section(path, "convnext_fashion.py", "\n".join(text))
+    replace_section(path, "convnext_fashion.py" + (f" {tag}" if tag else ""), "\n".join(text))
 
 
 if __name__ == "__main__":

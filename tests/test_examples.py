@@ -7,7 +7,7 @@ pytest.importorskip("tabulate")
 
 
 def _record(methods, command, dense_test=89.25):
-    args = {"width": 0.25, "seed": 0, "finish_split": "half", "finish_epochs": 2, "methods": "x", "json": "y"}
+    args = {"width": 0.25, "depths": [1, 1, 3, 1], "seed": 0, "finish_split": "half", "finish_epochs": 2, "methods": "x", "json": "y"}
     return {"command": command, "args": args, "device": "cpu (CPU)", "methods": methods,
             "dense": {"params": 1000, "val": 90.0, "test": dense_test, "search": 90.3, "finish": 89.7,
                       "epochs": 6, "time_s": 10.0}}
@@ -42,3 +42,25 @@ def test_convnext_merge_refuses_processes_of_different_dense_models(tmp_path):
 
     with pytest.raises(SystemExit, match="another dense model"):
         write_section([_record({}, "a"), _record({}, "b", dense_test=88.0)], str(tmp_path / "r.md"))
+
+
+def test_convnext_tagged_run_writes_its_own_section_beside_the_default_one(tmp_path):
+    from examples.convnext_fashion import write_section
+
+    path = tmp_path / "results.md"
+    write_section([_record({}, "python examples/convnext_fashion.py --methods sr")], str(path))
+    tagged = _record({}, "python examples/convnext_fashion.py --width 1 --section tiny-gpu")
+    tagged["args"].update(section="tiny-gpu", width=1.0, depths=[3, 3, 9, 3])
+    write_section([tagged], str(path))
+    write_section([tagged], str(path))  # rewriting replaces, never duplicates
+    text = path.read_text()
+    assert text.count("<!-- convnext_fashion.py begins -->") == 1
+    assert text.count("<!-- convnext_fashion.py tiny-gpu begins -->") == 1
+    assert "## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py, tiny-gpu)" in text
+
+
+def test_convnext_unknown_method_is_a_clear_error():
+    from examples.convnext_fashion import main
+
+    with pytest.raises(SystemExit, match=r"unknown \['x'\]; choose from sr, a, b, c, r, dense"):
+        main(["--methods", "sr,x"])
