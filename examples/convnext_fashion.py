@@ -206,14 +206,22 @@ def main(argv=None):
                         help="raw results (default <checkpoints>/results-<methods>.json), written after every method")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="only merge these raw result files (one seed's processes) into --write")
+    parser.add_argument("--seeds-summary", nargs="+", default=None,
+                        help="only write the per-seed table and mean ± sd of these raw result files (any seeds, "
+                             "one model) into --write, a section of its own")
     args = parser.parse_args(argv)
-    if args.merge:
+    if args.merge or args.seeds_summary:
         if not args.write:
-            raise SystemExit("--merge needs --write (the markdown file whose ConvNeXt section is replaced)")
+            raise SystemExit("--merge and --seeds-summary need --write (the markdown file whose section is replaced)")
         records = []
-        for path in args.merge:
+        for path in args.merge or args.seeds_summary:
             with open(path) as handle:
                 records.append(json.load(handle))
+        if args.seeds_summary:
+            text = seeds_section(records)
+            print(text)
+            replace_section(args.write, "convnext_fashion.py seeds", text)
+            return
         print(summary(records))
         write_section(records, args.write)
         return
@@ -386,6 +394,45 @@ def merged(records):
             raise SystemExit(f"{item['command']} has another dense model: merge only one seed's processes")
         entries.update(item["methods"])
     return entries
+
+
+def seeds_section(records):
+    """Every seed's methods (the raw files of any number of processes of one model) and, per method,
+    the mean ± standard deviation over the seeds that ran it."""
+    import statistics
+
+    from tabulate import tabulate
+    models = {(r["args"]["width"], tuple(r["args"]["depths"]), r["args"].get("dense_epochs")) for r in records}
+    if len(models) > 1:
+        raise SystemExit(f"--seeds-summary: the files hold different models {sorted(models)}: one model at a time")
+    by_seed = {}
+    for item in records:
+        by_seed.setdefault(item["args"]["seed"], []).append(item)
+    seeds = {seed: merged(items) for seed, items in sorted(by_seed.items())}
+    rows, spread = [], []
+    for key in LABELS:
+        found = [(seed, entries[key], entries["dense"]) for seed, entries in seeds.items() if key in entries]
+        for seed, e, dense in found:
+            rows.append([seed, LABELS[key], f"{e['params']:,}", f"{dense['params'] / e['params']:.1f}x",
+                         f"{dense['test']:.2f}", f"{e['test']:.2f}", f"{dense['test'] - e['test']:.2f}"])
+        if len(found) > 1 and key != "dense":
+            fewer = [d["params"] / e["params"] for _, e, d in found]
+            drops = [d["test"] - e["test"] for _, e, d in found]
+            spread.append([LABELS[key], len(found), f"{statistics.mean(fewer):.1f} ± {statistics.stdev(fewer):.1f}x",
+                           f"{statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f}",
+                           f"{min(fewer):.1f}x", f"{max(drops):.2f}"])
+    (width, depths, epochs), = models
+    text = [f"## ConvNeXt on Fashion-MNIST over seeds (width {width:g}, depths {' '.join(map(str, depths))}, "
+            f"{epochs:g}-epoch dense models)\n",
+            "Raw files: " + ", ".join(f"`{item['args']['json']}`" for item in records) + "\n",
+            tabulate(rows, headers=["seed", "method", "params", "fewer", "dense test %", "test %", "test drop (pts)"],
+                     tablefmt="github", disable_numparse=True) + "\n"]
+    if spread:
+        text.append("Mean ± standard deviation over the seeds each method ran on (worst seed: fewest x, largest "
+                    "drop):\n\n" + tabulate(spread, headers=["method", "seeds", "fewer", "test drop (pts)",
+                                                              "worst fewer", "worst drop"],
+                                             tablefmt="github", disable_numparse=True) + "\n")
+    return "\n".join(text)
 
 
 def summary(records):

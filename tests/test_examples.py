@@ -64,3 +64,22 @@ def test_convnext_unknown_method_is_a_clear_error():
 
     with pytest.raises(SystemExit, match=r"unknown \['x'\]; choose from sr, a, b, c, r, dense"):
         main(["--methods", "sr,x"])
+
+
+def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
+    from examples.convnext_fashion import seeds_section
+
+    records = []
+    for seed, (params, test) in enumerate([(40, 88.75), (50, 88.25)]):
+        item = _record({"squeeze-release": {"params": params, "val": 89.0, "test": test, "epochs": 9, "time_s": 1.0}},
+                       f"--seed {seed}")
+        item["args"].update(seed=seed, dense_epochs=6)
+        records.append(item)
+    text = seeds_section(records)
+    rows = [line for line in text.splitlines() if line.startswith("| Squeeze-Release (ours)")]
+    # fewer: 1000/40 = 25x and 1000/50 = 20x; drops 0.50 and 1.00
+    assert rows and "22.5 ± 3.5x" in rows[0] and "0.75 ± 0.35" in rows[0] and "20.0x" in rows[0] and "1.00" in rows[0]
+    other = _record({}, "--width 1")
+    other["args"].update(width=1.0, dense_epochs=6)
+    with pytest.raises(SystemExit, match="different models"):
+        seeds_section(records + [other])
