@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .errors import MaskError
+from .errors import InputError, MaskError
 
 
 def _pruned_tensors(model: nn.Module):
@@ -44,7 +44,7 @@ def model_device(model: nn.Module) -> torch.device:
     and puts the result back here; a model spread over several devices has no such place."""
     devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
     if len(devices) > 1:
-        raise MaskError(f"the model's parameters and buffers are on several devices ({', '.join(sorted(map(str, devices)))}); "
+        raise InputError(f"the model's parameters and buffers are on several devices ({', '.join(sorted(map(str, devices)))}); "
                         "fxmin returns the smaller model on one device: minimize a copy moved to one device "
                         "(model.to('cuda:0') or model.cpu()), then place its parts again")
     return devices.pop() if devices else torch.device("cpu")

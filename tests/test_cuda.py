@@ -113,7 +113,7 @@ def test_squeeze_release_cycles_and_resumes_on_the_models_device(device, tmp_pat
 def test_a_model_split_over_two_devices_is_a_clear_error():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     net[2].cuda()
-    with pytest.raises(fxmin.MaskError, match="several devices"):
+    with pytest.raises(fxmin.InputError, match="several devices"):
         fxmin.minimize(net, {"0.weight": torch.ones(8, 4)})
 
 
