@@ -217,6 +217,7 @@ def main(argv=None):
         for path in args.merge or args.seeds_summary:
             with open(path) as handle:
                 records.append(json.load(handle))
+                records[-1]["path"] = path  # where it was read from (the section names it)
         if args.seeds_summary:
             text = seeds_section(records)
             print(text)
@@ -424,7 +425,7 @@ def seeds_section(records):
     (width, depths, epochs), = models
     text = [f"## ConvNeXt on Fashion-MNIST over seeds (width {width:g}, depths {' '.join(map(str, depths))}, "
             f"{epochs:g}-epoch dense models)\n",
-            "Raw files: " + ", ".join(f"`{item['args']['json']}`" for item in records) + "\n",
+            "Raw files: " + ", ".join(f"`{item.get('path', item['args']['json'])}`" for item in records) + "\n",
             tabulate(rows, headers=["seed", "method", "params", "fewer", "dense test %", "test %", "test drop (pts)"],
                      tablefmt="github", disable_numparse=True) + "\n"]
     if spread:
