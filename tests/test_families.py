@@ -369,6 +369,17 @@ def planted_convnext():
     return model, masks, images(), want
 
 
+def test_convnext_dead_stream_channel_with_layer_scales_at_their_init_value():
+    """Layer scales hold one value (1e-6) in every channel until trained (NOTE [Uniform constants]):
+    a dead stream channel still removes its entry, and the result runs and is exact."""
+    torch.manual_seed(0)
+    model = small_convnext().eval()  # as initialized: not perturbed
+    masks = keep_all(model)
+    kill_rows(masks, "features.6.1", 10), kill_rows(masks, "features.7.0.block.5", 10)
+    result = check_minimize(model, masks, images())
+    assert tuple(result.module.get_parameter("features.7.0.layer_scale").shape) == (63, 1, 1)
+
+
 def test_convnext_random():
     torch.manual_seed(1)
     model = perturbed(small_convnext())
