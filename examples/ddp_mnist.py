@@ -23,6 +23,40 @@ import fxmin  # noqa: E402
 from examples.mnist_lenet300 import LeNet300, load_mnist  # noqa: E402
 
 
+def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e-3, batch=64):
+    """``train(model, step)`` and ``evaluate(model)`` for this rank's shards (x, y) and (vx, vy).
+
+    ``train`` wraps the module fxmin hands over in a fresh DDP each call (its size changes every cycle)
+    and runs the same number of steps on every rank. ``evaluate`` sums the counts over all ranks, so every
+    rank sees the same accuracy and takes the same accept/miss decision: ranks that decided differently
+    would run different cycles and hang in DDP's next all-reduce."""
+    rank = dist.get_rank()
+
+    def train(model, step):
+        epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.Adam(ddp.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(1000 * rank + getattr(step, "cycle", 0))
+        ddp.train()
+        for _ in range(max(1, round(epochs))):
+            order = torch.randperm(len(x), generator=generator)
+            for i in range(0, len(order) - batch + 1, batch):  # equal step counts on every rank
+                index = order[i:i + batch]
+                optimizer.zero_grad()
+                loss = F.cross_entropy(ddp(x[index]), y[index])
+                loss = loss + lasso * fxmin.group_lasso(model, skip_rows=skip_rows)
+                loss.backward()
+                optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            counts = torch.tensor([(model(vx).argmax(1) == vy).sum().item(), len(vy)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        return 100.0 * float(counts[0] / counts[1])
+
+    return train, evaluate
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="4k training samples, 1 dense epoch, 2 cycles")
@@ -39,30 +73,7 @@ def main():
     if args.quick:
         x, y, vx, vy, args.cycles, args.dense_epochs = x[:4000], y[:4000], vx[:2000], vy[:2000], 2, 1
     x, y = x[rank::world], y[rank::world]  # this rank's shard
-    vx_shard, vy_shard = vx[rank::world], vy[rank::world]
-
-    def train(model, step):
-        epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step
-        ddp = DistributedDataParallel(model)
-        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
-        generator = torch.Generator().manual_seed(1000 * rank + getattr(step, "cycle", 0))
-        ddp.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(0, len(order) - 63, 64):  # equal step counts on every rank
-                index = order[i:i + 64]
-                optimizer.zero_grad()
-                loss = F.cross_entropy(ddp(x[index]), y[index])
-                loss = loss + 1e-4 * fxmin.group_lasso(model, skip_rows=["fc3.weight"])
-                loss.backward()
-                optimizer.step()
-
-    def evaluate(model):
-        with torch.no_grad():
-            counts = torch.tensor([(model(vx_shard).argmax(1) == vy_shard).sum().item(), len(vy_shard)], dtype=torch.float64)
-        dist.all_reduce(counts)
-        return 100.0 * float(counts[0] / counts[1])
-
+    train, evaluate = make_callbacks(x, y, vx[rank::world], vy[rank::world])
     dense = LeNet300()
     train(dense, args.dense_epochs)
     result = fxmin.squeeze_release(dense.eval(), train=train, evaluate=evaluate, example_inputs=(vx[:32],),
