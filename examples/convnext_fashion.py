@@ -221,6 +221,9 @@ def main(argv=None):
         if args.seeds_summary:
             text = seeds_section(records)
             print(text)
+            picture = plot_seeds(records, os.path.join(os.path.dirname(args.write) or ".", "convnext_fashion-seeds.png"))
+            if picture:
+                text += f"\n![test points below dense vs times fewer parameters]({os.path.basename(picture)})\n"
             replace_section(args.write, "convnext_fashion.py seeds", text)
             return
         print(summary(records))
@@ -397,19 +400,64 @@ def merged(records):
     return entries
 
 
-def seeds_section(records):
-    """Every seed's methods (the raw files of any number of processes of one model) and, per method,
-    the mean ± standard deviation over the seeds that ran it."""
-    import statistics
-
-    from tabulate import tabulate
+def per_seed(records):
+    """{seed: merged entries} from the raw files of any number of processes and seeds of one model."""
     models = {(r["args"]["width"], tuple(r["args"]["depths"]), r["args"].get("dense_epochs")) for r in records}
     if len(models) > 1:
         raise SystemExit(f"--seeds-summary: the files hold different models {sorted(models)}: one model at a time")
     by_seed = {}
     for item in records:
         by_seed.setdefault(item["args"]["seed"], []).append(item)
-    seeds = {seed: merged(items) for seed, items in sorted(by_seed.items())}
+    return {seed: merged(items) for seed, items in sorted(by_seed.items())}
+
+
+def plot_seeds(records, path):
+    """Test points below dense against how many times fewer parameters, one point per seed and method, and
+    each method's mean ± standard deviation over its seeds (both axes)."""
+    import statistics
+    figure = accuracy_axes()
+    if figure is None:
+        return None
+    fig, ax = figure
+    seeds = per_seed(records)
+    styles = {"squeeze-release": ("*", "C0"), "no-release": ("P", "C1"), "imp": ("^", "C2"),
+              "width-scratch": ("v", "C3"), "same-arch-reinit": ("<", "C4")}
+    for key, (marker, color) in styles.items():
+        found = [(e["dense"]["params"] / e[key]["params"], e["dense"]["test"] - e[key]["test"])
+                 for e in seeds.values() if key in e]
+        if not found:
+            continue
+        ax.plot([f for f, _ in found], [d for _, d in found], marker, color=color, alpha=0.45, markersize=7)
+        fewer, drops = [f for f, _ in found], [d for _, d in found]
+        spread = (statistics.stdev(fewer), statistics.stdev(drops)) if len(found) > 1 else (0, 0)
+        ax.errorbar(statistics.mean(fewer), statistics.mean(drops), xerr=spread[0], yerr=spread[1], fmt=marker,
+                    color=color, markersize=12, markeredgecolor="black", capsize=3,
+                    label=f"{LABELS[key]} ({len(found)} seed{'s' if len(found) > 1 else ''})")
+    ax.axhline(1.0, color="grey", ls=":", label="1 point below dense")
+    ax.axvline(14.8, color="grey", ls="-.", label="14.8x fewer")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20, 50], labels=["1x", "2x", "5x", "10x", "20x", "50x"])
+    ax.invert_yaxis()  # up is better, as on the accuracy plots
+    ax.set_xlabel("times fewer deployed parameters than dense")
+    ax.set_ylabel("test points below dense")
+    ax.legend(fontsize=7, loc="lower left")
+    settings = records[0]["args"]
+    ax.set_title(f"ConvNeXt (width {settings['width']:g}, depths {' '.join(map(str, settings['depths']))}) on "
+                 f"Fashion-MNIST\nsmall: one seed; large: mean ± sd over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def seeds_section(records):
+    """Every seed's methods (the raw files of any number of processes of one model) and, per method,
+    the mean ± standard deviation over the seeds that ran it."""
+    import statistics
+
+    from tabulate import tabulate
+    seeds = per_seed(records)
     rows, spread = [], []
     for key in LABELS:
         found = [(seed, entries[key], entries["dense"]) for seed, entries in seeds.items() if key in entries]
@@ -422,7 +470,7 @@ def seeds_section(records):
             spread.append([LABELS[key], len(found), f"{statistics.mean(fewer):.1f} ± {statistics.stdev(fewer):.1f}x",
                            f"{statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f}",
                            f"{min(fewer):.1f}x", f"{max(drops):.2f}"])
-    (width, depths, epochs), = models
+    width, depths, epochs = records[0]["args"]["width"], records[0]["args"]["depths"], records[0]["args"]["dense_epochs"]
     text = [f"## ConvNeXt on Fashion-MNIST over seeds (width {width:g}, depths {' '.join(map(str, depths))}, "
             f"{epochs:g}-epoch dense models)\n",
             "Raw files: " + ", ".join(f"`{item.get('path', item['args']['json'])}`" for item in records) + "\n",

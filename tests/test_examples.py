@@ -1,6 +1,9 @@
 """The experiment scripts' report code: what lands in docs/results.md comes from the raw results."""
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 
 pytest.importorskip("tabulate")
@@ -66,15 +69,20 @@ def test_convnext_unknown_method_is_a_clear_error():
         main(["--methods", "sr,x"])
 
 
-def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
-    from examples.convnext_fashion import seeds_section
-
+def _seed_records():
     records = []
     for seed, (params, test) in enumerate([(40, 88.75), (50, 88.25)]):
         item = _record({"squeeze-release": {"params": params, "val": 89.0, "test": test, "epochs": 9, "time_s": 1.0}},
                        f"--seed {seed}")
         item["args"].update(seed=seed, dense_epochs=6)
         records.append(item)
+    return records
+
+
+def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
+    from examples.convnext_fashion import seeds_section
+
+    records = _seed_records()
     text = seeds_section(records)
     rows = [line for line in text.splitlines() if line.startswith("| Squeeze-Release (ours)")]
     # fewer: 1000/40 = 25x and 1000/50 = 20x; drops 0.50 and 1.00
@@ -83,3 +91,24 @@ def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
     other["args"].update(width=1.0, dense_epochs=6)
     with pytest.raises(SystemExit, match="different models"):
         seeds_section(records + [other])
+
+
+def test_convnext_seeds_summary_writes_its_section_and_plot_from_the_raw_files(tmp_path):
+    from examples.convnext_fashion import main
+
+    paths = []
+    for record in _seed_records():
+        paths.append(tmp_path / f"seed{record['args']['seed']}.json")
+        paths[-1].write_text(json.dumps(record))
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\nby hand\n")
+    main(["--seeds-summary", *map(str, paths), "--write", str(results)])
+    text = results.read_text()
+    assert text.startswith("# Results\n\nby hand\n")  # what was there is kept
+    section = text.split("<!-- convnext_fashion.py seeds begins -->")[1].split("<!-- convnext_fashion.py seeds ends -->")[0]
+    assert "22.5 ± 3.5x" in section and str(paths[0]) in section
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "convnext_fashion-seeds.png").stat().st_size > 0
+        assert "(convnext_fashion-seeds.png)" in section
+    else:
+        assert ".png" not in section
