@@ -66,12 +66,18 @@ experiments-fashion: venv
 	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
 
 # ConvNeXt-Tiny on a CUDA GPU within a fixed wall-clock lease (TOTAL seconds: dense, then ours with what
-# is left, finishing included); its own section of docs/results.md (docs/device-runs/ holds the reported one)
+# is left, finishing included); its own section of docs/results.md (docs/device-runs/ holds the reported one).
+# METHODS="sr b c" runs the controls (b) and (c) beside ours on the same GPU with the same budget; SECTION
+# names the section (tiny-gpu is the reported seed-0 run); SEED.
 TOTAL ?= 480
+METHODS ?= sr
+SECTION ?= tiny-gpu
 experiments-tiny-gpu: venv
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'experiments-tiny-gpu needs a CUDA GPU (and a CUDA build of torch in $(VENV))')"
 	$(BIN)/pip install -q matplotlib || true
-	PYTHON=$(BIN)/python WORK=runs/tiny-gpu bash examples/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
-	$(BIN)/python examples/convnext_fashion.py --merge runs/tiny-gpu/out/results-tiny-sr.json --write docs/results.md
+	rm -f runs/tiny-gpu/out/results-tiny-*.json
+	PYTHON=$(BIN)/python WORK=runs/tiny-gpu METHODS="$(METHODS)" SECTION=$(SECTION) SEED=$(or $(SEED),0) \
+	  bash examples/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
+	$(BIN)/python examples/convnext_fashion.py --merge runs/tiny-gpu/out/results-tiny-*.json --write docs/results.md

@@ -323,7 +323,7 @@ def main(argv=None):
         if sr is not None:
             ours, module = record["methods"]["squeeze-release"], sr.module
         else:  # controls as a process of their own, after ours: its raw results and checkpoints
-            ours, module = load_ours(args.ours)
+            ours, module = load_ours(args.ours, architecture="r" in methods)
         if "c" in methods:  # (c): a narrower ConvNeXt of about our size
             width = min((w / 64 for w in range(1, 65)),
                         key=lambda w: abs(fxmin.count_parameters(build(args, w * args.width)) - ours["params"]))
@@ -356,10 +356,11 @@ def main(argv=None):
         log(summary([record]))
 
 
-def load_ours(path):
+def load_ours(path, architecture=True):
     """Ours (its raw entry) and its final architecture, from the raw results of the process that ran it
     (``--ours``) and its last cycle checkpoint, whose finishing pool holds the chosen cycle's model (the
-    finishing training changes weights, not the architecture)."""
+    finishing training changes weights, not the architecture). ``architecture=False`` (control (c) alone
+    needs only ours' size and epochs): the raw entry and None, no checkpoint needed."""
     if not path or not os.path.exists(path):
         raise SystemExit(f"--methods c or r without sr needs --ours: the raw results (JSON) of the process that "
                          f"ran ours, got {path!r}")
@@ -368,6 +369,8 @@ def load_ours(path):
     if "squeeze-release" not in saved["methods"]:
         raise SystemExit(f"{path} holds no Squeeze-Release result yet (its process is still running?)")
     entry = saved["methods"]["squeeze-release"]
+    if not architecture:
+        return entry, None
     checkpoint = fxmin.cycle.load_checkpoint(fxmin.cycle.latest_checkpoint(
         os.path.join(saved["args"]["checkpoints"], "squeeze-release")))
     pool = dict(checkpoint["candidates"])
