@@ -81,9 +81,10 @@ def make_train(x, y, *, skip_rows=("fc3.weight",), lr=1e-3, lasso=1e-4, batch=64
 
 
 def make_evaluate(x, y):
-    def evaluate(model):
+    def evaluate(model):  # on whatever device Lightning left the model (fxmin follows it there)
+        device = next(model.parameters()).device
         with torch.no_grad():
-            return 100.0 * float((model(x).argmax(1) == y).float().mean())
+            return 100.0 * float((model(x.to(device)).argmax(1).cpu() == y).float().mean())
     return evaluate
 
 

@@ -20,9 +20,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import InputError, MaskError
+from .masks import model_device
 from .verify import full_precision
 
 #: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
@@ -249,7 +250,7 @@ class MaskHold:
             keep = mask.to(parameter.dtype)
             self._pairs.append((parameter, keep))
             if parameter.requires_grad:
-                self._handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep))
+                self._handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)))
             path = name.rpartition(".")[0]
             owner = model.get_submodule(path) if path else model
             self._handles.append(owner.register_forward_pre_hook(lambda *_, p=parameter, k=keep: _apply(p, k)))
@@ -269,8 +270,9 @@ class MaskHold:
 
 
 def _apply(parameter, keep):
+    # .to: the loop may move the model after the hold began (Lightning moves it to the accelerator in fit)
     with torch.no_grad():
-        parameter.data.mul_(keep)
+        parameter.data.mul_(keep.to(parameter.device))
 
 
 @contextlib.contextmanager
@@ -325,7 +327,7 @@ def release(module: nn.Module, calibration_batch, *, alpha: float = 0.01, tolera
     and is halved until the relative L2 change of the output on ``calibration_batch`` (this tensor
     alone released) is below ``tolerance``. Then all sigmas are halved together until the joint change
     is below ``tolerance`` as well. A tensor that cannot meet it after ``max_halvings`` gets sigma 0.
-    The input module is not modified.
+    The input module is not modified; the calibration batch is moved to its device.
 
     >>> net = torch.nn.Linear(8, 4); net.weight.data[:, :4] = 0
     >>> out = release(net, torch.randn(16, 8), generator=torch.Generator().manual_seed(0))
@@ -333,6 +335,8 @@ def release(module: nn.Module, calibration_batch, *, alpha: float = 0.01, tolera
     (16, True, True)
     """
     batch = calibration_batch if isinstance(calibration_batch, (tuple, list)) else (calibration_batch,)
+    device = model_device(module)  # a training loop (Lightning, DDP) may have moved the model since the batch was made
+    batch = tuple(tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tuple(batch)))
     result = copy.deepcopy(module)
     was_training = result.training
     result.eval()

@@ -109,6 +109,38 @@ def test_squeeze_release_cycles_and_resumes_on_the_models_device(device, tmp_pat
     assert [r.cycle for r in resumed.history] == [0, 1, 2, 3]
 
 
+def test_a_loop_that_moves_the_model_to_the_device_as_lightning_does_keeps_masks_and_cycles(device):
+    """The model and the batches start on the CPU; the user's train moves the model in place (Lightning's
+    fit does): held masks, minimization and the release's calibration batch follow it there."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(200, 20)
+    y = (x[:, :3]).argmax(1)
+    held = []
+
+    def train(model, step):
+        model.to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(20):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            optimizer.step()
+        if step.masks is not None:
+            weights = dict(model.named_parameters())
+            held.append(all(bool((weights[n][~m.to(device)] == 0).all()) for n, m in step.masks.items()))
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(x.to(device)).argmax(1).cpu() == y).float().mean())
+
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=2,
+                                   amount=0.5, tolerance=1.0, patience=2, progress=False)
+    assert held == [True, True]
+    assert all(p.device.type == device.type for p in result.module.parameters())
+    assert fxmin.count_parameters(result.module) <= fxmin.count_parameters(net)
+    assert all(p.device.type == "cpu" for p in net.parameters())  # the input model stays where it was
+
+
 @cuda
 def test_a_model_split_over_two_devices_is_a_clear_error():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
