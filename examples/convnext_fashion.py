@@ -371,8 +371,13 @@ def load_ours(path, architecture=True):
     entry = saved["methods"]["squeeze-release"]
     if not architecture:
         return entry, None
-    checkpoint = fxmin.cycle.load_checkpoint(fxmin.cycle.latest_checkpoint(
-        os.path.join(saved["args"]["checkpoints"], "squeeze-release")))
+    folder = os.path.join(saved["args"]["checkpoints"], "squeeze-release")
+    latest = fxmin.cycle.latest_checkpoint(folder)
+    if latest is None:
+        raise SystemExit(f"(c') trains ours' final architecture, which is in the checkpoints of the run of ours, "
+                         f"and {folder} holds none: run it where that run's checkpoints are (control (c) alone "
+                         f"needs only {path})")
+    checkpoint = fxmin.cycle.load_checkpoint(latest)
     pool = dict(checkpoint["candidates"])
     if entry["best_cycle"] in pool:
         module = pool[entry["best_cycle"]]

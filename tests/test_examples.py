@@ -112,3 +112,18 @@ def test_convnext_seeds_summary_writes_its_section_and_plot_from_the_raw_files(t
         assert "(convnext_fashion-seeds.png)" in section
     else:
         assert ".png" not in section
+
+
+def test_convnext_control_c_needs_only_ours_raw_results_and_c_prime_says_where_the_checkpoints_are(tmp_path):
+    from examples.convnext_fashion import load_ours
+
+    ours = {"params": 40, "val": 89.0, "test": 88.75, "epochs": 19, "time_s": 1.0, "best_cycle": 3}
+    record = _record({"squeeze-release": ours}, "--methods sr")
+    record["args"]["checkpoints"] = str(tmp_path / "elsewhere")
+    path = tmp_path / "results-sr.json"
+    path.write_text(json.dumps(record))
+    assert load_ours(str(path), architecture=False) == (ours, None)
+    with pytest.raises(SystemExit, match="holds none"):
+        load_ours(str(path))
+    with pytest.raises(SystemExit, match="needs --ours"):
+        load_ours(str(tmp_path / "missing.json"))
