@@ -247,20 +247,20 @@ class MaskHold:
             mask = torch.as_tensor(mask).to(parameter.device).bool()
             if mask.shape != parameter.shape:
                 raise MaskError(f"mask for '{name}' has shape {tuple(mask.shape)}, parameter {tuple(parameter.shape)}")
-            keep = mask.to(parameter.dtype)
-            self._pairs.append((parameter, keep))
+            pair = [parameter, mask.to(parameter.dtype)]
+            self._pairs.append(pair)
             if parameter.requires_grad:
-                self._handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)))
+                self._handles.append(parameter.register_hook(lambda grad, pair=pair: grad * _keep(pair, grad.device)))
             path = name.rpartition(".")[0]
             owner = model.get_submodule(path) if path else model
-            self._handles.append(owner.register_forward_pre_hook(lambda *_, p=parameter, k=keep: _apply(p, k)))
+            self._handles.append(owner.register_forward_pre_hook(lambda *_, pair=pair: _apply(pair)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply()))
         self.apply()
 
     def apply(self) -> None:
-        for parameter, keep in self._pairs:
-            _apply(parameter, keep)
+        for pair in self._pairs:
+            _apply(pair)
 
     def remove(self) -> None:
         self.apply()
@@ -269,10 +269,17 @@ class MaskHold:
         self._handles = []
 
 
-def _apply(parameter, keep):
-    # .to: the loop may move the model after the hold began (Lightning moves it to the accelerator in fit)
+def _keep(pair, device):
+    """The 0/1 mask of ``pair = [parameter, mask]`` on ``device``: the loop may move the model after the
+    hold began (Lightning's fit moves it to the accelerator); the mask follows once, not every step."""
+    if pair[1].device != device:
+        pair[1] = pair[1].to(device)
+    return pair[1]
+
+
+def _apply(pair):
     with torch.no_grad():
-        parameter.data.mul_(keep.to(parameter.device))
+        pair[0].data.mul_(_keep(pair, pair[0].device))
 
 
 @contextlib.contextmanager
