@@ -396,6 +396,9 @@ LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)",
           "imp": "(a) iterative magnitude pruning + one minimization", "no-release": "(b) cycles without release",
           "width-scratch": "(c) narrower ConvNeXt, from scratch", "same-arch-reinit":
           "(c') our final architecture, re-initialized, from scratch"}
+# (marker, colour) of each method's final model on every plot
+MARKERS = {"squeeze-release": ("*", "C0"), "no-release": ("P", "C1"), "imp": ("^", "C2"), "width-scratch": ("v", "C3"),
+           "same-arch-reinit": ("<", "C4")}
 
 
 def merged(records):
@@ -428,15 +431,13 @@ def plot_seeds(records, path):
         return None
     fig, ax = figure
     seeds = per_seed(records)
-    styles = {"squeeze-release": ("*", "C0"), "no-release": ("P", "C1"), "imp": ("^", "C2"),
-              "width-scratch": ("v", "C3"), "same-arch-reinit": ("<", "C4")}
-    for key, (marker, color) in styles.items():
-        found = [(e["dense"]["params"] / e[key]["params"], e["dense"]["test"] - e[key]["test"])
-                 for e in seeds.values() if key in e]
+    for key, (marker, color) in MARKERS.items():
+        found = [e for e in seeds.values() if key in e]
         if not found:
             continue
-        ax.plot([f for f, _ in found], [d for _, d in found], marker, color=color, alpha=0.45, markersize=7)
-        fewer, drops = [f for f, _ in found], [d for _, d in found]
+        fewer = [e["dense"]["params"] / e[key]["params"] for e in found]
+        drops = [e["dense"]["test"] - e[key]["test"] for e in found]
+        ax.plot(fewer, drops, marker, color=color, alpha=0.45, markersize=7)
         spread = (statistics.stdev(fewer), statistics.stdev(drops)) if len(found) > 1 else (0, 0)
         ax.errorbar(statistics.mean(fewer), statistics.mean(drops), xerr=spread[0], yerr=spread[1], fmt=marker,
                     color=color, markersize=12, markeredgecolor="black", capsize=3,
@@ -511,15 +512,17 @@ def plot(records, path):
         return None
     fig, ax = figure
     entries = merged(records)
-    for color, key in (("C0", "squeeze-release"), ("C1", "no-release")):
+    for key in ("squeeze-release", "no-release"):
         if key in entries:
+            marker, color = MARKERS[key]
             history = entries[key]["history"]
             ax.plot([h[1] for h in history], [h[4] for h in history], "o-" if key == "squeeze-release" else "s--",
                     color=color, alpha=0.7, markersize=3, label=LABELS[key] + ", cycles")
-            ax.plot(entries[key]["params"], entries[key]["test"], "*" if key == "squeeze-release" else "P",
-                    color=color, markersize=13, markeredgecolor="black", label=LABELS[key] + ", after finishing")
-    for marker, color, key in (("^", "C2", "imp"), ("v", "C3", "width-scratch"), ("<", "C4", "same-arch-reinit")):
+            ax.plot(entries[key]["params"], entries[key]["test"], marker, color=color, markersize=13,
+                    markeredgecolor="black", label=LABELS[key] + ", after finishing")
+    for key in ("imp", "width-scratch", "same-arch-reinit"):
         if key in entries:
+            marker, color = MARKERS[key]
             ax.plot(entries[key]["params"], entries[key]["test"], marker, color=color, markersize=8, label=LABELS[key])
     dense = entries["dense"]
     ax.plot(dense["params"], dense["test"], "kD", label="dense")
