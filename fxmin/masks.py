@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torch.utils._pytree import tree_map_only
 
 from .errors import InputError, MaskError
 
@@ -35,6 +36,12 @@ def pruned_memo(model: nn.Module) -> dict:
         if isinstance(value, torch.Tensor) and not value.is_leaf:
             memo[id(value)] = value.detach().clone()
     return memo
+
+
+def to_device(inputs, device) -> tuple:
+    """``inputs`` (a tensor or a tuple/list of nested inputs) as a tuple with every tensor on ``device``."""
+    inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(tree_map_only(torch.Tensor, lambda t: t.to(device), tuple(inputs)))
 
 
 def model_device(model: nn.Module) -> torch.device:

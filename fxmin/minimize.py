@@ -7,10 +7,9 @@ from typing import Iterable, Mapping
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from .analysis import Analysis, analyze_graph
-from .masks import masked_reference, model_device
+from .masks import masked_reference, model_device, to_device
 from .plan import Plan, make_plan
 from .report import Report, build_report
 from .rewrite import rewrite
@@ -44,9 +43,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
         example_inputs = infer_example_inputs(graph_module)
     elif isinstance(example_inputs, Mapping):
         example_inputs = arrange_inputs(graph_module, example_inputs)
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, tuple(example_inputs)))
+    example_inputs = to_device(example_inputs, "cpu")  # a bare tensor becomes a 1-tuple
     propagate_shapes(graph_module, example_inputs)
     return graph_module, used_masks, example_inputs
 
@@ -83,5 +80,5 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     device = model_device(model)
     if device.type != "cpu":
         module, graph_module = module.to(device), graph_module.to(device)
-        example_inputs = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example_inputs)
+        example_inputs = to_device(example_inputs, device)
     return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs)

@@ -20,10 +20,10 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from .errors import InputError, MaskError
-from .masks import model_device
+from .masks import model_device, to_device
 from .verify import full_precision
 
 #: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
@@ -341,9 +341,8 @@ def release(module: nn.Module, calibration_batch, *, alpha: float = 0.01, tolera
     >>> out.zeros["weight"], bool((out.module.weight != 0).all()), bool((net.weight[:, :4] == 0).all())
     (16, True, True)
     """
-    batch = calibration_batch if isinstance(calibration_batch, (tuple, list)) else (calibration_batch,)
-    device = model_device(module)  # a training loop (Lightning, DDP) may have moved the model since the batch was made
-    batch = tuple(tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tuple(batch)))
+    # on the module's device: a training loop (Lightning) may have moved the model since the batch was made
+    batch = to_device(calibration_batch, model_device(module))
     result = copy.deepcopy(module)
     was_training = result.training
     result.eval()
