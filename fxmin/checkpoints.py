@@ -1,5 +1,5 @@
-"""Checkpoints of the Squeeze-Release loop: one file per cycle, written atomically, read back for
-``resume``."""
+"""Checkpoints of the Squeeze-Release loop: one file per cycle and one for the finishing phase
+(``finish.pt``, rewritten after each finished candidate), written atomically, read back for ``resume``."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 CHECKPOINT_VERSION = 1
+FINISH_FILE = "finish.pt"
 
 
 def _checkpoint_path(directory, cycle):
@@ -42,10 +43,28 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def save_checkpoint(directory: str, cycle: int, payload: dict) -> str:
-    """Write ``payload`` as ``directory/cycle_NNN.pt``; a crash never leaves a half-written file."""
-    os.makedirs(directory, exist_ok=True)
-    target = _checkpoint_path(directory, cycle)
+def _save(payload: dict, target: str) -> str:
+    """Write ``payload`` to ``target`` through a temporary file: a crash never leaves a half-written one."""
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     torch.save(payload, target + ".tmp")
     os.replace(target + ".tmp", target)
     return target
+
+
+def save_checkpoint(directory: str, cycle: int, payload: dict) -> str:
+    """Write ``payload`` as ``directory/cycle_NNN.pt``; a crash never leaves a half-written file."""
+    return _save(payload, _checkpoint_path(directory, cycle))
+
+
+def finish_checkpoint(directory: str) -> str | None:
+    """Path of the finishing phase's checkpoint in ``directory`` (None when there is none). It holds each
+    finished candidate (``entries``: cycle, record, trained module) and, once the phase is over, the
+    ``chosen`` cycle: the model ``squeeze_release`` returned is
+    ``next(e["module"] for e in load_checkpoint(path)["entries"] if e["cycle"] == chosen)``."""
+    path = os.path.join(directory, FINISH_FILE) if directory else None
+    return path if path and os.path.exists(path) else None
+
+
+def save_finish_checkpoint(directory: str, payload: dict) -> str:
+    """Write the finishing phase's ``payload`` as ``directory/finish.pt`` (atomically)."""
+    return _save(payload, os.path.join(directory, FINISH_FILE))

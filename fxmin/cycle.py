@@ -27,12 +27,13 @@ from .errors import InputError
 from .masks import model_device
 from .minimize import minimize
 from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
-from .checkpoints import CHECKPOINT_VERSION, _picklable, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (CHECKPOINT_VERSION, _picklable, finish_checkpoint, latest_checkpoint, load_checkpoint,
+                          save_checkpoint, save_finish_checkpoint)
 from .cycle_records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
 from .report import count_parameters
 
 __all__ = ["CHECKPOINT_VERSION", "CycleRecord", "FinishRecord", "SqueezeReleaseResult", "TrainStep",
-           "latest_checkpoint", "load_checkpoint", "squeeze_release"]
+           "finish_checkpoint", "latest_checkpoint", "load_checkpoint", "squeeze_release"]
 
 # the finishing phase picks its spaced candidates from a pool of this many times finish_candidates
 # models (accepted, or near misses within finish_pool_tolerance), the most accurate of each size band
@@ -129,8 +130,11 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
 
     ``tolerance`` is in the units ``evaluate`` returns. After each cycle a checkpoint
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
-    continues from the last one there (``resume='path.pt'``: from that file). The input model is never
-    modified.
+    continues from the last one there (``resume='path.pt'``: from that file). The finishing phase writes
+    ``checkpoint_dir/finish.pt`` after each candidate it trains, and at its end the cycle it chose
+    (:func:`fxmin.cycle.finish_checkpoint`): a resume takes the candidates finished there instead of training
+    them again, so a crash loses at most the candidate in progress, and ``resume=True`` after a complete
+    run returns its result without training. The input model is never modified.
 
     >>> result = fxmin.squeeze_release(net, train=my_train, evaluate=my_accuracy,   # doctest: +SKIP
     ...                                example_inputs=(x[:64],), cycles=5, amount=0.5)
@@ -272,8 +276,32 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     finished = []
     if finish_epochs is not None and candidates:
         candidates = _spaced(candidates, history, finish_spacing, finish_candidates)
+        # NOTE [Finishing checkpoints]: each finished candidate is written to checkpoint_dir/finish.pt as
+        # soon as its training ends (a crash loses at most the candidate in progress); a resume of the
+        # same loop (same last cycle, same finish_epochs) takes the candidates finished there instead of
+        # training them again, judged against today's finish_tolerance.
+        done = {}
+        if state is not None and checkpoint_dir:
+            saved_path = finish_checkpoint(checkpoint_dir)
+            saved = load_checkpoint(saved_path, map_location=model_device(model)) if saved_path else None
+            if saved and saved["after_cycle"] == history[-1].cycle and saved["epochs"] == finish_epochs:
+                done = {entry["cycle"]: entry for entry in saved["entries"]}
+        log = {"version": CHECKPOINT_VERSION, "after_cycle": history[-1].cycle, "epochs": finish_epochs,
+               "entries": [], "chosen": None}
+
+        def keep(cycle, record, module):
+            log["entries"].append({"cycle": cycle, "record": asdict(record), "module": _picklable(module),
+                                   "rng": torch.get_rng_state()})
+            if checkpoint_dir and main:
+                save_finish_checkpoint(checkpoint_dir, log)
+            _barrier()
+
         chosen, note = _finish(train, evaluate, finish_evaluate, candidates, history, finish_baseline, finish_epochs,
-                               tolerance if finish_tolerance is None else finish_tolerance, finished)
+                               tolerance if finish_tolerance is None else finish_tolerance, finished, done, keep)
+        log["chosen"] = chosen[0]
+        if checkpoint_dir and main:
+            save_finish_checkpoint(checkpoint_dir, log)
+        _barrier()
         if chosen[0] != best_cycle:
             best_masks = None  # the masks of the best cycle's squeeze; not kept for other candidates
         best_cycle, best = chosen
@@ -308,20 +336,32 @@ def _spaced(candidates, history, spacing, count):
     return kept[:count]
 
 
-def _finish(train, evaluate, finish_evaluate, candidates, history, baseline, epochs, tolerance, finished):
+def _finish(train, evaluate, finish_evaluate, candidates, history, baseline, epochs, tolerance, finished,
+            done=None, keep=None):
     """The finishing phase: train candidates smallest first until one is within ``tolerance`` as
     ``finish_evaluate`` (None: ``evaluate``, whose scores before finishing ``history`` holds) judges;
-    returns ((cycle, module), note) -- the note is empty unless none passed."""
+    returns ((cycle, module), note) -- the note is empty unless none passed. ``done``: cycle -> entry of
+    a finishing checkpoint (taken instead of training, the RNG set to where that training left it);
+    ``keep(cycle, record, module)`` is called after each candidate (it writes the checkpoint)."""
     trained_all = []
     for cycle, module in candidates:
-        began = time.perf_counter()
-        trained = copy.deepcopy(module)
-        before = history[cycle].accuracy if finish_evaluate is None else _evaluate(finish_evaluate, trained)[0]
-        _train(train, trained, TrainStep("finish", cycle, epochs, None))
-        accuracy, metrics = _evaluate(finish_evaluate or evaluate, trained)
-        accepted = accuracy >= baseline - tolerance
-        finished.append(FinishRecord(cycle, count_parameters(trained), before, accuracy, accepted,
-                                     time.perf_counter() - began, metrics))
+        entry = (done or {}).get(cycle)
+        if entry is not None:
+            record, trained = FinishRecord(**entry["record"]), entry["module"]
+            record.accepted = record.accuracy >= baseline - tolerance
+            torch.set_rng_state(entry["rng"].cpu())
+        else:
+            began = time.perf_counter()
+            trained = copy.deepcopy(module)
+            before = history[cycle].accuracy if finish_evaluate is None else _evaluate(finish_evaluate, trained)[0]
+            _train(train, trained, TrainStep("finish", cycle, epochs, None))
+            accuracy, metrics = _evaluate(finish_evaluate or evaluate, trained)
+            record = FinishRecord(cycle, count_parameters(trained), before, accuracy,
+                                  accuracy >= baseline - tolerance, time.perf_counter() - began, metrics)
+        finished.append(record)
+        if keep is not None:
+            keep(cycle, record, trained)
+        accepted = record.accepted
         if accepted:
             return (cycle, trained), ""
         trained_all.append((cycle, trained))

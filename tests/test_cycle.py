@@ -317,6 +317,86 @@ def test_finish_without_a_passing_candidate_returns_the_most_accurate_and_says_s
                               finish_candidates=0, progress=False)
 
 
+def noisy_finish_callbacks(x, y, crash_in_finish=None):
+    """Real training whose minibatches are drawn from torch's global RNG (so a resume that does not
+    restore it diverges); ``crash_in_finish``: raise in that finishing training (1 = the first)."""
+    calls = []
+
+    def train(model, step):
+        calls.append((step.phase, step.cycle))
+        if step.phase == "finish" and sum(c[0] == "finish" for c in calls) == crash_in_finish:
+            raise RuntimeError("simulated crash")
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(int(step.epochs * 5)):
+            batch = torch.randint(0, len(x), (64,))
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+
+    return train, evaluate, calls
+
+
+def test_a_crash_while_finishing_loses_only_that_candidate_and_resume_gives_the_uninterrupted_result(tmp_path):
+    x, y = data(300)
+    net = trained_mlp(x, y)
+    # nothing reaches 1.01 - 0.0: all three candidates are finished, the most accurate is returned
+    options = dict(example_inputs=(x[:16],), cycles=3, amount=0.5, criterion=fxmin.unit_scaled_magnitude,
+                   baseline=1.01, tolerance=0.5, finish_epochs=2, finish_tolerance=0.0, finish_candidates=3,
+                   finish_spacing=1.0, progress=False)
+    train, evaluate, _ = noisy_finish_callbacks(x, y)
+    torch.manual_seed(7)
+    with pytest.warns(UserWarning, match="no candidate"):
+        whole = fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=str(tmp_path / "whole"),
+                                      **options)
+    assert len(whole.finished) == 3
+
+    folder = str(tmp_path / "crashed")
+    train, evaluate, _ = noisy_finish_callbacks(x, y, crash_in_finish=2)
+    torch.manual_seed(7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, **options)
+    saved = load_checkpoint(fxmin.cycle.finish_checkpoint(folder))
+    assert [e["cycle"] for e in saved["entries"]] == [whole.finished[0].cycle] and saved["chosen"] is None
+
+    train, evaluate, calls = noisy_finish_callbacks(x, y)
+    with pytest.warns(UserWarning, match="no candidate"):
+        resumed = fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, resume=True,
+                                        **options)
+    assert calls == [("finish", r.cycle) for r in whole.finished[1:]]  # the first candidate was not trained again
+    assert [(r.cycle, r.params, r.accuracy) for r in resumed.finished] == \
+        [(r.cycle, r.params, r.accuracy) for r in whole.finished]
+    assert resumed.best_cycle == whole.best_cycle and resumed.stopped == whole.stopped
+    for (name, a), (_, b) in zip(resumed.module.state_dict().items(), whole.module.state_dict().items()):
+        assert torch.equal(a, b), name  # the same weights as the run that never crashed
+
+    # the phase is over: the checkpoint names the chosen model, and a resume returns it without training
+    saved = load_checkpoint(fxmin.cycle.finish_checkpoint(folder))
+    assert saved["chosen"] == whole.best_cycle and len(saved["entries"]) == 3
+    chosen = next(e["module"] for e in saved["entries"] if e["cycle"] == saved["chosen"])
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), whole.module.state_dict().values()))
+    train, evaluate, calls = noisy_finish_callbacks(x, y)
+    with pytest.warns(UserWarning, match="no candidate"):
+        again = fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, resume=True,
+                                      **options)
+    assert calls == [] and again.best_cycle == whole.best_cycle
+    # a looser finish_tolerance on resume re-judges the finished candidates: the first now passes, untrained
+    passing = whole.finished[0].accuracy
+    train, evaluate, calls = noisy_finish_callbacks(x, y)
+    loose = fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, resume=True,
+                                  **{**options, "finish_tolerance": 1.01 - passing})
+    assert calls == [] and loose.best_cycle == whole.finished[0].cycle and loose.finished[0].accepted
+    # other finish_epochs: the saved candidates were trained for another budget, so they are trained again
+    train, evaluate, calls = noisy_finish_callbacks(x, y)
+    with pytest.warns(UserWarning, match="no candidate"):
+        fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, resume=True,
+                              **{**options, "finish_epochs": 1})
+    assert calls == [("finish", r.cycle) for r in whole.finished]
+
+
 def test_finish_candidates_are_spaced_in_size():
     x, y = data(200)
     net = trained_mlp(x, y)
