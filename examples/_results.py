@@ -1,10 +1,13 @@
-"""What the experiment scripts share: the cached dense model, writing their section of docs/results.md."""
+"""What the experiment scripts share: the cached dense model, a run's final model from its checkpoints,
+writing their section of docs/results.md."""
 from __future__ import annotations
 
 import os
 import time
 
 import torch
+
+import fxmin
 
 
 def replace_section(path, owner, text):
@@ -38,6 +41,35 @@ def cached_dense(model, train, cache, wait=False, map_location=None):
     torch.save({"state": model.state_dict(), "time_s": seconds}, cache + ".tmp")
     os.replace(cache + ".tmp", cache)  # a reader never sees a half-written file
     return seconds
+
+
+def final_module(folder, cycle, params=None):
+    """``(module, weights)``: the model a Squeeze-Release loop (or its control without release) chose, cycle
+    ``cycle``, from its checkpoints in ``folder``. ``weights`` says which: 'finished' (``finish.pt``, which
+    runs write since fxmin checkpoints its finishing phase) or 'before finishing' (older runs: the cycle's
+    model in the last cycle checkpoint's finishing pool or best model; the finishing training changes
+    the weights, not the architecture). ``params``: the size the raw results give, checked."""
+    saved_path = fxmin.cycle.finish_checkpoint(folder)
+    saved = fxmin.cycle.load_checkpoint(saved_path) if saved_path else None
+    if saved is not None and saved["chosen"] == cycle:
+        module, weights = next(e["module"] for e in saved["entries"] if e["cycle"] == cycle), "finished"
+    else:
+        latest = fxmin.cycle.latest_checkpoint(folder)
+        if latest is None:
+            raise SystemExit(f"{folder} holds no checkpoint of the run that chose cycle {cycle}")
+        checkpoint = fxmin.cycle.load_checkpoint(latest)
+        pool = dict(checkpoint["candidates"])
+        if cycle in pool:
+            module = pool[cycle]
+        elif cycle == checkpoint["best_cycle"]:
+            module = checkpoint["best_module"]
+        else:
+            raise SystemExit(f"cycle {cycle} is in neither the finishing pool nor the best model of {latest}")
+        weights = "before finishing"
+    if params is not None and fxmin.count_parameters(module) != params:
+        raise SystemExit(f"cycle {cycle} in {folder} has {fxmin.count_parameters(module):,} parameters, the "
+                         f"results {params:,}: the checkpoints of another run?")
+    return module, weights
 
 
 def accuracy_axes():

@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
 from fxmin.zoo.convnext import convnext_tiny  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import accuracy_axes, cached_dense, replace_section, save_accuracy_plot, split_scores  # noqa: E402
+from _results import (accuracy_axes, cached_dense, final_module, replace_section, save_accuracy_plot,  # noqa: E402
+                      split_scores)
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -358,8 +359,8 @@ def main(argv=None):
 
 def load_ours(path, architecture=True):
     """Ours (its raw entry) and its final architecture, from the raw results of the process that ran it
-    (``--ours``) and its last cycle checkpoint, whose finishing pool holds the chosen cycle's model (the
-    finishing training changes weights, not the architecture). ``architecture=False`` (control (c) alone
+    (``--ours``) and its checkpoints (``final_module``: the finished model, or for older runs the chosen
+    cycle's model before finishing, whose architecture is the same). ``architecture=False`` (control (c) alone
     needs only ours' size and epochs): the raw entry and None, no checkpoint needed."""
     if not path or not os.path.exists(path):
         raise SystemExit(f"--methods c or r without sr needs --ours: the raw results (JSON) of the process that "
@@ -377,19 +378,7 @@ def load_ours(path, architecture=True):
         raise SystemExit(f"(c') trains ours' final architecture, which is in the checkpoints of the run of ours, "
                          f"and {folder} holds none: run it where that run's checkpoints are (control (c) alone "
                          f"needs only {path})")
-    checkpoint = fxmin.cycle.load_checkpoint(latest)
-    pool = dict(checkpoint["candidates"])
-    if entry["best_cycle"] in pool:
-        module = pool[entry["best_cycle"]]
-    elif entry["best_cycle"] == checkpoint["best_cycle"]:
-        module = checkpoint["best_module"]
-    else:
-        raise SystemExit(f"cycle {entry['best_cycle']} (ours) is in neither the finishing pool nor the best model "
-                         f"of the last checkpoint")
-    if fxmin.count_parameters(module) != entry["params"]:
-        raise SystemExit(f"the checkpoint's cycle {entry['best_cycle']} has {fxmin.count_parameters(module):,} "
-                         f"parameters, ours {entry['params']:,}: another run?")
-    return entry, module
+    return entry, final_module(folder, entry["best_cycle"], entry["params"])[0]
 
 
 LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)",

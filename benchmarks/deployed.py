@@ -1,0 +1,185 @@
+"""What the Squeeze-Release results deploy: bytes and CPU latency of each method's final model next to
+the dense model it came from (design, squeeze-release.md: "report also bytes and measured latency").
+
+For each seed of the reported runs (their raw results name the checkpoint folders) the models are
+rebuilt: the dense architecture, ours and control (b) from their checkpoints (``final_module``: the
+finished weights, or for runs older than fxmin's finishing checkpoints the chosen cycle's weights
+before finishing; the architecture, hence bytes and latency, is the same), control (c) from the shape
+its raw entry records. (c') is ours' architecture (same costs); (a) keeps 1.3-1.5x of the weights and
+was not checkpointed, so it is left out. Every row is a measured ratio against the dense model of the
+same seed, all models called in turn (A, B, C, D, A, ...) in one process.
+
+- weights KiB: ``torch.save(module.state_dict())`` in bytes (float32 parameters plus buffers, e.g.
+  ours' int64 index of selected input pixels), what a deployment ships;
+- MACs per sample: ``fxmin.flops``; latency: wall-clock median of ``--runs`` calls (no gradients,
+  ``--threads`` torch threads) after warm-up, eager, and with ``--compile`` also ``torch.compile``
+  (inductor, ``dynamic=False``, compiled once per batch size).
+
+    .venv/bin/python benchmarks/deployed.py --write docs/results.md
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import statistics
+import sys
+
+import torch
+from tabulate import tabulate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+import fxmin  # noqa: E402
+from _results import final_module, replace_section  # noqa: E402
+from result_speed import interleaved_medians, prepare_call  # noqa: E402
+
+MNIST_RAW = "runs/mnist-final3/results-seeds-*-*.json"
+CONVNEXT_RAW = "docs/raw-results/convnext-w0.25-seed*-*.json"
+LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)", "no-release": "(b) cycles without release",
+          "small": "(c) small dense model from scratch"}
+
+
+def weight_bytes(module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _raw(patterns):
+    files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
+    if not files:
+        raise SystemExit(f"no raw results match {patterns}: run the experiments first (see docs/results.md)")
+    return [(f, json.load(open(f))) for f in files]
+
+
+def mnist_models(patterns):
+    """seed -> {method: module}, from the raw results of examples/mnist_lenet300.py and its checkpoints."""
+    from mnist_lenet300 import MLP, LeNet300
+    seeds, notes = {}, set()
+    for path, saved in _raw(patterns):
+        for run in saved["runs"]:
+            models = seeds.setdefault(run["seed"], {"dense": LeNet300()})
+            for key, method in (("squeeze-release", "squeeze-release"), ("no-release", "no-release")):
+                if key in run:
+                    folder = os.path.join(saved["args"]["checkpoints"], f"{key}-seed{run['seed']}")
+                    models[method], weights = final_module(folder, run[key]["cycle"], run[key]["params"])
+                    notes.add(weights)
+            if "small-dense" in run:
+                models["small"] = MLP(tuple(run["small-dense"]["hidden"]))
+                assert fxmin.count_parameters(models["small"]) == run["small-dense"]["params"], path
+    return seeds, (lambda batch: (torch.rand(batch, 784),)), notes
+
+
+def convnext_models(patterns):
+    """seed -> {method: module}, from the raw results of examples/convnext_fashion.py and its checkpoints."""
+    from convnext_fashion import build
+    seeds, notes = {}, set()
+    for path, saved in _raw(patterns):
+        args = argparse.Namespace(**saved["args"])
+        models = seeds.setdefault(args.seed, {"dense": build(args)})
+        for method, entry in saved["methods"].items():
+            if method in ("squeeze-release", "no-release"):
+                folder = os.path.join(args.checkpoints, method)
+                models[method], weights = final_module(folder, entry["best_cycle"], entry["params"])
+                notes.add(weights)
+            elif method == "width-scratch":
+                models["small"] = build(args, entry["width"] * args.width)
+                if fxmin.count_parameters(models["small"]) != entry["params"]:
+                    raise SystemExit(f"{path}: (c) rebuilt at width {entry['width']} x {args.width} has "
+                                     f"{fxmin.count_parameters(models['small']):,} parameters, the results {entry['params']:,}")
+    return seeds, (lambda batch: (torch.rand(batch, 1, 28, 28),)), notes
+
+
+def measure(seeds, make_inputs, batches, modes, warmup, runs):
+    rows, ratios = [], {}
+    for seed in sorted(seeds):
+        names = [m for m in LABELS if m in seeds[seed]]
+        models = [seeds[seed][m].eval() for m in names]
+        params = [fxmin.count_parameters(m) for m in models]
+        sizes = [weight_bytes(m) for m in models]
+        macs = [fxmin.flops(m, make_inputs(1)).macs for m in models]
+        latency = {}
+        for batch in batches:
+            inputs = make_inputs(batch)
+            for mode in modes:
+                torch._dynamo.reset()
+                calls = [prepare_call(m, inputs, mode == "inductor")[0] for m in models]
+                latency[batch, mode] = interleaved_medians(calls, warmup, runs if batch == 1 else max(5, runs // 3))
+        for i, name in enumerate(names):
+            row = [seed, LABELS[name], f"{params[i]:,}", f"{params[0] / params[i]:.1f}x", f"{sizes[i] / 1024:,.1f}",
+                   f"{sizes[0] / sizes[i]:.1f}x", f"{macs[i] / 1e3:,.1f}", f"{macs[0] / macs[i]:.1f}x"]
+            for key, times in latency.items():
+                row += [f"{times[i] * 1e3:.3f}", f"{times[0] / times[i]:.2f}x"]
+                ratios.setdefault((name, key), []).append(times[0] / times[i])
+            ratios.setdefault((name, "bytes"), []).append(sizes[0] / sizes[i])
+            rows.append(row)
+            print("  " + " | ".join(map(str, row)), file=sys.stderr, flush=True)
+    headers = ["seed", "method", "params", "fewer", "weights KiB", "smaller", "kMACs / sample", "fewer MACs"]
+    for batch, mode in latency:
+        headers += [f"{mode} batch {batch} ms", "speed-up"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ratios, list(latency)
+
+
+def spread(values):
+    return f"{statistics.mean(values):.2f}x ± {statistics.stdev(values):.2f}x" if len(values) > 1 else f"{values[0]:.2f}x"
+
+
+def summary(ratios, keys):
+    rows = []
+    for name in LABELS:
+        if name == "dense" or (name, "bytes") not in ratios:
+            continue
+        rows.append([LABELS[name], spread(ratios[name, "bytes"])] + [spread(ratios[name, key]) for key in keys] +
+                    [len(ratios[name, "bytes"])])
+    headers = ["method", "smaller (bytes)"] + [f"speed-up, {mode} batch {batch}" for batch, mode in keys] + ["seeds"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mnist", nargs="*", default=[MNIST_RAW], help="raw results of examples/mnist_lenet300.py")
+    parser.add_argument("--convnext", nargs="*", default=[CONVNEXT_RAW], help="raw results of examples/convnext_fashion.py")
+    parser.add_argument("--mnist-batches", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--convnext-batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--compile", action="store_true", help="also torch.compile (inductor)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=51, help="timed calls at batch 1 (a third of it, at least 5, at larger batches)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", metavar="RESULTS_MD", help="write the section into this file (docs/results.md)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = ["eager", "inductor"] if args.compile else ["eager"]
+    parts = []
+    for title, loader, patterns, batches in (
+            ("LeNet-300-100 on MNIST", mnist_models, args.mnist, args.mnist_batches),
+            ("ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST", convnext_models, args.convnext,
+             args.convnext_batches)):
+        if not patterns:
+            continue
+        print(title, file=sys.stderr, flush=True)
+        seeds, make_inputs, weights = loader(patterns)
+        table, ratios, keys = measure(seeds, make_inputs, batches, modes, args.warmup, args.runs)
+        parts.append(f"### {title}\n\nRaw results: {', '.join(f'`{p}`' for p in patterns)}; the weights of ours "
+                     f"and (b) as loaded: {' and '.join(sorted(weights))}.\n\n{summary(ratios, keys)}\n\n"
+                     f"Per seed:\n\n{table}\n")
+        print(parts[-1])
+    if args.write:
+        import platform
+        command = "python benchmarks/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        head = (f"## Deployed size and latency of the results (benchmarks/deployed.py)\n\n"
+                f"- command: `{command.strip()}`\n- machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with "
+                f"other jobs), torch {torch.__version__}, {args.threads} torch thread(s), {args.warmup} warm-up "
+                f"calls, {args.runs} timed calls at batch 1\n\n"
+                "Ratios are the dense model of the same seed over the method (bytes, MACs, median latency), "
+                "measured side by side in one process. (c') has ours' architecture and costs; (a) was not "
+                "checkpointed.\n\n")
+        replace_section(args.write, "deployed.py", head + "\n".join(parts))
+        print(f"wrote the deployed.py section of {args.write}")
+
+
+if __name__ == "__main__":
+    main()
