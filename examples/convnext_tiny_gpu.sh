@@ -16,7 +16,8 @@
 #   SKIP_TESTS=1 skips the CUDA tests (the smoke run stays)
 #   MODEL    e.g. "--width 0.25 --depths 1 1 1 1 --train-samples 2048" for a dry run on a CPU
 #
-# Writes OUT_DIR/{test_cuda,smoke,dense,tiny-<method>}.log and OUT_DIR/results-tiny-<method>.json; then, on
+# Writes OUT_DIR/{test_cuda,smoke,dense,tiny-<method>}.log, OUT_DIR/results-tiny-<method>.json and
+# OUT_DIR/finish-<loop>.pt (the finishing phase's checkpoint: the chosen, finished model); then, on
 # any machine (the files share one dense model, so they merge into one section):
 #   .venv/bin/python examples/convnext_fashion.py --merge OUT_DIR/results-tiny-*.json --write docs/results.md
 set -o pipefail
@@ -61,4 +62,8 @@ for method in "${methods[@]}"; do
       > "$out/tiny-$method.log" 2>&1 &
 done
 wait
+# the finished candidates and the chosen model of each loop (a few MB), for benchmarks/deployed.py
+for folder in squeeze-release no-release; do
+  [ -f "$work/tiny/$folder/finish.pt" ] && cp "$work/tiny/$folder/finish.pt" "$out/finish-$folder.pt"
+done
 tail -n 30 "$out"/tiny-*.log

@@ -1,6 +1,7 @@
 """CompensatedLayerNorm: equal to the LayerNorm it replaces, with and without removed channels."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -51,6 +52,21 @@ def affine(width, outputs, generator):
     return weight, bias, weight[outputs], bias[outputs]
 
 
+PATHS = ["padded", "closed"]
+
+
+@contextlib.contextmanager
+def forward_path(path):
+    """NOTE [CLN forward paths]: CLNs built inside take the padded path ('padded') or the closed form
+    ('closed') whatever their widths."""
+    saved = fxmin.nn.PADDED_WIDTH
+    fxmin.nn.PADDED_WIDTH = 10**9 if path == "padded" else 0
+    try:
+        yield
+    finally:
+        fxmin.nn.PADDED_WIDTH = saved
+
+
 def assert_float64_close(actual, expected):
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
@@ -90,26 +106,31 @@ def test_nothing_removed_is_rms_and_group_norm_bit_for_bit(dtype):
 
 
 # ----------------------------------------------------------------------------- removed channels
+@pytest.mark.parametrize("path", PATHS)
 @SETTINGS
 @given(removals(), st.sampled_from([(), (3,), (2, 3)]), st.sampled_from([1e-5, 1e-2]))
-def test_removed_channels_equal_layer_norm_of_the_full_input(case, batch, eps):
+def test_removed_channels_equal_layer_norm_of_the_full_input(path, case, batch, eps):
     width, kept, constants, outputs, seed = case
     generator = torch.Generator().manual_seed(seed)
     weight, bias, emitted_weight, emitted_bias = affine(width, outputs, generator)
     x = torch.randn(*batch, len(kept), generator=generator, dtype=torch.float64)
-    norm = CompensatedLayerNorm(width, kept, constants, outputs, eps, emitted_weight, emitted_bias)
+    with forward_path(path):
+        norm = CompensatedLayerNorm(width, kept, constants, outputs, eps, emitted_weight, emitted_bias)
+    assert norm._padded == (path == "padded") or norm._plain
     expected = F.layer_norm(full_input(x, width, kept, constants, -1), (width,), weight, bias, eps)[..., outputs]
     assert_float64_close(norm(x), expected)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @SETTINGS
 @given(removals(), st.sampled_from([None, 1e-6]))
-def test_removed_channels_equal_rms_norm_of_the_full_input(case, eps):
+def test_removed_channels_equal_rms_norm_of_the_full_input(path, case, eps):
     width, kept, constants, outputs, seed = case
     generator = torch.Generator().manual_seed(seed)
     weight, _, emitted_weight, _ = affine(width, outputs, generator)
     x = torch.randn(2, 3, len(kept), generator=generator, dtype=torch.float64)
-    norm = CompensatedLayerNorm(width, kept, constants, outputs, eps, emitted_weight, kind="rms")
+    with forward_path(path):
+        norm = CompensatedLayerNorm(width, kept, constants, outputs, eps, emitted_weight, kind="rms")
     reference = nn.RMSNorm(width, eps=eps, dtype=torch.float64)
     with torch.no_grad():
         reference.weight.copy_(weight)
@@ -118,20 +139,23 @@ def test_removed_channels_equal_rms_norm_of_the_full_input(case, eps):
     assert_float64_close(norm(x), expected)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @SETTINGS
 @given(removals(max_width=8), st.sampled_from([(), (1,), (3, 4)]))
-def test_removed_channels_equal_group_norm_of_the_full_input(case, spatial):
+def test_removed_channels_equal_group_norm_of_the_full_input(path, case, spatial):
     """GroupNorm(1, C) statistics run over channels and positions: a constant counts at every position."""
     width, kept, constants, outputs, seed = case
     generator = torch.Generator().manual_seed(seed)
     weight, bias, emitted_weight, emitted_bias = affine(width, outputs, generator)
     x = torch.randn(2, len(kept), *spatial, generator=generator, dtype=torch.float64)
-    norm = CompensatedLayerNorm(width, kept, constants, outputs, 1e-5, emitted_weight, emitted_bias, kind="group")
+    with forward_path(path):
+        norm = CompensatedLayerNorm(width, kept, constants, outputs, 1e-5, emitted_weight, emitted_bias, kind="group")
     expected = F.group_norm(full_input(x, width, kept, constants, 1), 1, weight, bias, 1e-5)[:, outputs]
     assert_float64_close(norm(x), expected)
 
 
-def test_large_constants_near_the_mean_keep_the_variance():
+@pytest.mark.parametrize("path", PATHS)
+def test_large_constants_near_the_mean_keep_the_variance(path):
     """The centred form: constants far from zero but close to the mean lose nothing to cancellation.
 
     The reference normalizes the data shifted by the common offset (exact in float64, and
@@ -144,26 +168,31 @@ def test_large_constants_near_the_mean_keep_the_variance():
     x = offset + noise
     full = full_input(x, width, kept, constants, -1)
     expected = F.layer_norm(full - offset, (width,), eps=1e-7)
-    actual = CompensatedLayerNorm(width, kept, constants, eps=1e-7)(x)
+    with forward_path(path):
+        actual = CompensatedLayerNorm(width, kept, constants, eps=1e-7)(x)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7)
     mean = full.mean(-1, keepdim=True)
     uncentred = (full.square().sum(-1, keepdim=True) / width - mean.square())
     assert float((uncentred / full.var(-1, unbiased=False, keepdim=True) - 1).abs().max()) > 1e-3
 
 
-def test_low_precision_input_keeps_its_dtype():
-    norm = CompensatedLayerNorm(6, [0, 2, 4], {1: 1.0, 3: 0.0, 5: -2.0}, outputs=[5, 0])
+@pytest.mark.parametrize("path", PATHS)
+def test_low_precision_input_keeps_its_dtype(path):
+    with forward_path(path):
+        norm = CompensatedLayerNorm(6, [0, 2, 4], {1: 1.0, 3: 0.0, 5: -2.0}, outputs=[5, 0])
     x = torch.randn(4, 3)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
     torch.testing.assert_close(norm(x.bfloat16()).float(), norm(x), rtol=0.02, atol=0.05)
 
 
 # ------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["layer", "rms", "group"])
-def test_gradients_flow_and_match_finite_differences(kind):
+def test_gradients_flow_and_match_finite_differences(kind, path):
     generator = torch.Generator().manual_seed(1)
     width, kept, constants, outputs = 7, [6, 0, 2, 3], {1: 0.5, 4: 0.0, 5: -1.25}, [1, 0, 6, 5]
-    norm = CompensatedLayerNorm(width, kept, constants, outputs, kind=kind, bias=True).double()
+    with forward_path(path):
+        norm = CompensatedLayerNorm(width, kept, constants, outputs, kind=kind, bias=True).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(4, generator=generator, dtype=torch.float64))
     shape = (2, 4, 3) if kind == "group" else (2, 3, 4)
@@ -180,18 +209,23 @@ def _with_affine(norm, weight, bias):
 
 
 # ----------------------------------------------------------------------------------------- export
-EXPORT_CASES = {
-    "layer": (CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, [7, 0, 2, 3]), (2, 5, 5)),
-    "rms": (CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, kind="rms"), (2, 5, 5)),
-    "group": (CompensatedLayerNorm(6, [0, 2, 3], {1: 2.0, 4: 0.0, 5: 0.0}, [0, 1, 3], kind="group"), (2, 3, 4, 4)),
-    "plain": (CompensatedLayerNorm.from_layer_norm(nn.LayerNorm(8)), (2, 5, 8)),
-    "inputs-only": (CompensatedLayerNorm(8, range(6), [0.0, 3.0], outputs=[5, 1]), (3, 6)),
-}
+def export_cases(path="padded"):
+    with forward_path(path):
+        return {
+            "layer": (CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, [7, 0, 2, 3]), (2, 5, 5)),
+            "rms": (CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, kind="rms"), (2, 5, 5)),
+            "group": (CompensatedLayerNorm(6, [0, 2, 3], {1: 2.0, 4: 0.0, 5: 0.0}, [0, 1, 3], kind="group"),
+                      (2, 3, 4, 4)),
+            "plain": (CompensatedLayerNorm.from_layer_norm(nn.LayerNorm(8)), (2, 5, 8)),
+            "inputs-only": (CompensatedLayerNorm(8, range(6), [0.0, 3.0], outputs=[5, 1]), (3, 6)),
+            "prefix": (CompensatedLayerNorm(8, [2, 0, 5], [0.0, 1.0, 0.0, 0.0, -1.0], outputs=[2, 0]), (3, 3)),
+        }
 
 
-@pytest.mark.parametrize("case", EXPORT_CASES)
-def test_torch_export_round_trip_equals_eager(case):
-    norm, shape = EXPORT_CASES[case]
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", list(export_cases()))
+def test_torch_export_round_trip_equals_eager(case, path):
+    norm, shape = export_cases(path)[case]
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     batch = torch.export.Dim("batch", min=2, max=64)
     program = torch.export.export(norm, (x,), dynamic_shapes={"x": {0: batch}})
@@ -201,14 +235,15 @@ def test_torch_export_round_trip_equals_eager(case):
 
 
 class AllKinds(nn.Module):
-    """The three removal cases in one module, so that ONNX export (slow) runs once."""
+    """The three removal cases, on both forward paths, in one module, so that ONNX export (slow) runs once."""
 
     def __init__(self):
         super().__init__()
-        self.layer, self.rms, self.group = (EXPORT_CASES[kind][0] for kind in ("layer", "rms", "group"))
+        padded, closed = export_cases("padded"), export_cases("closed")
+        self.norms = nn.ModuleList(cases[kind][0] for cases in (padded, closed) for kind in ("layer", "rms", "group"))
 
     def forward(self, tokens, image):
-        return self.layer(tokens), self.rms(tokens), self.group(image)
+        return tuple(norm(image if norm.kind == "group" else tokens) for norm in self.norms)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's own exporter internals
@@ -217,8 +252,8 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
     generator = torch.Generator().manual_seed(4)
-    inputs = (torch.randn(*EXPORT_CASES["layer"][1], generator=generator),
-              torch.randn(*EXPORT_CASES["group"][1], generator=generator))
+    cases = export_cases()
+    inputs = (torch.randn(*cases["layer"][1], generator=generator), torch.randn(*cases["group"][1], generator=generator))
     model = copy.deepcopy(AllKinds()).eval()
     path = tmp_path / "cln.onnx"
     torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
@@ -226,7 +261,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     results = session.run(None, {entry.name: x.numpy() for entry, x in zip(session.get_inputs(), inputs)})
     with torch.no_grad():
         expected = model(*inputs)
-    assert len(results) == 3
+    assert len(results) == 6
     for result, reference in zip(results, expected):
         torch.testing.assert_close(torch.from_numpy(result), reference, rtol=0, atol=1e-5)
 
@@ -401,3 +436,19 @@ def test_loading_a_state_dict_of_the_same_shapes_updates_the_structure():
     x = torch.randn(2, 4)
     assert torch.equal(plain(x), permuted(x))
     torch.testing.assert_close(plain(x), F.layer_norm(x.flip(-1), (4,)))
+
+
+def test_a_cln_pickled_before_its_forward_paths_existed_loads_and_computes_the_same():
+    """Checkpoints and saved models hold pickled CLNs; one written by an older fxmin has none of the
+    attributes _read_structure sets now, and loading it must still work."""
+    norm = CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, [7, 0, 2, 3])
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(5))
+    old = copy.deepcopy(norm)
+    for name in ("_padded", "_select", "_constant_sum", "_constant_squares", "_constant_mean", "_constant_spread"):
+        del old.__dict__[name]
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), norm(x), rtol=0, atol=0)
+
