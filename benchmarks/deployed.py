@@ -153,33 +153,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = ["eager", "inductor"] if args.compile else ["eager"]
-    parts = []
-    for title, loader, patterns, batches in (
-            ("LeNet-300-100 on MNIST", mnist_models, args.mnist, args.mnist_batches),
-            ("ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST", convnext_models, args.convnext,
+    import platform
+    command = "python benchmarks/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for key, title, loader, patterns, batches in (
+            ("mnist", "LeNet-300-100 on MNIST", mnist_models, args.mnist, args.mnist_batches),
+            ("convnext", "ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST", convnext_models, args.convnext,
              args.convnext_batches)):
         if not patterns:
             continue
         print(title, file=sys.stderr, flush=True)
         seeds, make_inputs, weights = loader(patterns)
         table, ratios, keys = measure(seeds, make_inputs, batches, modes, args.warmup, args.runs)
-        parts.append(f"### {title}\n\nRaw results: {', '.join(f'`{p}`' for p in patterns)}; the weights of ours "
-                     f"and (b) as loaded: {' and '.join(sorted(weights))}.\n\n{summary(ratios, keys)}\n\n"
-                     f"Per seed:\n\n{table}\n")
-        print(parts[-1])
-    if args.write:
-        import platform
-        command = "python benchmarks/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        head = (f"## Deployed size and latency of the results (benchmarks/deployed.py)\n\n"
-                f"- command: `{command.strip()}`\n- machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with "
-                f"other jobs), torch {torch.__version__}, {args.threads} torch thread(s), {args.warmup} warm-up "
-                f"calls, {args.runs} timed calls at batch 1\n\n"
-                "Ratios are the dense model of the same seed over the method (bytes, MACs, median latency), "
-                "measured side by side in one process. (c') has ours' architecture and costs; (a) was not "
-                "checkpointed.\n\n")
-        replace_section(args.write, "deployed.py", head + "\n".join(parts))
-        print(f"wrote the deployed.py section of {args.write}")
-
+        text = (f"## Deployed size and latency: {title} (benchmarks/deployed.py)\n\n"
+                f"- command: `{command.strip()}`\n- machine: {platform.machine()}, {os.cpu_count()} CPUs (shared "
+                f"with other jobs), torch {torch.__version__}, {args.threads} torch thread(s), {args.warmup} warm-up "
+                f"calls, {args.runs} timed calls at batch 1\n- raw results: {', '.join(f'`{p}`' for p in patterns)}; "
+                f"the weights of ours and (b) as loaded: {' and '.join(sorted(weights))}\n\n"
+                "Ratios: the dense model of the same seed over the method (bytes, MACs, median latency), measured "
+                "side by side in one process. (c') has ours' architecture and costs; (a) was not checkpointed.\n\n"
+                f"{summary(ratios, keys)}\n\nPer seed:\n\n{table}\n")
+        print(text)
+        if args.write:
+            replace_section(args.write, f"deployed.py {key}", text)
+            print(f"wrote the 'deployed.py {key}' section of {args.write}")
 
 if __name__ == "__main__":
     main()

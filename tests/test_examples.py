@@ -127,3 +127,60 @@ def test_convnext_control_c_needs_only_ours_raw_results_and_c_prime_says_where_t
         load_ours(str(path))
     with pytest.raises(SystemExit, match="needs --ours"):
         load_ours(str(tmp_path / "missing.json"))
+
+
+def _loop_with_checkpoints(folder):
+    """A finished Squeeze-Release loop on a tiny MLP, its checkpoints in ``folder``."""
+    import torch
+    from torch import nn
+
+    import fxmin
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 12), torch.randint(0, 3, (200,))
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+
+    def train(model, step):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    result = fxmin.squeeze_release(net, train=train, evaluate=lambda m: 1.0, example_inputs=(x[:8],), cycles=2,
+                                   amount=0.5, criterion=fxmin.unit_scaled_magnitude, finish_epochs=1,
+                                   checkpoint_dir=str(folder), progress=False)
+    return net, result, x
+
+
+def test_final_module_takes_the_finished_weights_and_falls_back_to_the_cycles_model(tmp_path):
+    import os
+
+    import torch
+
+    import fxmin
+    from examples._results import final_module
+    _, result, _ = _loop_with_checkpoints(tmp_path)
+    params = fxmin.count_parameters(result.module)
+    module, weights = final_module(str(tmp_path), result.best_cycle, params)
+    assert weights == "finished"
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), result.module.state_dict().values()))
+    os.remove(fxmin.cycle.finish_checkpoint(str(tmp_path)))  # a run older than finishing checkpoints
+    module, weights = final_module(str(tmp_path), result.best_cycle, params)
+    assert weights == "before finishing" and fxmin.count_parameters(module) == params
+    with pytest.raises(SystemExit, match="another run"):
+        final_module(str(tmp_path), result.best_cycle, params + 1)
+
+
+def test_deployed_benchmark_measures_ratios_against_the_dense_model(tmp_path):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from deployed import measure, weight_bytes
+    net, result, x = _loop_with_checkpoints(tmp_path)
+    table, ratios, keys = measure({0: {"dense": net, "squeeze-release": result.module}},
+                                  lambda batch: (x[:batch],), [1, 8], ["eager"], warmup=1, runs=3)
+    assert keys == [(1, "eager"), (8, "eager")]
+    assert ratios["dense", "bytes"] == [1.0] and ratios["dense", (1, "eager")] == [1.0]
+    assert ratios["squeeze-release", "bytes"] == [weight_bytes(net) / weight_bytes(result.module)]
+    assert ratios["squeeze-release", "bytes"][0] > 1 and len(ratios["squeeze-release", (8, "eager")]) == 1
+    assert "Squeeze-Release (ours)" in table and "fewer MACs" in table
