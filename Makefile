@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench venv clean experiments experiments-fashion experiments-tiny-gpu
+.PHONY: demo test bench venv clean experiments experiments-fashion experiments-tiny-gpu deployed
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,8 @@ experiments: venv
 	done; wait
 	$(BIN)/python examples/mnist_lenet300.py --write docs/results.md --merge \
 	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
+	$(BIN)/python benchmarks/deployed.py --convnext --write docs/results.md --mnist \
+	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
 
 # ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST, CPU (one to two hours per process on one
 # core; a GPU is used when present). Needs the Debian package dataset-fashion-mnist (apt-get install -y
@@ -64,6 +66,13 @@ experiments-fashion: venv
 	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
 	$(BIN)/python examples/convnext_fashion.py --write docs/results.md --merge \
 	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
+	$(BIN)/python benchmarks/deployed.py --mnist --write docs/results.md --convnext \
+	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
+
+# Bytes, MACs and CPU latency (eager and inductor) of the reported results against their dense models;
+# needs the reported runs' checkpoints (runs/, see the commands in docs/results.md).
+deployed: venv
+	$(BIN)/python benchmarks/deployed.py --compile --write docs/results.md
 
 # ConvNeXt-Tiny on a CUDA GPU within a fixed wall-clock lease (TOTAL seconds: dense, then ours with what
 # is left, finishing included); its own section of docs/results.md (docs/device-runs/ holds the reported one).
