@@ -84,6 +84,9 @@ def convnext_models(patterns):
         for method, entry in saved["methods"].items():
             if method in ("squeeze-release", "no-release"):
                 folder = os.path.join(args.checkpoints, method)
+                beside = os.path.join(os.path.dirname(path), f"finish-{method}.pt")  # a device run's OUT_DIR
+                if not os.path.isdir(folder) and os.path.exists(beside):
+                    folder = beside
                 models[method], weights = final_module(folder, entry["best_cycle"], entry["params"])
                 notes.add(weights)
             elif method == "width-scratch":

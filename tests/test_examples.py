@@ -164,6 +164,10 @@ def test_final_module_takes_the_finished_weights_and_falls_back_to_the_cycles_mo
     module, weights = final_module(str(tmp_path), result.best_cycle, params)
     assert weights == "finished"
     assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), result.module.state_dict().values()))
+    alone, weights = final_module(fxmin.cycle.finish_checkpoint(str(tmp_path)), result.best_cycle, params)
+    assert weights == "finished" and fxmin.count_parameters(alone) == params  # the file brought back from a device
+    with pytest.raises(SystemExit, match="chose cycle"):
+        final_module(fxmin.cycle.finish_checkpoint(str(tmp_path)), result.best_cycle + 1)
     os.remove(fxmin.cycle.finish_checkpoint(str(tmp_path)))  # a run older than finishing checkpoints
     module, weights = final_module(str(tmp_path), result.best_cycle, params)
     assert weights == "before finishing" and fxmin.count_parameters(module) == params
