@@ -9,8 +9,10 @@ its raw entry records. (c') is ours' architecture (same costs); (a) keeps 1.3-1.
 was not checkpointed, so it is left out. Every row is a measured ratio against the dense model of the
 same seed, all models called in turn (A, B, C, D, A, ...) in one process.
 
-- weights KiB: ``torch.save(module.state_dict())`` in bytes (float32 parameters plus buffers, e.g.
-  ours' int64 index of selected input pixels), what a deployment ships;
+- tensors KiB: the state_dict's tensors (float32 parameters plus buffers: ours' int64 index of
+  selected input pixels, the CompensatedLayerNorms' index buffers and constants); file KiB:
+  ``torch.save(module.state_dict())``, what a deployment ships (the tensors plus a few hundred
+  bytes of zip records per tensor, which weigh on models this small);
 - MACs per sample: ``fxmin.flops``; latency: wall-clock median of ``--runs`` calls (no gradients,
   ``--threads`` torch threads) after warm-up, eager, and with ``--compile`` also ``torch.compile``
   (inductor, ``dynamic=False``, compiled once per batch size).
@@ -43,7 +45,13 @@ LABELS = {"dense": "dense", "squeeze-release": "Squeeze-Release (ours)", "no-rel
           "small": "(c) small dense model from scratch"}
 
 
+def tensor_bytes(module) -> int:
+    """The bytes of the state_dict's tensors alone (parameters and buffers, no container)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def weight_bytes(module) -> int:
+    """The bytes of ``torch.save(module.state_dict())``: the tensors plus the file's per-tensor records."""
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     return buffer.getbuffer().nbytes
@@ -104,6 +112,7 @@ def measure(seeds, make_inputs, batches, modes, warmup, runs):
         models = [seeds[seed][m].eval() for m in names]
         params = [fxmin.count_parameters(m) for m in models]
         sizes = [weight_bytes(m) for m in models]
+        raw = [tensor_bytes(m) for m in models]
         macs = [fxmin.flops(m, make_inputs(1)).macs for m in models]
         latency = {}
         for batch in batches:
@@ -113,15 +122,18 @@ def measure(seeds, make_inputs, batches, modes, warmup, runs):
                 calls = [prepare_call(m, inputs, mode == "inductor")[0] for m in models]
                 latency[batch, mode] = interleaved_medians(calls, warmup, runs if batch == 1 else max(5, runs // 3))
         for i, name in enumerate(names):
-            row = [seed, LABELS[name], f"{params[i]:,}", f"{params[0] / params[i]:.1f}x", f"{sizes[i] / 1024:,.1f}",
-                   f"{sizes[0] / sizes[i]:.1f}x", f"{macs[i] / 1e3:,.1f}", f"{macs[0] / macs[i]:.1f}x"]
+            row = [seed, LABELS[name], f"{params[i]:,}", f"{params[0] / params[i]:.1f}x", f"{raw[i] / 1024:,.1f}",
+                   f"{raw[0] / raw[i]:.1f}x", f"{sizes[i] / 1024:,.1f}", f"{sizes[0] / sizes[i]:.1f}x",
+                   f"{macs[i] / 1e3:,.1f}", f"{macs[0] / macs[i]:.1f}x"]
             for key, times in latency.items():
                 row += [f"{times[i] * 1e3:.3f}", f"{times[0] / times[i]:.2f}x"]
                 ratios.setdefault((name, key), []).append(times[0] / times[i])
             ratios.setdefault((name, "bytes"), []).append(sizes[0] / sizes[i])
+            ratios.setdefault((name, "tensor bytes"), []).append(raw[0] / raw[i])
             rows.append(row)
             print("  " + " | ".join(map(str, row)), file=sys.stderr, flush=True)
-    headers = ["seed", "method", "params", "fewer", "weights KiB", "smaller", "kMACs / sample", "fewer MACs"]
+    headers = ["seed", "method", "params", "fewer", "tensors KiB", "smaller", "file KiB", "smaller", "kMACs / sample",
+               "fewer MACs"]
     for batch, mode in latency:
         headers += [f"{mode} batch {batch} ms", "speed-up"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ratios, list(latency)
@@ -136,9 +148,9 @@ def summary(ratios, keys):
     for name in LABELS:
         if name == "dense" or (name, "bytes") not in ratios:
             continue
-        rows.append([LABELS[name], spread(ratios[name, "bytes"])] + [spread(ratios[name, key]) for key in keys] +
-                    [len(ratios[name, "bytes"])])
-    headers = ["method", "smaller (bytes)"] + [f"speed-up, {mode} batch {batch}" for batch, mode in keys] + ["seeds"]
+        rows.append([LABELS[name], spread(ratios[name, "tensor bytes"]), spread(ratios[name, "bytes"])] +
+                    [spread(ratios[name, key]) for key in keys] + [len(ratios[name, "bytes"])])
+    headers = ["method", "smaller (tensors)", "smaller (file)"] + [f"speed-up, {mode} batch {batch}" for batch, mode in keys] + ["seeds"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 

@@ -179,12 +179,15 @@ def test_deployed_benchmark_measures_ratios_against_the_dense_model(tmp_path):
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from deployed import measure, weight_bytes
+    from deployed import measure, tensor_bytes, weight_bytes
+    import fxmin
     net, result, x = _loop_with_checkpoints(tmp_path)
     table, ratios, keys = measure({0: {"dense": net, "squeeze-release": result.module}},
                                   lambda batch: (x[:batch],), [1, 8], ["eager"], warmup=1, runs=3)
     assert keys == [(1, "eager"), (8, "eager")]
     assert ratios["dense", "bytes"] == [1.0] and ratios["dense", (1, "eager")] == [1.0]
     assert ratios["squeeze-release", "bytes"] == [weight_bytes(net) / weight_bytes(result.module)]
+    assert ratios["squeeze-release", "tensor bytes"] == [tensor_bytes(net) / tensor_bytes(result.module)]
+    assert tensor_bytes(net) == 4 * fxmin.count_parameters(net) < weight_bytes(net)
     assert ratios["squeeze-release", "bytes"][0] > 1 and len(ratios["squeeze-release", (8, "eager")]) == 1
     assert "Squeeze-Release (ours)" in table and "fewer MACs" in table
