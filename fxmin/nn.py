@@ -130,8 +130,10 @@ class CompensatedLayerNorm(nn.Module):
         # computation of the original model on the same values (in another channel order), three
         # or four passes over the data. Otherwise (most channels gone) padding would multiply the
         # data, and the closed form below works on the kept channels alone. Both are exact up to
-        # rounding; the padded path makes a minimized ConvNeXt's CLNs 3-4x faster at batch 1 on a
-        # CPU (docs/compensated-layernorm.md), where a dozen small ops per call dominated.
+        # rounding; the padded path makes a minimized ConvNeXt's CLNs 1.7-2.2x faster at batch 1 on a
+        # CPU, where a dozen small ops per call dominated; on large inputs the two are within 0.67-1.23x
+        # of each other (benchmarks/cln_paths.py, docs/compensated-layernorm.md). The switch is
+        # structural, never on the input's size: torch.export with a dynamic batch sees one graph.
         if self._padded:
             return self._padded_forward(x)
         # NOTE [CLN arithmetic]
