@@ -17,7 +17,14 @@ same seed, all models called in turn (A, B, C, D, A, ...) in one process.
   ``--threads`` torch threads) after warm-up, eager, and with ``--compile`` also ``torch.compile``
   (inductor, ``dynamic=False``, compiled once per batch size).
 
-    .venv/bin/python benchmarks/deployed.py --write docs/results.md
+    .venv/bin/python benchmarks/deployed.py --compile --write docs/results.md      # make deployed
+    .venv/bin/python benchmarks/deployed.py --convnext --mnist runs/mnist/results-seeds-*-*.json --write docs/results.md
+    .venv/bin/python benchmarks/deployed.py --mnist --convnext OUT_DIR/results-tiny-sr.json   # a GPU run's files
+
+Each experiment has its own section of docs/results.md (``--mnist`` or ``--convnext`` with no file
+skips one and leaves its section alone). A raw results file whose checkpoint folder is not on this
+machine (a device run) is read with the ``finish-<loop>.pt`` beside it (examples/convnext_tiny_gpu.sh
+brings those back).
 """
 from __future__ import annotations
 
@@ -61,7 +68,11 @@ def _raw(patterns):
     files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
     if not files:
         raise SystemExit(f"no raw results match {patterns}: run the experiments first (see docs/results.md)")
-    return [(f, json.load(open(f))) for f in files]
+    loaded = []
+    for name in files:
+        with open(name) as handle:
+            loaded.append((name, json.load(handle)))
+    return loaded
 
 
 def mnist_models(patterns):
@@ -78,7 +89,10 @@ def mnist_models(patterns):
                     notes.add(weights)
             if "small-dense" in run:
                 models["small"] = MLP(tuple(run["small-dense"]["hidden"]))
-                assert fxmin.count_parameters(models["small"]) == run["small-dense"]["params"], path
+                if fxmin.count_parameters(models["small"]) != run["small-dense"]["params"]:
+                    raise SystemExit(f"{path}: (c) rebuilt as {run['small-dense']['layers']} has "
+                                     f"{fxmin.count_parameters(models['small']):,} parameters, the results "
+                                     f"{run['small-dense']['params']:,}")
     return seeds, (lambda batch: (torch.rand(batch, 784),)), notes
 
 
