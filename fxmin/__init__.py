@@ -12,7 +12,8 @@ from .flops import FlopReport, flops
 from .errors import EquivalenceError, FxminError, InputError, MaskError, MissingRuleError, TraceError
 from .masks import masked_reference, prune_masks
 from .minimize import MinimizeResult, minimize
-from .nn import CompensatedLayerNorm, compensate
+from .compensate import compensate
+from .nn import CompensatedLayerNorm
 from .plan import Plan, make_plan
 from .prune import (ReleaseResult, global_magnitude, group_lasso, hold_masks, layer_magnitude, magnitude, prunable, release,
                     unit_scaled_magnitude)

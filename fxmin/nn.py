@@ -1,4 +1,4 @@
-"""Replacement modules: :class:`CompensatedLayerNorm` and :func:`compensate`.
+""":class:`CompensatedLayerNorm`, the LayerNorm that shrinks (``fxmin.compensate`` puts it into a model).
 
 A LayerNorm couples all ``D`` channels it normalizes: drop one and the mean and variance of every
 other channel change. :class:`CompensatedLayerNorm` (CLN) keeps the statistics of the original
@@ -13,7 +13,6 @@ True
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["CompensatedLayerNorm", "compensate"]
+__all__ = ["CompensatedLayerNorm"]
 
 KINDS = ("layer", "rms", "group")
 # NOTE [CLN forward paths]: the padded path while width <= PADDED_WIDTH x the kept channels
@@ -169,11 +168,7 @@ class CompensatedLayerNorm(nn.Module):
                                                + self._constant_spread)
             scale = torch.rsqrt(spread / count + eps)
         if self._gather == "constants":  # some emitted channels no longer arrive: v_j = c_j
-            removed = self._along_channels(self.constants.to(compute), x.dim())
-            removed = removed if mean is None else removed - mean
-            shape = list(centred.shape)
-            shape[channel_axis] = removed_count
-            centred = torch.cat([centred, removed.expand(shape)], dim=channel_axis)
+            centred = self._append_constants(centred, channel_axis, mean)
         if self._gather != "none":
             centred = torch.index_select(centred, channel_axis % x.dim(), self.source)
         return self._affine(centred * scale, compute, x.dim()).to(x.dtype)
@@ -185,10 +180,7 @@ class CompensatedLayerNorm(nn.Module):
         compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         values = x.to(compute)
         if self.constants.shape[0]:
-            shape = list(values.shape)
-            shape[channel_axis] = self.constants.shape[0]
-            constants = self._along_channels(self.constants.to(compute), x.dim()).expand(shape)
-            values = torch.cat([values, constants], dim=channel_axis)
+            values = self._append_constants(values, channel_axis)
         if self.kind == "layer":
             normalized = F.layer_norm(values, (self.width,), None, None, self.eps)
         elif self.kind == "group":
@@ -201,6 +193,15 @@ class CompensatedLayerNorm(nn.Module):
         elif self._select == "index":
             normalized = torch.index_select(normalized, channel_axis, self.source)
         return self._affine(normalized, compute, x.dim()).to(x.dtype)
+
+    def _append_constants(self, values: torch.Tensor, channel_axis: int, shift=None) -> torch.Tensor:
+        """``cat([values, constants - shift])`` along the channel axis: the frame ``source`` indexes."""
+        constants = self._along_channels(self.constants.to(values.dtype), values.dim())
+        if shift is not None:
+            constants = constants - shift
+        shape = list(values.shape)
+        shape[channel_axis] = self.constants.shape[0]
+        return torch.cat([values, constants.expand(shape)], dim=channel_axis)
 
     def _affine(self, normalized: torch.Tensor, compute: torch.dtype, dim: int) -> torch.Tensor:
         weight = None if self.weight is None else self._along_channels(self.weight.to(compute), dim)
@@ -319,56 +320,8 @@ class CompensatedLayerNorm(nn.Module):
                 f"eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}")
 
 
-def compensate(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every LayerNorm replaced by an equal :class:`CompensatedLayerNorm`.
-
-    Replaced: ``nn.LayerNorm`` and ``nn.RMSNorm`` with a 1-D ``normalized_shape``, and
-    ``nn.GroupNorm(1, C)``, including subclasses that do not override ``forward``. A subclass that
-    overrides ``forward`` (the channels-first ``LayerNorm2d`` of timm and torchvision permutes
-    around ``F.layer_norm``) is left as it is: swapping the module would drop its own forward;
-    ``fxmin.minimize`` handles its ``F.layer_norm`` call in the traced graph instead. A module
-    shared under several names becomes one shared CLN. Hooks on replaced modules are not copied.
-    The output is bit for bit the same; ``model`` is not modified.
-
-    >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
-    >>> type(compensate(model)[1]).__name__, type(model[1]).__name__
-    ('CompensatedLayerNorm', 'LayerNorm')
-    """
-    result = copy.deepcopy(model)
-    replaced: dict[int, nn.Module] = {}
-    targets = []
-    for name, module in result.named_modules(remove_duplicate=False):
-        if id(module) not in replaced:
-            replacement = _compensated(module)
-            if replacement is None:
-                continue
-            replaced[id(module)] = replacement
-        targets.append((name, replaced[id(module)]))
-    for name, replacement in targets:
-        if not name:
-            return replacement
-        parent_name, _, child = name.rpartition(".")
-        setattr(result.get_submodule(parent_name), child, replacement)
-    return result
-
-
 def _read_structure_after_load(module: CompensatedLayerNorm, incompatible_keys) -> None:
     module._read_structure()
-
-
-def _compensated(module: nn.Module) -> CompensatedLayerNorm | None:
-    """The CLN for a module ``compensate`` replaces, else ``None``."""
-    kinds = ((nn.LayerNorm, CompensatedLayerNorm.from_layer_norm),
-             (nn.RMSNorm, CompensatedLayerNorm.from_rms_norm),
-             (nn.GroupNorm, CompensatedLayerNorm.from_group_norm))
-    for base, convert in kinds:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            if base is nn.GroupNorm and module.num_groups != 1:
-                return None
-            if base is not nn.GroupNorm and len(module.normalized_shape) != 1:
-                return None
-            return convert(module)
-    return None
 
 
 def _indices(name: str, values, width: int) -> list[int]:
