@@ -50,13 +50,12 @@ def final_module(folder, cycle, params=None):
     model in the last cycle checkpoint's finishing pool or best model; the finishing training changes
     the weights, not the architecture). ``folder`` may also be a ``finish.pt`` file itself (a copy brought
     back from a device run, examples/convnext_tiny_gpu.sh). ``params``: the size the raw results give, checked."""
-    single = os.path.isfile(folder)
-    saved_path = folder if single else fxmin.cycle.finish_checkpoint(folder)
-    saved = fxmin.cycle.load_checkpoint(saved_path) if saved_path else None
-    if saved is not None and saved["chosen"] == cycle:
-        module, weights = next(e["module"] for e in saved["entries"] if e["cycle"] == cycle), "finished"
-    elif single:
-        raise SystemExit(f"{folder} holds the finishing phase of a run that chose cycle {saved['chosen']}, not {cycle}")
+    finished = fxmin.cycle.load_finished(folder)
+    if finished is not None and finished[0] == cycle:
+        module, weights = finished[1], "finished"
+    elif os.path.isfile(folder):
+        raise SystemExit(f"{folder} holds the finishing phase of a run that chose cycle "
+                         f"{finished[0] if finished else None}, not {cycle}")
     else:
         latest = fxmin.cycle.latest_checkpoint(folder)
         if latest is None:

@@ -59,10 +59,19 @@ def save_checkpoint(directory: str, cycle: int, payload: dict) -> str:
 def finish_checkpoint(directory: str) -> str | None:
     """Path of the finishing phase's checkpoint in ``directory`` (None when there is none). It holds each
     finished candidate (``entries``: cycle, record, trained module) and, once the phase is over, the
-    ``chosen`` cycle: the model ``squeeze_release`` returned is
-    ``next(e["module"] for e in load_checkpoint(path)["entries"] if e["cycle"] == chosen)``."""
+    ``chosen`` cycle (:func:`load_finished`)."""
     path = os.path.join(directory, FINISH_FILE) if directory else None
     return path if path and os.path.exists(path) else None
+
+
+def load_finished(location: str, map_location="cpu"):
+    """``(cycle, module)``: the finished model ``squeeze_release`` returned, from its ``checkpoint_dir`` or
+    a ``finish.pt`` file; None when there is no such file or its finishing phase did not end."""
+    path = location if os.path.isfile(location) else finish_checkpoint(location)
+    saved = load_checkpoint(path, map_location) if path else None
+    if saved is None or saved["chosen"] is None:
+        return None
+    return saved["chosen"], next(e["module"] for e in saved["entries"] if e["cycle"] == saved["chosen"])
 
 
 def save_finish_checkpoint(directory: str, payload: dict) -> str:

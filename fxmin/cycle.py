@@ -28,12 +28,12 @@ from .masks import model_device
 from .minimize import minimize
 from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
 from .checkpoints import (CHECKPOINT_VERSION, _picklable, finish_checkpoint, latest_checkpoint, load_checkpoint,
-                          save_checkpoint, save_finish_checkpoint)
+                          load_finished, save_checkpoint, save_finish_checkpoint)
 from .cycle_records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
 from .report import count_parameters
 
 __all__ = ["CHECKPOINT_VERSION", "CycleRecord", "FinishRecord", "SqueezeReleaseResult", "TrainStep",
-           "finish_checkpoint", "latest_checkpoint", "load_checkpoint", "squeeze_release"]
+           "finish_checkpoint", "latest_checkpoint", "load_checkpoint", "load_finished", "squeeze_release"]
 
 # the finishing phase picks its spaced candidates from a pool of this many times finish_candidates
 # models (accepted, or near misses within finish_pool_tolerance), the most accurate of each size band
@@ -132,7 +132,7 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     ``checkpoint_dir/cycle_NNN.pt`` is written (rank 0 only under torch.distributed); ``resume=True``
     continues from the last one there (``resume='path.pt'``: from that file). The finishing phase writes
     ``checkpoint_dir/finish.pt`` after each candidate it trains, and at its end the cycle it chose
-    (:func:`fxmin.cycle.finish_checkpoint`): a resume takes the candidates finished there instead of training
+    (:func:`fxmin.cycle.load_finished` reads it back): a resume takes the candidates finished there instead of training
     them again, so a crash loses at most the candidate in progress, and ``resume=True`` after a complete
     run returns its result without training. The input model is never modified.
 

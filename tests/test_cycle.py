@@ -361,6 +361,7 @@ def test_a_crash_while_finishing_loses_only_that_candidate_and_resume_gives_the_
         fxmin.squeeze_release(net, train=train, evaluate=evaluate, checkpoint_dir=folder, **options)
     saved = load_checkpoint(fxmin.cycle.finish_checkpoint(folder))
     assert [e["cycle"] for e in saved["entries"]] == [whole.finished[0].cycle] and saved["chosen"] is None
+    assert fxmin.cycle.load_finished(folder) is None  # the phase did not end
 
     train, evaluate, calls = noisy_finish_callbacks(x, y)
     with pytest.warns(UserWarning, match="no candidate"):
@@ -376,7 +377,8 @@ def test_a_crash_while_finishing_loses_only_that_candidate_and_resume_gives_the_
     # the phase is over: the checkpoint names the chosen model, and a resume returns it without training
     saved = load_checkpoint(fxmin.cycle.finish_checkpoint(folder))
     assert saved["chosen"] == whole.best_cycle and len(saved["entries"]) == 3
-    chosen = next(e["module"] for e in saved["entries"] if e["cycle"] == saved["chosen"])
+    cycle, chosen = fxmin.cycle.load_finished(folder)
+    assert cycle == whole.best_cycle
     assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), whole.module.state_dict().values()))
     train, evaluate, calls = noisy_finish_callbacks(x, y)
     with pytest.warns(UserWarning, match="no candidate"):
