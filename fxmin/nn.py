@@ -113,7 +113,8 @@ class CompensatedLayerNorm(nn.Module):
         """Unpickling (``torch.load`` of a saved model or checkpoint) reads the structure again: a CLN
         saved by an older fxmin lacks the flags and statistics that forward now uses."""
         super().__setstate__(state)
-        self._read_structure()
+        if "_padded" not in self.__dict__:  # a deepcopy or a current pickle carries them already
+            self._read_structure()
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
