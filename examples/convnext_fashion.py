@@ -19,6 +19,9 @@
 Training: AdamW (weight decay 0.05), batch 128, in every call a 10 % linear warm-up then cosine decay
 of the lr to 0 (``--lr`` for the dense model and control (c), ``--finetune-lr`` for the pruning
 methods' fine-tuning); group lasso ``--lasso`` in the cycles, none in the finishing phase.
+``--mac-power P`` prices the weights by their multiply-accumulates per entry (``fxmin.MacScaled`` for
+the pruning, ``group_lasso(costs=fxmin.mac_costs(...))`` for the lasso) so that the squeeze removes
+work, not only storage; every result records its MACs per image.
 
 Same protocol as examples/mnist_lenet300.py: dense baseline, Squeeze-Release (ours), and controls
 (a) iterative magnitude pruning + one final minimization, (b) cycles without release, (c) a ConvNeXt
@@ -119,6 +122,9 @@ class Trainer:
         schedule = None if self.args.schedule == "constant" else torch.optim.lr_scheduler.OneCycleLR(
             optimizer, self.lr, total_steps=max(steps, 2), pct_start=0.1, anneal_strategy="cos")
         lasso = 0.0 if finish else self.lasso  # the finishing phase drops the sparsity penalty
+        # --mac-power: the lasso presses each tensor's units by the MACs per entry of this model (this call's)
+        costs = fxmin.mac_costs(model, (self.x[:2],), power=self.args.mac_power) \
+            if lasso and self.args.mac_power else None
         order = torch.empty(0, dtype=torch.long)
         for _ in range(steps):
             if len(order) < self.args.batch:
@@ -127,7 +133,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(self.x[index]), self.y[index])
             if lasso:
-                loss = loss + lasso * fxmin.group_lasso(model)
+                loss = loss + lasso * fxmin.group_lasso(model, costs=costs)
             loss.backward()
             optimizer.step()
             if schedule is not None:
@@ -165,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--squeeze-epochs", type=float, default=0.5)
     parser.add_argument("--release-epochs", type=float, default=1.0)
     parser.add_argument("--lasso", type=float, default=5e-4)
+    parser.add_argument("--mac-power", type=float, default=0.0,
+                        help="price weights by their MACs per entry to this power (fxmin.MacScaled for the "
+                             "pruning, group_lasso(costs=...) for the lasso); 0 = count parameters only")
     parser.add_argument("--tolerance", type=float, default=1.5, help="validation points below dense (the search)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-lr", type=float, default=5e-4,
@@ -274,7 +283,8 @@ def main(argv=None):
         """One method's result: into the raw file (after every method, so a run cut short keeps its rows)
         and, with --write, this process's section."""
         record["methods"][key] = entry
-        log(f"{LABELS[key]}: {entry['params']:,} params val {entry['val']:.2f} test {entry['test']:.2f}")
+        log(f"{LABELS[key]}: {entry['params']:,} params {entry['macs']:,} MACs per image, val {entry['val']:.2f} "
+            f"test {entry['test']:.2f}")
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json + ".tmp", "w") as handle:
             json.dump(record, handle, indent=1)
@@ -284,13 +294,23 @@ def main(argv=None):
 
     baseline, methods = scores["accuracy"], args.methods.split(",")
 
+    example = (data[1][0][:16],)
+    criterion = fxmin.unit_scaled_magnitude if not args.mac_power else \
+        fxmin.MacScaled(fxmin.unit_scaled_magnitude, example_inputs=example, power=args.mac_power)
+
+    def macs(module):
+        """Multiply-accumulates per image."""
+        return fxmin.flops(module, (data[1][0][:1],)).macs
+
+    record["dense"]["macs"] = macs(dense)
+
     def cycles(release_zeros, key):
         trainer = Trainer(data, args, args.lasso, args.finetune_lr)
         start = time.perf_counter()
         result = fxmin.squeeze_release(
-            dense, train=trainer.train, evaluate=trainer.evaluate, example_inputs=(data[1][0][:16],),
+            dense, train=trainer.train, evaluate=trainer.evaluate, example_inputs=example,
             calibration_batch=(data[1][0][:256],), cycles=args.cycles, amount=args.amount,
-            criterion=fxmin.unit_scaled_magnitude, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
+            criterion=criterion, tolerance=args.tolerance, squeeze_epochs=args.squeeze_epochs,
             release_epochs=args.release_epochs, release_zeros=release_zeros, baseline=baseline,
             patience=args.patience, backoff=args.backoff, regrow=args.regrow, seed=args.seed,
             checkpoint_dir=os.path.join(args.checkpoints, key), resume=args.resume, progress=False,
@@ -303,7 +323,8 @@ def main(argv=None):
         if result.finished:
             log(result.finish_table())
         _, metrics = result.scores()
-        add(key, {"params": result.history[result.best_cycle].params, "val": metrics["val"], "test": metrics["test"],
+        add(key, {"params": result.history[result.best_cycle].params, "macs": macs(result.module),
+                  "val": metrics["val"], "test": metrics["test"],
                   "epochs": args.dense_epochs + trainer.epochs, "time_s": time.perf_counter() - start,
                   "best_cycle": result.best_cycle, "stopped": result.stopped,
                   "history": [[r.cycle, r.params, r.accuracy, r.metrics.get("val"), r.metrics.get("test"), r.amount,
@@ -316,7 +337,8 @@ def main(argv=None):
         start, trainer = time.perf_counter(), Trainer(data, args)
         trainer.train(model, epochs)
         s = trainer.evaluate(model)
-        add(key, {"params": fxmin.count_parameters(model), "val": s["val"], "test": s["test"], "epochs": epochs,
+        add(key, {"params": fxmin.count_parameters(model), "macs": macs(model), "val": s["val"], "test": s["test"],
+                  "epochs": epochs,
                   "time_s": time.perf_counter() - start, **extra})
 
     sr = cycles(True, "squeeze-release") if "sr" in methods else None
@@ -350,7 +372,7 @@ def main(argv=None):
         if best is not None and args.finish_epochs:  # the same finishing training as ours
             trainer.train(module, fxmin.TrainStep("finish", 0, args.finish_epochs))
         s = trainer.evaluate(module)
-        add("imp", {"params": fxmin.count_parameters(module), "val": s["val"], "test": s["test"],
+        add("imp", {"params": fxmin.count_parameters(module), "macs": macs(module), "val": s["val"], "test": s["test"],
                     "epochs": args.dense_epochs + trainer.epochs, "time_s": time.perf_counter() - start,
                     "rounds": rounds})
     if record["methods"]:

@@ -8,14 +8,14 @@ from .depgraph import DependencyGraph, analyze
 from .compile import backend, minimize_exported
 from . import prune
 from .cycle import SqueezeReleaseResult, TrainStep, squeeze_release
-from .flops import FlopReport, flops
+from .flops import FlopReport, flops, mac_costs
 from .errors import EquivalenceError, FxminError, InputError, MaskError, MissingRuleError, TraceError
 from .masks import masked_reference, prune_masks
 from .minimize import MinimizeResult, minimize
 from .compensate import compensate
 from .nn import CompensatedLayerNorm
 from .plan import Plan, make_plan
-from .prune import (ReleaseResult, global_magnitude, group_lasso, hold_masks, layer_magnitude, magnitude, prunable, release,
+from .prune import (MacScaled, ReleaseResult, global_magnitude, group_lasso, hold_masks, layer_magnitude, magnitude, prunable, release,
                     unit_scaled_magnitude)
 from .report import Report, count_parameters
 from .rewrite import rewrite
@@ -29,11 +29,11 @@ __all__ = [
     "make_plan", "masked_reference", "minimize", "prune_masks", "register_pointwise", "rewrite", "rule", "trace",
     "verify", "full_precision",
     # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py, fxmin/cycle_records.py, fxmin/checkpoints.py)
-    "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
+    "MacScaled", "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
     "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",
     # audit and compiler integration (fxmin/depgraph.py, fxmin/compile.py)
     "DependencyGraph", "analyze", "backend", "minimize_exported",
     # multiply-accumulates per node (fxmin/flops.py)
-    "FlopReport", "flops",
+    "FlopReport", "flops", "mac_costs",
 ]
 __version__ = "0.1.0"

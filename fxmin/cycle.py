@@ -88,7 +88,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
                     time_budget: float | None = None) -> SqueezeReleaseResult:
     """Run Squeeze-Release cycles on a trained ``model``; return the best model and the history.
 
-    Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion``,
+    Each cycle: ``masks = prune(model, amount)`` (``scope`` 'global' or 'layer', ``criterion`` (one with a
+    ``bind(model)``, such as :class:`fxmin.MacScaled`, is bound to each cycle's model),
     ``select`` for :func:`fxmin.prunable`), ``train(model, TrainStep('squeeze', ...))`` with the masks
     held, ``minimize``, :func:`release` the zeros left inside the compacted tensors (``alpha``,
     ``release_tolerance``, ``calibration_batch`` defaulting to ``example_inputs``), then

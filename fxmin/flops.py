@@ -36,6 +36,8 @@ from torch.utils._pytree import tree_flatten
 from .nn import CompensatedLayerNorm
 from .trace import trace
 
+__all__ = ["FlopReport", "NodeFlops", "flops", "mac_costs"]
+
 #: ``counter(module_or_target, args, kwargs, output) -> (macs, other)``
 Counter = Callable[..., tuple]
 
@@ -264,3 +266,62 @@ def flops(module: nn.Module, example_inputs) -> FlopReport:
     with torch.no_grad():
         counter.run(*example_inputs)
     return FlopReport(tuple(counter.counts))
+
+
+def _weight_of(node: torch.fx.Node, graph_module: torch.fx.GraphModule, parameters: dict):
+    """The name of the weight whose entries a MAC node multiplies, or None.
+
+    A Linear / Conv module call (its ``weight``) or a function whose second argument is a parameter read
+    by ``get_attr`` (``F.linear(x, w)``, ``F.conv2d(x, w)``). Other products (``x @ w.t()``, attention)
+    multiply activations or derived tensors, not a parameter's entries one for one: no weight.
+    """
+    if node.op == "call_module":
+        module = graph_module.get_submodule(node.target)
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            return f"{node.target}.weight"
+        return None
+    if node.op == "call_function" and node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target in parameters:
+            return weight.target
+    return None
+
+
+def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0) -> dict:
+    """Multiply-accumulates per entry of each weight on ``example_inputs``, relative to the mean: ``{name: cost}``.
+
+    An entry of a Linear weight is used once per input row, an entry of a convolution weight once per
+    output position: the cost of a weight is its node's MACs (:func:`flops`) divided by its number of
+    entries, so a 7x7 depthwise kernel at 14x14 resolution costs 196 where the same kernel at 1x1 costs
+    1. The costs are raised to ``power`` (0: all alike, 1: MACs as they are, 0.5 in between) and divided
+    by their mean over all entries of the weights listed, so the batch size of ``example_inputs`` does not
+    matter and a cost of 1 is the average. A weight used by several nodes costs their sum.
+
+    Only the weights of Linear / Conv modules and of ``F.linear`` / ``F.convNd`` calls on a parameter are
+    listed; anything else (biases, norm affine, a weight used through ``matmul``) has no entry: treat it
+    as 1. :class:`fxmin.MacScaled` (a pruning criterion) and ``group_lasso(costs=...)`` use them.
+
+    >>> import torch, fxmin
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32, 4))
+    >>> {k: round(v, 3) for k, v in fxmin.mac_costs(net, torch.randn(1, 1, 4, 4)).items()}   # 16 positions vs 1
+    {'0.weight': 5.615, '2.weight': 0.351}
+    """
+    if power < 0:
+        raise ValueError(f"mac_costs: power must be at least 0, got {power}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    graph_module = trace(module)
+    parameters = dict(graph_module.named_parameters())
+    counter = _Counter(graph_module)
+    with torch.no_grad():
+        counter.run(*example_inputs)
+    macs = {n.name: n.macs for n in counter.counts}
+    totals: dict = {}
+    for node in graph_module.graph.nodes:
+        name = _weight_of(node, graph_module, parameters)
+        if name is not None and name in parameters and parameters[name].numel():
+            totals[name] = totals.get(name, 0) + macs.get(node.name, 0)
+    costs = {name: (total / parameters[name].numel()) ** power for name, total in totals.items()}
+    entries = sum(parameters[name].numel() for name in costs)
+    mean = sum(cost * parameters[name].numel() for name, cost in costs.items()) / max(entries, 1)
+    return {name: cost / mean for name, cost in costs.items()} if mean > 0 else {name: 1.0 for name in costs}

@@ -93,6 +93,56 @@ def unit_scaled_magnitude(name: str, parameter: torch.Tensor) -> torch.Tensor:
     return w * rows.view(shape) * columns.view((1, -1) + (1,) * (w.dim() - 2))
 
 
+class MacScaled:
+    """A criterion that prices each weight by the multiply-accumulates it costs: ``criterion / cost``.
+
+    ``cost`` is :func:`fxmin.flops.mac_costs` of the model being pruned on ``example_inputs`` (MACs per
+    entry relative to the mean, raised to ``power``): an entry of a convolution at high resolution is
+    used many times per image and scores lower than an equally large one at low resolution or in a
+    Linear, so the pruning (and the minimization after it) removes MACs, not only parameters.
+    ``power=0`` is ``criterion`` itself; ``power=1`` ranks by score per MAC; in between trades the two.
+
+    The costs depend on the model, which changes every Squeeze-Release cycle: :func:`global_magnitude`,
+    :func:`layer_magnitude` and ``squeeze_release`` call :meth:`bind` with the model they prune, which
+    runs it once on ``example_inputs`` (moved to its device). Weights no MAC node multiplies directly
+    (biases, norm affine) keep their plain score.
+
+    >>> conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 4))
+    >>> masks = global_magnitude(conv, 0.5, criterion=MacScaled(example_inputs=torch.randn(1, 1, 8, 8), power=1))
+    >>> int((~masks["0.weight"]).sum())   # 36 entries, each used at 64 positions: pruned before the Linear's
+    36
+    """
+
+    def __init__(self, criterion: Criterion = unit_scaled_magnitude, *, example_inputs, power: float = 0.5):
+        if power < 0:
+            raise InputError(f"MacScaled: power must be at least 0, got {power}")
+        if example_inputs is None:
+            raise InputError("MacScaled needs example_inputs: a batch the model runs on, to count its MACs")
+        self.criterion, self.example_inputs, self.power = criterion, example_inputs, float(power)
+
+    def bind(self, model: nn.Module) -> Criterion:
+        """The plain criterion for ``model``: its costs counted now."""
+        from .flops import mac_costs
+
+        costs = mac_costs(model, to_device(self.example_inputs, model_device(model)), power=self.power)
+        criterion = _bind(self.criterion, model)
+        return lambda name, parameter: criterion(name, parameter) / costs.get(name, 1.0)
+
+    def __call__(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
+        raise InputError("MacScaled is priced on a model: pass it as criterion= to global_magnitude, "
+                         "layer_magnitude or squeeze_release (which bind it to the model they prune), or call "
+                         ".bind(model) for a plain criterion")
+
+    def __repr__(self) -> str:
+        return f"MacScaled({getattr(self.criterion, '__name__', self.criterion)!r}, power={self.power})"
+
+
+def _bind(criterion, model):
+    """A criterion that needs the model (``bind(model)``, e.g. :class:`MacScaled`) bound to it; others as they are."""
+    bind = getattr(criterion, "bind", None)
+    return bind(model) if callable(bind) else criterion
+
+
 def _candidates(model, masks, select):
     parameters = prunable(model, **(select or {}))
     if not parameters:
@@ -136,6 +186,7 @@ def global_magnitude(model: nn.Module, amount: float, *, criterion: Criterion = 
     """
     _check_amount(amount)
     parameters, kept = _candidates(model, masks, select)
+    criterion = _bind(criterion, model)
     names = list(parameters)
     scores = torch.cat([_scores(criterion, n, parameters[n]).flatten().cpu() for n in names])
     alive = torch.cat([kept[n].flatten().cpu() for n in names])
@@ -161,6 +212,7 @@ def layer_magnitude(model: nn.Module, amount: float | Mapping, *, criterion: Cri
     [50, 20]
     """
     parameters, kept = _candidates(model, masks, select)
+    criterion = _bind(criterion, model)
     result = {}
     for name, parameter in parameters.items():
         fraction = amount.get(name, 0.0) if isinstance(amount, Mapping) else amount
@@ -190,7 +242,8 @@ def _check_amount(amount):
 
 
 def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: bool = True,
-                columns: bool = True, skip_rows: Iterable[str] = (), weighting: str = "none") -> torch.Tensor:
+                columns: bool = True, skip_rows: Iterable[str] = (), weighting: str = "none",
+                costs: Mapping[str, float] | None = None) -> torch.Tensor:
     """Sum of the L2 norms of the rows (output units) and columns (input units) of weight tensors.
 
     Add ``lam * group_lasso(model)`` to your training loss to drive whole units to zero, so that
@@ -201,6 +254,11 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     root of its number of entries, the textbook group lasso) or ``"size"`` (by its number of entries,
     the parameters its removal saves, so an expensive unit is pressed harder than a cheap one). The
     weights are divided by their mean over all groups of the call, so ``lam`` keeps its scale.
+
+    ``costs`` (``{name: cost per entry}``, e.g. :func:`fxmin.flops.mac_costs` of the model; names it
+    lacks cost 1) multiplies the groups of each tensor by its cost: with ``weighting="size"`` a group
+    is pressed by the MACs its removal saves, not by its parameters. The costs change as the model
+    shrinks: count them again for each model you train (they are cheap: one forward pass).
     """
     power = {"none": 0.0, "sqrt": 0.5, "size": 1.0}.get(weighting)
     if power is None:
@@ -208,7 +266,7 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     parameters = dict(model.named_parameters())
     chosen = list(names) if names is not None else list(prunable(model))
     skip = set(skip_rows)
-    norms, sizes = [], []
+    norms, sizes, prices = [], [], []
     for name in chosen:
         w = parameters[name]
         if w.dim() < 2 or w.numel() == 0:  # a minimized layer may have no units left (a block's dead MLP)
@@ -217,12 +275,14 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
         if rows and name not in skip:
             norms.append(flat.pow(2).sum(dim=(1, 2)).add(1e-16).sqrt())
             sizes.append(flat.shape[1] * flat.shape[2])
+            prices.append(float((costs or {}).get(name, 1.0)))
         if columns:
             norms.append(flat.pow(2).sum(dim=(0, 2)).add(1e-16).sqrt())
             sizes.append(flat.shape[0] * flat.shape[2])
+            prices.append(float((costs or {}).get(name, 1.0)))
     if not norms:
         return torch.zeros(())
-    scale = [float(size) ** power for size in sizes]
+    scale = [float(size) ** power * price for size, price in zip(sizes, prices)]
     mean = sum(s * n.numel() for s, n in zip(scale, norms)) / sum(n.numel() for n in norms)
     return sum(n.sum() * (s / mean) for s, n in zip(scale, norms))
 

@@ -118,6 +118,70 @@ def test_group_lasso_skips_layers_with_no_units_left(weighting):
     assert net[2].weight.grad is not None
 
 
+def conv_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_mac_scaled_divides_the_criterion_by_each_weights_macs_per_entry(scope, power):
+    net, x = conv_net(), torch.randn(2, 1, 8, 8)
+    positions = {"0.weight": 64, "2.weight": 16, "5.weight": 1}  # per image, counted by hand
+    sizes = {name: p.numel() for name, p in fxmin.prunable(net).items()}
+    mean = sum(positions[n] ** power * sizes[n] for n in sizes) / sum(sizes.values())
+
+    def by_hand(name, parameter):
+        return fxmin.unit_scaled_magnitude(name, parameter) / (positions[name] ** power / mean)
+
+    prune = fxmin.global_magnitude if scope == "global" else fxmin.layer_magnitude
+    got = prune(net, 0.4, criterion=fxmin.MacScaled(example_inputs=(x,), power=power))
+    expected = prune(net, 0.4, criterion=by_hand)
+    assert all(torch.equal(got[n], expected[n]) for n in sizes)
+    plain = prune(net, 0.4, criterion=fxmin.unit_scaled_magnitude)
+    if power == 0.0:
+        assert all(torch.equal(got[n], plain[n]) for n in sizes)
+    elif scope == "global":  # priced per MAC, the 8x8 conv loses more and the Linear less
+        assert int((~got["0.weight"]).sum()) > int((~plain["0.weight"]).sum())
+        assert int((~got["5.weight"]).sum()) < int((~plain["5.weight"]).sum())
+
+
+def test_mac_scaled_needs_a_model_and_inputs():
+    criterion = fxmin.MacScaled(example_inputs=torch.randn(1, 1, 8, 8))
+    with pytest.raises(fxmin.InputError, match="pass it as criterion= to global_magnitude"):
+        criterion("0.weight", torch.ones(3, 3))
+    with pytest.raises(fxmin.InputError, match="needs example_inputs"):
+        fxmin.MacScaled(example_inputs=None)
+    with pytest.raises(fxmin.InputError, match="power must be at least 0"):
+        fxmin.MacScaled(example_inputs=torch.randn(1, 1, 8, 8), power=-1)
+    bound = criterion.bind(conv_net())  # a plain criterion, for any other pruner
+    assert bound("2.weight", conv_net()[2].weight).shape == (6, 6, 3, 3)
+
+
+def _lasso_with_costs(net, weighting, costs):
+    groups = []
+    for name, w in fxmin.prunable(net).items():
+        flat = w.detach().double().flatten(2) if w.dim() > 2 else w.detach().double().unsqueeze(-1)
+        price = costs.get(name, 1.0)
+        groups += [(flat[i].norm(), flat[i].numel(), price) for i in range(flat.shape[0])]
+        groups += [(flat[:, j].norm(), flat[:, j].numel(), price) for j in range(flat.shape[1])]
+    power = {"none": 0.0, "size": 1.0}[weighting]
+    mean = sum(n ** power * c for _, n, c in groups) / len(groups)
+    return sum(norm * n ** power * c / mean for norm, n, c in groups)
+
+
+@pytest.mark.parametrize("weighting", ["none", "size"])
+def test_group_lasso_with_costs_presses_each_tensor_by_its_price(weighting):
+    net = conv_net().double()
+    costs = fxmin.mac_costs(net, torch.randn(1, 1, 8, 8, dtype=torch.float64))
+    got = fxmin.group_lasso(net, weighting=weighting, costs=costs)
+    assert torch.allclose(got, _lasso_with_costs(net, weighting, costs), rtol=1e-9)
+    partial = {"0.weight": 3.0}  # names it lacks cost 1
+    assert torch.allclose(fxmin.group_lasso(net, weighting=weighting, costs=partial),
+                          _lasso_with_costs(net, weighting, partial), rtol=1e-9)
+
+
 def test_group_lasso_bad_weighting_is_a_clear_error():
     with pytest.raises(fxmin.InputError, match="weighting must be 'none', 'sqrt' or 'size'"):
         fxmin.group_lasso(mlp(), weighting="cost")
@@ -530,3 +594,23 @@ def test_finish_evaluate_judges_the_finishing_phase_against_its_own_baseline(tmp
         plain = fxmin.squeeze_release(net, finish_evaluate=None, **{**kwargs, "evaluate": lambda m: (
             0.75 if getattr(m, "finished", False) else 0.9)})
     assert plain.finish_baseline == 0.9 and not any(f.accepted for f in plain.finished)
+
+
+def test_squeeze_release_prices_a_mac_scaled_criterion_on_each_cycles_model():
+    """The model changes every cycle (minimized, sometimes renamed): a MacScaled criterion is bound to
+    the model each cycle prunes, never to the one it started from."""
+    x, y = data()
+    net, pruned = trained_mlp(x, y), []
+
+    class Recording(fxmin.MacScaled):
+        def bind(self, model):
+            pruned.append((fxmin.count_parameters(model), sorted(fxmin.prunable(model))))
+            return super().bind(model)
+
+    train, evaluate, _ = make_callbacks(x, y)
+    result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:8],), cycles=2,
+                                   amount=0.5, tolerance=1.0, criterion=Recording(example_inputs=(x[:8],)),
+                                   progress=False)
+    assert len(result.history) == 3 and len(pruned) == 2
+    assert pruned[0] == (fxmin.count_parameters(net), sorted(fxmin.prunable(net)))
+    assert pruned[1][0] == result.history[1].params < pruned[0][0]  # the first cycle's minimized model

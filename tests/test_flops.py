@@ -1,4 +1,5 @@
 """fxmin.flops: multiply-accumulates counted by hand for a conv net, an MLP and attention blocks."""
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,47 @@ def test_unknown_leaf_module_falls_back_to_torch_counter():
     gm = fxmin.trace(nn.Sequential(Leaf()), leaf_modules=[Leaf])
     report = fxmin.flops(gm, (torch.randn(3, 6),))
     assert report.macs == 3 * 4 * 6                          # nothing silently free
+
+
+class TwoResolutions(nn.Module):
+    """A conv at 8x8, a strided conv to 4x4, a Linear through F.linear on a parameter, used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.high = nn.Conv2d(1, 4, 3, padding=1)
+        self.low = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.head = nn.Parameter(torch.randn(3, 64))
+
+    def forward(self, x):
+        x = torch.flatten(self.low(torch.relu(self.high(x))), 1)
+        return nn.functional.linear(x, self.head) + nn.functional.linear(x.flip(1), self.head)
+
+
+def test_mac_costs_are_macs_per_entry_relative_to_their_mean():
+    net = TwoResolutions()
+    costs = fxmin.mac_costs(net, torch.randn(5, 1, 8, 8))
+    assert set(costs) == {"high.weight", "low.weight", "head"}  # biases are not priced
+    uses = {"high.weight": 64, "low.weight": 16, "head": 2}  # positions per image; the head is called twice
+    sizes = {name: p.numel() for name, p in net.named_parameters()}
+    mean = sum(uses[n] * sizes[n] for n in uses) / sum(sizes[n] for n in uses)
+    for name, use in uses.items():
+        assert abs(costs[name] - use / mean) < 1e-12
+    # the batch size cancels; power 0 prices every entry alike; power 0.5 is the root before the mean
+    assert fxmin.mac_costs(net, torch.randn(1, 1, 8, 8)) == pytest.approx(costs, rel=1e-12)
+    assert set(fxmin.mac_costs(net, torch.randn(2, 1, 8, 8), power=0).values()) == {1.0}
+    half = fxmin.mac_costs(net, torch.randn(2, 1, 8, 8), power=0.5)
+    root_mean = sum(uses[n] ** 0.5 * sizes[n] for n in uses) / sum(sizes[n] for n in uses)
+    assert abs(half["high.weight"] - 8 / root_mean) < 1e-12
+
+
+def test_mac_costs_follow_a_minimized_module_and_its_new_names():
+    net = ConvNet()
+    masks = {"conv1.weight": torch.ones(8, 3, 3, 3, dtype=torch.bool)}
+    masks["conv1.weight"][:4] = False
+    x = torch.randn(2, 3, 8, 8)
+    small = fxmin.minimize(net.eval(), masks, (x,)).module
+    costs = fxmin.mac_costs(small, (x,))
+    assert set(costs) == {n for n in fxmin.prunable(small)}
+    # conv1 and conv2 run at 8x8, depthwise at 4x4, fc once: 64 : 64 : 16 : 1 per entry
+    by_layer = sorted(costs.values(), reverse=True)
+    assert abs(by_layer[0] / by_layer[2] - 4) < 1e-9 and abs(by_layer[0] / by_layer[3] - 64) < 1e-9
