@@ -104,12 +104,18 @@ def convnext_models(patterns):
         args = argparse.Namespace(**saved["args"])
         models = seeds.setdefault(args.seed, {"dense": build(args)})
         for method, entry in saved["methods"].items():
+            power = saved["args"].get("mac_power") or 0
+            if power and method in ("squeeze-release", "no-release"):  # --mac-power: a variant of its own
+                key = f"{method}-mac{power:g}"
+                LABELS.setdefault(key, f"{LABELS[method]}, MAC-priced (power {power:g})")
+            else:
+                key = method
             if method in ("squeeze-release", "no-release"):
                 folder = os.path.join(args.checkpoints, method)
                 beside = os.path.join(os.path.dirname(path), f"finish-{method}.pt")  # a device run's OUT_DIR
                 if not os.path.isdir(folder) and os.path.exists(beside):
                     folder = beside
-                models[method], weights = final_module(folder, entry["best_cycle"], entry["params"])
+                models[key], weights = final_module(folder, entry["best_cycle"], entry["params"])
                 notes.add(weights)
             elif method == "width-scratch":
                 models["small"] = build(args, entry["width"] * args.width)
@@ -179,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=51, help="timed calls at batch 1 (a third of it, at least 5, at larger batches)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", metavar="RESULTS_MD", help="write the section into this file (docs/results.md)")
+    parser.add_argument("--section", default="", help="a tag for sections of their own (e.g. mac-priced), so "
+                                                      "that a run on other raw files leaves the reported ones alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = ["eager", "inductor"] if args.compile else ["eager"]
@@ -193,7 +201,8 @@ def main(argv=None):
         print(title, file=sys.stderr, flush=True)
         seeds, make_inputs, weights = loader(patterns)
         table, ratios, keys = measure(seeds, make_inputs, batches, modes, args.warmup, args.runs)
-        text = (f"## Deployed size and latency: {title} (benchmarks/deployed.py)\n\n"
+        tag = f" {args.section}" if args.section else ""
+        text = (f"## Deployed size and latency: {title} (benchmarks/deployed.py{',' + tag if tag else ''})\n\n"
                 f"- command: `{command.strip()}`\n- machine: {platform.machine()}, {os.cpu_count()} CPUs (shared "
                 f"with other jobs), torch {torch.__version__}, {args.threads} torch thread(s), {args.warmup} warm-up "
                 f"calls, {args.runs} timed calls at batch 1\n- raw results: {', '.join(f'`{p}`' for p in patterns)}; "
@@ -203,8 +212,8 @@ def main(argv=None):
                 f"{summary(ratios, keys)}\n\nPer seed:\n\n{table}\n")
         print(text)
         if args.write:
-            replace_section(args.write, f"deployed.py {key}", text)
-            print(f"wrote the 'deployed.py {key}' section of {args.write}")
+            replace_section(args.write, f"deployed.py {key}{tag}", text)
+            print(f"wrote the 'deployed.py {key}{tag}' section of {args.write}")
 
 if __name__ == "__main__":
     main()

@@ -208,7 +208,7 @@ def main(argv=None):
     parser.add_argument("--data", default=DATA, help="folder of the four Fashion-MNIST .gz files")
     parser.add_argument("--section", default="",
                         help="a tag of the docs section and plot this run writes (e.g. tiny-gpu; default: the "
-                             "reduced-width CPU section)")
+                             "reduced-width CPU section); with --merge, the section to write whatever the runs' tag")
     parser.add_argument("--checkpoints", default="runs/convnext")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--write", default=None, help="markdown file whose ConvNeXt section is replaced")
@@ -237,6 +237,9 @@ def main(argv=None):
             replace_section(args.write, "convnext_fashion.py seeds", text)
             return
         print(summary(records))
+        if args.section:  # the section to write, whatever the processes were started with
+            for item in records:
+                item["args"]["section"] = args.section
         write_section(records, args.write)
         return
     unknown = set(args.methods.split(",")) - {"sr", "a", "b", "c", "r", "dense"}
@@ -508,12 +511,16 @@ def summary(records):
     from tabulate import tabulate
     entries = merged(records)
     dense = entries["dense"]
+    with_macs = "macs" in dense and all("macs" in e for e in entries.values())  # runs since --mac-power
     rows = [[LABELS[key] + (f" (width x{e['width']:.3f})" if "width" in e else ""), f"{e['params']:,}",
-             f"{dense['params'] / e['params']:.1f}x", f"{e['val']:.2f}", f"{e['test']:.2f}",
-             f"{dense['test'] - e['test']:.2f}", f"{e['epochs']:g}", f"{e['time_s']:.0f}"]
+             f"{dense['params'] / e['params']:.1f}x"]
+            + ([f"{e['macs'] / 1e3:,.0f}", f"{dense['macs'] / e['macs']:.1f}x"] if with_macs else [])
+            + [f"{e['val']:.2f}", f"{e['test']:.2f}", f"{dense['test'] - e['test']:.2f}", f"{e['epochs']:g}",
+               f"{e['time_s']:.0f}"]
             for key in LABELS if key in entries for e in [entries[key]]]
-    return tabulate(rows, headers=["method", "params", "fewer", "val %", "test %", "test drop (pts)", "epochs",
-                                   "time s"], tablefmt="github", disable_numparse=True)
+    headers = ["method", "params", "fewer"] + (["kMACs / image", "fewer MACs"] if with_macs else []) \
+        + ["val %", "test %", "test drop (pts)", "epochs", "time s"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def plot(records, path):

@@ -62,6 +62,28 @@ def test_convnext_tagged_run_writes_its_own_section_beside_the_default_one(tmp_p
     assert "## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py, tiny-gpu)" in text
 
 
+def test_convnext_merge_with_macs_reports_them_and_section_picks_where_it_goes(tmp_path):
+    """Runs since --mac-power record MACs per image: the summary shows them and their ratio to dense;
+    --section at the merge writes a section of its own whatever the runs were started with."""
+    from examples.convnext_fashion import main
+
+    history = [[0, 1000, 90.3, 90.0, 89.25, 0.0, 0.0, 0.0, True], [1, 50, 89.5, 89.4, 88.9, 0.5, 1e-4, 5.0, True]]
+    ours = {"params": 50, "macs": 25_000, "val": 89.6, "test": 88.75, "epochs": 9.5, "time_s": 20.0,
+            "best_cycle": 1, "stopped": "", "history": history, "finished": []}
+    record = _record({"squeeze-release": ours}, "python examples/convnext_fashion.py --mac-power 0.5")
+    record["dense"]["macs"] = 5_000_000
+    raw = tmp_path / "results-sr.json"
+    raw.write_text(json.dumps(record))
+    path = tmp_path / "results.md"
+    path.write_text("<!-- convnext_fashion.py begins -->\nthe reported run\n<!-- convnext_fashion.py ends -->\n")
+    main(["--merge", str(raw), "--section", "mac-priced", "--write", str(path)])
+    text = path.read_text()
+    assert "the reported run" in text and "<!-- convnext_fashion.py mac-priced begins -->" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 25 " in rows["Squeeze-Release (ours)"] and "| 200.0x " in rows["Squeeze-Release (ours)"]
+    assert "| 5,000 " in rows["dense"] and "kMACs / image" in text
+
+
 def test_convnext_unknown_method_is_a_clear_error():
     from examples.convnext_fashion import main
 
