@@ -248,24 +248,41 @@ class _Counter(torch.fx.Interpreter):
         return out
 
 
+def _count(module: nn.Module, example_inputs) -> tuple:
+    """``module`` traced (a GraphModule as it is) and run once on ``example_inputs``: (graph module, counts).
+
+    The run is in eval mode, without gradients, and every submodule's mode is restored afterwards: the
+    traced graph shares the user's submodules, and a training-mode BatchNorm would otherwise update
+    their running statistics (counting must not change the model it counts).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    graph_module = trace(module)
+    counter = _Counter(graph_module)
+    modes = [(m, m.training) for m in graph_module.modules()]
+    graph_module.eval()
+    try:
+        with torch.no_grad():
+            counter.run(*example_inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return graph_module, counter.counts
+
+
 def flops(module: nn.Module, example_inputs) -> FlopReport:
     """Count the multiply-accumulates of ``module`` on ``example_inputs``, node by node.
 
     ``module`` is traced with :func:`fxmin.trace` (a GraphModule, such as ``minimize(...).module``,
-    is used as it is) and run once without gradients. See NOTE [What is counted].
+    is used as it is) and run once without gradients in eval mode; the model is left as it was (its
+    modes, its BatchNorm statistics). See NOTE [What is counted].
 
     >>> import torch, fxmin
     >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
     >>> fxmin.flops(conv, torch.randn(1, 8, 8, 8)).macs   # 512 outputs x (8/4 x 3x3)
     9216
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    graph_module = trace(module)
-    counter = _Counter(graph_module)
-    with torch.no_grad():
-        counter.run(*example_inputs)
-    return FlopReport(tuple(counter.counts))
+    return FlopReport(tuple(_count(module, example_inputs)[1]))
 
 
 def _weight_of(node: torch.fx.Node, graph_module: torch.fx.GraphModule, parameters: dict):
@@ -308,14 +325,9 @@ def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0) -> dict:
     """
     if power < 0:
         raise ValueError(f"mac_costs: power must be at least 0, got {power}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    graph_module = trace(module)
+    graph_module, counts = _count(module, example_inputs)
     parameters = dict(graph_module.named_parameters())
-    counter = _Counter(graph_module)
-    with torch.no_grad():
-        counter.run(*example_inputs)
-    macs = {n.name: n.macs for n in counter.counts}
+    macs = {n.name: n.macs for n in counts}
     totals: dict = {}
     for node in graph_module.graph.nodes:
         name = _weight_of(node, graph_module, parameters)

@@ -126,7 +126,7 @@ class MacScaled:
 
         costs = mac_costs(model, to_device(self.example_inputs, model_device(model)), power=self.power)
         criterion = _bind(self.criterion, model)
-        return lambda name, parameter: criterion(name, parameter) / costs.get(name, 1.0)
+        return lambda name, parameter: criterion(name, parameter) / max(costs.get(name, 1.0), 1e-12)
 
     def __call__(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         raise InputError("MacScaled is priced on a model: pass it as criterion= to global_magnitude, "

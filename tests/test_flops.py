@@ -119,3 +119,15 @@ def test_mac_costs_follow_a_minimized_module_and_its_new_names():
     # conv1 and conv2 run at 8x8, depthwise at 4x4, fc once: 64 : 64 : 16 : 1 per entry
     by_layer = sorted(costs.values(), reverse=True)
     assert abs(by_layer[0] / by_layer[2] - 4) < 1e-9 and abs(by_layer[0] / by_layer[3] - 64) < 1e-9
+
+
+def test_counting_leaves_a_training_model_as_it_was():
+    """The traced graph shares the user's submodules: a run in training mode would move BatchNorm's
+    running statistics. Counting runs in eval mode and restores every module's mode."""
+    net = ConvNet().train()
+    net.pool.eval()  # a mixed state comes back as it was
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fxmin.flops(net, (torch.randn(4, 3, 8, 8),))
+    fxmin.mac_costs(net, (torch.randn(4, 3, 8, 8),))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and net.bn.training and not net.pool.training
