@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .masks import model_device
+from .flops import flops
+from .masks import model_device, to_device
 from .minimize import minimize
 from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
 from .checkpoints import (CHECKPOINT_VERSION, _picklable, finish_checkpoint, latest_checkpoint, load_checkpoint,
@@ -172,7 +173,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         params_original = count_parameters(current)
         accuracy, metrics = _evaluate(evaluate, current)
         baseline = accuracy if baseline is None else float(baseline)
-        history = [CycleRecord(0, params_original, 1.0, accuracy, 0.0, 0.0, 0, 0.0, True, metrics)]
+        history = [CycleRecord(0, params_original, 1.0, accuracy, 0.0, 0.0, 0, 0.0, True, metrics,
+                               macs=_macs(current, example_inputs, options))]
         best, best_cycle, best_masks, misses, stopped = current, 0, None, 0, ""
         scale = 1.0
         current_released = 0
@@ -239,7 +241,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         values = sorted(s for s in sigmas.values() if s > 0)
         record = CycleRecord(cycle, params, params_original / max(params, 1), accuracy, fraction,
                              values[len(values) // 2] if values else 0.0, released_count,
-                             time.perf_counter() - began, accepted, metrics, dict(sigmas))
+                             time.perf_counter() - began, accepted, metrics, dict(sigmas),
+                             macs=_macs(minimized, example_inputs, options))
         history.append(record)
         current, current_released = minimized, released_count
         if accepted:
@@ -309,6 +312,13 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
         stopped = f"{stopped}; {note}" if stopped and note else (note or stopped)
     return SqueezeReleaseResult(best, history, best_cycle, baseline, params_original, best_masks, stopped, finished,
                                 finish_baseline)
+
+
+def _macs(module, example_inputs, options):
+    """The multiply-accumulates of ``module`` on ``example_inputs`` (for the history), traced the way
+    ``minimize`` traces it (``minimize_options``' tracer, leaf modules, concrete args)."""
+    trace_options = {k: options[k] for k in ("tracer", "leaf_modules", "concrete_args") if k in options}
+    return flops(module, to_device(example_inputs, model_device(module)), **trace_options).macs
 
 
 def _smallest(candidates, history, count):

@@ -37,6 +37,7 @@ class CycleRecord:
     accepted: bool
     metrics: dict = field(default_factory=dict)
     sigmas: dict = field(default_factory=dict)
+    macs: int | None = None  # multiply-accumulates on example_inputs (fxmin.flops); None in older checkpoints
 
 
 @dataclass
@@ -85,12 +86,13 @@ class SqueezeReleaseResult:
         from tabulate import tabulate
 
         extra = sorted({key for record in self.history for key in record.metrics})
-        rows = [[r.cycle, f"{r.params:,}", f"{r.compression:.1f}x", f"{r.accuracy:.4f}",
-                 *[_format(r.metrics.get(k)) for k in extra], f"{r.amount:.2f}", f"{r.sigma:.2e}",
-                 f"{r.time_s:.1f}", _mark(r, self.best_cycle)]
+        macs = any(r.macs is not None for r in self.history)
+        rows = [[r.cycle, f"{r.params:,}", f"{r.compression:.1f}x", *([_count(r.macs)] if macs else []),
+                 f"{r.accuracy:.4f}", *[_format(r.metrics.get(k)) for k in extra], f"{r.amount:.2f}",
+                 f"{r.sigma:.2e}", f"{r.time_s:.1f}", _mark(r, self.best_cycle)]
                 for r in self.history]
-        return tabulate(rows, headers=["cycle", "params", "compression", "accuracy", *extra, "amount",
-                                       "sigma (median)", "time s", ""], tablefmt=tablefmt,
+        return tabulate(rows, headers=["cycle", "params", "compression", *(["MACs"] if macs else []), "accuracy",
+                                       *extra, "amount", "sigma (median)", "time s", ""], tablefmt=tablefmt,
                         disable_numparse=True)
 
     def finish_table(self, tablefmt: str = "github") -> str:
@@ -129,6 +131,10 @@ class SqueezeReleaseResult:
             fig.savefig(path, dpi=120)
             plt.close(fig)
         return path
+
+
+def _count(value):
+    return "" if value is None else f"{value:,}"
 
 
 def _format(value):

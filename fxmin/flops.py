@@ -248,7 +248,7 @@ class _Counter(torch.fx.Interpreter):
         return out
 
 
-def _count(module: nn.Module, example_inputs) -> tuple:
+def _count(module: nn.Module, example_inputs, **trace_options) -> tuple:
     """``module`` traced (a GraphModule as it is) and run once on ``example_inputs``: (graph module, counts).
 
     The run is in eval mode, without gradients, and every submodule's mode is restored afterwards: the
@@ -257,7 +257,7 @@ def _count(module: nn.Module, example_inputs) -> tuple:
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    graph_module = trace(module)
+    graph_module = trace(module, **trace_options)
     counter = _Counter(graph_module)
     modes = [(m, m.training) for m in graph_module.modules()]
     graph_module.eval()
@@ -270,19 +270,20 @@ def _count(module: nn.Module, example_inputs) -> tuple:
     return graph_module, counter.counts
 
 
-def flops(module: nn.Module, example_inputs) -> FlopReport:
+def flops(module: nn.Module, example_inputs, **trace_options) -> FlopReport:
     """Count the multiply-accumulates of ``module`` on ``example_inputs``, node by node.
 
     ``module`` is traced with :func:`fxmin.trace` (a GraphModule, such as ``minimize(...).module``,
     is used as it is) and run once without gradients in eval mode; the model is left as it was (its
-    modes, its BatchNorm statistics). See NOTE [What is counted].
+    modes, its BatchNorm statistics). ``trace_options`` (``tracer``, ``leaf_modules``,
+    ``concrete_args``) go to :func:`fxmin.trace` for a model that needs them. See NOTE [What is counted].
 
     >>> import torch, fxmin
     >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
     >>> fxmin.flops(conv, torch.randn(1, 8, 8, 8)).macs   # 512 outputs x (8/4 x 3x3)
     9216
     """
-    return FlopReport(tuple(_count(module, example_inputs)[1]))
+    return FlopReport(tuple(_count(module, example_inputs, **trace_options)[1]))
 
 
 def _weight_of(node: torch.fx.Node, graph_module: torch.fx.GraphModule, parameters: dict):
@@ -304,7 +305,7 @@ def _weight_of(node: torch.fx.Node, graph_module: torch.fx.GraphModule, paramete
     return None
 
 
-def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0) -> dict:
+def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0, **trace_options) -> dict:
     """Multiply-accumulates per entry of each weight on ``example_inputs``, relative to the mean: ``{name: cost}``.
 
     An entry of a Linear weight is used once per input row, an entry of a convolution weight once per
@@ -317,6 +318,7 @@ def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0) -> dict:
     Only the weights of Linear / Conv modules and of ``F.linear`` / ``F.convNd`` calls on a parameter are
     listed; anything else (biases, norm affine, a weight used through ``matmul``) has no entry: treat it
     as 1. :class:`fxmin.MacScaled` (a pruning criterion) and ``group_lasso(costs=...)`` use them.
+    ``trace_options`` go to :func:`fxmin.trace`, as for :func:`flops`.
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32, 4))
@@ -325,7 +327,7 @@ def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0) -> dict:
     """
     if power < 0:
         raise ValueError(f"mac_costs: power must be at least 0, got {power}")
-    graph_module, counts = _count(module, example_inputs)
+    graph_module, counts = _count(module, example_inputs, **trace_options)
     parameters = dict(graph_module.named_parameters())
     macs = {n.name: n.macs for n in counts}
     totals: dict = {}

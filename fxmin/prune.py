@@ -105,7 +105,8 @@ class MacScaled:
     The costs depend on the model, which changes every Squeeze-Release cycle: :func:`global_magnitude`,
     :func:`layer_magnitude` and ``squeeze_release`` call :meth:`bind` with the model they prune, which
     runs it once on ``example_inputs`` (moved to its device). Weights no MAC node multiplies directly
-    (biases, norm affine) keep their plain score.
+    (biases, norm affine) keep their plain score. ``trace_options`` (``tracer``, ``leaf_modules``,
+    ``concrete_args``) are for :func:`fxmin.trace`, for a model that needs them (minimized ones do not).
 
     >>> conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 4))
     >>> masks = global_magnitude(conv, 0.5, criterion=MacScaled(example_inputs=torch.randn(1, 1, 8, 8), power=1))
@@ -113,18 +114,21 @@ class MacScaled:
     36
     """
 
-    def __init__(self, criterion: Criterion = unit_scaled_magnitude, *, example_inputs, power: float = 0.5):
+    def __init__(self, criterion: Criterion = unit_scaled_magnitude, *, example_inputs, power: float = 0.5,
+                 **trace_options):
         if power < 0:
             raise InputError(f"MacScaled: power must be at least 0, got {power}")
         if example_inputs is None:
             raise InputError("MacScaled needs example_inputs: a batch the model runs on, to count its MACs")
         self.criterion, self.example_inputs, self.power = criterion, example_inputs, float(power)
+        self.trace_options = trace_options
 
     def bind(self, model: nn.Module) -> Criterion:
         """The plain criterion for ``model``: its costs counted now."""
         from .flops import mac_costs
 
-        costs = mac_costs(model, to_device(self.example_inputs, model_device(model)), power=self.power)
+        costs = mac_costs(model, to_device(self.example_inputs, model_device(model)), power=self.power,
+                          **self.trace_options)
         criterion = _bind(self.criterion, model)
         return lambda name, parameter: criterion(name, parameter) / max(costs.get(name, 1.0), 1e-12)
 

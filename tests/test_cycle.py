@@ -614,3 +614,8 @@ def test_squeeze_release_prices_a_mac_scaled_criterion_on_each_cycles_model():
     assert len(result.history) == 3 and len(pruned) == 2
     assert pruned[0] == (fxmin.count_parameters(net), sorted(fxmin.prunable(net)))
     assert pruned[1][0] == result.history[1].params < pruned[0][0]  # the first cycle's minimized model
+    # the history counts each cycle's MACs on example_inputs, as fxmin.flops does
+    assert result.history[0].macs == fxmin.flops(net, (x[:8],)).macs
+    assert result.history[result.best_cycle].macs == fxmin.flops(result.module, (x[:8],)).macs
+    assert result.history[result.best_cycle].macs < result.history[0].macs
+    assert "| MACs " in result.table() and f"{result.history[0].macs:,}" in result.table()
