@@ -33,6 +33,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .errors import InputError
 from .nn import CompensatedLayerNorm
 from .trace import trace
 
@@ -326,7 +327,7 @@ def mac_costs(module: nn.Module, example_inputs, *, power: float = 1.0, **trace_
     {'0.weight': 5.615, '2.weight': 0.351}
     """
     if power < 0:
-        raise ValueError(f"mac_costs: power must be at least 0, got {power}")
+        raise InputError(f"mac_costs: power must be at least 0, got {power}")
     graph_module, counts = _count(module, example_inputs, **trace_options)
     parameters = dict(graph_module.named_parameters())
     macs = {n.name: n.macs for n in counts}

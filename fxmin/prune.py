@@ -96,7 +96,7 @@ def unit_scaled_magnitude(name: str, parameter: torch.Tensor) -> torch.Tensor:
 class MacScaled:
     """A criterion that prices each weight by the multiply-accumulates it costs: ``criterion / cost``.
 
-    ``cost`` is :func:`fxmin.flops.mac_costs` of the model being pruned on ``example_inputs`` (MACs per
+    ``cost`` is :func:`fxmin.mac_costs` of the model being pruned on ``example_inputs`` (MACs per
     entry relative to the mean, raised to ``power``): an entry of a convolution at high resolution is
     used many times per image and scores lower than an equally large one at low resolution or in a
     Linear, so the pruning (and the minimization after it) removes MACs, not only parameters.
@@ -259,7 +259,7 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     the parameters its removal saves, so an expensive unit is pressed harder than a cheap one). The
     weights are divided by their mean over all groups of the call, so ``lam`` keeps its scale.
 
-    ``costs`` (``{name: cost per entry}``, e.g. :func:`fxmin.flops.mac_costs` of the model; names it
+    ``costs`` (``{name: cost per entry}``, e.g. :func:`fxmin.mac_costs` of the model; names it
     lacks cost 1) multiplies the groups of each tensor by its cost: with ``weighting="size"`` a group
     is pressed by the MACs its removal saves, not by its parameters. The costs change as the model
     shrinks: count them again for each model you train (they are cheap: one forward pass).
@@ -270,6 +270,10 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     parameters = dict(model.named_parameters())
     chosen = list(names) if names is not None else list(prunable(model))
     skip = set(skip_rows)
+    unknown = sorted(set(costs or {}) - set(parameters))
+    if unknown:
+        raise InputError(f"group_lasso: costs name {unknown[:3]}, not parameters of {type(model).__name__}; count "
+                         f"them on this model (fxmin.mac_costs(model, ...)): a minimized model renames its layers")
     norms, sizes, prices = [], [], []
     for name in chosen:
         w = parameters[name]

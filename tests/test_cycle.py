@@ -180,6 +180,8 @@ def test_group_lasso_with_costs_presses_each_tensor_by_its_price(weighting):
     partial = {"0.weight": 3.0}  # names it lacks cost 1
     assert torch.allclose(fxmin.group_lasso(net, weighting=weighting, costs=partial),
                           _lasso_with_costs(net, weighting, partial), rtol=1e-9)
+    with pytest.raises(fxmin.InputError, match=r"costs name \['fc.weight'\], not parameters of Sequential"):
+        fxmin.group_lasso(net, weighting=weighting, costs={"fc.weight": 2.0})
 
 
 def test_group_lasso_bad_weighting_is_a_clear_error():

@@ -106,6 +106,8 @@ def test_mac_costs_are_macs_per_entry_relative_to_their_mean():
     half = fxmin.mac_costs(net, torch.randn(2, 1, 8, 8), power=0.5)
     root_mean = sum(uses[n] ** 0.5 * sizes[n] for n in uses) / sum(sizes[n] for n in uses)
     assert abs(half["high.weight"] - 8 / root_mean) < 1e-12
+    with pytest.raises(fxmin.InputError, match="power must be at least 0"):
+        fxmin.mac_costs(net, torch.randn(1, 1, 8, 8), power=-0.5)
 
 
 def test_mac_costs_follow_a_minimized_module_and_its_new_names():
