@@ -213,3 +213,24 @@ def test_deployed_benchmark_measures_ratios_against_the_dense_model(tmp_path):
     assert tensor_bytes(net) == 4 * fxmin.count_parameters(net) < weight_bytes(net)
     assert ratios["squeeze-release", "bytes"][0] > 1 and len(ratios["squeeze-release", (8, "eager")]) == 1
     assert "Squeeze-Release (ours)" in table and "fewer MACs" in table
+
+
+def test_deployed_benchmark_keeps_a_mac_priced_run_apart_from_the_plain_one(tmp_path):
+    """Two raw files of one seed, one with --mac-power: both models are measured, as two methods."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from deployed import LABELS, convnext_models
+    import fxmin
+    net, result, x = _loop_with_checkpoints(tmp_path / "squeeze-release")
+    entry = {"params": fxmin.count_parameters(result.module), "best_cycle": result.best_cycle}
+    paths = []
+    for power in (0.0, 0.5):
+        record = _record({"squeeze-release": entry}, f"--mac-power {power}")
+        record["args"].update(mac_power=power, checkpoints=str(tmp_path))
+        paths.append(tmp_path / f"results-{power}.json")
+        paths[-1].write_text(json.dumps(record))
+    seeds, _, _ = convnext_models([str(p) for p in paths])
+    assert sorted(seeds[0]) == ["dense", "squeeze-release", "squeeze-release-mac0.5"]
+    assert LABELS["squeeze-release-mac0.5"] == "Squeeze-Release (ours), MAC-priced (power 0.5)"
+    assert fxmin.count_parameters(seeds[0]["squeeze-release-mac0.5"]) == entry["params"]
