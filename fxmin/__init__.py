@@ -15,8 +15,9 @@ from .minimize import MinimizeResult, minimize
 from .compensate import compensate
 from .nn import CompensatedLayerNorm
 from .plan import Plan, make_plan
-from .prune import (MacScaled, ReleaseResult, global_magnitude, group_lasso, hold_masks, layer_magnitude, magnitude, prunable, release,
-                    unit_scaled_magnitude)
+from .prune import MacScaled, global_magnitude, layer_magnitude, magnitude, prunable, unit_scaled_magnitude
+from .training import group_lasso, hold_masks
+from .calibrated_release import ReleaseResult, release
 from .report import Report, count_parameters
 from .rewrite import rewrite
 from .rules import REGISTRY, Rule, register_pointwise, rule
@@ -28,7 +29,8 @@ __all__ = [
     "Plan", "REGISTRY", "Report", "Rule", "TraceError", "VerifyReport", "analyze_graph", "compensate", "count_parameters",
     "make_plan", "masked_reference", "minimize", "prune_masks", "register_pointwise", "rewrite", "rule", "trace",
     "verify", "full_precision",
-    # Squeeze-Release (fxmin/prune.py, fxmin/cycle.py, fxmin/cycle_records.py, fxmin/checkpoints.py)
+    # Squeeze-Release (fxmin/prune.py, fxmin/training.py, fxmin/calibrated_release.py, fxmin/cycle.py,
+    # fxmin/cycle_records.py, fxmin/checkpoints.py)
     "MacScaled", "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
     "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",
     # audit and compiler integration (fxmin/depgraph.py, fxmin/compile.py)

@@ -27,7 +27,9 @@ from .errors import InputError
 from .flops import flops
 from .masks import model_device, to_device
 from .minimize import minimize
-from .prune import global_magnitude, hold_masks, layer_magnitude, magnitude, prunable, release, zero_masks
+from .calibrated_release import release
+from .prune import global_magnitude, layer_magnitude, magnitude, prunable, zero_masks
+from .training import hold_masks
 from .checkpoints import (CHECKPOINT_VERSION, _picklable, finish_checkpoint, latest_checkpoint, load_checkpoint,
                           load_finished, save_checkpoint, save_finish_checkpoint)
 from .cycle_records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
