@@ -104,6 +104,12 @@ class CompensatedLayerNorm(nn.Module):
         self._padded = not self._plain and self.width <= PADDED_WIDTH * max(len(kept), 1)
         self._select = "none" if source == everything else "prefix" if source == list(range(len(source))) else "index"
         constants = self.constants.detach().to("cpu", torch.float64)
+        # NOTE [CLN call overhead]: Python ints and floats read here once, so that forward touches as
+        # few buffers, tensor methods and no-op casts as it can (see forward)
+        self._axis = 1 if self.kind == "group" else -1
+        self._kept_count, self._removed_count, self._emitted = len(kept), len(constants), len(source)
+        values = constants.tolist()
+        self._fill = values[0] if values and all(value == values[0] for value in values) else None
         self._constant_sum = float(constants.sum())
         self._constant_squares = float(constants.square().sum())
         self._constant_mean = float(constants.mean()) if len(constants) else 0.0
@@ -113,17 +119,19 @@ class CompensatedLayerNorm(nn.Module):
         """Unpickling (``torch.load`` of a saved model or checkpoint) reads the structure again: a CLN
         saved by an older fxmin lacks the flags and statistics that forward now uses."""
         super().__setstate__(state)
-        if "_padded" not in self.__dict__:  # a deepcopy or a current pickle carries them already
+        if "_fill" not in self.__dict__:  # a deepcopy or a current pickle carries them (_fill is the newest)
             self._read_structure()
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel_axis = 1 if self.kind == "group" else -1
-        if x.dim() < (2 if self.kind == "group" else 1) or x.shape[channel_axis] != len(self.kept):
-            raise InputError(f"CompensatedLayerNorm({self.width}, kind={self.kind}) expects {len(self.kept)} "
-                             f"channels on axis {channel_axis}, got input of shape {tuple(x.shape)}")
+        axis = self._axis
+        if x.dim() < (2 if axis == 1 else 1) or x.shape[axis] != self._kept_count:
+            raise InputError(f"CompensatedLayerNorm({self.width}, kind={self.kind}) expects {self._kept_count} "
+                             f"channels on axis {axis}, got input of shape {tuple(x.shape)}")
         if self._plain:
             return self._plain_forward(x)
+        if not self._emitted:  # nothing leaves: an empty channel axis, nothing to compute
+            return x.narrow(axis, 0, 0)
         # NOTE [CLN forward paths]: unless the removed channels outnumber the kept ones by more than
         # PADDED_WIDTH - 1 to 1, the removed channels' constants are appended to the input and the
         # native kernel (F.layer_norm / rms_norm / group_norm) normalizes all D channels: the very
@@ -134,6 +142,10 @@ class CompensatedLayerNorm(nn.Module):
         # CPU, where a dozen small ops per call dominated; on large inputs the two are within 0.67-1.23x
         # of each other (benchmarks/cln_paths.py, docs/compensated-layernorm.md). The switch is
         # structural, never on the input's size: torch.export with a dynamic batch sees one graph.
+        # NOTE [CLN call overhead]: at batch 1 a CLN's cost is its calls, not its arithmetic (a few
+        # microseconds each: an op, a no-op cast, a buffer read). So equal constants (zeros, most
+        # often) are written by one F.pad, not cast, shaped and concatenated; a cast is called only
+        # when the dtype differs; the counts are Python ints (_read_structure).
         if self._padded:
             return self._padded_forward(x)
         # NOTE [CLN arithmetic]
@@ -143,13 +155,13 @@ class CompensatedLayerNorm(nn.Module):
         # n * (mean - c_mean)^2 + sum_j (c_j - c_mean)^2 (Chan's parallel-variance combination).
         # Both terms are non-negative, so nothing cancels: unlike S2 - 2 mean S1 + n mean^2, which
         # loses everything when the constants are large and close to the mean. It costs O(1)
-        # per position, not O(n).
-        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        values = x.to(compute)
-        axes = tuple(range(1, x.dim())) if self.kind == "group" else (-1,)
-        positions = math.prod(x.shape[2:]) if self.kind == "group" else 1
+        # per position, not O(n). The constants' term is one addcmul (NOTE [CLN call overhead]: fewer calls;
+        # torch.var_mean would be one call fewer still, but is 3-5x slower on many short rows on a CPU).
+        values, compute = _compute(x)
+        axes = tuple(range(1, x.dim())) if axis == 1 else (-1,)
+        positions = math.prod(x.shape[2:]) if axis == 1 else 1
         count = self.width * positions
-        removed_count = self.constants.shape[0]
+        removed_count = self._removed_count
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if self.kind == "rms":
             squares = values.square().sum(axes, keepdim=True)
@@ -163,24 +175,26 @@ class CompensatedLayerNorm(nn.Module):
                 total = total + self._constant_sum * positions
             mean = total / count
             centred = values - mean
-            spread = centred.square().sum(axes, keepdim=True)
-            if removed_count:
-                spread = spread + positions * (removed_count * (mean - self._constant_mean).square()
-                                               + self._constant_spread)
-            scale = torch.rsqrt(spread / count + eps)
+            variance = centred.square().sum(axes, keepdim=True).div_(count)
+            if removed_count:  # positions cancel: n / D (mean - c_mean)^2 + spread_c / D, D = width
+                offset = mean - self._constant_mean
+                variance = torch.addcmul(variance.add_(self._constant_spread / self.width + eps), offset, offset,
+                                         value=removed_count / self.width)
+            else:
+                variance = variance.add_(eps)
+            scale = torch.rsqrt(variance)
         if self._gather == "constants":  # some emitted channels no longer arrive: v_j = c_j
-            centred = self._append_constants(centred, channel_axis, mean)
+            centred = self._append_constants(centred, axis % x.dim(), mean)
         if self._gather != "none":
-            centred = torch.index_select(centred, channel_axis % x.dim(), self.source)
-        return self._affine(centred * scale, compute, x.dim()).to(x.dtype)
+            centred = torch.index_select(centred, axis % x.dim(), self.source)
+        return _cast(self._affine(centred * scale, compute, x.dim()), x.dtype)
 
     def _padded_forward(self, x: torch.Tensor) -> torch.Tensor:
         """NOTE [CLN forward paths]: the native normalization over ``cat([input, constants])`` (the frame
         ``source`` indexes), then the emitted channels and their affine parameters."""
         channel_axis = 1 if self.kind == "group" else x.dim() - 1
-        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        values = x.to(compute)
-        if self.constants.shape[0]:
+        values, compute = _compute(x)
+        if self._removed_count:
             values = self._append_constants(values, channel_axis)
         if self.kind == "layer":
             normalized = F.layer_norm(values, (self.width,), None, None, self.eps)
@@ -190,23 +204,28 @@ class CompensatedLayerNorm(nn.Module):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
             normalized = F.rms_norm(values, (self.width,), None, eps)
         if self._select == "prefix":
-            normalized = normalized.narrow(channel_axis, 0, self.source.shape[0])
+            normalized = normalized.narrow(channel_axis, 0, self._emitted)
         elif self._select == "index":
             normalized = torch.index_select(normalized, channel_axis, self.source)
-        return self._affine(normalized, compute, x.dim()).to(x.dtype)
+        return _cast(self._affine(normalized, compute, x.dim()), x.dtype)
 
     def _append_constants(self, values: torch.Tensor, channel_axis: int, shift=None) -> torch.Tensor:
         """``cat([values, constants - shift])`` along the channel axis: the frame ``source`` indexes."""
-        constants = self._along_channels(self.constants.to(values.dtype), values.dim())
+        if self._fill is not None and shift is None:  # NOTE [CLN call overhead]: one op, no cast
+            return F.pad(values, (0, 0) * (values.dim() - 1 - channel_axis) + (0, self._removed_count),
+                         value=self._fill)
+        shape = list(values.shape)
+        shape[channel_axis] = self._removed_count
+        if self._fill is not None:
+            return torch.cat([values, (self._fill - shift).expand(shape)], dim=channel_axis)
+        constants = self._along_channels(_cast(self.constants, values.dtype), values.dim())
         if shift is not None:
             constants = constants - shift
-        shape = list(values.shape)
-        shape[channel_axis] = self.constants.shape[0]
         return torch.cat([values, constants.expand(shape)], dim=channel_axis)
 
     def _affine(self, normalized: torch.Tensor, compute: torch.dtype, dim: int) -> torch.Tensor:
-        weight = None if self.weight is None else self._along_channels(self.weight.to(compute), dim)
-        bias = None if self.bias is None else self._along_channels(self.bias.to(compute), dim)
+        weight = None if self.weight is None else self._along_channels(_cast(self.weight, compute), dim)
+        bias = None if self.bias is None else self._along_channels(_cast(self.bias, compute), dim)
         if weight is not None and bias is not None:
             return torch.addcmul(bias, normalized, weight)
         if weight is not None:
@@ -319,6 +338,18 @@ class CompensatedLayerNorm(nn.Module):
                          f"[{min(values):.6g}, {max(values):.6g}], sum {sum(values):.6g})")
         return (f"{self.width}, kind={self.kind}, kept={len(self.kept)}, {described}, outputs={len(self.outputs)}, "
                 f"eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}")
+
+
+def _compute(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """``x`` in the dtype CLN computes in (float32 for half and bfloat16, NOTE [CLN arithmetic]), and
+    that dtype; no cast is called when there is nothing to cast (NOTE [CLN call overhead])."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x, x.dtype
+    return x.to(torch.float32), torch.float32
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _read_structure_after_load(module: CompensatedLayerNorm, incompatible_keys) -> None:

@@ -185,6 +185,44 @@ def test_low_precision_input_keeps_its_dtype(path):
     torch.testing.assert_close(norm(x.bfloat16()).float(), norm(x), rtol=0.02, atol=0.05)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["layer", "rms", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [0.0, -0.75])
+def test_equal_constants_take_one_pad_and_change_no_bit(value, dtype, kind, path):
+    """NOTE [CLN call overhead]: equal constants are written by F.pad (no cast, no cat); the result is
+    the general path's (constants cast, shaped, concatenated) bit for bit, a removed channel emitted."""
+    generator = torch.Generator().manual_seed(4)
+    with forward_path(path):
+        norm = CompensatedLayerNorm(7, [6, 0, 2], {1: value, 3: value, 4: value, 5: value}, [1, 0, 6, 5],
+                                    kind=kind, weight=torch.randn(4, generator=generator),
+                                    bias=torch.randn(4, generator=generator)).to(dtype)
+    general = copy.deepcopy(norm)
+    general._fill = None
+    assert norm._fill == value
+    shape = (2, 3, 5) if kind == "group" else (2, 5, 3)
+    x = (torch.randn(*shape, generator=generator) * 3 + 1).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), general(x), rtol=0, atol=0)
+        full = full_input(x.double(), 7, [6, 0, 2], {1: value, 3: value, 4: value, 5: value}, 1 if kind == "group" else -1)
+        reference = {"layer": lambda t: F.layer_norm(t, (7,)), "rms": lambda t: F.rms_norm(t, (7,), eps=norm.eps),
+                     "group": lambda t: F.group_norm(t, 1)}[kind](full)
+        reference = torch.index_select(reference, 1 if kind == "group" else 2, torch.tensor([1, 0, 6, 5]))
+        along = (-1, 1) if kind == "group" else (1, 1, -1)
+        reference = reference * norm.weight.double().view(along) + norm.bias.double().view(along)
+        tolerance = 0.05 if dtype == torch.bfloat16 else 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(norm(x).double(), reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_emitted_channel_gives_an_empty_channel_axis(path):
+    with forward_path(path):
+        norm = CompensatedLayerNorm(6, [0, 2, 4], None, outputs=[])
+    x = torch.randn(2, 5, 3)
+    assert norm(x).shape == (2, 5, 0) and norm(x).dtype == x.dtype
+    assert norm(x.double()).dtype == torch.float64
+
+
 # ------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["layer", "rms", "group"])
@@ -219,6 +257,10 @@ def export_cases(path="padded"):
             "plain": (CompensatedLayerNorm.from_layer_norm(nn.LayerNorm(8)), (2, 5, 8)),
             "inputs-only": (CompensatedLayerNorm(8, range(6), [0.0, 3.0], outputs=[5, 1]), (3, 6)),
             "prefix": (CompensatedLayerNorm(8, [2, 0, 5], [0.0, 1.0, 0.0, 0.0, -1.0], outputs=[2, 0]), (3, 3)),
+            # equal constants: NOTE [CLN call overhead] (one F.pad; a removed channel emitted)
+            "zeros": (CompensatedLayerNorm(8, [0, 1, 3, 4, 6], None, [7, 0, 2, 3]), (2, 5, 5)),
+            "equal-group": (CompensatedLayerNorm(6, [0, 2, 3], [0.5, 0.5, 0.5], [0, 1, 3], kind="group"),
+                            (2, 3, 4, 4)),
         }
 
 
@@ -438,13 +480,21 @@ def test_loading_a_state_dict_of_the_same_shapes_updates_the_structure():
     torch.testing.assert_close(plain(x), F.layer_norm(x.flip(-1), (4,)))
 
 
-def test_a_cln_pickled_before_its_forward_paths_existed_loads_and_computes_the_same():
-    """Checkpoints and saved models hold pickled CLNs; one written by an older fxmin has none of the
+@pytest.mark.parametrize("missing", [
+    # before the forward paths: no flags, no statistics
+    ("_padded", "_select", "_constant_sum", "_constant_squares", "_constant_mean", "_constant_spread",
+     "_axis", "_kept_count", "_removed_count", "_emitted", "_fill"),
+    # with the paths, before NOTE [CLN call overhead] (the checkpoints of the reported ConvNeXt runs)
+    ("_axis", "_kept_count", "_removed_count", "_emitted", "_fill"),
+], ids=["no-paths", "no-call-overhead-fields"])
+@pytest.mark.parametrize("constants", [{2: 0.0, 5: 1.5, 7: -0.5}, {2: 0.0, 5: 0.0, 7: 0.0}], ids=["mixed", "zeros"])
+def test_a_cln_pickled_by_an_older_fxmin_loads_and_computes_the_same(missing, constants):
+    """Checkpoints and saved models hold pickled CLNs; one written by an older fxmin lacks some of the
     attributes _read_structure sets now, and loading it must still work."""
-    norm = CompensatedLayerNorm(8, [0, 1, 3, 4, 6], {2: 0.0, 5: 1.5, 7: -0.5}, [7, 0, 2, 3])
+    norm = CompensatedLayerNorm(8, [0, 1, 3, 4, 6], constants, [7, 0, 2, 3])
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(5))
     old = copy.deepcopy(norm)
-    for name in ("_padded", "_select", "_constant_sum", "_constant_squares", "_constant_mean", "_constant_spread"):
+    for name in missing:
         del old.__dict__[name]
     buffer = io.BytesIO()
     torch.save(old, buffer)
