@@ -234,3 +234,29 @@ def test_deployed_benchmark_keeps_a_mac_priced_run_apart_from_the_plain_one(tmp_
     assert sorted(seeds[0]) == ["dense", "squeeze-release", "squeeze-release-mac0.5"]
     assert LABELS["squeeze-release-mac0.5"] == "Squeeze-Release (ours), MAC-priced (power 0.5)"
     assert fxmin.count_parameters(seeds[0]["squeeze-release-mac0.5"]) == entry["params"]
+
+
+def test_cln_revisions_runs_a_revisions_cln_on_the_same_module_and_refuses_an_unknown_revision():
+    """benchmarks/cln_revisions.py: the CLN of a git revision (here HEAD) computes what this checkout's
+    does on the same buffers and parameters; a revision git does not know is a clear error."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import torch
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                                                    capture_output=True).returncode != 0:
+        pytest.skip("needs git and a git checkout")
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    from cln_revisions import as_revision, revision_class
+    import fxmin
+    cls = revision_class("HEAD")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6),
+                                fxmin.CompensatedLayerNorm(8, [0, 2, 3, 5, 6, 7], {1: 0.0, 4: 0.0}, [7, 0, 4]))
+    copy = as_revision(model, cls)
+    assert type(copy[1]) is cls and type(model[1]) is fxmin.CompensatedLayerNorm
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(copy(x), model(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(SystemExit, match="cannot read fxmin/nn.py at revision 'no-such-revision'"):
+        revision_class("no-such-revision")
