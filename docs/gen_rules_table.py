@@ -84,7 +84,9 @@ DESCRIPTIONS = {
         "Always for add/sub/mul/div/maximum/minimum: operands' channels couple; `const ∘ const` is constant, "
         "`0 · x` is `const(0)`.",
         "A channel of the coupled group when it is removable at every member (a residual stream goes "
-        "stage-wide or not at all).",
+        "stage-wide or not at all). An operand constant in every channel, of the result's shape as the other "
+        "operand is, becomes a broadcast constant (a parameter when the model trains) and the branch behind it, "
+        "read by nothing else, leaves the model (NOTE [Constant operands]: a block whose MLP was emptied).",
         "Every channel with `alpha=`, or when a broadcast operand varies along the channel axis; a broadcast "
         "operand is read whole.",
     ),

@@ -57,6 +57,21 @@ class ArgEdit:
 
 
 @dataclass(frozen=True)
+class ConstantOperand:
+    """NOTE [Constant operands]: argument ``index`` of node ``node`` becomes a model constant ``value``
+    (float64, shaped to broadcast), an ``nn.Parameter`` when ``trainable``; ``source`` is the node it
+    replaces, which nothing else may need any more."""
+
+    node: str
+    index: int
+    value: torch.Tensor
+    dtype: torch.dtype
+    trainable: bool
+    source: str
+    target: str  # the new attribute's name
+
+
+@dataclass(frozen=True)
 class InputSelect:
     placeholder: str
     axis: int
@@ -75,6 +90,8 @@ class Plan:
     kept: dict = field(default_factory=dict)  # node name -> kept indices (None: untracked, all kept)
     axes: dict = field(default_factory=dict)  # node name -> tracked axis
     notes: dict = field(default_factory=dict)  # what one rule's plan hands to a later one
+    operands: dict = field(default_factory=dict)  # node name -> ConstantOperand (NOTE [Constant operands])
+    dropped: tuple = ()  # names of the nodes nothing reads once the operands are constants, in graph order
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -176,6 +193,19 @@ class PlanContext(Context):
             isinstance(original, torch.nn.Parameter), edit,
         )
 
+    def constant_operand(self, index: int, value: torch.Tensor, dtype: torch.dtype) -> None:
+        """NOTE [Constant operands]: call this node with positional argument ``index`` replaced by the
+        constant ``value`` (float64, broadcastable to what it replaces), stored in ``dtype``; a
+        parameter when the model trains any parameter (what it stands for was computed from them)."""
+        trainable = any(p.requires_grad for p in self.root.parameters())
+        taken = {n.target for n in self.node.graph.nodes if n.op in ("get_attr", "call_module")}
+        target, suffix = f"_fxmin_constant_{self.node.name}", 1
+        while target in taken or hasattr(self.root, target):
+            suffix += 1
+            target = f"_fxmin_constant_{self.node.name}_{suffix}"
+        self._plan.operands[self.node.name] = ConstantOperand(self.node.name, index, value, dtype, trainable,
+                                                              self.node.args[index].name, target)
+
     def patch(self, args: tuple, kwargs: dict | None = None, *, op: str | None = None, target=None) -> None:
         """Call this node with new arguments (nodes in them are nodes of the analysed graph),
         optionally as another call (``op``, ``target``)."""
@@ -200,7 +230,35 @@ def make_plan(analysis: Analysis) -> Plan:
         rule = analysis.rules.get(node)
         if rule is not None and rule.plan is not None:
             rule.plan(PlanContext(analysis, plan, node, rule))
+    if plan.operands:
+        plan.dropped = _unread(analysis.graph_module, plan.operands)
     return plan
+
+
+def _unread(graph_module, operands: dict) -> tuple:
+    """NOTE [Constant operands]: the nodes that nothing reads once each operand's edge is cut: every one
+    of their readers is cut or unread itself. Placeholders, in-place and side-effecting calls stay, and
+    so does anything nobody read to begin with (it is not the plan's to remove)."""
+    cut = {(operand.source, operand.node) for operand in operands.values()}
+    unread: set = set()
+    for node in reversed(graph_module.graph.nodes):
+        if not node.users or node.op in ("placeholder", "output") or _keeps_effects(node, graph_module):
+            continue
+        if all((node.name, user.name) in cut or user.name in unread for user in node.users):
+            unread.add(node.name)
+    return tuple(node.name for node in graph_module.graph.nodes if node.name in unread)
+
+
+def _keeps_effects(node, graph_module) -> bool:
+    """In-place and side-effecting calls (what torch.fx's dead-code elimination keeps) are never dropped."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        return (bool(node.kwargs.get("inplace", False)) or getattr(node.target, "__name__", "").startswith("__i")
+                or node.target in getattr(torch.fx.node, "_side_effectful_functions", set()))
+    if node.op == "call_module":
+        return bool(getattr(graph_module.get_submodule(node.target), "_is_impure", False))
+    return False
 
 
 def _slice_constant(analysis: Analysis, plan: Plan, node, fact) -> None:

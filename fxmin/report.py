@@ -77,6 +77,27 @@ def shape_text(shape) -> str:
 
 
 
+def _dropped(plan, reference, result) -> list:
+    """The parameters of the modules and attributes that only unread nodes used (NOTE [Constant operands])."""
+    dropped = set(plan.dropped)
+    targets = {n.target: n.op for n in reference.graph.nodes if n.name in dropped and n.op in ("call_module", "get_attr")}
+    live = {n.target for n in result.graph.nodes if n.op in ("call_module", "get_attr")}
+    remaining = dict(result.named_parameters())
+    changes = []
+    for target, op in sorted(targets.items()):
+        if target in live:
+            continue
+        if op == "call_module":
+            named = [(f"{target}.{name}", p) for name, p in reference.get_submodule(target).named_parameters()]
+        else:
+            path, _, name = target.rpartition(".")
+            value = getattr(reference.get_submodule(path), name)
+            named = [(target, value)] if isinstance(value, torch.nn.Parameter) else []
+        changes += [LayerChange(name, "removed: read by nothing", tuple(p.shape), ())
+                    for name, p in named if name not in remaining]
+    return changes
+
+
 def build_report(plan, reference, result, verification) -> Report:
     layers = []
     for module_edit in plan.modules.values():
@@ -85,6 +106,9 @@ def build_report(plan, reference, result, verification) -> Report:
     for attr in plan.attrs.values():
         edit = attr.edit
         layers.append(LayerChange(edit.name, "attribute", edit.shape_before, edit.shape_after, edit.folded_from))
+    for operand in plan.operands.values():  # NOTE [Constant operands]
+        layers.append(LayerChange(operand.target, "constant operand", (), tuple(operand.value.shape), (operand.source,)))
+    layers += _dropped(plan, reference, result)
     inputs = [(name, plan.analysis.facts[plan.analysis.node(name)].size, len(select.index))
               for name, select in plan.inputs.items()]
     return Report(count_parameters(reference), count_parameters(result), count_nonzero(reference), layers, inputs,

@@ -35,20 +35,24 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
             new.meta = copy.copy(node.meta)
         else:
             new = graph.node_copy(node, env.__getitem__)
+        operand = plan.operands.get(node.name)
+        if operand is not None:  # NOTE [Constant operands]
+            value = operand.value.to(dtype if dtype is not None else operand.dtype)
+            attributes[operand.target] = nn.Parameter(value, requires_grad=operand.trainable) if operand.trainable \
+                else value
+            with graph.inserting_before(new):
+                new.update_arg(operand.index, graph.get_attr(operand.target))
         env[node] = new
         select = plan.inputs.get(node.name)
         if select is not None:
-            buffer = f"_fxmin_input_{node.name}"
-            taken = {n.target for n in source.graph.nodes if n.op == "get_attr"} | set(attributes)
-            suffix = 1
-            while buffer in taken or hasattr(source, buffer):
-                suffix += 1
-                buffer = f"_fxmin_input_{node.name}_{suffix}"
+            buffer = _free_name(source, attributes, f"_fxmin_input_{node.name}")
             attributes[buffer] = torch.as_tensor(select.index, dtype=torch.long)
             with graph.inserting_after(new):
                 index = graph.get_attr(buffer)
             with graph.inserting_after(index):
                 env[node] = graph.call_function(torch.index_select, (new, select.axis, index))
+    for name in reversed(plan.dropped):  # NOTE [Constant operands]: readers first
+        graph.erase_node(env[plan.analysis.node(name)])
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # e.g. the affine parameters of a norm replaced by a module
@@ -63,6 +67,16 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
     result.eval()
     return result
+
+
+def _free_name(source, attributes: dict, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... : the first that neither the model nor the new module uses."""
+    taken = {n.target for n in source.graph.nodes if n.op == "get_attr"} | set(attributes)
+    candidate, suffix = name, 1
+    while candidate in taken or hasattr(source, candidate):
+        suffix += 1
+        candidate = f"{name}_{suffix}"
+    return candidate
 
 
 def _module(plan: Plan, source, target: str, dtype):

@@ -299,9 +299,48 @@ def _binary_backward(ctx):
             ctx.require_all(node)  # a broadcast operand is read whole
 
 
+# NOTE [Constant operands]
+# Units couple both operands of an elementwise op, so a branch that joins a residual stream keeps
+# its channels while the stream does, even when every one of them is a proven constant: a ConvNeXt
+# block whose MLP was emptied still adds its last Linear's bias (times its layer scale), and its
+# depthwise convolution and norm still run to feed a norm that emits nothing. When such an operand
+# has the result's shape and so does the other one, replacing it by its per-channel constants,
+# shaped (1, ..., C, ..., 1), broadcasts to the same values; the branch behind it is then read by
+# nothing and the rewrite drops it (its parameters leave the model). The constant is a parameter
+# when the model trains any, so that training the minimized model can still move that bias.
+
+
+def _binary_plan(ctx):
+    node = ctx.node
+    if len(node.args) != 2 or node.kwargs or _is_in_place(ctx):
+        return
+    fact, shape = ctx.fact(node), ctx.shape()
+    if fact is None or not fact.tracked or not fact.simple or shape is None:
+        return
+    kept = ctx.kept()
+    for index in (0, 1):
+        operand, other = node.args[index], node.args[1 - index]
+        if not isinstance(operand, torch.fx.Node) or not isinstance(other, torch.fx.Node) or operand.op == "get_attr":
+            continue
+        operand_fact = ctx.fact(operand)
+        if (operand_fact is None or not operand_fact.tracked or not operand_fact.simple
+                or operand_fact.axis != fact.axis or not operand_fact.const.all()
+                or ctx.shape(operand) != shape or ctx.shape(other) != shape):
+            continue
+        meta = operand.meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None)
+        if dtype is None or not dtype.is_floating_point:
+            continue
+        broadcast = [1] * len(shape)
+        broadcast[fact.axis] = len(kept)
+        value = torch.from_numpy(operand_fact.value[kept]).to(torch.float64).reshape(broadcast)
+        ctx.constant_operand(index, value, dtype)
+        return
+
+
 rule("elementwise", functions=[k for k in _BINARY if not isinstance(k, str)],
-     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, heads_aware=True,
-     passes_axis=True)(_binary_forward)
+     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, plan=_binary_plan,
+     heads_aware=True, passes_axis=True)(_binary_forward)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------
