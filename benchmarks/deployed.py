@@ -126,6 +126,20 @@ def convnext_models(patterns):
     return seeds, (lambda batch: (torch.rand(batch, 1, 28, 28),)), notes
 
 
+def reminimize(seeds, make_inputs) -> None:
+    """Every model but the dense and (c) ones, minimized again without masks (verified: the same function
+    in float64 and float32): what the current fxmin makes of the weights a run produced."""
+    for seed, models in seeds.items():
+        for name, module in list(models.items()):
+            if name in ("dense", "small"):
+                continue
+            result = fxmin.minimize(module, {}, example_inputs=make_inputs(2))
+            print(f"  seed {seed} {name}: re-minimized {result.report.params_before:,} -> "
+                  f"{result.report.params_after:,} parameters (max float64 error {result.report.max_error:.1e})",
+                  file=sys.stderr, flush=True)
+            models[name] = result.module
+
+
 def measure(seeds, make_inputs, batches, modes, warmup, runs):
     rows, ratios = [], {}
     for seed in sorted(seeds):
@@ -186,6 +200,9 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=51, help="timed calls at batch 1 (a third of it, at least 5, at larger batches)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", metavar="RESULTS_MD", help="write the section into this file (docs/results.md)")
+    parser.add_argument("--reminimize", action="store_true",
+                        help="pass ours and (b) through this fxmin's minimize (no masks: the same function, verified) "
+                             "before measuring: what fxmin deploys today from the same weights")
     parser.add_argument("--section", default="", help="a tag for sections of their own (e.g. mac-priced), so "
                                                       "that a run on other raw files leaves the reported ones alone")
     args = parser.parse_args(argv)
@@ -201,13 +218,16 @@ def main(argv=None):
             continue
         print(title, file=sys.stderr, flush=True)
         seeds, make_inputs, weights = loader(patterns)
+        if args.reminimize:
+            reminimize(seeds, make_inputs)
         table, ratios, keys = measure(seeds, make_inputs, batches, modes, args.warmup, args.runs)
         tag = f" {args.section}" if args.section else ""
         text = (f"## Deployed size and latency: {title} (benchmarks/deployed.py{',' + tag if tag else ''})\n\n"
                 f"- command: `{command.strip()}`\n- machine: {platform.machine()}, {os.cpu_count()} CPUs (shared "
                 f"with other jobs), torch {torch.__version__}, {args.threads} torch thread(s), {args.warmup} warm-up "
                 f"calls, {args.runs} timed calls at batch 1\n- raw results: {', '.join(f'`{p}`' for p in patterns)}; "
-                f"the weights of ours and (b) as loaded: {' and '.join(sorted(weights))}\n\n"
+                f"the weights of ours and (b) as loaded: {' and '.join(sorted(weights))}"
+                f"{'; ours and (b) re-minimized by this fxmin before measuring (--reminimize)' if args.reminimize else ''}\n\n"
                 "Ratios: the dense model of the same seed over the method (bytes, MACs, median latency), measured "
                 "side by side in one process. (c') has ours' architecture and costs; (a) was not checkpointed.\n\n"
                 f"{summary(ratios, keys)}\n\nPer seed:\n\n{table}\n")
