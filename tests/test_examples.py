@@ -260,3 +260,35 @@ def test_cln_revisions_runs_a_revisions_cln_on_the_same_module_and_refuses_an_un
     torch.testing.assert_close(copy(x), model(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(SystemExit, match="cannot read fxmin/nn.py at revision 'no-such-revision'"):
         revision_class("no-such-revision")
+
+
+def test_deployed_reminimize_replaces_ours_by_what_minimize_makes_of_it_and_leaves_dense_alone():
+    """benchmarks/deployed.py --reminimize: an emptied residual branch leaves ours; dense and (c) stay as given."""
+    import os
+    import sys
+    import torch
+    from torch import nn
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from deployed import reminimize
+    import fxmin
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+    torch.manual_seed(0)
+    ours = Residual().eval()  # as an older fxmin left an emptied branch: no units, the bias still added
+    ours.fc1, ours.fc2 = nn.Linear(6, 0), nn.Linear(0, 6)
+    dense, small = Residual().eval(), nn.Linear(4, 2)
+    seeds = {0: {"dense": dense, "small": small, "squeeze-release": ours}}
+    reminimize(seeds, lambda batch: (torch.randn(batch, 4),))
+    assert seeds[0]["dense"] is dense and seeds[0]["small"] is small
+    called = {n.target for n in seeds[0]["squeeze-release"].graph.nodes if n.op == "call_module"}
+    assert called == {"stem", "head"}
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(seeds[0]["squeeze-release"](x), ours(x))
