@@ -150,3 +150,27 @@ def test_random_blocks_emptied_at_random_compute_the_same(blocks, data):
     _assert_equal_in_float64(net, masks, module, torch.randn(6, 5, generator=generator, dtype=torch.float64))
     for b in emptied:
         assert f"blocks.{b}.fc2" not in _called(module)
+
+
+def test_a_minimized_model_with_a_constant_minimizes_again_and_the_constant_follows_the_stream():
+    """The Squeeze-Release cycle minimizes its own output: the constant is a model constant then, and a
+    residual channel removed later leaves it too."""
+    net = _net(dtype=torch.float64)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    first = fxmin.minimize(net, _emptied(net, [1]), example_inputs=(x,)).module
+    (name,) = [n for n, _ in first.named_parameters() if n.startswith("_fxmin_constant_")]
+    # kill residual channels 2 and 5 everywhere: stem rows, every block's reads and writes, head columns
+    dead = torch.ones(8, dtype=torch.bool)
+    dead[[2, 5]] = False
+    masks = {"stem.weight": dead[:, None].expand(8, 5).clone(), "head.weight": dead[None, :].expand(3, 8).clone()}
+    second_model = fxmin.masks.masked_reference(first, masks)[0]
+    with torch.no_grad():
+        second_model.stem.bias[~dead] = 0.0
+        second_model.get_parameter(name)[0, ~dead] = 0.0
+        block = second_model.blocks.get_submodule("0")
+        block.fc2.weight[~dead] = 0.0
+        block.fc2.bias[~dead] = 0.0
+    second = fxmin.minimize(second_model, {}, example_inputs=(x,)).module
+    assert tuple(second.get_parameter(name).shape) == (1, 6)
+    _assert_equal_in_float64(second_model, {}, second, torch.randn(6, 5, generator=torch.Generator().manual_seed(3),
+                                                                    dtype=torch.float64))
