@@ -6,6 +6,7 @@ them back to the model's dtype, and verification uses them as they are.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -249,13 +250,20 @@ def _unread(graph_module, operands: dict) -> tuple:
     return tuple(node.name for node in graph_module.graph.nodes if node.name in unread)
 
 
+_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+              operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+              operator.irshift}
+
+
 def _keeps_effects(node, graph_module) -> bool:
-    """In-place and side-effecting calls (what torch.fx's dead-code elimination keeps) are never dropped."""
+    """In-place, ``out=`` and side-effecting calls (what torch.fx's dead-code elimination keeps, and more)
+    are never dropped."""
+    if "out" in node.kwargs or node.kwargs.get("inplace", False):
+        return True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_function":
-        return (bool(node.kwargs.get("inplace", False)) or getattr(node.target, "__name__", "").startswith("__i")
-                or node.target in getattr(torch.fx.node, "_side_effectful_functions", set()))
+        return node.target in _AUGMENTED or node.target in getattr(torch.fx.node, "_side_effectful_functions", set())
     if node.op == "call_module":
         return bool(getattr(graph_module.get_submodule(node.target), "_is_impure", False))
     return False

@@ -174,3 +174,28 @@ def test_a_minimized_model_with_a_constant_minimizes_again_and_the_constant_foll
     assert tuple(second.get_parameter(name).shape) == (1, 6)
     _assert_equal_in_float64(second_model, {}, second, torch.randn(6, 5, generator=torch.Generator().manual_seed(3),
                                                                     dtype=torch.float64))
+
+
+class InPlaceBranch(nn.Module):
+    """The constant branch ends in an in-place update: once the sum reads a constant, nothing reads it,
+    but an in-place call is never dropped (nor what it reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.stem(x)
+        branch = self.fc2(torch.relu(self.fc1(h))).add_(1.0)
+        return h + branch
+
+
+def test_an_in_place_node_in_the_branch_stays_and_the_result_is_the_same():
+    torch.manual_seed(0)
+    net = InPlaceBranch().eval()
+    masks = {"fc1.weight": torch.zeros(16, 8, dtype=torch.bool)}
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    result = fxmin.minimize(net, masks, example_inputs=(x,))
+    assert any(n.target == "add_" for n in result.module.graph.nodes if n.op == "call_method")
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), fxmin.masks.masked_reference(net, masks)[0](x))
