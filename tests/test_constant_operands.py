@@ -199,3 +199,23 @@ def test_an_in_place_node_in_the_branch_stays_and_the_result_is_the_same():
     assert any(n.target == "add_" for n in result.module.graph.nodes if n.op == "call_method")
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), fxmin.masks.masked_reference(net, masks)[0](x))
+
+
+def test_a_gpt_block_whose_mlp_is_emptied_loses_its_mlp_and_second_norm():
+    """The same on a transformer: (batch, tokens, channels), the constant shaped (1, 1, C)."""
+    from fxmin import zoo
+    torch.manual_seed(0)
+    model = zoo.gpt(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16).double().eval()
+    masks = {"transformer.h.0.mlp.c_fc.weight": torch.zeros_like(model.transformer.h[0].mlp.c_fc.weight,
+                                                                 dtype=torch.bool)}
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    result = fxmin.minimize(model, masks, example_inputs=(tokens,))
+    called = _called(result.module)
+    assert not {"transformer.h.0.ln_2", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"} & called
+    assert {"transformer.h.1.ln_2", "transformer.h.1.mlp.c_fc"} <= called
+    (constant,) = [p for n, p in result.module.named_parameters() if n.startswith("_fxmin_constant_")]
+    assert tuple(constant.shape) == (1, 1, 16)
+    other = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
+    reference = fxmin.masks.masked_reference(model, masks)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(other), reference(other), rtol=1e-12, atol=1e-12)
