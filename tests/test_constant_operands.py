@@ -219,3 +219,38 @@ def test_a_gpt_block_whose_mlp_is_emptied_loses_its_mlp_and_second_norm():
     reference = fxmin.masks.masked_reference(model, masks)[0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(other), reference(other), rtol=1e-12, atol=1e-12)
+
+
+def test_squeeze_release_goes_on_with_a_constant_in_the_model_and_resumes_from_its_checkpoint(tmp_path):
+    """A cycle empties block 1's MLP (the criterion ranks its fc1 lowest): the next cycles prune, train
+    and checkpoint a model holding the constant, and a crashed run resumes from that checkpoint."""
+    from fxmin.cycle import latest_checkpoint
+    torch.manual_seed(0)
+    net = Net()
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    crash = {"at": 2}
+
+    def train(model, step):
+        if getattr(step, "phase", None) == "squeeze" and step.cycle == crash["at"]:
+            raise RuntimeError("simulated crash")
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    def criterion(name, parameter):
+        return parameter.detach().abs() * (1e-6 if name.startswith("blocks.1.fc1") else 1.0)
+
+    options = dict(train=train, evaluate=lambda m: 1.0, example_inputs=(x[:8],), cycles=3, amount=0.25,
+                   criterion=criterion, checkpoint_dir=str(tmp_path), progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fxmin.squeeze_release(net, **options)
+    assert latest_checkpoint(str(tmp_path)).endswith("cycle_001.pt")
+    crash["at"] = None
+    result = fxmin.squeeze_release(net, resume=True, **options)
+    assert [r.cycle for r in result.history] == [0, 1, 2, 3]
+    names = [n for n, _ in result.module.named_parameters()]
+    assert any(n.startswith("_fxmin_constant_") for n in names)
+    assert not any(n.startswith("blocks.1.fc") for n in names)
+    assert result.module(x).shape == (64, 3)
