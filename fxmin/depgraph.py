@@ -195,6 +195,10 @@ class DependencyGraph:
         """
         info = self.status(name, channel)
         node, what = info["node"], info["what"]
+        if node.name in self.plan.dropped:
+            return (f"removed: {what} leaves the model whole. Its branch is constant in every channel where it "
+                    f"joins the rest ({', '.join(repr(r) for r in self._constant_readers(node))} reads the constants "
+                    "instead: NOTE [Constant operands]), and nothing else reads it.")
         if not info["tracked"]:
             rule = self.analysis.rules.get(node)
             return (f"kept: {what} is not tracked by the analysis (rule "
@@ -233,6 +237,20 @@ class DependencyGraph:
             return (f"removed: {where} is constant {info['value']:.6g} at every position; the constant is "
                     f"folded{into}.{row}")
         return f"removed: {where} varies, but no surviving computation reads it.{row}"
+
+    def _constant_readers(self, node) -> list:
+        """The nodes that read a constant in place of the dropped branch ``node`` belongs to."""
+        dropped, sources = set(self.plan.dropped), {o.source: o.node for o in self.plan.operands.values()}
+        readers, pending, seen = [], [node], set()
+        while pending:
+            current = pending.pop()
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            if current.name in sources:
+                readers.append(sources[current.name])
+            pending += [user for user in current.users if user.name in dropped]
+        return sorted(readers)
 
     def _row_note(self, name, channel) -> str:
         parameters = dict(self.graph_module.named_parameters())

@@ -20,10 +20,18 @@ from .report import shape_text as _shape
 def layer_rows(audit) -> list:
     """Per layer (node that owns parameters): name, type, shape before -> after, removed, blocked-by."""
     edits = {edit.name: edit for edit in audit.plan.param_edits()}
+    dropped = set(audit.plan.dropped)
     rows = []
     for node in audit.graph_module.graph.nodes:
         weight_name, kind = layer_weight(audit, node)
         if weight_name is None:
+            continue
+        if node.name in dropped:  # NOTE [Constant operands]: the whole layer leaves
+            before = tuple(_get(audit.graph_module, weight_name).shape)
+            units = audit.analysis.units.get(node)
+            rows.append({"layer": weight_name.rpartition(".")[0] or node.name, "type": kind, "before": _shape(before),
+                         "after": "-", "removed": len(units) if units is not None else 0,
+                         "blocked_by": ""})
             continue
         before = tuple(audit.graph_module.get_parameter(weight_name).shape) if weight_name in dict(
             audit.graph_module.named_parameters()) else tuple(_get(audit.graph_module, weight_name).shape)

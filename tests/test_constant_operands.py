@@ -254,3 +254,17 @@ def test_squeeze_release_goes_on_with_a_constant_in_the_model_and_resumes_from_i
     assert any(n.startswith("_fxmin_constant_") for n in names)
     assert not any(n.startswith("blocks.1.fc") for n in names)
     assert result.module(x).shape == (64, 3)
+
+
+def test_the_audit_says_a_dropped_layer_leaves_whole_and_which_sum_reads_the_constant():
+    net = _net()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    audit = fxmin.analyze(net, _emptied(net, [0, 1]), example_inputs=(x,))
+    text = audit.explain("blocks.1.fc2.weight", 3)
+    assert text.startswith("removed: ") and "leaves the model whole" in text and "Constant operands" in text
+    assert sorted(audit.plan.operands) == ["add", "add_1"]
+    assert "('add_1' reads the constants instead" in text  # block 1's sum, not block 0's
+    rows = {row["layer"]: row for row in audit.layer_rows()}
+    assert rows["blocks.1.fc2"]["after"] == "-" and rows["blocks.1.fc2"]["removed"] == 8
+    assert rows["blocks.0.norm"]["after"] == "-"
+    assert rows["stem"]["after"] != "-"
