@@ -233,6 +233,8 @@ def make_plan(analysis: Analysis) -> Plan:
             rule.plan(PlanContext(analysis, plan, node, rule))
     if plan.operands:
         plan.dropped = _unread(analysis.graph_module, plan.operands)
+        # a sum of constants read as a constant itself goes whole: no constant of its own to install
+        plan.operands = {name: operand for name, operand in plan.operands.items() if name not in plan.dropped}
     return plan
 
 

@@ -268,3 +268,31 @@ def test_the_audit_says_a_dropped_layer_leaves_whole_and_which_sum_reads_the_con
     assert rows["blocks.1.fc2"]["after"] == "-" and rows["blocks.1.fc2"]["removed"] == 8
     assert rows["blocks.0.norm"]["after"] == "-"
     assert rows["stem"]["after"] != "-"
+
+
+class TwoBranches(nn.Module):
+    """``h + (b1 + b2)`` with both branches emptied: the inner sum is constant and goes with them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + (self.fc2(torch.relu(self.fc1(h))) + self.fc4(torch.relu(self.fc3(h)))))
+
+
+def test_a_sum_of_two_constant_branches_leaves_as_one_constant():
+    torch.manual_seed(0)
+    net = TwoBranches().double().eval()
+    masks = {name: torch.zeros(16, 8, dtype=torch.bool) for name in ("fc1.weight", "fc3.weight")}
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    result = fxmin.minimize(net, masks, example_inputs=(x,))
+    assert _called(result.module) == {"stem", "head"}
+    constants = [c for c in result.report.layers if c.kind == "constant operand"]
+    assert len(constants) == 1 and [n for n, _ in result.module.named_parameters()
+                                    if n.startswith("_fxmin_constant_")] == [constants[0].name]
+    assert fxmin.count_parameters(result.module) == (5 * 8 + 8) + 8 + (8 * 3 + 3)
+    _assert_equal_in_float64(net, masks, result.module, torch.randn(6, 5, generator=torch.Generator().manual_seed(2),
+                                                                    dtype=torch.float64))
