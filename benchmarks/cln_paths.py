@@ -1,6 +1,6 @@
 """CompensatedLayerNorm's two forward paths side by side: the padded path (the constants appended, the
 native kernel over all D channels) against the closed form (statistics of the kept channels plus the
-constants' sums), NOTE [CLN forward paths] in fxmin/nn.py, on CPU in float32.
+constants' sums), NOTE [CLN forward paths] in fxmin/cln_forward.py, on CPU in float32.
 
 Each row: one CLN (width D, kept K, emitted channels, positions = the rows it normalizes), both paths
 called in turn (A, B, A, B, ...), wall-clock medians; "closed / padded" > 1 means the padded path is

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
+import importlib
 import subprocess
 import sys
 import tempfile
@@ -35,20 +35,22 @@ CONVNEXT = ["docs/raw-results/convnext-w0.25-seed?-sr.json", "docs/raw-results/c
 
 
 def revision_class(revision: str):
-    """``CompensatedLayerNorm`` as fxmin/nn.py defines it at ``revision`` (its relative imports read from
-    this checkout's fxmin)."""
+    """``CompensatedLayerNorm`` as the fxmin package defines it at ``revision``: the package's files at
+    that revision, imported under another name (so its forward helpers are the revision's too)."""
+    folder = Path(tempfile.mkdtemp())
     try:
-        source = subprocess.run(["git", "show", f"{revision}:fxmin/nn.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
+        archive = subprocess.run(["git", "archive", revision, "fxmin"], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True, capture_output=True)
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
-        raise SystemExit(f"cannot read fxmin/nn.py at revision {revision!r} (git show failed: "
+        raise SystemExit(f"cannot read fxmin/nn.py at revision {revision!r} (git archive failed: "
                          f"{getattr(error, 'stderr', error)}); pass a revision of this repository") from None
-    path = Path(tempfile.mkdtemp()) / "nn_at_revision.py"
-    path.write_text(source.replace("from .", "from fxmin."))
-    spec = importlib.util.spec_from_file_location("fxmin_nn_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.CompensatedLayerNorm
+    name = f"fxmin_at_{abs(hash((revision, str(folder))))}"
+    (folder / "fxmin").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(f"{name}.nn").CompensatedLayerNorm
+    finally:
+        sys.path.remove(str(folder))
 
 
 def as_revision(module: torch.nn.Module, cls) -> torch.nn.Module:
