@@ -6,7 +6,6 @@ them back to the model's dtype, and verification uses them as they are.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch.fx
 
 from .analysis import Analysis
 from .context import Context
+from .rules.pointwise import in_place_call
 
 
 @dataclass(frozen=True)
@@ -199,11 +199,7 @@ class PlanContext(Context):
         constant ``value`` (float64, broadcastable to what it replaces), stored in ``dtype``; a
         parameter when the model trains any parameter (what it stands for was computed from them)."""
         trainable = any(p.requires_grad for p in self.root.parameters())
-        taken = {n.target for n in self.node.graph.nodes if n.op in ("get_attr", "call_module")}
-        target, suffix = f"_fxmin_constant_{self.node.name}", 1
-        while target in taken or hasattr(self.root, target):
-            suffix += 1
-            target = f"_fxmin_constant_{self.node.name}_{suffix}"
+        target = free_name(self.root, f"_fxmin_constant_{self.node.name}")
         self._plan.operands[self.node.name] = ConstantOperand(self.node.name, index, value, dtype, trainable,
                                                               self.node.args[index].name, target)
 
@@ -212,6 +208,17 @@ class PlanContext(Context):
         optionally as another call (``op``, ``target``)."""
         self._plan.args[self.node.name] = ArgEdit(self.node.name, tuple(args),
                                                   dict(kwargs if kwargs is not None else self.node.kwargs), op, target)
+
+
+def free_name(root: torch.fx.GraphModule, name: str, taken=()) -> str:
+    """``name``, or ``name_2``, ``name_3``, ...: the first attribute name that neither ``root`` (nor its
+    graph) nor ``taken`` uses."""
+    used = {n.target for n in root.graph.nodes if n.op in ("get_attr", "call_module")} | set(taken)
+    candidate, suffix = name, 1
+    while candidate in used or hasattr(root, candidate):
+        suffix += 1
+        candidate = f"{name}_{suffix}"
+    return candidate
 
 
 def make_plan(analysis: Analysis) -> Plan:
@@ -252,20 +259,13 @@ def _unread(graph_module, operands: dict) -> tuple:
     return tuple(node.name for node in graph_module.graph.nodes if node.name in unread)
 
 
-_AUGMENTED = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-              operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-              operator.irshift}
-
-
 def _keeps_effects(node, graph_module) -> bool:
     """In-place, ``out=`` and side-effecting calls (what torch.fx's dead-code elimination keeps, and more)
     are never dropped."""
-    if "out" in node.kwargs or node.kwargs.get("inplace", False):
+    if "out" in node.kwargs or in_place_call(node):
         return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_function":
-        return node.target in _AUGMENTED or node.target in getattr(torch.fx.node, "_side_effectful_functions", set())
+        return node.target in getattr(torch.fx.node, "_side_effectful_functions", set())
     if node.op == "call_module":
         return bool(getattr(graph_module.get_submodule(node.target), "_is_impure", False))
     return False

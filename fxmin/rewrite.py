@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .plan import Plan
+from .plan import Plan, free_name
 
 
 def _cast(module: nn.Module, dtype, device) -> nn.Module:
@@ -45,7 +45,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
         env[node] = new
         select = plan.inputs.get(node.name)
         if select is not None:
-            buffer = _free_name(source, attributes, f"_fxmin_input_{node.name}")
+            buffer = free_name(source, f"_fxmin_input_{node.name}", attributes)
             attributes[buffer] = torch.as_tensor(select.index, dtype=torch.long)
             with graph.inserting_after(new):
                 index = graph.get_attr(buffer)
@@ -67,16 +67,6 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
     result.eval()
     return result
-
-
-def _free_name(source, attributes: dict, name: str) -> str:
-    """``name``, or ``name_2``, ``name_3``, ... : the first that neither the model nor the new module uses."""
-    taken = {n.target for n in source.graph.nodes if n.op == "get_attr"} | set(attributes)
-    candidate, suffix = name, 1
-    while candidate in taken or hasattr(source, candidate):
-        suffix += 1
-        candidate = f"{name}_{suffix}"
-    return candidate
 
 
 def _module(plan: Plan, source, target: str, dtype):

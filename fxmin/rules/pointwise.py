@@ -41,9 +41,11 @@ def _module_in_place(ctx) -> bool:
 
 
 def _is_in_place(ctx) -> bool:
-    node = ctx.node
-    if node.op == "call_module":
-        return _module_in_place(ctx)
+    return _module_in_place(ctx) if ctx.node.op == "call_module" else in_place_call(ctx.node)
+
+
+def in_place_call(node: torch.fx.Node) -> bool:
+    """A function or method call that writes into its input: ``x.add_(y)``, ``x += y``, ``inplace=True``."""
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.startswith("__")
     if node.op == "call_function":
@@ -51,7 +53,9 @@ def _is_in_place(ctx) -> bool:
     return False
 
 
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift}
 
 
 # -- unary pointwise -------------------------------------------------------------------------------
