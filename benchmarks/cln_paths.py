@@ -1,11 +1,11 @@
 """CompensatedLayerNorm's two forward paths side by side: the padded path (the constants appended, the
 native kernel over all D channels) against the closed form (statistics of the kept channels plus the
-constants' sums), NOTE [CLN forward paths] in fxmin/cln_forward.py, on CPU in float32.
+constants' sums), NOTE [CLN forward paths] in fxmin/compensated/forward_paths.py, on CPU in float32.
 
 Each row: one CLN (width D, kept K, emitted channels, positions = the rows it normalizes), both paths
 called in turn (A, B, A, B, ...), wall-clock medians; "closed / padded" > 1 means the padded path is
 faster. The error columns are the max |difference| of each path from the same CLN in float64. The
-path CLN takes is "padded" while D <= fxmin.nn.PADDED_WIDTH x K.
+path CLN takes is "padded" while D <= fxmin.compensated.layer_norm.PADDED_WIDTH x K.
 
     python benchmarks/cln_paths.py --write
 """
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         padded_s, closed_s = interleaved_medians([lambda: padded(x), lambda: closed(x)], args.warmup, runs)
         rows.append([width, kept, f"{width / kept:.2f}", emitted, positions, f"{padded_s * 1e6:,.1f}",
                      f"{closed_s * 1e6:,.1f}", f"{closed_s / padded_s:.2f}x", f"{errors[0]:.1e}", f"{errors[1]:.1e}",
-                     "padded" if width <= fxmin.nn.PADDED_WIDTH * kept else "closed"])
+                     "padded" if width <= fxmin.compensated.layer_norm.PADDED_WIDTH * kept else "closed"])
         print("  " + " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
     headers = ["D", "K", "D / K", "emitted", "positions", "padded us", "closed us", "closed / padded",
                "padded err", "closed err", "CLN takes"]

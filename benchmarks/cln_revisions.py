@@ -42,13 +42,13 @@ def revision_class(revision: str):
         archive = subprocess.run(["git", "archive", revision, "fxmin"], cwd=ROOT, check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True, capture_output=True)
     except (subprocess.CalledProcessError, FileNotFoundError) as error:
-        raise SystemExit(f"cannot read fxmin/nn.py at revision {revision!r} (git archive failed: "
+        raise SystemExit(f"cannot read fxmin at revision {revision!r} (git archive failed: "
                          f"{getattr(error, 'stderr', error)}); pass a revision of this repository") from None
     name = f"fxmin_at_{abs(hash((revision, str(folder))))}"
     (folder / "fxmin").rename(folder / name)
     sys.path.insert(0, str(folder))
     try:
-        return importlib.import_module(f"{name}.nn").CompensatedLayerNorm
+        return importlib.import_module(name).CompensatedLayerNorm  # the package exports it at every revision
     finally:
         sys.path.remove(str(folder))
 

@@ -29,7 +29,7 @@ class _LeafTracer(torch.fx.Tracer):
         return node
 
     def is_leaf_module(self, module, qualified_name):
-        from .nn import CompensatedLayerNorm
+        from .compensated.layer_norm import CompensatedLayerNorm
 
         if isinstance(module, CompensatedLayerNorm):
             return True  # its forward checks shapes: a leaf, handled by the layer_norm rule

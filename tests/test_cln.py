@@ -59,12 +59,12 @@ PATHS = ["padded", "closed"]
 def forward_path(path):
     """NOTE [CLN forward paths]: CLNs built inside take the padded path ('padded') or the closed form
     ('closed') whatever their widths."""
-    saved = fxmin.nn.PADDED_WIDTH
-    fxmin.nn.PADDED_WIDTH = 10**9 if path == "padded" else 0
+    saved = fxmin.compensated.layer_norm.PADDED_WIDTH
+    fxmin.compensated.layer_norm.PADDED_WIDTH = 10**9 if path == "padded" else 0
     try:
         yield
     finally:
-        fxmin.nn.PADDED_WIDTH = saved
+        fxmin.compensated.layer_norm.PADDED_WIDTH = saved
 
 
 def assert_float64_close(actual, expected):

@@ -258,7 +258,7 @@ def test_cln_revisions_runs_a_revisions_cln_on_the_same_module_and_refuses_an_un
     assert type(copy[1]) is cls and type(model[1]) is fxmin.CompensatedLayerNorm
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(copy(x), model(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(SystemExit, match="cannot read fxmin/nn.py at revision 'no-such-revision'"):
+    with pytest.raises(SystemExit, match="cannot read fxmin at revision 'no-such-revision'"):
         revision_class("no-such-revision")
 
 

@@ -89,7 +89,7 @@ rule("batch_norm", modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_ba
 
 def _norm_view(ctx):
     """(CompensatedLayerNorm equal to the node's norm, input node, channel axis) or None."""
-    from ..nn import CompensatedLayerNorm
+    from ..compensated.layer_norm import CompensatedLayerNorm
 
     def compute():
         module = ctx.module
@@ -120,7 +120,7 @@ def _norm_view(ctx):
 
 
 def _functional_norm(ctx, shape):
-    from ..nn import CompensatedLayerNorm
+    from ..compensated.layer_norm import CompensatedLayerNorm
 
     target = ctx.node.target
     if target is F.group_norm:
@@ -228,7 +228,7 @@ def _norm_input_axis(node, root) -> int:
 
 
 def _cln_type():
-    from ..nn import CompensatedLayerNorm
+    from ..compensated.layer_norm import CompensatedLayerNorm
 
     return CompensatedLayerNorm
 

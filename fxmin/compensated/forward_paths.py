@@ -1,10 +1,10 @@
 """How a :class:`fxmin.CompensatedLayerNorm` computes: its forward paths and their arithmetic.
 
-The module (``fxmin/nn.py``) holds the structure (which channels arrive, the removed ones' constants,
+The module (``fxmin/compensated/layer_norm.py``) holds the structure (which channels arrive, the removed ones' constants,
 what is emitted) and picks a path; these functions compute it.
 
 NOTE [CLN forward paths]: unless the removed channels outnumber the kept ones by more than
-``fxmin.nn.PADDED_WIDTH`` - 1 to 1, the removed channels' constants are appended to the input and the
+``fxmin.compensated.layer_norm.PADDED_WIDTH`` - 1 to 1, the removed channels' constants are appended to the input and the
 native kernel (F.layer_norm / rms_norm / group_norm) normalizes all D channels: the very
 computation of the original model on the same values (in another channel order), three
 or four passes over the data. Otherwise (most channels gone) padding would multiply the

@@ -33,9 +33,9 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import InputError
-from .nn import CompensatedLayerNorm
-from .trace import trace
+from ..errors import InputError
+from ..compensated.layer_norm import CompensatedLayerNorm
+from ..trace import trace
 
 __all__ = ["FlopReport", "NodeFlops", "flops", "mac_costs"]
 

@@ -1,5 +1,5 @@
 """``compensate``: a copy of a model with every LayerNorm it can replace turned into an equal
-:class:`~fxmin.nn.CompensatedLayerNorm` (bit for bit the same output), so that it trains as it will be
+:class:`~fxmin.compensated.layer_norm.CompensatedLayerNorm` (bit for bit the same output), so that it trains as it will be
 minimized."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 
 from torch import nn
 
-from .nn import CompensatedLayerNorm
+from .layer_norm import CompensatedLayerNorm
 
 __all__ = ["compensate"]
 

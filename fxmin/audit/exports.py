@@ -1,4 +1,4 @@
-"""Tables and exports of a channel dependency graph (:class:`fxmin.depgraph.DependencyGraph`):
+"""Tables and exports of a channel dependency graph (:class:`fxmin.audit.graph.DependencyGraph`):
 per-layer and per-group rows, text tables, node-link JSON, GraphML, DOT and SVG."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.fx
 from tabulate import tabulate
 
-from .errors import FxminError
-from .report import shape_text as _shape
+from ..errors import FxminError
+from ..report import shape_text as _shape
 
 # -----------------------------------------------------------------------------------
 def layer_rows(audit) -> list:

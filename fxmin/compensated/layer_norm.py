@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import cln_forward
-from .errors import InputError
+from . import forward_paths
+from ..errors import InputError
 
 __all__ = ["CompensatedLayerNorm"]
 
@@ -123,16 +123,16 @@ class CompensatedLayerNorm(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The paths and their arithmetic are in :mod:`fxmin.cln_forward` (NOTE [CLN forward paths])."""
+        """The paths and their arithmetic are in :mod:`fxmin.compensated.forward_paths` (NOTE [CLN forward paths])."""
         axis = self._axis
         if x.dim() < (2 if axis == 1 else 1) or x.shape[axis] != self._kept_count:
             raise InputError(f"CompensatedLayerNorm({self.width}, kind={self.kind}) expects {self._kept_count} "
                              f"channels on axis {axis}, got input of shape {tuple(x.shape)}")
         if self._plain:
-            return cln_forward.plain(self, x)
+            return forward_paths.plain(self, x)
         if not self._emitted:  # nothing leaves: an empty channel axis, nothing to compute
             return x.narrow(axis, 0, 0)
-        return cln_forward.padded(self, x) if self._padded else cln_forward.closed_form(self, x)
+        return forward_paths.padded(self, x) if self._padded else forward_paths.closed_form(self, x)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod

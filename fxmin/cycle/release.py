@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .masks import model_device, to_device
-from .prune import prunable
-from .verify import full_precision
+from ..masks import model_device, to_device
+from .criteria import prunable
+from ..verify import full_precision
 
 
 @dataclass

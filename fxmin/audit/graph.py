@@ -12,7 +12,7 @@ kept iff it is present. Edges go from the group a node reads to the group it wri
 >>> import torch, fxmin
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 >>> mask = torch.ones(8, 4, dtype=torch.bool); mask[5:] = False
->>> audit = fxmin.analyze(net, {"0.weight": mask})
+>>> audit = fxmin.dependency_graph(net, {"0.weight": mask})
 >>> audit.explain("0.weight", 6).startswith("removed")
 True
 """
@@ -27,13 +27,13 @@ import torch
 import torch.fx
 from networkx.utils import UnionFind
 
-from .analysis import OUTPUT_REASON, Analysis, analyze_graph
+from ..analysis import OUTPUT_REASON, Analysis, analyze_graph
 from . import exports
-from .facts import ValueFact
-from .plan import Plan, make_plan
+from ..facts import ValueFact
+from ..plan import Plan, make_plan
 
 class DependencyGraph:
-    """Channel groups and their read/write dependencies for one analysis; see :func:`analyze`.
+    """Channel groups and their read/write dependencies for one analysis; see :func:`dependency_graph`.
 
     ``graph`` is a ``networkx.DiGraph``: one node per channel group (attributes ``size``,
     ``kept``, ``removed``, ``constant``, ``blocked``, ``members``, ``writers``, ``kind``) plus
@@ -264,7 +264,7 @@ class DependencyGraph:
             note += f" ({int(mask[channel].sum())} unmasked)"
         return note + "."
 
-    # -- tables and exports (fxmin/exports.py) ------------------------------------------------------
+    # -- tables and exports (fxmin/audit/exports.py) ------------------------------------------------------
     def layer_rows(self) -> list:
         """Per layer (node that owns parameters): name, type, shape before -> after, removed, blocked-by."""
         return exports.layer_rows(self)
@@ -295,21 +295,20 @@ class DependencyGraph:
         return exports.to_svg(self, path)
 
 
-def analyze(model: torch.nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
-            leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (), verify: bool = True,
-            trials: int = 2, tolerances: dict | None = None, seed: int = 0) -> DependencyGraph:
+def dependency_graph(model: torch.nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
+                     leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = ()) -> DependencyGraph:
     """Analyse ``model`` with ``masks`` without rewriting it: the channel dependency graph.
 
-    Takes the same arguments as :func:`fxmin.minimize` (``verify``, ``trials``, ``tolerances`` and
-    ``seed`` are accepted and unused: nothing is rewritten, so there is nothing to verify).
+    Takes :func:`fxmin.minimize`'s arguments for tracing and analysis (nothing is rewritten, so
+    there is nothing to verify).
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> audit = fxmin.analyze(net, {"0.weight": torch.ones(8, 4)})
+    >>> audit = fxmin.dependency_graph(net, {"0.weight": torch.ones(8, 4)})
     >>> sorted(audit.graph.nodes)[:2]
     ['0', '2']
     """
-    from .minimize import prepare
+    from ..minimize import prepare
 
     graph_module, used_masks, example_inputs = prepare(model, masks, example_inputs, tracer=tracer,
                                                        leaf_modules=leaf_modules, concrete_args=concrete_args)

@@ -12,8 +12,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import InputError, MaskError
-from .prune import prunable
+from ..errors import InputError, MaskError
+from .criteria import prunable
 
 
 def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: bool = True,

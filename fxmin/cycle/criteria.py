@@ -3,7 +3,7 @@ MACs), and masks ranked across all tensors (global) or tensor by tensor (per lay
 
 Masks are plain dicts ``{parameter name: bool tensor}`` (True = kept), the format ``fxmin.minimize``
 takes. Nothing here modifies the model it is given. Holding masks during training and the group
-lasso are in :mod:`fxmin.training`, release (zeros back to noise) in :mod:`fxmin.calibrated_release`.
+lasso are in :mod:`fxmin.cycle.training`, release (zeros back to noise) in :mod:`fxmin.cycle.release`.
 
 >>> import torch, fxmin
 >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import InputError, MaskError
-from .masks import model_device, to_device
+from ..errors import InputError, MaskError
+from ..masks import model_device, to_device
 
 #: ``criterion(name, parameter) -> scores`` of the parameter's shape; the lowest scores are pruned first.
 Criterion = Callable[[str, torch.Tensor], torch.Tensor]
@@ -120,7 +120,7 @@ class MacScaled:
 
     def bind(self, model: nn.Module) -> Criterion:
         """The plain criterion for ``model``: its costs counted now."""
-        from .flops import mac_costs
+        from ..audit.flops import mac_costs
 
         costs = mac_costs(model, to_device(self.example_inputs, model_device(model)), power=self.power,
                           **self.trace_options)

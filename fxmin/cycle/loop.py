@@ -23,17 +23,17 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import InputError
-from .flops import flops
-from .masks import model_device, to_device
-from .minimize import minimize
-from .calibrated_release import release
-from .prune import global_magnitude, layer_magnitude, magnitude, prunable, zero_masks
+from ..errors import InputError
+from ..audit.flops import flops
+from ..masks import model_device, to_device
+from ..minimize import minimize
+from .release import release
+from .criteria import global_magnitude, layer_magnitude, magnitude, prunable, zero_masks
 from .training import hold_masks
 from .checkpoints import (CHECKPOINT_VERSION, _picklable, finish_checkpoint, latest_checkpoint, load_checkpoint,
                           load_finished, save_checkpoint, save_finish_checkpoint)
-from .cycle_records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
-from .report import count_parameters
+from .records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
+from ..report import count_parameters
 
 __all__ = ["CHECKPOINT_VERSION", "CycleRecord", "FinishRecord", "SqueezeReleaseResult", "TrainStep",
            "finish_checkpoint", "latest_checkpoint", "load_checkpoint", "load_finished", "squeeze_release"]
