@@ -84,8 +84,21 @@ def test_invalid_keywords_are_refused_before_anything_runs():
     train, evaluate, calls = make_callbacks(x, y)
     with pytest.raises(fxmin.InputError, match="scope must be 'global' or 'layer'"):
         fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), scope="rows")
+    with pytest.raises(fxmin.InputError, match="settings must be a fxmin.SqueezeReleaseSettings"):
+        fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), settings={"cycles": 3})
     with pytest.raises(TypeError, match="unexpected keyword argument 'cycle'"):
         fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycle=3)
     assert calls == []
     with pytest.raises(dataclasses.FrozenInstanceError):
         fxmin.StopSettings().cycles = 3
+
+
+def test_cycle_checkpoints_keep_the_version_1_format(tmp_path):
+    """Checkpoints written before the settings objects must resume: the payload keeps its keys."""
+    x, y = data(100)
+    net = trained_mlp(x, y)
+    _run(net, x, y, cycles=1, amount=0.3, tolerance=1.0, checkpoint_dir=str(tmp_path), progress=False)
+    saved = fxmin.cycle.load_checkpoint(fxmin.cycle.latest_checkpoint(str(tmp_path)))
+    assert saved["version"] == 1 and set(saved) == {
+        "version", "cycle", "module", "history", "baseline", "best_cycle", "best_module", "best_masks",
+        "params_original", "misses", "stopped", "rng", "scale", "current_released", "finish_baseline", "candidates"}

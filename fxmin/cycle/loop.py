@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import InputError
 from ..masks import model_device
 from .checkpoints import (CHECKPOINT_VERSION, barrier, finish_checkpoint, is_main_process, latest_checkpoint,
                           load_checkpoint, load_finished, save_checkpoint)
@@ -37,12 +38,12 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
 
     Configure it with ``settings=`` (a :class:`fxmin.SqueezeReleaseSettings`) or with keywords, each
     naming one of its fields (``settings.KEYWORDS``; keywords given with ``settings=`` replace those
-    fields). The keywords: ``cycles=10, amount=0.3, tolerance=0.01, criterion=magnitude, scope='global',
-    select=None, squeeze_epochs=1, release_epochs=1, release_zeros=True, alpha=0.01,
-    release_tolerance=1e-3, calibration_batch=None, checkpoint_dir=None, resume=False, seed=0,
-    baseline=None, patience=1, backoff=None, regrow=None, progress=True, minimize_options=None,
-    finish_epochs=None, finish_tolerance=None, finish_candidates=3, finish_spacing=1.1,
-    finish_pool_tolerance=None, finish_evaluate=None, min_amount=0.0, time_budget=None``.
+    fields; the defaults are the settings classes'): ``cycles``, ``amount``, ``tolerance``, ``criterion``,
+    ``scope``, ``select``, ``squeeze_epochs``, ``release_epochs``, ``release_zeros``, ``alpha``,
+    ``release_tolerance``, ``calibration_batch``, ``checkpoint_dir``, ``resume``, ``seed``, ``baseline``,
+    ``patience``, ``backoff``, ``regrow``, ``progress``, ``minimize_options``, ``finish_epochs``,
+    ``finish_tolerance``, ``finish_candidates``, ``finish_spacing``, ``finish_pool_tolerance``,
+    ``finish_evaluate``, ``min_amount``, ``time_budget``.
 
     Each cycle: prune (``scope`` 'global' or 'layer', ``criterion``, ``select`` for
     :func:`fxmin.prunable`), ``train(model, TrainStep('squeeze', ...))`` with the masks held,
@@ -88,6 +89,9 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     ...                                example_inputs=(x[:64],), settings=settings)
     >>> print(result.table())                                                        # doctest: +SKIP
     """
+    if settings is not None and not isinstance(settings, SqueezeReleaseSettings):
+        raise InputError(f"settings must be a fxmin.SqueezeReleaseSettings (or pass its fields as keywords), "
+                         f"got {type(settings).__name__}")
     settings = (settings or SqueezeReleaseSettings()).with_keywords(**keywords)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     job = Job(train, evaluate, example_inputs, settings)
