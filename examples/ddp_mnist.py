@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmin  # noqa: E402
-from examples.mnist_lenet300 import LeNet300, load_mnist  # noqa: E402
+from examples.mnist_data import LeNet300, load_mnist  # noqa: E402
 
 
 def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e-3, batch=64):

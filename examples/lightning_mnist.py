@@ -89,7 +89,7 @@ def make_evaluate(x, y):
 
 
 def main():
-    from examples.mnist_lenet300 import LeNet300, load_mnist
+    from examples.mnist_data import LeNet300, load_mnist
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4k training images, 2 dense epochs, 2 cycles")

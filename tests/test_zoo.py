@@ -190,8 +190,8 @@ def test_gpt_ties_lm_head_to_token_embedding_and_is_causal():
 
 
 def test_convnext_example_reinitializes_a_minimized_convnext_without_touching_it():
-    """Control (c') of examples/convnext_fashion.py: the found architecture, parameters drawn afresh."""
-    from examples.convnext_fashion import reinitialize
+    """Control (c') of experiments/convnext_fashion.py: the found architecture, parameters drawn afresh."""
+    from experiments.convnext_fashion import reinitialize
 
     torch.manual_seed(0)
     model = zoo.convnext_tiny(num_classes=10, in_channels=1, stem="small", width=0.25, depths=(1, 1, 1, 1),
