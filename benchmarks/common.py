@@ -22,6 +22,7 @@ import fxmin
 from benchmarks.markdown import replace_section
 from benchmarks.pass_speed import machine, section  # one definition of the doc format
 from fxmin import zoo
+from tests import helpers  # the one maker of random masks
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -104,10 +105,8 @@ def weight_names(model: nn.Module, exclude: tuple = ()) -> dict:
 
 
 def random_masks(model: nn.Module, sparsity: float, seed: int = 0) -> dict:
-    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity``."""
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(module.weight.shape, generator=generator) >= sparsity
-            for name, module in weight_names(model).items()}
+    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity`` (tests/helpers.py draws them)."""
+    return helpers.random_masks(model, sparsity, seed, names=weight_names(model))
 
 
 def planted_masks(model: nn.Module, fraction: float, exclude: tuple = (), seed: int = 0) -> dict:
