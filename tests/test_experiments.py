@@ -196,3 +196,34 @@ def test_final_module_takes_the_finished_weights_and_falls_back_to_the_cycles_mo
     assert weights == "before finishing" and fxmin.count_parameters(module) == params
     with pytest.raises(SystemExit, match="another run"):
         final_module(str(tmp_path), result.best_cycle, params + 1)
+
+
+def test_convnext_experiment_reinitializes_a_minimized_convnext_without_touching_it():
+    """Control (c') of experiments/convnext_fashion.py: the found architecture, parameters drawn afresh."""
+    import torch
+
+    import fxmin
+    from experiments.convnext_fashion import reinitialize
+    from fxmin.zoo import convnext_tiny
+
+    torch.manual_seed(0)
+    model = convnext_tiny(num_classes=10, in_channels=1, stem="small", width=0.25, depths=(1, 1, 1, 1),
+                          stochastic_depth_prob=0.0).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))  # a "trained" model: far from the initialization
+    masks = fxmin.global_magnitude(model, 0.6)
+    module = fxmin.minimize(model, masks, (torch.randn(2, 1, 28, 28),)).module
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    fresh = reinitialize(module, seed=1)
+    assert all(torch.equal(value, before[name]) for name, value in module.state_dict().items())  # untouched
+    assert fxmin.count_parameters(fresh) == fxmin.count_parameters(module)
+    assert any(isinstance(sub, fxmin.CompensatedLayerNorm) for sub in fresh.modules())
+    fresh_parameters = dict(fresh.named_parameters())
+    scales = [value for name, value in fresh_parameters.items() if "layer_scale" in name]
+    assert scales and all(torch.all(value == 1e-6) for value in scales)
+    weights = torch.cat([value.detach().flatten() for value in fresh_parameters.values() if value.dim() > 1])
+    assert 0.015 < float(weights.std()) < 0.025  # ConvNeXt's init (std 0.02), not the trained weights (std > 1)
+    for name, buffer in fresh.named_buffers():  # the architecture (removed channels' constants) stays
+        assert torch.equal(buffer, before[name])
+    assert fresh(torch.randn(2, 1, 28, 28)).shape == (2, 10)
