@@ -8,7 +8,7 @@ writes half its bytes, then the process dies). After each kill every checkpoint 
 work lost must be at most the cycle in progress, and the run resumed to its end must give the same
 history and weights as a run that was never killed.
 
-    python benchmarks/cycle_kills.py --kills 50 --write docs/reliability.md
+    python -m benchmarks.cycle_kills --kills 50 --write docs/reliability.md
 
 ``tests/test_cycle_kills.py`` runs a few of the same kills in ``make test``.
 """
@@ -186,7 +186,7 @@ def reference(work: str) -> dict:
         return json.load(handle)
 
 
-def killed_run(work: str, name: str, kills: list, rng: random.Random) -> dict:
+def killed_run(work: str, name: str, kills: list) -> dict:
     """Run to the end through ``kills`` (each ``point:count`` or ``('random', seconds)``); one row per kill."""
     folder = os.path.join(work, name)
     os.makedirs(folder)
@@ -245,7 +245,7 @@ def main(argv=None) -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
         expected = reference(work)
-        runs = [killed_run(work, f"run{i}", kills, random.Random(i)) for i, kills in enumerate(plan(args.kills, args.seed))]
+        runs = [killed_run(work, f"run{i}", kills) for i, kills in enumerate(plan(args.kills, args.seed))]
     rows = [row for run in runs for row in run["rows"] if row["killed"]]
     same = sum(run["result"] == expected for run in runs)
     summary = {
@@ -261,6 +261,8 @@ def main(argv=None) -> None:
 def _write(path: str, summary: dict, rows: list, args) -> None:
     from tabulate import tabulate
 
+    from benchmarks.markdown import replace_section
+
     kinds = {}
     for row in rows:
         kind = row["kill"].split(":")[0].split(" ")[0]
@@ -269,30 +271,21 @@ def _write(path: str, summary: dict, rows: list, args) -> None:
         entry[1] += len(row["corrupt"])
         entry[2] = max(entry[2], row["cycles_lost"])
     text = "\n".join([
-        "<!-- cycle_kills.py begins -->",
         "## Faults in the Squeeze-Release cycle",
         "",
-        f"`python benchmarks/cycle_kills.py --kills {args.kills} --seed {args.seed} --write {path}` "
+        f"`python -m benchmarks.cycle_kills --kills {args.kills} --seed {args.seed} --write {path}` "
         f"({summary['seconds']} s): a small deterministic cycle (4 cycles and a 2-candidate finishing phase, "
         "checkpoints on) killed with SIGKILL inside training, inside minimization, halfway through a "
         "checkpoint write, or at a random moment; each time every checkpoint left is loaded, and the run "
         "is resumed until it ends.",
         "",
-        tabulate([[k for k in summary if k != "seconds"], [v for k, v in summary.items() if k != "seconds"]][1:],
+        tabulate([[v for k, v in summary.items() if k != "seconds"]],
                  headers=[k for k in summary if k != "seconds"], tablefmt="github"),
         "",
         tabulate([[kind, n, corrupt, lost] for kind, (n, corrupt, lost) in sorted(kinds.items())],
                  headers=["kill point", "kills", "corrupt checkpoints", "max cycles lost"], tablefmt="github"),
-        "<!-- cycle_kills.py ends -->",
     ])
-    page = open(path).read() if os.path.exists(path) else "# Reliability\n"
-    begin, end = "<!-- cycle_kills.py begins -->", "<!-- cycle_kills.py ends -->"
-    if begin in page:
-        page = page[: page.index(begin)] + text + page[page.index(end) + len(end):]
-    else:
-        page = page.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as handle:
-        handle.write(page)
+    replace_section(path, "cycle_kills.py", text, heading="# Reliability")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ no checkpoint is corrupt, at most the cycle in progress is lost, and the resumed
 history and weights of a run that was never killed. ``benchmarks/cycle_kills.py`` runs 50 kills."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from benchmarks import cycle_kills
@@ -13,7 +11,7 @@ from benchmarks import cycle_kills
 @pytest.mark.parametrize("kills", [["train:3", "rewrite:2", "save:2"]], ids=["train-rewrite-save"])
 def test_killed_cycle_resumes_to_the_uninterrupted_result(tmp_path, kills):
     expected = cycle_kills.reference(str(tmp_path))
-    run = cycle_kills.killed_run(str(tmp_path), "killed", kills, random.Random(0))
+    run = cycle_kills.killed_run(str(tmp_path), "killed", kills)
     assert [row["kill"] for row in run["rows"]] == kills and all(row["killed"] for row in run["rows"])
     for row in run["rows"]:
         assert row["corrupt"] == [], row
