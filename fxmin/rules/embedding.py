@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..facts import ValueFact
-from .pointwise import opaque_backward
-from .registry import rule
+from .api import rule
+from .kit import opaque_backward
 
 
 def _embedding_forward(ctx):
@@ -25,11 +25,6 @@ def _embedding_forward(ctx):
     return fact, ctx.fresh(fact.size)
 
 
-def _embedding_backward(ctx):
-    if not ctx.fact(ctx.node).tracked:
-        opaque_backward(ctx)
-
-
 def _embedding_plan(ctx):
     kept = ctx.kept()
     module = ctx.module
@@ -42,7 +37,7 @@ def _embedding_plan(ctx):
     ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
 
 
-rule("embedding", modules=(nn.Embedding,), backward=_embedding_backward, plan=_embedding_plan,
+rule("embedding", modules=(nn.Embedding,), plan=_embedding_plan,
      edits_module=True)(_embedding_forward)
 
 

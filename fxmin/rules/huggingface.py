@@ -22,10 +22,9 @@ import sys
 import torch
 import torch.fx
 
-from .linear import _dense_view, _new_weights, _parameter, layer_rule
-from .pointwise import (_check_in_place, _opaque, _pointwise_backward, opaque_backward, pointwise_forward,
-                        register_pointwise)
-from .registry import rule
+from .api import rule
+from .kit import (check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights, opaque_backward,
+                  opaque_forward, pointwise_forward, register_pointwise)
 
 # -- scalars and guards ----------------------------------------------------------------------------------------
 
@@ -33,7 +32,7 @@ from .registry import rule
 def _no_channels_forward(ctx):
     """Exact: computes no channel (dtype information, comparisons of sizes or of masks);
     on tensors the result is opaque and every input channel is kept."""
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
 rule("dtype info", functions=(torch.finfo, torch.iinfo), backward=opaque_backward)(_no_channels_forward)
@@ -50,11 +49,11 @@ def _in_place_fill_forward(ctx):
     mutated = ctx.arg(0, "input")
     fact = ctx.fact(mutated)
     if fact is not None and fact.tracked:
-        _check_in_place(ctx, mutated)
-    return _opaque(ctx)
+        check_in_place(ctx, mutated)
+    return opaque_forward(ctx)
 
 
-rule("in-place fill", methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward)(_in_place_fill_forward)
+rule("in-place fill", methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward, mutates=mutates)(_in_place_fill_forward)
 
 
 def _cast_forward(ctx):
@@ -69,13 +68,13 @@ def _cast_forward(ctx):
     fact = ctx.fact(x)
     meta = ctx.node.meta.get("tensor_meta")
     if fact is None or not fact.tracked or meta is None or not meta.dtype.is_floating_point:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if not all(node.meta.get("type") in (torch.dtype, torch.device) for node in operands):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact, ctx.units(x)
 
 
-rule("cast", methods=("to", "type", "type_as"), backward=_pointwise_backward, heads_aware=True)(_cast_forward)
+rule("cast", methods=("to", "type", "type_as"), heads_aware=True)(_cast_forward)
 
 # ``torch.pow(x, 3.0)`` in GELU-tanh: elementwise when the exponent is a number (a node operand
 # makes the pointwise rule opaque, which is exact).
@@ -113,7 +112,7 @@ def _addmm_view(ctx):
             return None
         if len(weight_node.users) > 1 or len(bias_node.users) > 1:
             return None  # a shared weight must keep one shape
-        return _dense_view(weight.t(), bias, 1, False, -1)
+        return dense_view(weight.t(), bias, 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -124,7 +123,7 @@ def _addmm_plan(ctx):
         return
     bias_node, _, weight_node = ctx.node.args
     weight, bias = ctx.attr_value(weight_node), ctx.attr_value(bias_node)
-    new_weight, new_bias, folded_from, *_ = _new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
+    new_weight, new_bias, folded_from, *_ = new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
     ctx.replace_attr(weight_node, new_weight.t().contiguous())
@@ -145,7 +144,7 @@ def _conv1d_view(ctx):
         shape = ctx.shape(x)
         if shape is None or len(shape) < 1:
             return None
-        return _dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
+        return dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -156,12 +155,12 @@ def _conv1d_plan(ctx):
         return
     module = ctx.module
     weight, bias = ctx.param("weight"), ctx.param("bias")
-    new_weight, new_bias, folded_from, cols, rows, _ = _new_weights(ctx, view, weight.t(), bias)
+    new_weight, new_bias, folded_from, cols, rows, _ = new_weights(ctx, view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
     replacement = copy.deepcopy(module).to(torch.float64)
-    replacement.weight = _parameter(new_weight.t().contiguous(), module.weight)
-    replacement.bias = _parameter(new_bias, module.bias)
+    replacement.weight = new_parameter(new_weight.t().contiguous(), module.weight)
+    replacement.bias = new_parameter(new_bias, module.bias)
     replacement.nf, replacement.nx = len(rows), len(cols)
     ctx.replace_module(replacement, {"weight": (tuple(weight.shape), ()), "bias": (tuple(bias.shape), folded_from)})
 
