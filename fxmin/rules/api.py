@@ -52,6 +52,9 @@ class Rule:
     backward: Callable | None = None
     plan: Callable | None = None
     exact: str = ""
+    #: (exact when, what it removes or folds, what it keeps conservatively): the rule's row in
+    #: docs/exactness.md (``docs/gen_rules_table.py``); rules of one name share it
+    doc: tuple = ()
     #: backward reads the presence of its inputs too (e.g. grouped convs keep groups uniform)
     reads_input_presence: bool = False
     #: plan replaces the module's parameters; a module called from several nodes is then a barrier

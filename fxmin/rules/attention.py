@@ -57,7 +57,12 @@ def _sums_to_one(node, root) -> bool:
     return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
 
 
-rule("softmax", functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
+rule("softmax", doc=(
+         'Along an axis the channels do not occupy: it works within each channel.',
+         'Nothing itself.',
+         'Every channel for a softmax along the channel axis.',
+         ),
+     functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
      methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True,
      sums_to_one=_sums_to_one)(_softmax_forward)
 
@@ -101,9 +106,19 @@ def _where_backward(ctx):
     ctx.require_all(ctx.arg(2, "other"))
 
 
-rule("masked_fill", methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
+rule("masked_fill", doc=(
+         'With a mask that is the same for every channel.',
+         'Nothing itself.',
+         'Every channel when the mask varies along the channel axis.',
+         ),
+     methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
      heads_aware=True)(_masked_fill_forward)
-rule("where", functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
+rule("where", doc=(
+         '`torch.where(mask, x, fill)` with a mask and fill the same for every channel.',
+         'Nothing itself.',
+         'Every channel otherwise.',
+         ),
+     functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
 
 
 # -- the head structure -------------------------------------------------------------------------------------------
@@ -202,7 +217,14 @@ def _matmul_backward(ctx):
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
 
-rule("matmul", functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
+rule("matmul", doc=(
+         'For attention: `q @ k^T` couples q and k channels (one score channel per head); `weights @ '
+         "v` keeps v's channels, and a constant v channel stays constant when the weights are a "
+         'softmax.',
+         'Query/key dims that are `const(0)` in q or k; value dims.',
+         'Every channel for other matrix products.',
+         ),
+     functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
      reads_input_presence=True, heads_aware=True, backward_untracked=True)(_matmul_forward)
 
 
@@ -266,5 +288,12 @@ def _sdpa_plan(ctx):
     ctx.patch(tuple(ctx.node.args), kwargs)
 
 
-rule("scaled_dot_product_attention", functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
+rule("scaled_dot_product_attention", doc=(
+         'See `transformers.md` and NOTE [Attention]: q/k dims couple; a constant value channel gives'
+         ' a constant output when no dropout is applied.',
+         'q/k dims that are `const(0)`; value dims and whole heads; the softmax scale is kept at the '
+         'original head size.',
+         'A nonzero constant q/k dim (it changes every score).',
+         ),
+     functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
      plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True)(_sdpa_forward)

@@ -37,7 +37,13 @@ def _embedding_plan(ctx):
     ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
 
 
-rule("embedding", modules=(nn.Embedding,), plan=_embedding_plan,
+rule("embedding", doc=(
+         'Always: column `d` is `const(c)` iff every row of the table holds `c` there.',
+         'Columns of the table; a tied unembedding loses the same columns (its input couples with the'
+         ' output).',
+         '—',
+         ),
+     modules=(nn.Embedding,), plan=_embedding_plan,
      edits_module=True)(_embedding_forward)
 
 
@@ -50,7 +56,12 @@ def _creation_backward(ctx):
     opaque_backward(ctx)
 
 
-rule("creation", functions=(torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor,
+rule("creation", doc=(
+         'Always: `arange`, `zeros`... made from sizes carry no channel.',
+         '—',
+         '—',
+         ),
+     functions=(torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor,
                             torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.tril,
                             torch.triu, torch.eye, torch.linspace),
      methods=("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "tril", "triu"),

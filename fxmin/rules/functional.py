@@ -99,7 +99,12 @@ def _conv_plan(ctx):
         ctx.patch(tuple(args), kwargs)
 
 
-layer_rule("functional conv", _conv_view, _conv_plan, channel_axis=1,
+layer_rule("functional conv", _conv_view, _conv_plan, doc=(
+               'As `nn.ConvNd` when weight (and bias) are model attributes read only by this call.',
+               'As `nn.ConvNd`.',
+               'Everything around it when the weight is computed or shared; as `nn.ConvNd` otherwise.',
+               ),
+           channel_axis=1,
            exact="Exact as nn.ConvNd when weight (and bias) are model attributes read only here; otherwise "
                  "every channel around the conv is kept.",
            functions=tuple(_CONVS))
@@ -183,7 +188,12 @@ def _functional_batch_norm_plan(ctx):
             ctx.replace_attr(args[name], ctx.attr_value(args[name])[index].clone())
 
 
-rule("functional batch_norm", functions=tuple(_BATCH_NORMS),  plan=_functional_batch_norm_plan)(_functional_batch_norm_forward)
+rule("functional batch_norm", doc=(
+         'With `training=False` and running statistics: the same affine map as `nn.BatchNorm`.',
+         'Slices the statistics and affine attributes.',
+         'Every channel otherwise.',
+         ),
+     functions=tuple(_BATCH_NORMS),  plan=_functional_batch_norm_plan)(_functional_batch_norm_forward)
 
 # -- ATen elementwise, pooling and shape ops (torch.export graphs) ------------------------------------
 
@@ -201,7 +211,12 @@ def _aten_dropout_forward(ctx):
     return opaque_forward(ctx) if train is not False else pointwise_forward(ctx)
 
 
-rule("aten dropout", functions=(aten.dropout.default,))(_aten_dropout_forward)
+rule("aten dropout", doc=(
+         'With `train=False` (the identity).',
+         'Nothing itself.',
+         'Every channel with `train=True`.',
+         ),
+     functions=(aten.dropout.default,))(_aten_dropout_forward)
 
 # NOTE [ATen aliases]: these ATen overloads compute what the rule's other targets compute, with the
 # same signature (an ``alpha`` other than the default makes the elementwise rule opaque); the

@@ -35,8 +35,18 @@ def _no_channels_forward(ctx):
     return opaque_forward(ctx)
 
 
-rule("dtype info", functions=(torch.finfo, torch.iinfo), backward=opaque_backward)(_no_channels_forward)
-rule("comparison", functions=(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge,
+rule("dtype info", doc=(
+         'Always: `torch.finfo`/`torch.iinfo` compute no channel.',
+         '—',
+         '—',
+         ),
+     functions=(torch.finfo, torch.iinfo), backward=opaque_backward)(_no_channels_forward)
+rule("comparison", doc=(
+         'Comparisons (`<`, `>`, `torch.lt`...) compute no followed channel.',
+         '—',
+         'On tensors the result is opaque: every input channel kept.',
+         ),
+     functions=(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge,
                               torch.le, torch.eq, torch.ne, operator.not_, operator.invert),
      methods=("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__"),
      backward=opaque_backward)(_no_channels_forward)
@@ -53,7 +63,13 @@ def _in_place_fill_forward(ctx):
     return opaque_forward(ctx)
 
 
-rule("in-place fill", methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward, mutates=mutates)(_in_place_fill_forward)
+rule("in-place fill", doc=(
+         "`masked_fill_`/`fill_`/`zero_` on a tensor that carries no channel (HF's causal mask); "
+         'refused when it overwrites a tracked tensor that is read later.',
+         '—',
+         'Every channel around it.',
+         ),
+     methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward, mutates=mutates)(_in_place_fill_forward)
 
 
 def _cast_forward(ctx):
@@ -74,7 +90,13 @@ def _cast_forward(ctx):
     return fact, ctx.units(x)
 
 
-rule("cast", methods=("to", "type", "type_as"), heads_aware=True)(_cast_forward)
+rule("cast", doc=(
+         '`x.to(dtype)`/`x.type(dtype)` with the dtype read at run time (`y.dtype`) to a floating '
+         'dtype: up to rounding; with literal arguments, as a pointwise op.',
+         'Nothing itself.',
+         'Any other operand (a tensor in `type_as`, a cast to an integer dtype read at run time).',
+         ),
+     methods=("to", "type", "type_as"), heads_aware=True)(_cast_forward)
 
 # ``torch.pow(x, 3.0)`` in GELU-tanh: elementwise when the exponent is a number (a node operand
 # makes the pointwise rule opaque, which is exact).
@@ -130,7 +152,14 @@ def _addmm_plan(ctx):
     ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
-layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
+layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, doc=(
+               '`torch.addmm(b, x, W)` with `W` (in, out) and `b` model constants read only here '
+               "(HF's inlined `Conv1D`): exact as `nn.Linear` with weight `W.T`.",
+               'As Linear: rows (columns of `W`) of removed outputs, inputs with their constants '
+               'folded into `b`.',
+               'Every channel when `W`/`b` are computed or shared, or with `beta`/`alpha`.',
+               ),
+           channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
            exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]) when W and the bias are model constants "
                  "read only here; otherwise every channel around it is kept.",
            functions=(torch.addmm,))
@@ -179,7 +208,13 @@ def register_conv1d() -> bool:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is an optional extra
         return False
-    layer_rule("Conv1D", _conv1d_view, _conv1d_plan, channel_axis=-1, edits_module=True,
+    layer_rule("Conv1D", _conv1d_view, _conv1d_plan, doc=(
+                   'HF `Conv1D` kept as a leaf module (registered when transformers is imported '
+                   'before fxmin): as `nn.Linear` with weight `W.T`.',
+                   'As Linear.',
+                   'As Linear.',
+                   ),
+               channel_axis=-1, edits_module=True,
                exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]).", modules=(Conv1D,))
     return True
 

@@ -83,7 +83,14 @@ def _getitem_backward(ctx):
         ctx.require_all(source)
 
 
-rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
+rule("getitem", doc=(
+         'Picking a piece of a split; indexing a size; indexing a tensor with full slices before the '
+         'channel axis and the channel axis whole or sliced with step 1.',
+         'Follows the channels; slice bounds on the channel axis are patched.',
+         'Every channel for other indexing (advanced indices, steps, indices before the channel '
+         'axis).',
+         ),
+     functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
      heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
 
 
@@ -113,7 +120,13 @@ def _reduce_forward(ctx):
     return ValueFact.constants(axis, fact.const, value), ctx.units(x)
 
 
-rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
+rule("reduction", doc=(
+         'Reductions over axes other than the channel axis: mean/amax/amin keep a constant, sum '
+         'multiplies it by the number of reduced elements.',
+         'Nothing itself: channels pass through.',
+         'Every channel when the channel axis is reduced, or `dim`/`dtype` are not literals.',
+         ),
+     functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
      )(_reduce_forward)
 
 
@@ -164,6 +177,12 @@ def _index_select_plan(ctx):
     ctx.replace_attr(index_node, torch.as_tensor(position[index[kept_out]], dtype=torch.float64))
 
 
-rule("index_select", functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+rule("index_select", doc=(
+         'With a constant index along the channel axis (what minimize writes at the inputs): each '
+         'output channel maps to its source.',
+         'Channels nobody reads; the index is rewritten, so a minimized module minimizes again.',
+         'A computed index, or one along another axis: every channel of the input.',
+         ),
+     functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
      backward_untracked=True,
      plan=_index_select_plan)(_index_select_forward)

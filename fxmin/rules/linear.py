@@ -115,8 +115,18 @@ def _backward_module(ctx):
 
 
 rule(
-    "linear/conv",
-    modules=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    "linear/conv", doc=(
+              'Always (Linear, Conv1d/2d/3d, any stride/dilation/groups). Output `k` is `const(b_k + '
+              'Σ tap_sum[k,j]·c_j)` iff it reads no varying input; with zero padding also no nonzero '
+              'constant input.',
+              'Rows of outputs that are unneeded or constant; columns of removed inputs, folding '
+              '`tap_sum[:, j]·c_j` into the bias (a bias is created if absent).',
+              'A nonzero constant input behind zero padding (border pixels see fewer taps). Grouped '
+              'convs keep groups uniform (every live group as full as the fullest; an empty group '
+              'goes whole); depthwise convs couple in/out channels. A module called from several '
+              'nodes is a barrier.',
+              ),
+          modules=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
     backward=_backward_module,
     backward_untracked=True,
     plan=_plan_module,
@@ -156,7 +166,13 @@ def _plan_functional_linear(ctx):
         ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
-layer_rule("functional linear", _functional_view, _plan_functional_linear, channel_axis=-1,
+layer_rule("functional linear", _functional_view, _plan_functional_linear, doc=(
+               'As `nn.Linear` when weight (and bias) are model attributes read only by this call.',
+               'As `nn.Linear`: the attributes are replaced by sliced tensors.',
+               'Everything around it when the weight is computed or shared; nonzero constant inputs '
+               'when there is no bias to fold into.',
+               ),
+           channel_axis=-1,
            exact="Exact as nn.Linear when weight (and bias) are module attributes read only here; otherwise "
                  "every channel around it is kept.",
            functions=(F.linear,))

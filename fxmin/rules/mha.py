@@ -224,5 +224,14 @@ def _reported_shapes(ctx, replacement, folded: bool) -> tuple:
     return tuple(edits)
 
 
-rule("multihead_attention", modules=(nn.MultiheadAttention,), input_axis=lambda node, root: -1, backward=_backward, plan=_plan,
+rule("multihead_attention", doc=(
+         '`nn.MultiheadAttention` analysed as the attention it computes (NOTE [MultiheadAttention]), '
+         'replaced by `SlicedMultiheadAttention` (projections + SDPA, original scale) when channels '
+         'go.',
+         'Dead heads, value dims, `const(0)` q/k dims, input channels (constants folded into the '
+         'projections), output channels.',
+         'The whole module when its attention weights are read, with `add_bias_kv`, `add_zero_attn`, '
+         '`kdim`/`vdim` or 3-D per-head masks.',
+         ),
+     modules=(nn.MultiheadAttention,), input_axis=lambda node, root: -1, backward=_backward, plan=_plan,
      reads_input_presence=True, edits_module=True)(_forward)

@@ -79,7 +79,14 @@ def _batch_norm_plan(ctx):
     ctx.replace_module(replacement, params)
 
 
-rule("batch_norm", modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
+rule("batch_norm", doc=(
+         'In eval mode: a per-channel affine map `const(c) -> const(γ(c-m)/√(v+ε)+β)`; `γ == 0` gives'
+         ' `const(β)`.',
+         'Slices weight, bias, running mean and variance to the kept channels (couples input and '
+         'output).',
+         'Every channel when the input is not tracked on axis 1.',
+         ),
+     modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
      input_axis=lambda node, root: 1, absorbs_shift=_absorbs_shift,
      edits_module=True)(_batch_norm_forward)
 
@@ -238,6 +245,13 @@ def _cln_type():
     return CompensatedLayerNorm
 
 
-rule("layer_norm", modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
+rule("layer_norm", doc=(
+         'Through `CompensatedLayerNorm` (see `compensated-layernorm.md`): removed inputs must be '
+         'constant; their constants join the statistics. `weight_i == 0` makes output `i` '
+         '`const(bias_i)`.',
+         'Constant input channels (into `S1`/`S2`); output channels nobody reads.',
+         'Every varying input channel while any output is needed (it feeds the mean and variance).',
+         ),
+     modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
      backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis)(_norm_forward)

@@ -42,7 +42,12 @@ def _dropout_forward(ctx):
     return pointwise_forward(ctx)
 
 
-rule("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
+rule("dropout", doc=(
+         'In eval mode, where dropout is the identity (the module stays in place for training).',
+         'Nothing itself: channels pass through.',
+         'As `pointwise`.',
+         ),
+     functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
      heads_aware=True, passes_axis=True, mutates=mutates, identity_in_eval=lambda node, root: True)(_dropout_forward)
 
 
@@ -223,7 +228,18 @@ def _binary_plan(ctx):
         return
 
 
-rule("elementwise", functions=[k for k in BINARY_OPS if not isinstance(k, (str, torch._ops.OpOverload))],
+rule("elementwise", doc=(
+         "Always for add/sub/mul/div/maximum/minimum: operands' channels couple; `const ∘ const` is "
+         'constant, `0 · x` is `const(0)`.',
+         'A channel of the coupled group when it is removable at every member (a residual stream goes'
+         " stage-wide or not at all). An operand constant in every channel, of the result's shape as "
+         'the other operand is, becomes a broadcast constant (a parameter when the model trains) and '
+         'the branch behind it, read by nothing else, leaves the model (NOTE [Constant operands]: a '
+         'block whose MLP was emptied).',
+         'Every channel with `alpha=`, or when a broadcast operand varies along the channel axis; a '
+         'broadcast operand is read whole.',
+         ),
+     functions=[k for k in BINARY_OPS if not isinstance(k, (str, torch._ops.OpOverload))],
      methods=[k for k in BINARY_OPS if isinstance(k, str)], backward=_binary_backward, plan=_binary_plan,
      heads_aware=True, passes_axis=True, mutates=mutates)(_binary_forward)
 
@@ -277,5 +293,12 @@ def _pool_forward(ctx):
     return ValueFact.constants(fact.axis, const, np.where(const, fact.value, 0.0)), ctx.units(x)
 
 
-rule("pooling", modules=[k for k in _POOL_DIMS if isinstance(k, type)],
+rule("pooling", doc=(
+         'Max/avg/adaptive pooling work within each channel: a constant stays constant.',
+         'Nothing itself: channels pass through.',
+         'Average pooling that counts zero padding (or uses `ceil_mode`/`divisor_override`) keeps '
+         'only `const(0)` constant; `return_indices` and pooling over the channel axis are opaque '
+         '(all kept).',
+         ),
+     modules=[k for k in _POOL_DIMS if isinstance(k, type)],
      functions=_POOL_TARGETS)(_pool_forward)

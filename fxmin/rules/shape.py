@@ -55,7 +55,12 @@ def _flatten_forward(ctx):
     return _mapped(fact, ctx.units(x), start, inner, outer)
 
 
-rule("flatten", modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",),
+rule("flatten", doc=(
+         'Always: channel `c` becomes a block of consecutive features.',
+         "The block of every removed channel (the reader's columns follow).",
+         'Every channel when the input is untracked.',
+         ),
+     modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",),
      )(_flatten_forward)
 
 
@@ -202,5 +207,14 @@ def _view_plan(ctx):
             ctx.patch_node(owner, tuple(args), dict(owner.kwargs))
 
 
-rule("view/reshape", functions=(torch.reshape,), methods=("view", "reshape"),
+rule("view/reshape", doc=(
+         'Reshapes that keep the channel axis whole, merge it into one axis, or split it into uniform'
+         ' blocks or heads.',
+         'Follows the channels; literal sizes at the channel axis are patched.',
+         'Every channel for other reshapes, and when the size at the channel axis is computed at run '
+         "time, unless it is read from a tensor whose channels couple with the view's (`x.view(-1, "
+         "x.size(-1))`, HF's `x.size()[:-1] + (4, 16)`: literals inside the `operator.add` tuple are "
+         'patched).',
+         ),
+     functions=(torch.reshape,), methods=("view", "reshape"),
      backward=_view_backward, plan=_view_plan, heads_aware=True)(_view_forward)

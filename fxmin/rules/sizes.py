@@ -167,9 +167,22 @@ def _getattr_forward(ctx):
     return None, None
 
 
-rule("size", methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
+rule("size", doc=(
+         'A size of a tracked axis that only scales tensors (`q.size(-1) ** -0.5`) is replaced by its'
+         ' original value, which is what the reference uses.',
+         '—',
+         'A size that shapes tensors (a `view` argument) pins its axis: every channel kept, unless it'
+         ' only shapes views whose channels it couples with (its run-time value is then the new '
+         'size).',
+         ),
+     methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
      backward_untracked=True)(_size_forward)
-rule("getattr", functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan, backward_untracked=True,
+rule("getattr", doc=(
+         '`.shape`, `.dtype`, `.device`, `.ndim`... read no channel.',
+         '—',
+         'Reading the size of the tracked axis pins it; an unknown attribute is a `MissingRuleError`.',
+         ),
+     functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan, backward_untracked=True,
      heads_aware=True)(_getattr_forward)
 
 
@@ -179,4 +192,9 @@ def _guard_forward(ctx):
     return opaque_forward(ctx)
 
 
-rule("guard", functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
+rule("guard", doc=(
+         'Comparisons and asserts (guards left by `concrete_args`) compute no channel.',
+         '—',
+         'On tensors the result is opaque: every input channel kept.',
+         ),
+     functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)

@@ -97,7 +97,14 @@ def _cat_heads(ctx, tensors, facts, dim):
     return first.replaced(const, np.where(const, first.value, 0.0)), units[0]
 
 
-rule("cat", functions=(torch.cat, torch.concat, torch.concatenate),
+rule("cat", doc=(
+         "Always: along the channel axis the inputs' channels line up one after the other (offsets); "
+         'along another axis the inputs couple. Model constants (class tokens) are adopted on that '
+         'axis.',
+         "Each input's removed channels.",
+         "Every channel when an input's channel axis cannot be followed.",
+         ),
+     functions=(torch.cat, torch.concat, torch.concatenate),
      heads_aware=True)(_cat_forward)
 
 
@@ -240,7 +247,13 @@ def _split_plan(ctx):
         ctx.patch(tuple(args), kwargs)
 
 
-rule("split", functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
+rule("split", doc=(
+         'Always: cutting along the channel axis gives each piece its slice of the channels; along '
+         'another axis every piece has all of them.',
+         'Channels within each piece; split sizes are patched.',
+         'Every channel when the sizes cannot be patched.',
+         ),
+     functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
      backward=_split_backward, plan=_split_plan, reads_input_presence=True, heads_aware=True)(_split_forward)
 
 
@@ -322,12 +335,32 @@ def _squeeze_forward(ctx):
     return _moved(ctx, fact.axis - sum(1 for d in dims if d < fact.axis))
 
 
-rule("permute", functions=(torch.permute,), methods=("permute",),
+rule("permute", doc=(
+         'Always: the channel axis moves (both axes of attention heads).',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.permute,), methods=("permute",),
      heads_aware=True)(_permute_forward)
-rule("transpose", functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
+rule("transpose", doc=(
+         'Always: the channel axis swaps with another.',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
      heads_aware=True)(_transpose_forward)
-rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",))(_unsqueeze_forward)
-rule("squeeze", functions=(torch.squeeze,), methods=("squeeze",))(_squeeze_forward)
+rule("unsqueeze", doc=(
+         'Always: a new size-1 axis shifts the channel axis.',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.unsqueeze,), methods=("unsqueeze",))(_unsqueeze_forward)
+rule("squeeze", doc=(
+         'Removing size-1 axes other than the channel axis.',
+         'Nothing itself.',
+         'Every channel when the channel axis itself could be squeezed.',
+         ),
+     functions=(torch.squeeze,), methods=("squeeze",))(_squeeze_forward)
 
 
 # -- expand -------------------------------------------------------------------------------------------------------
@@ -368,5 +401,11 @@ def _expand_plan(ctx):
         ctx.patch((ctx.node.args[0], *sizes), {})
 
 
-rule("expand", methods=("expand",), backward=_expand_backward, plan=_expand_plan,
+rule("expand", doc=(
+         'Always: values repeat along size-1 axes; the channel axis keeps its channels.',
+         'A literal size at the channel axis is patched; an expanded model constant is adopted by its'
+         ' reader.',
+         '—',
+         ),
+     methods=("expand",), backward=_expand_backward, plan=_expand_plan,
      constant_view=_expand_constant_view)(_expand_forward)

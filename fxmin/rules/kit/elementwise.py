@@ -101,13 +101,23 @@ def opaque_backward(ctx):
         ctx.require_all(node)
 
 
-def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"):
+POINTWISE_DOC = (
+    'Any op applied to each element alone (activations, identity, `contiguous`, dtype casts...): '
+    '`const(c) -> const(f(c))`, computed by running the op in float64, so `f(0) != 0` (sigmoid, '
+    'softplus) is handled.',
+    'Nothing itself: channels pass through (same units).',
+    'Every input channel when another operand is a tensor (`clamp(x, min=t)`) or the input is '
+    'untracked. An in-place op that overwrites a value read later is an error.',
+    )
+
+
+def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise", doc=POINTWISE_DOC):
     """One line registers an elementwise unary op family (``f`` applied to each element alone).
 
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
     rule(name, modules=modules, functions=functions, methods=methods, heads_aware=True, passes_axis=True,
-         mutates=mutates, identity_in_eval=identity_in_eval)(pointwise_forward)
+         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc)(pointwise_forward)
 
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
