@@ -83,6 +83,13 @@ def test_a_rule_registered_in_a_registry_of_its_own_runs_through_the_engine():
     assert analysis.rules[analysis.node("_0")].name == "identity"
 
 
+def test_flops_counts_an_op_with_its_rules_counter(monkeypatch):
+    counted = Rule("counted tanh", _identity_forward, macs=lambda module, args, kwargs, out: (7 * out.numel(), 0))
+    monkeypatch.setitem(REGISTRY.modules, nn.Tanh, counted)
+    assert fxmin.flops(nn.Sequential(nn.Tanh()), (torch.randn(2, 3),)).macs == 7 * 6
+    assert REGISTRY.lookup_module(nn.Linear(2, 3)).macs is not None  # layers count through their rule
+
+
 def _old_pickle_of(obj, old_module: str, name: str) -> bytes:
     """Pickle bytes naming ``old_module.name`` as the class, as fxmin 0.1.0 wrote them."""
     cls = type(obj)

@@ -55,6 +55,10 @@ class Rule:
     #: (exact when, what it removes or folds, what it keeps conservatively): the rule's row in
     #: docs/exactness.md (``docs/gen_rules_table.py``); rules of one name share it
     doc: tuple = ()
+    #: ``macs(module_or_target, args, kwargs, out) -> (macs, other)``: the multiply-accumulates and the
+    #: cheap extras of one call on its real arguments, for ``fxmin.flops`` (NOTE [What is counted]);
+    #: ops whose rule has none are counted by fxmin.flops' own table or torch's FlopCounterMode
+    macs: Callable | None = None
     #: backward reads the presence of its inputs too (e.g. grouped convs keep groups uniform)
     reads_input_presence: bool = False
     #: plan replaces the module's parameters; a module called from several nodes is then a barrier

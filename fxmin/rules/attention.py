@@ -217,6 +217,22 @@ def _matmul_backward(ctx):
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
 
+def _matmul_macs(_target, args, _kwargs, out) -> tuple:
+    """``Rule.macs``: each output element is a dot product of length K (the first operand's last axis)."""
+    return out.numel() * args[0].shape[-1], 0
+
+
+def _sdpa_macs(_target, args, kwargs, out) -> tuple:
+    """``Rule.macs``: ``B * L * S * (E + Ev)`` products (scores and mix, dense even when causal) and three
+    operations per score (scale, softmax)."""
+    query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
+    value = args[2] if len(args) > 2 else kwargs["value"]
+    queries, keys = query.shape[-2], key.shape[-2]
+    batch = out.numel() // (queries * value.shape[-1])
+    products = batch * queries * keys
+    return products * (query.shape[-1] + value.shape[-1]), 3 * products
+
+
 rule("matmul", doc=(
          'For attention: `q @ k^T` couples q and k channels (one score channel per head); `weights @ '
          "v` keeps v's channels, and a constant v channel stays constant when the weights are a "
@@ -225,7 +241,7 @@ rule("matmul", doc=(
          'Every channel for other matrix products.',
          ),
      functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
-     reads_input_presence=True, heads_aware=True, backward_untracked=True)(_matmul_forward)
+     reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_matmul_macs)(_matmul_forward)
 
 
 # -- scaled_dot_product_attention -----------------------------------------------------------------------------------
@@ -296,4 +312,4 @@ rule("scaled_dot_product_attention", doc=(
          'A nonzero constant q/k dim (it changes every score).',
          ),
      functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
-     plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True)(_sdpa_forward)
+     plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_sdpa_macs)(_sdpa_forward)

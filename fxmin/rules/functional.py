@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import dense_view, layer_rule, new_weights, opaque_forward, pointwise_forward, register_pointwise
+from .kit import dense_macs, dense_view, layer_rule, new_weights, opaque_forward, pointwise_forward, register_pointwise
 
 aten = torch.ops.aten
 
@@ -107,7 +107,7 @@ layer_rule("functional conv", _conv_view, _conv_plan, doc=(
            channel_axis=1,
            exact="Exact as nn.ConvNd when weight (and bias) are model attributes read only here; otherwise "
                  "every channel around the conv is kept.",
-           functions=tuple(_CONVS))
+           functions=tuple(_CONVS), macs=dense_macs)
 
 # -- linear: the F.linear rule serves aten.linear too (same signature) -----------------------------
 

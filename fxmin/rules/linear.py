@@ -5,6 +5,7 @@ The dense-view machinery they share (NOTE [Dense view]) is :mod:`fxmin.rules.kit
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +15,8 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import rule
-from .kit import (DenseView, dense_input, dense_output, dense_required_inputs, dense_view, layer_rule, new_parameter,
-                  new_weights)
+from .kit import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
+                  new_parameter, new_weights)
 
 
 def _zero_padded(module) -> bool:
@@ -110,6 +111,15 @@ def _tied_embedding(ctx):
     return node if node is not None and ctx.order(node) < ctx.order(ctx.node) else None
 
 
+def _module_macs(module, args, kwargs, out) -> tuple:
+    """``Rule.macs``: each output element reads ``in_features`` (or in per group x kernel taps) inputs;
+    a bias adds one operation per output element."""
+    extra = out.numel() if module.bias is not None else 0
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features, extra
+    return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size), extra
+
+
 def _backward_module(ctx):
     dense_required_inputs(ctx, _module_view(ctx))
 
@@ -133,6 +143,7 @@ rule(
     reads_input_presence=True,
     input_axis=lambda node, root: -1 if isinstance(root.get_submodule(node.target), nn.Linear) else 1,
     edits_module=True,
+    macs=_module_macs,
 )(_forward_module)
 
 
@@ -175,4 +186,4 @@ layer_rule("functional linear", _functional_view, _plan_functional_linear, doc=(
            channel_axis=-1,
            exact="Exact as nn.Linear when weight (and bias) are module attributes read only here; otherwise "
                  "every channel around it is kept.",
-           functions=(F.linear,))
+           functions=(F.linear,), macs=dense_macs)

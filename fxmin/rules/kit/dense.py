@@ -16,6 +16,7 @@ all of them:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,14 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
 
 def new_parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
     return nn.Parameter(value.clone(), requires_grad=like.requires_grad if like is not None else True)
+
+
+def dense_macs(_target, args, kwargs, out) -> tuple:
+    """``Rule.macs`` of ``F.linear`` / ``torch.convNd`` calls: each output element reads
+    ``weight.shape[1:]`` inputs (in per group x kernel taps); a bias adds one operation per output."""
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return out.numel() * math.prod(weight.shape[1:]), out.numel() if bias is not None else 0
 
 
 def layer_rule(name: str, view, plan, *, channel_axis: int, exact: str, operand=None, input_axis=None, **targets):
