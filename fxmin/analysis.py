@@ -8,7 +8,14 @@ every node that owns it is processed again, and its rule may require more of its
 inputs. Requirements only grow, so the queue empties. Nodes are popped in
 reverse graph order, which processes a chain once.
 
-The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits.
+The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits. It knows no op: it
+asks the rules of a :class:`fxmin.rules.api.Registry` (a parameter; ``fxmin.REGISTRY`` by default),
+which see the graph through :class:`fxmin.rules.api.Context`.
+
+NOTE [Untracked output]
+A node whose own value is untracked gives its readers nothing to follow back, so every channel
+of its inputs stays (always exact); its rule's ``backward`` is not called unless it says
+``backward_untracked=True`` (size reads, getitem of tuples, layers that pin their output...).
 """
 from __future__ import annotations
 
@@ -349,8 +356,8 @@ def _missing_rule_error(missing, root) -> MissingRuleError:
     lines = [
         f"fxmin has no rule for {describe_node(first, root)}.",
         "fxmin never guesses what an op computes. Ways out:",
-        "  - register a rule for it (fxmin.rules: a one-line family helper such as",
-        "    fxmin.rules.pointwise.register_pointwise(...), or a full Rule), or",
+        "  - register a rule for it (a one-line family helper such as fxmin.register_pointwise(...),",
+        "    fxmin.REGISTRY.alias(known_target, new_target), or a full fxmin.rule; see fxmin.rules.api), or",
         f"  - pass barriers=[{first.target!r}] (or the node name {first.name!r}) to keep every channel around it.",
     ]
     if len(missing) > 1:

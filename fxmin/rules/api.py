@@ -141,7 +141,7 @@ class Registry:
             self._put(key, rule, override)
         return rule
 
-    def alias(self, existing, *new_keys, override: bool = False) -> Rule:
+    def alias(self, existing, *new_keys, override: bool = False) -> None:
         """Declare that the targets ``new_keys`` (a module type, a callable, an ATen ``OpOverload`` /
         ``OpOverloadPacket``, or a method name each) compute what ``existing`` computes, with the same
         signature: they get its rule, resolved at lookup (so the order of registration does not matter).
