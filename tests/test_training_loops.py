@@ -124,6 +124,9 @@ def _fsdp_rank(rank, world, directory):
                                  any(not torch.equal(before[k], v) for k, v in model.state_dict().items())))
 
         one_process = _sharded_steps_against_one_process(rank, world)
+        batch_norm = torch.nn.Sequential(torch.nn.Linear(20, 8), torch.nn.BatchNorm1d(8))
+        with sharded(batch_norm) as copy_:  # statistics of this rank's own batch, per rank under FSDP2
+            copy_.train()(data(16, seed=10 + rank)[0])
         net = dense_mlp(train)
         result = fxmin.squeeze_release(net, train=recording, evaluate=evaluate, example_inputs=(x[:16],), cycles=2,
                                        amount=0.5, criterion=fxmin.unit_scaled_magnitude, tolerance=5.0, patience=3,
@@ -143,7 +146,8 @@ def _fsdp_rank(rank, world, directory):
         torch.save({"state": result.module.state_dict(), "dense": fxmin.count_parameters(net),
                     "history": [(r.params, r.accuracy) for r in result.history], "best": result.best_cycle,
                     "held": [held for _, _, held, _ in squeezed], "trained": [moved for _, _, _, moved in squeezed],
-                    "cycles": len(minimized), "worst": worst, "errors": errors, "one_process": one_process}, f"{directory}/rank{rank}.pt")
+                    "cycles": len(minimized), "worst": worst, "errors": errors, "one_process": one_process,
+                    "running_mean": batch_norm[1].running_mean.clone()}, f"{directory}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -197,6 +201,8 @@ def test_fsdp2_over_two_gloo_processes_trains_shards_minimizes_the_full_model_an
         assert rank["cycles"] == 2 and rank["held"] == [True, True] and rank["trained"] == [True, True]
     assert len(ranks[0]["worst"]) == 2 and max(ranks[0]["worst"]) <= 1e-6
     assert all(rank["one_process"] <= 1e-6 for rank in ranks)  # sharded steps = one process's, to rounding
+    means = [rank["running_mean"] for rank in ranks]  # written back from rank 0 on both ranks
+    assert torch.equal(means[0], means[1]) and bool(means[0].abs().sum() > 0)
     no_optimizer, not_a_copy = ranks[0]["errors"]
     assert "sharded (FSDP2)" in no_optimizer and "pass it, hold_masks(model, masks, optimizer)" in no_optimizer
     assert "is not a copy of" in not_a_copy
