@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import multiprocessing
 import os
@@ -60,8 +61,33 @@ def _hf_tracer(model, inputs):
     return None
 
 
+def op_label(node, root) -> str:
+    """What a node calls, as the refusal tables name it: a module type, ``Tensor.method``, ``aten.op``, a function."""
+    if node.op == "call_module":
+        kind = type(root.get_submodule(node.target))
+        return f"{kind.__module__}.{kind.__qualname__}"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target).removesuffix(".default")
+    module = getattr(node.target, "__module__", None)
+    name = getattr(node.target, "__qualname__", None) or getattr(node.target, "__name__", repr(node.target))
+    return f"{module}.{name}" if module else name
+
+
+def missing_ops(graph_module) -> list[str]:
+    """Every op of the graph that fxmin's registry has no rule for (fxmin's error names only the first)."""
+    calls = [n for n in graph_module.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    return sorted({op_label(n, graph_module) for n in calls if fxmin.REGISTRY.lookup(n, graph_module) is None})
+
+
 def _fx(model, masks, inputs):
-    return fxmin.minimize(model, masks, example_inputs=inputs, tracer=_hf_tracer(model, inputs)).module
+    tracer = _hf_tracer(model, inputs)
+    try:
+        return fxmin.minimize(model, masks, example_inputs=inputs, tracer=tracer).module
+    except fxmin.MissingRuleError as error:
+        error.missing_ops = missing_ops(fxmin.trace(model, tracer=tracer))
+        raise
 
 
 def _export(model, masks, inputs):
@@ -70,7 +96,11 @@ def _export(model, masks, inputs):
         program = torch.export.export(model, args, kwargs)
     except Exception as error:  # noqa: BLE001 - any failure of torch.export is reported as such
         raise NotExportable(f"{type(error).__name__}: {_first_line(error)}") from error
-    smaller, _ = fxmin.minimize_exported(program, masks, (args, kwargs))
+    try:
+        smaller, _ = fxmin.minimize_exported(program, masks, (args, kwargs))
+    except fxmin.MissingRuleError as error:
+        error.missing_ops = missing_ops(program.graph_module)
+        raise
     return smaller.module()
 
 
@@ -191,12 +221,14 @@ def refusal(error: fxmin.FxminError) -> dict:
         module_type = re.search(r"of type ([\w.]+)", first)
         attribute = re.search(r"\(attribute '(\w+)'\)", first)
         op = (module_type.group(1) if module_type else node.group(2)) if node else first[:120]
+        if node and node.group(1) == "call_method":
+            op = f"Tensor.{op}"
         op = re.sub(r"^torch\._ops\.\w+\.(\w+)::", r"\1.", op)  # an ATen overload: aten.permute
         if attribute:
             op += f" .{attribute.group(1)}"
         way_out = re.search(r"barriers=\[[^\]]*\]", text)
         return {"op": op, "node": error.node_name, "way_out": way_out.group(0) if way_out else "",
-                "detail": first}
+                "detail": first, "missing": getattr(error, "missing_ops", None)}
     return {"op": f"{type(error).__name__}: {first[:100]}", "node": getattr(error, "node", None),
             "way_out": "", "detail": first}
 
@@ -332,6 +364,15 @@ def models(catalogues, names=None):
     return pairs, notes
 
 
+def _interleaved(pairs: list) -> list:
+    """The catalogues taken in turn, so that a sweep cut short has covered each of them alike."""
+    by_catalogue = {}
+    for pair in pairs:
+        by_catalogue.setdefault(pair[0], []).append(pair)
+    rounds = itertools.zip_longest(*by_catalogue.values())
+    return [pair for group in rounds for pair in group if pair is not None]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES), choices=list(CATALOGUES))
@@ -347,7 +388,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     pairs, notes = models(args.catalogues, args.models)
     shard, shards = map(int, args.shard.split("/"))
-    pairs = pairs[shard::shards]
+    pairs = _interleaved(pairs[shard::shards])
     done = set()
     if args.resume and args.results.exists():
         for line in args.results.read_text().splitlines():

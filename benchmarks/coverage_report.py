@@ -65,6 +65,28 @@ def ranked(rows: list[dict], outcome: str, key, header: str) -> str:
     return "\n\n".join(parts)
 
 
+def missing(rows: list[dict]) -> str:
+    """Per front end: every op without a rule, by how many refused models contain it (the whole wall, not its
+    first brick), over the refused rows that list their ops."""
+    parts = []
+    for frontend in sorted({row["frontend"] for row in rows}):
+        listed = [row for row in rows if row["frontend"] == frontend and row.get("missing") is not None]
+        refused = sum(1 for row in rows if row["frontend"] == frontend and row["outcome"] == "refused")
+        if not listed:
+            parts.append(f"{frontend}: no refused model lists its ops.")
+            continue
+        holders = defaultdict(list)
+        for row in listed:
+            for op in row["missing"]:
+                holders[op].append(f"{row['catalogue']}/{row['model']}")
+        alone = Counter(row["missing"][0] for row in listed if len(row["missing"]) == 1)
+        table = [[op, len(models), alone[op] or "", ", ".join(models[:4]) + (f" and {len(models) - 4} more" if len(models) > 4 else "")]
+                 for op, models in sorted(holders.items(), key=lambda item: (-len(item[1]), item[0]))]
+        parts.append(f"**{frontend}** ({len(listed)} of {refused} refused models list their ops)\n\n"
+                     + tabulate(table, ["op", "models containing it", "models it alone blocks", "which"], tablefmt="github"))
+    return "\n\n".join(parts)
+
+
 def _cell(text, width: int = 140) -> str:
     text = str(text or "").replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= width else text[:width - 1] + "…"
@@ -88,13 +110,14 @@ def per_model(rows: list[dict]) -> str:
                             "pass s", "op / detail"], tablefmt="github", disable_numparse=True)
 
 
-def render(rows: list[dict], command: str, notes: dict) -> str:
+def render(rows: list[dict], command: str, notes: dict, remark: str = "") -> str:
     not_exportable = sorted({f"{row['catalogue']}/{row['model']}" for row in rows if row["outcome"] == "not-exportable"})
     lines = [
         "# Coverage: models nobody here wrote",
         "",
         f"Produced by `{command}` ({_versions()}); `make coverage` runs it in `.venv-catalogue`.",
         "",
+        *([remark, ""] if remark else []),
         "Every model gets random weights (nothing downloads), the smallest input it accepts, and planted dead "
         "structure (`plant` in benchmarks/coverage.py: a random mask keeping half of every weight of two or more "
         "dims, about one output row and one input column in eight of every Linear/conv weight dead, 1-D parameters "
@@ -116,6 +139,10 @@ def render(rows: list[dict], command: str, notes: dict) -> str:
               "## Refused ops, by how many models they block", "",
               "The first op without a rule that fxmin named for each model (a model may lack more): the to-do list "
               "for rule writers.", "", ranked(rows, "refused", lambda row: row.get("op") or "?", "op"), "",
+              "## Every op without a rule", "",
+              "All the ops of each refused model's graph that fxmin's registry has no rule for (`missing_ops` in "
+              "benchmarks/coverage.py; module types, `Tensor.` methods, ATen ops, functions); a rule for an op that "
+              "alone blocks a model lets that model through to the analysis.", "", missing(rows), "",
               "## Crashes (exceptions that are not fxmin errors)", "",
               ranked(rows, "crashed", lambda row: _cell(row.get("detail"), 100) + (f" [at {row['where']}]" if row.get("where") else ""), "cause"),
               "",
@@ -124,12 +151,12 @@ def render(rows: list[dict], command: str, notes: dict) -> str:
     return "\n".join(lines)
 
 
-def write(results: list[Path], destination: Path, command: str) -> None:
+def write(results: list[Path], destination: Path, command: str, remark: str = "") -> None:
     """Render the rows of every file of ``results`` (the shards of one sweep) into ``destination``."""
     rows = [json.loads(line) for path in results for line in Path(path).read_text().splitlines() if line.strip()]
     notes = {row["catalogue"]: row["note"] for row in rows if "note" in row}
     latest = {(row["catalogue"], row["model"], row["frontend"]): row for row in rows if "note" not in row}  # resumed
-    Path(destination).write_text(render(list(latest.values()), command, notes))
+    Path(destination).write_text(render(list(latest.values()), command, notes, remark))
 
 
 if __name__ == "__main__":
@@ -137,5 +164,6 @@ if __name__ == "__main__":
     parser.add_argument("results", nargs="+", type=Path, help="JSON-lines files of benchmarks/coverage.py")
     parser.add_argument("--write", type=Path, required=True)
     parser.add_argument("--command", required=True, help="the sweep's command, stated at the top of the page")
+    parser.add_argument("--remark", default="", help="a paragraph under it (e.g. that the sweep was cut short)")
     args = parser.parse_args()
-    write(args.results, args.write, args.command)
+    write(args.results, args.write, args.command, args.remark)
