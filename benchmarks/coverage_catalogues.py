@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 #: square input sizes tried in order; the first the model runs on is used
-SIZES = (64, 96, 128, 160, 224, 256, 299)
+SIZES = (64, 96, 128, 160, 224, 240, 256, 299)
 BATCH = 2
 
 #: timm: one small variant per family (CNNs, ViTs, hybrids, MLP-mixers)
