@@ -116,10 +116,10 @@ coverage: $(CATALOGUE_BIN)/.installed
 	mkdir -p runs/coverage
 	rm -f runs/coverage/shard-*.jsonl
 	for i in $$(seq 0 $$(($(COVERAGE_SHARDS) - 1))); do \
-	  nice -n 10 $(CATALOGUE_BIN)/python benchmarks/coverage.py --shard $$i/$(COVERAGE_SHARDS) $(COVERAGE_ARGS) \
+	  nice -n 10 $(CATALOGUE_BIN)/python -m benchmarks.coverage --shard $$i/$(COVERAGE_SHARDS) $(COVERAGE_ARGS) \
 	    --results runs/coverage/shard-$$i.jsonl > runs/coverage/log-$$i.txt 2>&1 & \
 	done; wait
-	$(CATALOGUE_BIN)/python benchmarks/coverage_report.py runs/coverage/shard-*.jsonl --write docs/coverage.md \
+	$(CATALOGUE_BIN)/python -m benchmarks.coverage_report runs/coverage/shard-*.jsonl --write docs/coverage.md \
 	  --command "make coverage COVERAGE_SHARDS=$(COVERAGE_SHARDS) COVERAGE_ARGS='$(COVERAGE_ARGS)'"
 
 # The fast coverage subset on torchvision and timm models (tests/test_coverage.py; in `make test` only the zoo part runs).

@@ -8,8 +8,8 @@ model, fresh random inputs). One row per model and front end, with one outcome o
 Each case runs in a worker process with a time limit (``Worker``), so one hang or crash does not
 stop the sweep. Rows go to a JSON-lines file as they come; ``coverage_report.py`` renders them.
 
-    nice python benchmarks/coverage.py --write docs/coverage.md            # every catalogue that imports
-    python benchmarks/coverage.py --catalogues zoo --models resnet18 vit   # a few cases, printed
+    nice python -m benchmarks.coverage --write docs/coverage.md            # every catalogue that imports
+    python -m benchmarks.coverage --catalogues zoo --models resnet18 vit   # a few cases, printed
 """
 from __future__ import annotations
 
@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coverage_catalogues import CATALOGUES, Unavailable, known_size  # noqa: E402
-
-import fxmin  # noqa: E402
+import fxmin
+from benchmarks.coverage_catalogues import CATALOGUES, Unavailable, known_size
 
 OUTCOMES = ("exact-shrunk", "exact-same", "refused", "crashed", "wrong", "not-exportable", "timeout", "no-model",
             "skipped")
@@ -328,8 +326,7 @@ class Worker:
         if self.process is None or not self.process.is_alive():
             self._start()
         self.connection.send((catalogue, name, tuple(frontends), max_params))
-        for index, frontend in enumerate(frontends):
-            row = {"catalogue": catalogue, "model": name, "frontend": frontend}
+        for index in range(len(frontends)):
             try:
                 if self.connection.poll(timeout):
                     yield self.connection.recv()
@@ -414,7 +411,7 @@ def main(argv=None) -> None:
     worker.stop()
     if args.write:
         from coverage_report import write
-        command = "python benchmarks/coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
         write([args.results], args.write, command)
 
 

@@ -13,9 +13,7 @@ raises ``Unavailable`` saying why (a package that does not import in this enviro
 from __future__ import annotations
 
 import importlib
-import sys
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -123,9 +121,8 @@ def timm() -> dict[str, Callable]:
 
 def hf() -> dict[str, Callable]:
     """``benchmarks/hf_families.py``'s ``families()`` when that module is there and imports."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        module = importlib.import_module("hf_families")
+        module = importlib.import_module("benchmarks.hf_families")
     except Exception as error:  # noqa: BLE001 - absent, or transformers missing
         raise Unavailable(f"benchmarks/hf_families.py is not importable here ({type(error).__name__}: {error})") from error
     return dict(module.families())

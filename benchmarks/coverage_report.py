@@ -1,6 +1,6 @@
 """Renders the rows of benchmarks/coverage.py (JSON lines) as docs/coverage.md.
 
-    python benchmarks/coverage_report.py runs/coverage/shard-*.jsonl --write docs/coverage.md --command "make coverage"
+    python -m benchmarks.coverage_report runs/coverage/shard-*.jsonl --write docs/coverage.md --command "make coverage"
 """
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import argparse
 import importlib
 import json
 import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from coverage import OUTCOMES, TOLERANCE
+from benchmarks.coverage import OUTCOMES, TOLERANCE
 
 NOT_ATTEMPTED = ("not-exportable", "no-model", "skipped")
 

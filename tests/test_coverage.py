@@ -6,18 +6,13 @@ Hugging Face part when benchmarks/hf_families.py imports; the torchvision/timm p
 venv (`make test-catalogue`). The check itself is tested on models known to be right and wrong.
 """
 import copy
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-coverage = importlib.import_module("coverage")
-assert coverage.__file__.endswith(os.path.join("benchmarks", "coverage.py")), coverage.__file__  # not coverage.py the tool
-from coverage_catalogues import CATALOGUES, Unavailable  # noqa: E402
+from benchmarks import coverage
+from benchmarks.coverage_catalogues import CATALOGUES, Unavailable
 
 ZOO = ["densenet_block", "efficientnet_block", "convnext_fashion", "vit", "gpt"]
 CATALOGUE = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v3_small"), ("timm", "convnext_atto"),
