@@ -1,13 +1,20 @@
-"""NOTE [Fold precision]: every constant fxmin folds is computed in float64 from the model's own values
-and rounded once to the model's dtype. Each test computes the fold independently in float64 (plain
-torch, no fxmin), rounds it once, and compares bit for bit."""
+"""NOTE [Fold precision] (fxmin/plan.py): every constant fxmin folds is computed in float64 from the
+model's own values and rounded once to the model's dtype. Each test computes the fold independently in
+float64 (plain torch, no fxmin), rounds it once, and compares bit for bit. NOTE [Tolerances]
+(fxmin/verify.py): half-precision models verify with the tolerances the report states."""
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxmin
+from fxmin.verify import TOLERANCES, tolerance_for
+
+from helpers import masked_copy
 
 
 def _bn_constant(state: dict, prefix: str, c: torch.Tensor) -> torch.Tensor:
@@ -107,3 +114,79 @@ def test_compensated_layer_norm_constants_are_float64_rounded_once():
     assert norm.constants.dtype == torch.float32
     assert torch.equal(norm.constants, constants.float())
     assert norm._constant_sum == float(constants.sum())  # the statistics come from the float64 constants
+
+
+def _mlp(dtype):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 4)).to(dtype)
+    masks = {"0.weight": torch.ones(32, 16, dtype=torch.bool), "2.weight": torch.ones(24, 32, dtype=torch.bool)}
+    masks["0.weight"][:10] = False  # 10 hidden units with no input: const(relu(b)) folds into layer 2's bias
+    masks["2.weight"][:, 28:] = False  # 4 more unread
+    params = (16 * 18 + 18) + (24 * 18 + 24) + (4 * 24 + 4)  # 32 - 10 - 4 hidden units stay
+    return model.eval(), masks, (torch.randn(8, 16, dtype=dtype),), params
+
+
+def _cnn(dtype):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 12, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).to(dtype)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].bias.uniform_(-1, 1)
+    masks = {"0.weight": torch.ones(16, 3, 3, 3, dtype=torch.bool), "3.weight": torch.ones(12, 16, 1, 1, dtype=torch.bool)}
+    masks["0.weight"][:6] = False  # 6 dead filters: their constants fold through BN and ReLU into conv 3
+    masks["3.weight"][:4] = False  # 4 dead rows: const(relu(b)) through the pooling into the Linear's bias
+    params = (10 * 27 + 10) + 2 * 10 + (8 * 10 + 8) + (5 * 8 + 5)  # conv, BN affine, conv, Linear
+    return model.eval(), masks, (torch.randn(4, 3, 10, 10, dtype=dtype),), params
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_models_verify_with_the_tolerances_the_report_states(make, dtype):
+    model, masks, inputs, params = make(dtype)
+    result = fxmin.minimize(model, masks, example_inputs=inputs)
+    assert fxmin.count_parameters(result.module) == params
+    assert all(p.dtype == dtype for p in result.module.parameters())
+    report = result.report
+    assert report.tolerance_in(dtype) == TOLERANCES[dtype] and report.tolerance_in(torch.float64) == 1e-8
+    assert {c.dtype for c in report.verification.comparisons} == {dtype, torch.float64}
+    name = str(dtype).replace("torch.", "")
+    text = report.table()
+    assert re.search(rf"\n +{name} +max abs error {report.max_error_in(dtype):.2e} +tolerance {TOLERANCES[dtype]:.0e} +ok: "
+                     rf"the result as returned \(folded constants rounded once to {name}\)", text)
+    assert re.search(r"\n +float64 +max abs error .* +tolerance 1e-08 +ok: the result built in float64", text)
+    # independently of fxmin's verification: the masked copy and the result in the model's dtype, on new
+    # inputs, agree within the stated tolerance; in float64 the two agree up to the rounding of the folds
+    x = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    reference = masked_copy(model, masks)
+    with torch.no_grad():
+        expected, got = reference(x).double(), result.module(x).double()
+    assert (expected - got).abs().max() <= TOLERANCES[dtype] * max(1.0, float(expected.abs().max()))
+
+
+def test_a_dtype_without_a_tolerance_is_refused_with_the_way_out():
+    with pytest.raises(fxmin.InputError, match=r"no verification tolerance for torch.float8_e4m3fn.*tolerances="):
+        tolerance_for(torch.float8_e4m3fn)
+    assert tolerance_for(torch.float8_e4m3fn, {torch.float8_e4m3fn: 0.5}) == 0.5
+
+
+@pytest.mark.parametrize("tolerances", [{"float32": 1e-5}, {torch.float32: -1.0}, {torch.int64: 1.0}, [1e-5]])
+def test_bad_tolerances_are_refused(tolerances):
+    model, masks, inputs, _ = _mlp(torch.float32)
+    with pytest.raises(fxmin.InputError, match="tolerances must map floating torch dtypes to positive numbers"):
+        fxmin.minimize(model, masks, example_inputs=inputs, tolerances=tolerances)
+
+
+def test_a_tighter_tolerance_is_applied_and_reported():
+    model, masks, inputs, _ = _mlp(torch.bfloat16)
+    with pytest.raises(fxmin.EquivalenceError, match="in torch.bfloat16 .*tolerance 1e-09"):
+        fxmin.minimize(model, masks, example_inputs=inputs, tolerances={torch.bfloat16: 1e-9})
+    result = fxmin.minimize(model, masks, example_inputs=inputs, tolerances={torch.bfloat16: 0.1})
+    assert result.report.tolerance_in(torch.bfloat16) == 0.1 and re.search("tolerance 1e-01 +ok", result.report.table())
+
+
+def test_an_unverified_result_says_so():
+    model, masks, inputs, _ = _mlp(torch.float32)
+    result = fxmin.minimize(model, masks, example_inputs=inputs, verify=False)
+    assert result.report.table().endswith("not verified (minimize(..., verify=False))")
