@@ -69,6 +69,10 @@ def test_folds_through_batchnorm_and_relu_are_float64_rounded_once():
     assert torch.equal(state["6.bias"], bias6.float())
     assert torch.equal(state["8.bias"], bias8.float())
     assert torch.equal(state["0.weight"], model[0].weight[12:])  # what was not folded is the model's own
+    folded = {change.name: change.folded_from for change in result.report.layers}
+    nonzero = torch.relu(_bn_constant(d, "1", torch.zeros(32)))[dead1] != 0  # node '_2': the first ReLU
+    assert folded["4.running_mean"] == tuple(f"_2[{j}]" for j in dead1[nonzero].tolist())  # the report says so
+    assert folded["6.bias"] and folded["8.bias"] and not folded["4.bias"]
     # the folds are not exact in float32: a float32 computation of them would round differently
     shift32 = (w3.float()[:, dead1, 0, 0] @ torch.relu(_bn_constant({k: v.float() for k, v in d.items()}, "1",
                                                                      torch.zeros(32)))[dead1])
