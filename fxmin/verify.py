@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +9,8 @@ import torch.fx
 from torch.utils._pytree import tree_flatten
 
 from .errors import EquivalenceError
+from .graph_helpers import copy_module
+from .progress import phase
 
 #: max |reference - result| allowed, relative to max(1, max |reference|), per dtype.
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -170,6 +171,7 @@ def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.Graph
     return None
 
 
+@phase("verify")
 def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *,
            exact_result: torch.nn.Module | None = None, plan=None, trials: int = 2, seed: int = 0,
            tolerances: dict | None = None, raise_on_failure: bool = True) -> VerifyReport:
@@ -213,4 +215,4 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
 
 
 def _double(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).to(torch.float64).eval()
+    return copy_module(module, torch.float64).eval()
