@@ -75,3 +75,4 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path
     cli.write_atomically(target, lambda path: torch.save({"w": torch.ones(2)}, path))
     assert torch.equal(torch.load(target)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
