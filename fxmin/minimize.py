@@ -11,6 +11,7 @@ from torch import nn
 from .analysis import Analysis, analyze_graph
 from .masks import masked_reference, model_device, to_device
 from .plan import Plan, make_plan
+from .progress import pass_progress
 from .report import Report, build_report
 from .rewrite import rewrite
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
@@ -48,9 +49,11 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     return graph_module, used_masks, example_inputs
 
 
+@pass_progress  # NOTE [Progress]: one bar per call, phases name themselves
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
              leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (), verify: bool = True,
-             trials: int = 2, tolerances: dict | None = None, seed: int = 0) -> MinimizeResult:
+             trials: int = 2, tolerances: dict | None = None, seed: int = 0,
+             progress: bool | None = None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
@@ -60,7 +63,8 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     ``trials`` random ones, each dtype held to its tolerance (``fxmin.verify.TOLERANCES``; ``tolerances``
     overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
-    the model's device.
+    the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
+    seconds (``None``: when stderr is a terminal).
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

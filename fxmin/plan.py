@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from .analysis import Analysis
+from .progress import phase
 from .graph_helpers import free_name  # noqa: F401  (fxmin.plan.free_name, its 0.1.0 home)
 from .rules.api import AttrEdit, ParamEdit, PlanContext
 
@@ -74,6 +75,7 @@ class Plan:
         return edits
 
 
+@phase("plan")
 def make_plan(analysis: Analysis) -> Plan:
     """Turn an analysis into a plan (pure: reads the analysis, writes only the new plan)."""
     plan = Plan(analysis)

@@ -12,7 +12,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def count_nonzero(module: torch.nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in module.parameters())
+    return sum(int(torch.count_nonzero(p)) for p in module.parameters())
 
 
 @dataclass(frozen=True)

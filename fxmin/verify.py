@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,6 +10,8 @@ import torch.fx
 from torch.utils._pytree import tree_flatten
 
 from .errors import EquivalenceError, InputError
+from .graph_helpers import copy_module
+from .progress import phase
 
 # NOTE [Tolerances]
 # A comparison passes when max |reference - result| <= tolerance x max(1, max |reference|) over
@@ -241,6 +242,7 @@ def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.Graph
     return None
 
 
+@phase("verify")
 def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *,
            exact_result: torch.nn.Module | None = None, plan=None, trials: int = 2, seed: int = 0,
            tolerances: dict | None = None, raise_on_failure: bool = True) -> VerifyReport:
@@ -285,4 +287,4 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
 
 
 def _double(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).to(torch.float64).eval()
+    return copy_module(module, torch.float64).eval()
