@@ -55,7 +55,8 @@ DESCRIPTIONS = {
         "Through `CompensatedLayerNorm` (see `compensated-layernorm.md`): removed inputs must be constant; their "
         "constants join the statistics. `weight_i == 0` makes output `i` `const(bias_i)`.",
         "Constant input channels (into `S1`/`S2`); output channels nobody reads.",
-        "Every varying input channel while any output is needed (it feeds the mean and variance).",
+        "Every varying input channel while any output is needed (it feeds the mean and variance). Over the head "
+        "dim of heads (`q_norm`/`k_norm`, NOTE [Per-head norms]): whole heads leave, every dim of a kept head stays.",
     ),
     "embedding": (
         "Always: column `d` is `const(c)` iff every row of the table holds `c` there.",
@@ -168,7 +169,13 @@ DESCRIPTIONS = {
         "Picking a piece of a split; indexing a size; indexing a tensor with full slices before the channel "
         "axis and the channel axis whole or sliced with step 1.",
         "Follows the channels; slice bounds on the channel axis are patched.",
-        "Every channel for other indexing (advanced indices, steps, indices before the channel axis).",
+        "Every channel for other indexing (advanced indices, steps, indices before the channel axis but full "
+        "slices and `None`).",
+    ),
+    "narrow": (
+        "Along an axis the channels do not occupy (a rotary table cut to the sequence length).",
+        "Nothing itself; a narrowed model constant is adopted by its reader.",
+        "Every channel when the channel axis itself is narrowed.",
     ),
     "reduction": (
         "Reductions over axes other than the channel axis: mean/amax/amin keep a constant, sum multiplies it by "
@@ -194,9 +201,10 @@ DESCRIPTIONS = {
     "squeeze": ("Removing size-1 axes other than the channel axis.", "Nothing itself.",
                 "Every channel when the channel axis itself could be squeezed."),
     "expand": (
-        "Always: values repeat along size-1 axes; the channel axis keeps its channels.",
-        "A literal size at the channel axis is patched; an expanded model constant is adopted by its reader.",
-        "—",
+        "Always: values repeat along size-1 axes; the channel axis keeps its channels. Repeating heads along an "
+        "axis between their digits (`repeat_kv`) makes each copy a channel (NOTE [Grouped heads]).",
+        "Literal sizes at the channel axes are patched; an expanded model constant is adopted by its reader.",
+        "Repeated heads: equal copies per head (the fullest group's count), each copy all of its head's dims.",
     ),
     "creation": ("Always: `arange`, `zeros`... made from sizes carry no channel.", "—", "—"),
     "softmax": (
@@ -225,7 +233,8 @@ DESCRIPTIONS = {
         "output when no dropout is applied.",
         "q/k dims that are `const(0)`; value dims and whole heads; the softmax scale is kept at the original "
         "head size.",
-        "A nonzero constant q/k dim (it changes every score).",
+        "A nonzero constant q/k dim (it changes every score). With `enable_gqa` (NOTE [Grouped heads]): equal "
+        "query heads per group (the fullest group's count); a group's query heads keep its key head's dims.",
     ),
 }
 

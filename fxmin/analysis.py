@@ -207,6 +207,12 @@ class Engine:
                     self._set(node, fact, self.units[node.args[0]])
                     return fact
             return None
+        if _narrows(node) and isinstance(node.args[0], torch.fx.Node) and node.args[1] % len(tensor_shape(node)) != axis:
+            # a table narrowed along another axis (``torch.narrow(self.cos, 0, 0, T)``): as a slice
+            fact = self.adopt(node.args[0], axis)
+            if fact is not None:
+                self._set(node, fact, self.units[node.args[0]])
+            return fact
         if node.op != "get_attr":
             return None
         fact = self.facts.get(node)
@@ -316,6 +322,12 @@ class Engine:
                 self._current = node
                 rule.backward(Context(self, node, rule))
                 self._current = None
+
+
+def _narrows(node) -> bool:
+    """``torch.narrow(x, dim, start, length)`` or ``x.narrow(...)`` with an integer ``dim``."""
+    return (((node.op == "call_function" and node.target is torch.narrow) or (node.op == "call_method" and node.target == "narrow"))
+            and len(node.args) == 4 and isinstance(node.args[1], int) and not node.kwargs)
 
 
 def _missing_rule_error(missing, root) -> MissingRuleError:

@@ -25,6 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..facts import ValueFact
+from .grouped_attention import grouped_sdpa_backward, grouped_sdpa_forward
 from .pointwise import _opaque, opaque_backward
 from .registry import rule
 
@@ -200,11 +201,14 @@ def _matmul_backward(ctx):
         return
     name, a, b, fa, fb = kind
     if name == "scores":
+        # a head q or k keeps (e.g. a repeated key head kept for its group) is computed: its scores stay
+        ctx.require(ctx.node, _head_mask(fa, ctx.present(a)) | _head_mask(fb, ctx.present(b)),
+                    "q and k keep this head")
         alive = ctx.present()
         ctx.require(a, _qk_required(fa, fb, alive), "read by a kept attention head (q.k)")
         ctx.require(a, _first_per_head(alive, ctx.present(a), fa.radix[1]), "a kept head keeps a q/k dim")
         return
-    alive = _head_mask(fb, ctx.present())
+    alive = _head_mask(fb, ctx.present()) | ctx.present(a) | _head_mask(fb, ctx.present(b))
     ctx.require(a, alive, "weights of a kept attention head")
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
@@ -219,7 +223,7 @@ def _sdpa_inputs(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
     shape = ctx.shape(q)
-    if shape is None or len(shape) < 3 or ctx.node.kwargs.get("enable_gqa"):
+    if shape is None or len(shape) < 3 or _grouped(ctx):
         return None
     rank = len(shape)
     if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
@@ -233,9 +237,16 @@ def _sdpa_inputs(ctx):
     return q, k, v, fq, fk, fv
 
 
+def _grouped(ctx) -> bool:
+    """``enable_gqa=True``: key/value heads shared by groups of query heads (NOTE [Grouped heads])."""
+    return bool(ctx.arg(7, "enable_gqa", False))
+
+
 def _sdpa_forward(ctx):
     """Exact: see NOTE [Attention]; a constant value channel gives a constant output when no
-    dropout is applied."""
+    dropout is applied. With ``enable_gqa``, see NOTE [Grouped heads]."""
+    if _grouped(ctx):
+        return grouped_sdpa_forward(ctx, _heads)
     inputs = _sdpa_inputs(ctx)
     if inputs is None:
         return _opaque(ctx)
@@ -247,6 +258,9 @@ def _sdpa_forward(ctx):
 
 
 def _sdpa_backward(ctx):
+    if _grouped(ctx):
+        grouped_sdpa_backward(ctx, _heads)
+        return
     inputs = _sdpa_inputs(ctx)
     if inputs is None:
         opaque_backward(ctx)
@@ -262,10 +276,9 @@ def _sdpa_backward(ctx):
 
 
 def _sdpa_plan(ctx):
-    inputs = _sdpa_inputs(ctx)
-    if inputs is None or ctx.arg(6, "scale") is not None:
+    q = ctx.arg(0, "query")
+    if ctx.arg(6, "scale") is not None or not isinstance(ctx.fact(q), ValueFact) or not ctx.fact(q).tracked:
         return
-    q, *_ = inputs
     if ctx.present(q).all():
         return
     kwargs = dict(ctx.node.kwargs)

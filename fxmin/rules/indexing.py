@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
+from .grouped_attention import index_new_axes_forward
 from .pointwise import _opaque, opaque_backward
 from .registry import rule
 from .shape import _tracked_backward
@@ -29,6 +30,9 @@ def _getitem_forward(ctx):
         return (ValueFact.untracked() if shape is not None else None), None
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
+    moved = index_new_axes_forward(ctx)  # x[:, :, None]: NOTE [Grouped heads]
+    if moved is not None:
+        return moved
     if not fact.simple:
         return _opaque(ctx)
     items = index if isinstance(index, tuple) else (index,)
@@ -158,3 +162,19 @@ def _index_select_plan(ctx):
 
 rule("index_select", functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
      plan=_index_select_plan)(_index_select_forward)
+
+
+# -- narrow along another axis (a rotary table cut to the sequence length) ---------------------------------------
+
+def _narrow_forward(ctx):
+    """Exact: narrowing an axis the channels do not occupy keeps every channel (a model constant
+    narrowed so is adopted by its reader); narrowing the channel axis keeps all of it."""
+    x, dim = ctx.arg(0, "input"), ctx.arg(1, "dim")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    if fact is None or not fact.tracked or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
+        return _opaque(ctx)
+    return fact, ctx.units(x)
+
+
+rule("narrow", functions=(torch.narrow,), methods=("narrow",), backward=_tracked_backward,
+     heads_aware=True)(_narrow_forward)

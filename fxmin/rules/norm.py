@@ -151,7 +151,10 @@ def _functional_norm(ctx, shape):
 
 def _norm_forward(ctx):
     """Exact through CompensatedLayerNorm: removed inputs must be constant (their constants join
-    the statistics); outputs go when unread; ``weight_i == 0`` makes output ``i`` ``const(bias_i)``."""
+    the statistics); outputs go when unread; ``weight_i == 0`` makes output ``i`` ``const(bias_i)``.
+    Over the head dim of channels split into heads, see NOTE [Per-head norms]."""
+    if _reads_heads(ctx):
+        return _per_head_forward(ctx)
     view = _norm_view(ctx)
     shape = ctx.shape()
     if view is None:
@@ -172,6 +175,9 @@ def _norm_forward(ctx):
 
 
 def _norm_backward(ctx):
+    if _reads_heads(ctx):
+        _per_head_backward(ctx)
+        return
     view = _norm_view(ctx)
     if view is None:
         opaque_backward(ctx)
@@ -186,6 +192,9 @@ def _norm_backward(ctx):
 
 
 def _norm_plan(ctx):
+    if _reads_heads(ctx):
+        _per_head_plan(ctx)
+        return
     view = _norm_view(ctx)
     if view is None:
         return
@@ -215,6 +224,71 @@ def _norm_plan(ctx):
     ctx.patch((x,), {}, op="call_module", target=target)
 
 
+# NOTE [Per-head norms]
+# Qwen3 and Gemma 3 normalize q and k per head over the head dim (``q_norm``, ``k_norm``: an RMSNorm
+# of head_dim features applied to (B, T, heads, head_dim)). Heads are independent under it, so a
+# whole head leaves like any other; a dim does not: it feeds its head's statistics, and the norm's
+# weight is one per dim, shared by every head. Every kept head keeps all of its dims (exact; the
+# q/k dims of such a layer do not shrink), and the norm is left as it is. A head whose every input
+# is constant gives constants, computed by the norm itself.
+
+def _reads_heads(ctx) -> bool:
+    fact = ctx.fact(ctx.arg(0, "input"))
+    return isinstance(fact, ValueFact) and fact.tracked and not fact.simple
+
+
+def _per_head(ctx):
+    """(norm, x, fact) when the norm normalizes the innermost digit of split channels, or None."""
+    from ..compensated.layer_norm import CompensatedLayerNorm
+
+    view = _norm_view(ctx)
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    if view is None or shape is None or isinstance(ctx.module, CompensatedLayerNorm) or view[0].kind == "group":
+        return None
+    if fact.axes[-1] != len(shape) - 1 or fact.radix[-1] != len(view[0].outputs):
+        return None
+    return view[0], x, fact
+
+
+def _per_head_forward(ctx):
+    """Exact: NOTE [Per-head norms]."""
+    spec = _per_head(ctx)
+    if spec is None:
+        return ValueFact.untracked(), None
+    norm, x, fact = spec
+    dims = fact.radix[-1]
+    const_heads = fact.const.reshape(-1, dims).all(axis=1)
+    value = np.zeros((len(const_heads), dims))
+    if const_heads.any():
+        with torch.no_grad():
+            value[const_heads] = norm(torch.tensor(fact.value.reshape(-1, dims)[const_heads])).numpy()
+    return fact.replaced(np.repeat(const_heads, dims), value.reshape(-1)), ctx.units(x)
+
+
+def _per_head_backward(ctx):
+    spec = _per_head(ctx)
+    if spec is None:
+        opaque_backward(ctx)
+        return
+    dims = spec[2].radix[-1]
+    kept_heads = ctx.present().reshape(-1, dims).any(axis=1)
+    ctx.require(ctx.node, np.repeat(kept_heads, dims), "a per-head norm keeps every dim of a kept head")
+
+
+def _per_head_plan(ctx):
+    """A per-head norm keeps every dim, so all of its weight; with no head left its input is empty
+    (the views make it (..., 0, 0)), and it becomes an identity, its weights leaving with it."""
+    if _per_head(ctx) is None or len(ctx.kept()):
+        return
+    x = ctx.arg(0, "input")
+    if ctx.module is not None:
+        ctx.replace_module(nn.Identity(), {name: (tuple(getattr(ctx.module, name).shape), ())
+                                           for name in ("weight", "bias") if getattr(ctx.module, name, None) is not None})
+    else:
+        ctx.patch((x,), {}, op="call_function", target=torch.clone)
+
+
 def _is_called(ctx, path) -> bool:
     return any(n.op == "call_module" and (n.target == path or n.target.startswith(path + ".")) for n in ctx.node.graph.nodes)
 
@@ -235,4 +309,5 @@ def _cln_type():
 
 rule("layer_norm", modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
-     backward=_norm_backward, plan=_norm_plan, edits_module=True, input_axis=_norm_input_axis)(_norm_forward)
+     backward=_norm_backward, plan=_norm_plan, edits_module=True, input_axis=_norm_input_axis,
+     heads_aware=True)(_norm_forward)

@@ -137,12 +137,28 @@ def _view_split_axes(fact, units, groups, source, target):
         (i0, i1, j0, j1), inside = next(iter(owner.items()))
         if j1 - j0 == 1 and list(range(i0, i1)) == list(axes):  # heads merged back: (H, hd) -> H*hd
             return ValueFact(j0, fact.size, fact.const, fact.value), units
-    mapped = []
+    # each group maps one digit to one axis, or merges adjacent digits into one (repeated key/value
+    # heads (g, r) -> g * rep + r, NOTE [Grouped heads]): the channel numbering is unchanged
+    goes_to, merged = {}, []
     for (i0, i1, j0, j1), inside in owner.items():
-        if i1 - i0 != 1 or j1 - j0 != 1:
+        if j1 - j0 != 1 or (i1 - i0 != 1 and inside != list(range(i0, i1))):
             return None
-        mapped.append(j0)
-    return fact.with_axes(mapped), units
+        goes_to.update({axis: j0 for axis in inside})
+        merged.append(len(inside) > 1)
+    if not any(merged):
+        return fact.with_axes([goes_to[axis] for axis in axes]), units
+    if list(axes) != sorted(axes):
+        return None
+    mapped, sizes = [], []
+    for axis, size in zip(axes, fact.radix):
+        if mapped and mapped[-1] == goes_to[axis]:
+            sizes[-1] *= size
+        else:
+            mapped.append(goes_to[axis])
+            sizes.append(size)
+    if len(mapped) == 1:
+        return ValueFact(mapped[0], fact.size, fact.const, fact.value), units
+    return ValueFact(mapped[0], fact.size, fact.const, fact.value, tuple(zip(mapped[1:], sizes[1:]))), units
 
 
 def _shape_arguments(node):

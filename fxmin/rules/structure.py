@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
+from .grouped_attention import expand_heads_backward, expand_heads_forward, expand_heads_plan
 from .pointwise import _opaque, opaque_backward
 from .registry import rule
 
@@ -311,7 +312,7 @@ def _unsqueeze_forward(ctx):
     if fact is None or out is None:
         return _opaque(ctx)
     dim = ctx.arg(1, "dim") % len(out)
-    return _moved(ctx, fact.axis + (1 if dim <= fact.axis else 0))
+    return _remapped(ctx, lambda axis: axis + (1 if dim <= axis else 0))
 
 
 def _squeeze_forward(ctx):
@@ -334,7 +335,8 @@ rule("permute", functions=(torch.permute,), methods=("permute",), backward=_trac
      heads_aware=True)(_permute_forward)
 rule("transpose", functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
      backward=_tracked_backward, heads_aware=True)(_transpose_forward)
-rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), backward=_tracked_backward)(_unsqueeze_forward)
+rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), backward=_tracked_backward,
+     heads_aware=True)(_unsqueeze_forward)
 rule("squeeze", functions=(torch.squeeze,), methods=("squeeze",), backward=_tracked_backward)(_squeeze_forward)
 
 
@@ -347,6 +349,8 @@ def _expand_forward(ctx):
     fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
     if fact is None or out is None:
         return _opaque(ctx)
+    if not fact.simple:
+        return expand_heads_forward(ctx)  # repeated heads: NOTE [Grouped heads]
     return fact.moved(fact.axis + len(out) - len(shape)), ctx.units(x)
 
 
@@ -354,6 +358,9 @@ def _expand_backward(ctx):
     fact = ctx.fact(ctx.node)
     if fact is None or not fact.tracked:
         opaque_backward(ctx)
+        return
+    if not fact.simple:
+        expand_heads_backward(ctx)
         return
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and not isinstance(sizes[fact.axis], int):
@@ -365,10 +372,14 @@ def _expand_plan(ctx):
     kept = ctx.kept()
     if fact is None or not fact.tracked or len(kept) == fact.size:
         return
+    if not fact.simple:
+        expand_heads_plan(ctx)
+        return
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and sizes[fact.axis] != -1:
         sizes[fact.axis] = int(len(kept))
         ctx.patch((ctx.node.args[0], *sizes), {})
 
 
-rule("expand", methods=("expand",), backward=_expand_backward, plan=_expand_plan)(_expand_forward)
+rule("expand", methods=("expand",), backward=_expand_backward, plan=_expand_plan, reads_input_presence=True,
+     heads_aware=True)(_expand_forward)
