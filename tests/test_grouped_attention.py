@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import fxmin
-from fxmin.zoo.llama import DecoderLayer, GroupedQueryAttention, llama
+from fxmin.zoo.llama import DecoderLayer, GroupedQueryAttention, llama, rotate_half
 from helpers import check_minimize
 
 DIM, HD = 64, 16
@@ -147,6 +147,37 @@ def test_decoder_layer_heads_group_pair_and_mlp_units(gqa):
     # 3 key heads kept lose 2 rows each; the units: gate and up lose 10 rows, down 10 columns
     expected = before - (2 * 16 + 16 + 16 + 2 * 16) * 64 - (6 + 3) * 2 * 64 - 3 * 10 * 64
     check_minimize(layer, masks, _inputs(tokens=16), expected_params=expected)
+
+
+class EagerGroupedAttention(GroupedQueryAttention):
+    """Hugging Face's eager path (without a mask): repeat_kv, ``q @ k^T * scaling``, softmax, ``@ v``."""
+
+    def forward(self, x):
+        batch, tokens = x.shape[0], x.shape[1]
+        q = self.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos.narrow(0, 0, tokens), self.sin.narrow(0, 0, tokens)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = self._repeat_kv(k, batch, tokens), self._repeat_kv(v, batch, tokens)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5
+        weights = torch.softmax(scores, dim=-1)
+        y = torch.matmul(weights, v).transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
+        return self.o_proj(y)
+
+
+def test_eager_grouped_attention():
+    """As test_unequal_dead_counts_keep_the_fullest_group and a rotary pair zero in every key head,
+    through matmul and softmax: heads 2 and 5 and the pair (3, 11) leave."""
+    torch.manual_seed(0)
+    model = EagerGroupedAttention(DIM, 8, 2, head_dim=HD).eval()
+    masks = _all_kept(model)
+    _kill_query_heads(masks, (1, 2, 5))
+    _zero_rows(masks, "k_proj.weight", 2, (3, 11))
+    # q_proj keeps 6 heads x 14 dims, k_proj 2 x 14, v_proj 2 x 16, o_proj 6 x 16 columns (64 wide each)
+    expected = (6 * 14 + 2 * 14 + 2 * 16) * 64 + 64 * 6 * 16
+    check_minimize(model, masks, _inputs(), expected_params=expected)
 
 
 def test_llama_zoo_model_minimizes():
