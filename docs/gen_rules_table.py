@@ -56,7 +56,8 @@ DESCRIPTIONS = {
         "constants join the statistics. `weight_i == 0` makes output `i` `const(bias_i)`.",
         "Constant input channels (into `S1`/`S2`); output channels nobody reads.",
         "Every varying input channel while any output is needed (it feeds the mean and variance). Over the head "
-        "dim of heads (`q_norm`/`k_norm`, NOTE [Per-head norms]): whole heads leave, every dim of a kept head stays.",
+        "dim of heads (`q_norm`/`k_norm`, NOTE [Per-head norms]): whole heads leave; an input dim leaves when it "
+        "holds one constant in every kept head; `F.rms_norm` keeps every dim of a kept head.",
     ),
     "embedding": (
         "Always: column `d` is `const(c)` iff every row of the table holds `c` there.",

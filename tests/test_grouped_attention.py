@@ -132,6 +132,21 @@ def test_per_head_qk_norm(gqa):
 
 
 @pytest.mark.parametrize("gqa", FORMS)
+def test_per_head_qk_norm_compensated(gqa):
+    """The rotary pair (3, 11) zero in every query head before q_norm: q_norm counts the two zeros
+    as constants (a CompensatedLayerNorm over the head dim) and emits 0 there, so q loses the pair
+    at both ends, k_norm stops emitting it, and k_proj keeps it (it feeds k's statistics)."""
+    model = _attention(gqa=gqa, qk_norm=True)
+    masks = _all_kept(model)
+    _zero_rows(masks, "q_proj.weight", 8, (3, 11))
+    # q_proj loses 8 heads x 2 rows (64 wide); q_norm and k_norm weights 16 -> 14
+    expected = BEFORE + 2 * 16 - 8 * 2 * 64 - 2 * 2
+    result = check_minimize(model, masks, _inputs(), expected_params=expected)
+    assert isinstance(result.module.q_norm, fxmin.CompensatedLayerNorm)
+    assert tuple(result.module.cos.shape) == (64, 14)
+
+
+@pytest.mark.parametrize("gqa", FORMS)
 def test_decoder_layer_heads_group_pair_and_mlp_units(gqa):
     """A Llama block: group 1 dead (query heads 2, 3), the rotary pair (5, 13) zero in every key
     head, 10 SwiGLU units with a zero gate row (silu(0) * up = 0)."""
@@ -206,7 +221,8 @@ def dead_heads(draw):
 def test_random_dead_heads_exact(spec):
     """Any pattern of dead query heads, with or without a dead rotary pair and per-head q/k norms:
     float64-exact, and the query heads kept are as the fullest group needs (every group with a live
-    head keeps that many; the others leave); a pair leaves unless a per-head norm keeps every dim."""
+    head keeps that many; the others leave). A pair zero in every key head leaves k_proj; q_proj
+    too, unless q_norm reads it (it feeds q's statistics; q_norm then stops emitting it)."""
     kv_heads, heads, dead, pair, gqa, qk_norm = spec
     model = _attention(heads=heads, kv_heads=kv_heads, gqa=gqa, qk_norm=qk_norm)
     masks = _all_kept(model)
@@ -216,9 +232,10 @@ def test_random_dead_heads_exact(spec):
     alive = torch.tensor([not d for d in dead]).reshape(kv_heads, heads // kv_heads)
     groups = int(alive.any(dim=1).sum())
     per_group = int(alive.sum(dim=1).max())
-    dims = HD - (2 if pair is not None and not qk_norm else 0)
+    dims = HD - (2 if pair is not None else 0)
+    q_dims = HD if qk_norm else dims
     result = check_minimize(model, masks, _inputs())
     if groups:
-        assert tuple(result.module.q_proj.weight.shape) == (groups * per_group * dims, DIM)
+        assert tuple(result.module.q_proj.weight.shape) == (groups * per_group * q_dims, DIM)
         assert tuple(result.module.k_proj.weight.shape) == (groups * dims, DIM)
         assert tuple(result.module.v_proj.weight.shape) == (groups * HD, DIM)

@@ -21,7 +21,8 @@ go); query heads in equal numbers per group, since the repeat count (``rep``, or
 inside SDPA) is one number: every group that stays keeps as many query heads as the fullest one
 (exact, it only shrinks less). A q/k dim ``e`` of group ``g`` when ``k[g, e]`` is ``const(0)`` or
 ``q[h, e]`` is ``const(0)`` in every kept query head of the group: the query heads of a group keep
-exactly their key head's dims. The softmax scale stays ``1/sqrt(original head_dim)``.
+exactly their key head's dims. The softmax scale stays ``1/sqrt(original head_dim)``. Per-head
+``q_norm``/``k_norm`` (Qwen3, Gemma 3): NOTE [Per-head norms] in norm.py.
 """
 from __future__ import annotations
 
