@@ -1,4 +1,6 @@
-"""Grouped-query and multi-query attention: key/value heads repeated over groups of query heads.
+"""Repeated heads: grouped-query and multi-query attention, key/value heads shared by groups of
+query heads (inserted axes for getitem/unsqueeze, the repeat for expand, the grouping for SDPA).
+Part of :mod:`fxmin.rules.kit`.
 
 NOTE [Grouped heads]
 With ``heads`` query heads and ``groups`` key/value heads, query head ``h`` reads key/value head
@@ -22,15 +24,15 @@ inside SDPA) is one number: every group that stays keeps as many query heads as 
 (exact, it only shrinks less). A q/k dim ``e`` of group ``g`` when ``k[g, e]`` is ``const(0)`` or
 ``q[h, e]`` is ``const(0)`` in every kept query head of the group: the query heads of a group keep
 exactly their key head's dims. The softmax scale stays ``1/sqrt(original head_dim)``. Per-head
-``q_norm``/``k_norm`` (Qwen3, Gemma 3): NOTE [Per-head norms] in norm.py.
+``q_norm``/``k_norm`` (Qwen3, Gemma 3): NOTE [Per-head norms] in ``fxmin/rules/norm.py``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..facts import ValueFact
-from .pointwise import _opaque, opaque_backward
-from .shape import new_radix, uniform_digits
+from ...facts import ValueFact
+from .elementwise import opaque_backward, opaque_forward
+from .views import new_radix, uniform_digits
 
 
 def _tracked(ctx, node):
@@ -107,10 +109,10 @@ def expand_heads_forward(ctx):
     spec = repeat_spec(ctx)
     if spec is None:
         if fact is None or shape is None or out is None:
-            return _opaque(ctx)
+            return opaque_forward(ctx)
         offset = len(out) - len(shape)
         if any(shape[a] != out[a + offset] and fact.axes[0] < a < fact.axes[-1] for a in range(len(shape))):
-            return _opaque(ctx)
+            return opaque_forward(ctx)
         return fact.with_axes([a + offset for a in fact.axes]), ctx.units(x)
     x, fact, offset, axis, position, copies = spec
     radix = fact.radix
@@ -171,34 +173,14 @@ def expand_heads_plan(ctx):
     ctx.patch((ctx.node.args[0], *sizes), {})
 
 
-# -- SDPA with enable_gqa ---------------------------------------------------------------------------------------------
+# -- SDPA with enable_gqa (the attention rule reads the inputs) -------------------------------------------------------
 
-def _grouped_inputs(ctx, heads_of):
-    """(q, k, v, fq, fk, fv, rep) for ``enable_gqa=True`` with split q/k/v, or None."""
-    from .attention import _broadcast_only
-
-    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
-    shape = ctx.shape(q)
-    if shape is None or len(shape) < 3:
-        return None
-    rank = len(shape)
-    if not (heads_of(fq, rank, -3, -1) and heads_of(fk, rank, -3, -1) and heads_of(fv, rank, -3, -1)):
-        return None
-    if fq.radix[1] != fk.radix[1] or fk.radix[0] != fv.radix[0] or fq.radix[0] % fk.radix[0]:
-        return None
-    mask = ctx.arg(3, "attn_mask")
-    if mask is not None and not _broadcast_only(ctx, ValueFact.varying(rank - 3, fq.radix[0]), mask, rank):
-        return None
-    return q, k, v, fq, fk, fv, fq.radix[0] // fk.radix[0]
-
-
-def grouped_sdpa_forward(ctx, heads_of):
+def grouped_sdpa_forward(ctx, inputs):
     """Exact: see NOTE [Grouped heads]; output head ``h`` holds value head ``h // rep``, so a
-    constant value channel gives constant output channels in its group when no dropout is applied."""
-    inputs = _grouped_inputs(ctx, heads_of)
+    constant value channel gives constant output channels in its group when no dropout is applied.
+    ``inputs``: (q, k, v, their facts, rep) as the attention rule reads them, or None."""
     if inputs is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     q, k, v, fq, fk, fv, rep = inputs
     dropout = ctx.arg(4, "dropout_p", 0.0)
     const = fv.const if dropout == 0 else fv.const & (fv.value == 0)
@@ -220,8 +202,7 @@ def _grow_groups(alive: np.ndarray, groups_alive: np.ndarray, rep: int) -> np.nd
     return grid.reshape(-1)
 
 
-def grouped_sdpa_backward(ctx, heads_of):
-    inputs = _grouped_inputs(ctx, heads_of)
+def grouped_sdpa_backward(ctx, inputs):
     if inputs is None:
         opaque_backward(ctx)
         return
