@@ -1,6 +1,6 @@
 """Squeeze-Release with the user's own FSDP2 loop (``fully_shard``): CPU processes on gloo, or GPUs on NCCL.
 
-    .venv/bin/torchrun --nproc_per_node 2 examples/fsdp_mnist.py --quick
+    .venv/bin/torchrun --nproc_per_node 2 -m examples.fsdp_mnist --quick
 
 Minimization needs the whole model (it is a graph-wide analysis), so fxmin keeps a plain, full model on
 every rank and ``train(model, step)`` below trains a *sharded copy* of it: ``fxmin.cycle.sharded`` deep-copies
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -24,9 +23,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fxmin  # noqa: E402
-from examples.mnist_lenet300 import LeNet300, load_mnist  # noqa: E402
+import fxmin
+from examples.mnist_data import LeNet300, load_mnist
 
 
 def shard_layers(model: nn.Module):
