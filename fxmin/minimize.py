@@ -56,7 +56,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
     same shape; ``None`` reads ``torch.nn.utils.prune`` masks, else the exact zeros in the weights.
     ``barriers`` (module paths, node names, module types or functions) keep every channel around
-    those ops. The model and the masks are never modified. A model on an accelerator is analysed,
+    those ops. ``verify`` checks the result in float64 and in the model's dtype on the example inputs and
+    ``trials`` random ones, each dtype held to its tolerance (``fxmin.verify.TOLERANCES``; ``tolerances``
+    overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
     the model's device.
 

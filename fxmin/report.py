@@ -47,6 +47,10 @@ class Report:
     def max_error_in(self, dtype: torch.dtype) -> float:
         return self.verification.max_error(dtype) if self.verification is not None else float("nan")
 
+    def tolerance_in(self, dtype: torch.dtype) -> float:
+        """The relative tolerance verification held ``dtype`` to (nan when not verified in it)."""
+        return self.verification.tolerance(dtype) if self.verification is not None else float("nan")
+
     def rows(self) -> list:
         rows = [(c.name, c.kind, shape_text(c.shape_before), shape_text(c.shape_after),
                  "yes" if c.folded_from else "") for c in self.layers]
@@ -61,10 +65,9 @@ class Report:
             f"{self.nonzero_before:,} nonzero before)",
         ]
         if self.verification is not None:
-            parts = [f"{str(d).replace('torch.', '')} {self.max_error_in(d):.2e}"
-                     for d in sorted({c.dtype for c in self.verification.comparisons}, key=str)]
-            summary.append(f"verified: max abs error {', '.join(parts)} "
-                           f"over {len({c.inputs for c in self.verification.comparisons})} input sets")
+            summary += self.verification.lines()
+        else:
+            summary.append("not verified (minimize(..., verify=False))")
         return body + "\n" + "\n".join(summary)
 
     def __str__(self) -> str:

@@ -74,7 +74,8 @@ def _batch_norm_plan(ctx):
             setattr(replacement, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
         else:
             setattr(replacement, name, new)
-        params[name] = (tuple(tensor.shape), (), (kept,))
+        folded_from = ctx.input_shift_sources() if name == "running_mean" and shift is not None else ()
+        params[name] = (tuple(tensor.shape), folded_from, (kept,))
     replacement.num_features = len(kept)
     ctx.replace_module(replacement, params)
 
