@@ -24,6 +24,7 @@ from .errors import MissingRuleError, describe_node
 from .context import Context, tensor_shape
 from .facts import ValueFact
 from .rules import REGISTRY
+from .rules.libraries import register_loaded
 from .rules.registry import Rule, Registry
 from .units import UnitTable
 
@@ -367,6 +368,7 @@ def make_barrier_test(barriers, root):
 
 def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry = REGISTRY) -> Analysis:
     """Run the fixed point over a traced, shape-annotated, masked GraphModule."""
+    register_loaded()  # rules of optional libraries imported after fxmin (rules/libraries.py)
     engine = Engine(root, registry, make_barrier_test(barriers, root))
     engine.forward()
     engine.backward()

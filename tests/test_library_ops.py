@@ -1,0 +1,111 @@
+"""Ops of torchvision and timm recorded as single calls (fxmin/rules/libraries.py), on pure-torch
+replicas: the main environment has neither library, so each replica is registered the way
+``register_loaded`` registers the real module."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import fxmin
+from fxmin.rules import libraries
+from helpers import check_minimize
+
+
+def stochastic_depth(input, p: float, mode: str, training: bool = True):
+    """torchvision.ops.stochastic_depth, as written there (identity unless training with p > 0)."""
+    if not training or p == 0.0:
+        return input
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype).bernoulli_(1.0 - p)
+    return input * noise.div_(1.0 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # as torchvision does: traced as one call
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, input):
+        return stochastic_depth(input, self.p, self.mode, self.training)
+
+
+class DropPath(nn.Module):
+    """timm.layers.DropPath: the identity in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+libraries._register_stochastic_depth(types.SimpleNamespace(stochastic_depth=stochastic_depth,
+                                                           StochasticDepth=StochasticDepth))
+libraries._register_drop_path(types.SimpleNamespace(DropPath=DropPath))
+
+
+class ResidualBlock(nn.Module):
+    """x + drop(conv2(relu(conv1(x)))): a ConvNeXt/EfficientNet-style residual with stochastic depth."""
+
+    def __init__(self, drop: nn.Module | None = None, training_call: bool = False):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 4, 1)
+        self.drop = drop if drop is not None else StochasticDepth(0.2, "row")
+        self.training_call = training_call
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        if self.training_call:
+            return x + stochastic_depth(h, 0.2, "row", True)
+        return x + self.drop(h)
+
+
+def _dead_hidden_masks():
+    mask = torch.ones(6, 4, 1, 1, dtype=torch.bool)
+    mask[[1, 4]] = False  # two hidden channels with no input: constants folded into conv2's bias
+    return {"conv1.weight": mask}
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["traced call", "leaf module"])
+def test_stochastic_depth_is_the_identity_in_eval(leaf):
+    model = ResidualBlock().eval()
+    x = torch.randn(2, 4, 5, 5)
+    options = {"leaf_modules": [StochasticDepth]} if leaf else {}
+    # conv1: 4 rows of (4 + 1), conv2: 4 x 4 weights + 4 bias
+    check_minimize(model, _dead_hidden_masks(), (x,), expected_params=4 * 5 + 4 * 4 + 4, **options)
+
+
+def test_drop_path_leaf_module_is_the_identity_in_eval():
+    model = ResidualBlock(DropPath(0.1)).eval()
+    check_minimize(model, _dead_hidden_masks(), (torch.randn(2, 4, 5, 5),), expected_params=4 * 5 + 4 * 4 + 4,
+                   leaf_modules=[DropPath])
+
+
+def test_stochastic_depth_in_training_is_refused():
+    model = ResidualBlock(training_call=True).eval()
+    with pytest.raises(fxmin.FxminError, match=r"model\.eval\(\)"):
+        fxmin.minimize(model, _dead_hidden_masks(), (torch.randn(2, 4, 5, 5),))
+
+
+def test_register_loaded_registers_imported_modules_once(monkeypatch):
+    fake = types.ModuleType("fake_library_for_fxmin")
+    calls = []
+    monkeypatch.setitem(sys.modules, "fake_library_for_fxmin", fake)
+    monkeypatch.setitem(libraries.OPTIONAL, "fake_library_for_fxmin", calls.append)
+    assert libraries.register_loaded() == ["fake_library_for_fxmin"]
+    assert libraries.register_loaded() == []
+    assert calls == [fake]
+    libraries._registered.discard("fake_library_for_fxmin")
+
