@@ -14,10 +14,12 @@ import copy
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-import fxmin
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fxmin, not an installed one
+import fxmin  # noqa: E402
 
 MODELS = {
     "tv.convnext_tiny": ("torchvision", "convnext_tiny", (1, 3, 64, 64)),
@@ -95,14 +97,16 @@ def check(key: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=list(MODELS))
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the traceback of a failure")
     args = parser.parse_args(argv)
+    print(f"fxmin from {Path(fxmin.__file__).parent}, torch {torch.__version__}", flush=True)
     for key in args.names:
         try:
             print(check(key), flush=True)
         except Exception as error:  # report and go on: one line per model
             lines = [line for line in str(error).splitlines() if line.strip()]
             print(f"{key}: {type(error).__name__}: {' | '.join(lines[:3])[:400]}", flush=True)
-            if "-v" in sys.argv:
+            if args.verbose:
                 traceback.print_exc()
 
 

@@ -4,4 +4,4 @@ from . import attention, embedding, indexing, linear, norm, pointwise, shape, si
 from .pointwise import register_pointwise  # noqa: F401,E402
 from . import functional  # noqa: F401,E402  (after the rules it extends)
 from . import huggingface, mha  # noqa: F401,E402  (HF-traced ops; nn.MultiheadAttention)
-from . import libraries  # noqa: F401,E402  (torchvision/timm ops, registered once those are imported)
+from . import libraries, per_channel, stacking  # noqa: F401,E402  (torchvision/timm ops: registered once imported)

@@ -392,3 +392,7 @@ def _pool_forward(ctx):
 
 rule("pooling", modules=[k for k in _POOL_DIMS if isinstance(k, type)],
      functions=[k for k in _POOL_DIMS if not isinstance(k, type)], backward=_pointwise_backward)(_pool_forward)
+
+
+# trigonometric functions (sin/cos positional encodings: EdgeNeXt, DETR-style models)
+register_pointwise(functions=(torch.sin, torch.cos), methods=("sin", "cos"))

@@ -20,6 +20,7 @@ from torch import nn
 from ..facts import ValueFact
 from .pointwise import _opaque, opaque_backward
 from .registry import rule
+from .shuffle import merge_order, product_closure
 
 
 def _mapped(fact: ValueFact, units, axis: int, inner: int, outer: int):
@@ -137,6 +138,9 @@ def _view_split_axes(fact, units, groups, source, target):
         (i0, i1, j0, j1), inside = next(iter(owner.items()))
         if j1 - j0 == 1 and list(range(i0, i1)) == list(axes):  # heads merged back: (H, hd) -> H*hd
             return ValueFact(j0, fact.size, fact.const, fact.value), units
+        if j1 - j0 == 1 and list(range(i0, i1)) == sorted(axes):  # NOTE [Channel shuffle]: merged in another order
+            order = merge_order(axes, fact.radix)
+            return ValueFact(j0, fact.size, fact.const[order], fact.value[order]), units[order]
     mapped = []
     for (i0, i1, j0, j1), inside in owner.items():
         if i1 - i0 != 1 or j1 - j0 != 1:
@@ -322,6 +326,18 @@ def _view_backward(ctx):
     if not fact.simple:
         present = ctx.present()
         ctx.require(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
+    shuffled = _shuffled_input(ctx)
+    if shuffled is not None:
+        ctx.require(ctx.node, product_closure(ctx.present(), shuffled.radix, merge_order(shuffled.axes, shuffled.radix)),
+                    "a channel shuffle keeps the same positions in every kept group (NOTE [Channel shuffle])")
+
+
+def _shuffled_input(ctx):
+    """The input's split fact when this view merges it in another order (NOTE [Channel shuffle])."""
+    fact_in = ctx.fact(ctx.arg(0, "input"))
+    if not isinstance(fact_in, ValueFact) or not fact_in.tracked or fact_in.simple or not ctx.fact(ctx.node).simple:
+        return None
+    return fact_in if list(fact_in.axes) != sorted(fact_in.axes) else None
 
 
 def new_radix(kept: np.ndarray, radix: tuple) -> tuple:

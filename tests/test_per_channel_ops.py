@@ -1,0 +1,111 @@
+"""Vector norms and scans within each channel, and torch.stack (fxmin/rules/per_channel.py, stacking.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import check_minimize
+
+NORMS = {
+    "x.norm(p=2, dim=(2, 3))": lambda x: x.norm(p=2, dim=(2, 3), keepdim=True),
+    "torch.norm(x, 3, (2, 3))": lambda x: torch.norm(x, 3, (2, 3), True),
+    "vector_norm(x, inf, 3)": lambda x: torch.linalg.vector_norm(x, float("inf"), 3, True),
+    "x.norm(dim=2) unsqueezed": lambda x: x.norm(dim=2).unsqueeze(2),
+}
+
+
+class NormScaled(nn.Module):
+    """y = conv2(x * ||x||), x = conv1(input): GRN's per-channel norm over the spatial axes."""
+
+    def __init__(self, norm, bias=True):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 1, bias=bias), nn.Conv2d(6, 4, 1)
+        self.norm = norm
+
+    def forward(self, x):
+        h = self.conv1(x)
+        return self.conv2(h * self.norm(h))
+
+
+def _dead_rows(shape, rows):
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[rows] = False
+    return mask
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_over_spatial_axes_folds_constant_channels(name):
+    model = NormScaled(NORMS[name]).eval()
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [0, 3])}  # const(bias) channels: their norm is a constant
+    # conv1 keeps 4 rows of 3 + bias, conv2 4 columns + bias
+    check_minimize(model, masks, (torch.randn(2, 3, 5, 4),), expected_params=4 * 4 + 4 * 4 + 4)
+
+
+def test_norm_over_the_channel_axis_keeps_every_channel():
+    model = NormScaled(lambda x: x.norm(p=2, dim=1, keepdim=True)).eval()
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [0, 3])}
+    check_minimize(model, masks, (torch.randn(2, 3, 5, 4),), expected_params=6 * 4 + 6 * 4 + 4)
+
+
+class Normalized(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.conv2(F.normalize(self.conv1(x), dim=self.dim))
+
+
+@pytest.mark.parametrize("dim, kept", [(3, 4), (-2, 4), (1, 6)], ids=["width", "height", "channels: all kept"])
+def test_normalize(dim, kept):
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [0, 3])}
+    check_minimize(Normalized(dim).eval(), masks, (torch.randn(2, 3, 5, 4),),
+                   expected_params=kept * 4 + kept * 4 + 4)
+
+
+class CumulativeSum(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 1, bias=bias), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x).cumsum(2))
+
+
+def test_cumsum_along_a_spatial_axis_removes_zero_channels():
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [1, 5])}
+    check_minimize(CumulativeSum(bias=False).eval(), masks, (torch.randn(2, 3, 5, 4),),
+                   expected_params=4 * 3 + 4 * 4 + 4)
+
+
+def test_cumsum_of_a_nonzero_constant_varies_and_stays():
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [1, 5])}  # const(bias): 1b, 2b, 3b... along H
+    check_minimize(CumulativeSum(bias=True).eval(), masks, (torch.randn(2, 3, 5, 4),),
+                   expected_params=6 * 4 + 6 * 4 + 4)
+
+
+class Stacked(nn.Module):
+    """conv2(stack([a(x), b(x)], -1).flatten(-2)): the two branches' channels couple."""
+
+    def __init__(self, dim=-1):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 1, bias=False), nn.Conv2d(3, 5, 1, bias=False)
+        self.conv2 = nn.Conv2d(5, 4, 1)
+        self.dim = dim
+
+    def forward(self, x):
+        stacked = torch.stack([self.a(x), self.b(x)], self.dim)
+        return self.conv2(stacked.flatten(-2) if self.dim == -1 else stacked.sum(0))
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_stack_couples_its_inputs(dim):
+    masks = {"a.weight": _dead_rows((5, 3, 1, 1), [0, 1]), "b.weight": _dead_rows((5, 3, 1, 1), [1, 2])}
+    # only channel 1 is zero in both branches: it leaves a, b and conv2's columns
+    result = check_minimize(Stacked(dim).eval(), masks, (torch.randn(2, 3, 4, 4),),
+                            expected_params=2 * 4 * 3 + 4 * 4 + 4)
+    assert result.module.a.out_channels == 4
+
