@@ -109,3 +109,70 @@ def test_register_loaded_registers_imported_modules_once(monkeypatch):
     assert calls == [fake]
     libraries._registered.discard("fake_library_for_fxmin")
 
+
+
+def _patch_merging_pad(x):
+    """torchvision.models.swin_transformer._patch_merging_pad, as written there."""
+    H, W, _ = x.shape[-3:]
+    x = torch.nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    return torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
+
+
+def shifted_window_attention(x, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size):
+    """Stands in for torchvision's wrapped window attention (kept whole by fxmin)."""
+    return torch.nn.functional.linear(x, proj_weight) + relative_position_bias.mean() + qkv_weight.sum()
+
+
+def _get_relative_position_bias(table, index, window_size):
+    return table[index].view(window_size[0] * window_size[1], window_size[0] * window_size[1], -1)
+
+
+torch.fx.wrap("_patch_merging_pad")
+torch.fx.wrap("shifted_window_attention")
+torch.fx.wrap("_get_relative_position_bias")
+libraries._register_swin(types.SimpleNamespace(_patch_merging_pad=_patch_merging_pad,
+                                               shifted_window_attention=shifted_window_attention,
+                                               _get_relative_position_bias=_get_relative_position_bias))
+
+
+class PatchMerging(nn.Module):
+    """Linear(3, 6) on (B, H, W, 3) -> 2x2 patch merging -> Linear(24, 4) (Swin's PatchMerging)."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6, bias=bias), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc2(_patch_merging_pad(self.fc1(x)))
+
+
+@pytest.mark.parametrize("bias, size, kept", [(False, 5, 4), (True, 4, 4), (True, 5, 6)],
+                         ids=["const(0), padded", "const(b), even", "const(b), padded: varies"])
+def test_patch_merging_pad(bias, size, kept):
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[[2, 4]] = False
+    model = PatchMerging(bias).eval()
+    check_minimize(model, {"fc1.weight": mask}, (torch.randn(2, size, size, 3),),
+                   expected_params=kept * (3 + bias) + 4 * kept * 4 + 4)
+
+
+class WindowAttentionBlock(nn.Module):
+    """fc1 -> torchvision-style wrapped window attention (kept whole) -> fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.qkv, self.proj, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 18), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.table = nn.Parameter(torch.randn(9, 2))
+        self.register_buffer("index", torch.randint(0, 9, (16,)))
+
+    def forward(self, x):
+        bias = _get_relative_position_bias(self.table, self.index, [2, 2])
+        return self.fc2(shifted_window_attention(self.fc1(x), self.qkv.weight, self.proj.weight, bias, [2, 2], 2, [0, 0]))
+
+
+def test_window_attention_keeps_every_channel_around_it():
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[[0, 1]] = False  # two constant inputs of the attention: kept
+    model = WindowAttentionBlock().eval()
+    check_minimize(model, {"fc1.weight": mask}, (torch.randn(2, 4, 4, 3),),
+                   expected_params=sum(p.numel() for p in model.parameters()) - 6 - 18)  # qkv.bias, proj.bias unused

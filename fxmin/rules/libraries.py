@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from ..errors import FxminError, describe_node
-from .pointwise import _pointwise_backward, pointwise_forward
+from ..facts import ValueFact
+from .pointwise import _opaque, _pointwise_backward, opaque_backward, pointwise_forward
 from .registry import rule
 
 
@@ -53,10 +56,48 @@ def _register_drop_path(module) -> None:
          passes_axis=True)(_random_depth_forward)
 
 
+# -- torchvision's Swin Transformer ---------------------------------------------------------------------------------
+#
+# NOTE [torchvision Swin]
+# torchvision wraps the whole window attention (``shifted_window_attention``: qkv, scores, relative
+# position bias, shift mask, softmax, proj) as one call that derives its head size from the input
+# width (``C // num_heads``), so fewer heads cannot be handed to it: the call keeps every channel
+# around it (exact; its MLP and the layers outside still shrink). ``_get_relative_position_bias``
+# only reads model constants. ``_patch_merging_pad`` pads odd sizes and joins the four 2x2 phases
+# along the channel axis: channel ``c`` appears in each of the four blocks.
+
+
+def _patch_merging_pad_forward(ctx):
+    """Exact: output channel ``k·C + c`` (``k`` < 4) is input channel ``c`` at one of the four 2x2
+    phases; padding an odd height or width adds zeros, so only ``const(0)`` stays constant then."""
+    x = ctx.arg(0, "input")
+    fact, shape, out = ctx.fact(x), ctx.shape(x), ctx.shape()
+    if fact is None or not fact.tracked or not fact.simple or shape is None or out is None \
+            or fact.axis != len(shape) - 1 or len(shape) < 3:
+        return _opaque(ctx)
+    padded = shape[-3] % 2 or shape[-2] % 2
+    const = fact.const & (fact.value == 0) if padded else fact.const
+    value = np.where(const, fact.value, 0.0)
+    return ValueFact(fact.axis, 4 * fact.size, np.tile(const, 4), np.tile(value, 4)), np.tile(ctx.units(x), 4)
+
+
+def _no_channels_forward(ctx):
+    """Exact: keeps every channel around it (NOTE [torchvision Swin])."""
+    return _opaque(ctx)
+
+
+def _register_swin(module) -> None:
+    rule("patch merging pad", functions=(module._patch_merging_pad,), backward=_pointwise_backward)(
+        _patch_merging_pad_forward)
+    rule("torchvision window attention", functions=(module.shifted_window_attention, module._get_relative_position_bias),
+         backward=opaque_backward)(_no_channels_forward)
+
+
 #: module name -> what registers its rules once it is imported
 OPTIONAL = {
     "torchvision.ops.stochastic_depth": _register_stochastic_depth,
     "timm.layers.drop": _register_drop_path,
+    "torchvision.models.swin_transformer": _register_swin,
 }
 _registered: set = set()
 
