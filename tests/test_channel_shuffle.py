@@ -45,8 +45,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("computed", [False, True], ids=["literal sizes", "sizes from x.size()"])
 @pytest.mark.parametrize("case", CASES)
-def test_literal_shuffle(case):
+def test_shuffle(case, computed):
     dead, kept = CASES[case]
-    model = Shuffle(computed=False).eval()
+    model = Shuffle(computed=computed).eval()
     check_minimize(model, _masks(dead), (torch.randn(2, 4, 5, 5),), expected_params=kept * 5 + kept * 4 + 4)

@@ -109,3 +109,35 @@ def test_stack_couples_its_inputs(dim):
                             expected_params=2 * 4 * 3 + 4 * 4 + 4)
     assert result.module.a.out_channels == 4
 
+
+
+class ChannelsLast(nn.Module):
+    """Linear(3, 6) on (B, H, W, 3) -> op within each channel -> Linear(6, 4)."""
+
+    def __init__(self, op, bias):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6, bias=bias), nn.Linear(6, 4)
+        self.op = op
+
+    def forward(self, x):
+        return self.fc2(self.op(self.fc1(x)))
+
+
+SPATIAL = {
+    "F.pad of H, W (const(0))": (lambda x: F.pad(x, (0, 0, 0, 1, 0, 1)), False, 4),
+    "F.pad of H, W (const(b) varies)": (lambda x: F.pad(x, (0, 0, 0, 1, 0, 1)), True, 6),
+    "F.pad of nothing (const(b))": (lambda x: F.pad(x, (0, 0, 0, 0)), True, 4),
+    "F.pad replicate (const(b))": (lambda x: F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate")
+                                   .permute(0, 2, 3, 1), True, 4),
+    "torch.roll of H, W": (lambda x: torch.roll(x, shifts=(-1, 1), dims=(1, 2)), True, 4),
+    "x.flip(1)": (lambda x: x.flip(1), True, 4),
+    "nn.Softmax over W": (nn.Softmax(dim=2), True, 4),
+}
+
+
+@pytest.mark.parametrize("name", SPATIAL)
+def test_ops_within_each_channel(name):
+    op, bias, kept = SPATIAL[name]
+    model = ChannelsLast(op, bias).eval()
+    masks = {"fc1.weight": _dead_rows((6, 3), [1, 4])}
+    check_minimize(model, masks, (torch.randn(2, 3, 4, 3),), expected_params=kept * (3 + bias) + 4 * kept + 4)

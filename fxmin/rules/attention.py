@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
 
 from ..facts import ValueFact
 from .pointwise import _opaque, opaque_backward
@@ -48,17 +49,21 @@ def _passthrough_backward(ctx):
 # -- softmax over the keys ---------------------------------------------------------------------------------------
 
 def _softmax_forward(ctx):
-    """Exact: softmax along an axis the channels do not occupy works within each channel."""
+    """Exact: softmax along an axis the channels do not occupy works within each channel; a
+    constant channel becomes ``const(1/n)`` (``log_softmax``: ``const(-log n)``)."""
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
-    dim = ctx.arg(1, "dim")
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
         return _opaque(ctx)
-    return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
+    log = ctx.node.target in (F.log_softmax, torch.log_softmax, "log_softmax") or isinstance(ctx.module, nn.LogSoftmax)
+    count = shape[dim % len(shape)]  # a constant channel is uniform along dim: 1/n (log: -log n)
+    return fact.replaced(fact.const, np.full(fact.size, -math.log(count) if log else 1.0 / count)), ctx.units(x)
 
 
 rule("softmax", functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
-     methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True)(_softmax_forward)
+     methods=("softmax", "log_softmax"), modules=(nn.Softmax, nn.LogSoftmax), backward=_passthrough_backward,
+     heads_aware=True)(_softmax_forward)
 
 
 # -- masks --------------------------------------------------------------------------------------------------------
@@ -146,6 +151,8 @@ def _softmax_weights(ctx, node) -> bool:
 
     while isinstance(node, torch.fx.Node):
         rule_ = ctx._engine.rules.get(node)
+        if rule_ is not None and rule_.name == "softmax" and node.op == "call_module":
+            return isinstance(ctx.root.get_submodule(node.target), nn.Softmax)
         if rule_ is not None and rule_.name == "softmax":
             return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
         if rule_ is not None and rule_.name in ("dropout", "pointwise") and node.op != "call_function":

@@ -1,5 +1,6 @@
 """Per-channel reductions and scans over other axes: vector norms (GRN's ``x.norm(p=2, dim=(1, 2))``),
-``F.normalize`` (EdgeNeXt's cross-covariance attention normalizes over tokens) and cumulative
+``F.normalize`` (EdgeNeXt's cross-covariance attention normalizes over tokens), ``F.pad`` of other
+axes (Swin pads its windows) and cumulative
 sums/products (EdgeNeXt's positional encoding).
 
 Over axes other than the channel axis these ops work within each channel, so channels pass through
@@ -84,6 +85,47 @@ def _normalize_forward(ctx):
 
 
 rule("normalize", functions=(F.normalize,), backward=_pointwise_backward, heads_aware=True)(_normalize_forward)
+
+
+def _pad_forward(ctx):
+    """Exact when the channel axis is not padded (a spatial pad works within each channel): with
+    ``mode="constant"`` a constant channel stays constant when nothing is padded or it equals the
+    fill value; the other modes repeat values of the channel, so a constant stays constant."""
+    x = ctx.arg(0, "input")
+    fact, shape, out = ctx.fact(x), ctx.shape(x), ctx.shape()
+    pad, mode, fill = ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+    fill = 0.0 if fill is None else fill
+    if fact is None or not fact.tracked or shape is None or out is None or not isinstance(pad, (tuple, list)) \
+            or not isinstance(fill, (int, float)):
+        return _opaque(ctx)
+    for axis in fact.axes:
+        pair = pad[2 * (len(shape) - 1 - axis): 2 * (len(shape) - axis)]
+        if any(amount != 0 for amount in pair):  # a number computed at run time counts as padding
+            return _opaque(ctx)
+    const = fact.const
+    if mode == "constant" and out != shape:
+        const = const & (fact.value == fill)
+    return fact.replaced(const, np.where(const, fact.value, 0.0)), ctx.units(x)
+
+
+rule("pad", functions=(F.pad,), backward=_pointwise_backward, heads_aware=True)(_pad_forward)
+
+
+def _rearrange_forward(ctx):
+    """Exact when the moved axes exclude the channel axes (``torch.roll`` of Swin's shifted windows,
+    ``torch.flip``): positions move within each channel, so a constant stays constant."""
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    dims = ctx.arg(2, "dims") if ctx.node.target in (torch.roll, "roll") else ctx.arg(1, "dims")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if fact is None or not fact.tracked or shape is None or not isinstance(dims, (tuple, list)) \
+            or not all(isinstance(d, int) for d in dims) or any(d % len(shape) in fact.axes for d in dims):
+        return _opaque(ctx)
+    return fact, ctx.units(x)
+
+
+rule("roll/flip", functions=(torch.roll, torch.flip), methods=("roll", "flip"), backward=_pointwise_backward,
+     heads_aware=True)(_rearrange_forward)
 
 
 # -- scans -------------------------------------------------------------------------------------------------------

@@ -161,6 +161,9 @@ _BINARY = {
     torch.div: torch.div, operator.truediv: torch.div, operator.itruediv: torch.div, "div": torch.div,
     "div_": torch.div, "__truediv__": torch.div, "__rtruediv__": lambda a, b: torch.div(b, a),
     torch.maximum: torch.maximum, torch.minimum: torch.minimum,
+    operator.floordiv: torch.floor_divide, "__floordiv__": torch.floor_divide, torch.floor_divide: torch.floor_divide,
+    "floor_divide": torch.floor_divide, operator.mod: torch.remainder, "__mod__": torch.remainder,
+    torch.remainder: torch.remainder, "remainder": torch.remainder,
 }
 
 
@@ -208,8 +211,8 @@ def _binary_forward(ctx):
     a, b = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
     if _is_in_place(ctx):
         _check_in_place(ctx, a)
-    if "alpha" in node.kwargs or len(node.args) > 2:
-        return _opaque(ctx)
+    if set(node.kwargs) - {"other"} or len(node.args) > 2:
+        return _opaque(ctx)  # alpha=, rounding_mode=: not the op the table computes constants with
     op = _BINARY[node.target]
     shape = ctx.shape()
     if shape is None:

@@ -159,20 +159,55 @@ def _shape_arguments(node):
 
 
 # NOTE [Shape tuples]
-# A view's sizes are literals (``view(B, T, 4, 16)``), sizes read at run time (``x.size(0)``), or
-# a tuple computed in the graph (HF: ``x.size()[:-1] + (4, 16)``, an ``operator.add`` of a slice
-# of a size and a literal tuple). ``_view_entries`` resolves them to one entry per output axis:
-# ("literal", value, where) with ``where`` saying which node's argument holds it, so the plan can
-# patch it; ("size", source, axis) for a run-time read of ``source.size(axis)``; ("unknown",).
+# A view's sizes are literals (``view(B, T, 4, 16)``), sizes read at run time (``x.size(0)``),
+# numbers computed from them (``C // n_head``), or a tuple computed in the graph (HF:
+# ``x.size()[:-1] + (4, 16)``, an ``operator.add`` of a slice of a size and a literal tuple).
+# ``_view_entries`` resolves them to one entry per output axis, with ``where`` = (node, position,
+# index) of the argument that holds it so that the plan can patch it:
+# ("literal", value, where); ("size", source, axis, where, node) for a run-time read of
+# ``source.size(axis)`` (``where`` and ``node`` None inside a slice of a whole size);
+# ("computed", node, where) for another number computed in the graph; ("unknown",).
+#
+# NOTE [Computed sizes]
+# At a channel axis of the view, a computed size (``C // n_head`` in ``q.view(B, T, n_head, C //
+# n_head)``, ``num_channels`` read from another tensor in ShuffleNet's second view) is replaced by
+# the literal count of kept channels whenever that count differs from the original or the number
+# may change at run time (it reads a size of a tensor that loses channels). A tracked axis has the
+# size the weights give it, so the literal is right for every input. The size reads themselves are
+# handled in sizes.py (NOTE [Size reads]).
 
 def _literal_entries(value, owner, position):
     entries = []
     for index, item in enumerate(value):
+        where = (owner, position, index)
         if isinstance(item, int):
-            entries.append(("literal", item, (owner, position, index)))
+            entries.append(("literal", item, where))
+        elif isinstance(item, torch.fx.Node):
+            entries.append(_node_entry(item, where))
         else:
-            entries.append(_size_entry(item) if isinstance(item, torch.fx.Node) else ("unknown",))
+            entries.append(("unknown",))
     return entries
+
+
+def _node_entry(node, where):
+    size = _size_entry(node)
+    if size[0] == "size":
+        return size + (where, node)
+    if node.meta.get("type") is int and node.meta.get("tensor_meta") is None:
+        return ("computed", node, where)
+    return ("unknown",)
+
+
+def _where(entry):
+    """(node, position, index) of the argument holding a view entry, or None."""
+    if entry[0] in ("literal", "computed"):
+        return entry[2]
+    return entry[3] if entry[0] == "size" else None
+
+
+def _entry_node(entry):
+    """The graph node a size or computed entry reads, or None."""
+    return entry[4] if entry[0] == "size" else entry[1] if entry[0] == "computed" else None
 
 
 def _size_entry(node):
@@ -203,7 +238,7 @@ def _tuple_entries(node):
             return None
         axes = range(len(source.meta["tensor_meta"].shape))
         axes = axes if whole is node else axes[node.args[1]]
-        return [("size", source, axis) for axis in axes]
+        return [("size", source, axis, None, None) for axis in axes]
     if node.op == "call_function" and node.target is operator.add and len(node.args) == 2 and not node.kwargs:
         entries = []
         for position, part in enumerate(node.args):
@@ -249,24 +284,25 @@ def _coupled_size(ctx, entry, axis, view=None) -> bool:
             and ctx.units(entry[1]) is not None and np.array_equal(ctx.units(entry[1]), ctx.units(view)))
 
 
-def _feeds_coupled_views(ctx, read, source, axis) -> bool:
-    """True when the size ``read`` (of ``source`` on ``axis``) only shapes views at positions
-    whose channels are coupled with it (NOTE [Shape tuples]): its run-time value is then the
-    new size by itself."""
-    for user in read.users:
-        if user.op == "call_function" and user.target is operator.add and user.meta.get("tensor_meta") is None:
-            if not _feeds_coupled_views(ctx, user, source, axis):
-                return False
+def size_use_kinds(ctx, view, cone) -> set:
+    """How ``view`` uses the numbers in ``cone`` (a size read and what is computed from it), per
+    entry that reads one: "follows" (a coupled size: its run-time value is the new size),
+    "patched" (replaced by a literal, NOTE [Computed sizes]) or "other" (shapes an axis that is not
+    tracked, or cannot be patched: its value must not change)."""
+    entries, fact = _view_entries(view), ctx.fact(view)
+    if entries is None:
+        return {"other"}
+    kinds = set()
+    for position, entry in enumerate(entries):
+        if _entry_node(entry) not in cone:
             continue
-        if not (user.op in ("call_method", "call_function") and user.target in ("view", "reshape", torch.reshape)):
-            return False
-        entries = _view_entries(user)
-        if entries is None:
-            return False
-        if not all(_coupled_size(ctx, entry, position, user) for position, entry in enumerate(entries)
-                   if entry[0] == "size" and entry[1] is source and entry[2] == axis):
-            return False
-    return True
+        if not (isinstance(fact, ValueFact) and fact.tracked and position in fact.axes):
+            kinds.add("other")
+        elif _coupled_size(ctx, entry, position, view):
+            kinds.add("follows")
+        else:
+            kinds.add("patched" if _where(entry) is not None else "other")
+    return kinds
 
 
 def _view_forward(ctx):
@@ -278,8 +314,8 @@ def _view_forward(ctx):
         return _opaque(ctx)
     fact, units = mapped
     entries = _view_entries(ctx.node) if fact.simple else None
-    if entries is not None and entries[fact.axis][0] == "size":
-        _, source, axis = entries[fact.axis]
+    if entries is not None and entries[fact.axis][0] == "size" and _where(entries[fact.axis]) is None:
+        source, axis = entries[fact.axis][1], entries[fact.axis][2]
         source_fact = ctx.fact(source)
         if (isinstance(source_fact, ValueFact) and source_fact.tracked and source_fact.simple
                 and source_fact.axis == axis and source_fact.size == fact.size):
@@ -314,12 +350,12 @@ def _view_backward(ctx):
         opaque_backward(ctx)
         return
     entries = _view_entries(ctx.node)
-    if entries is None or any(not (entries[axis][0] == "literal" or _coupled_size(ctx, entries[axis], axis))
+    if entries is None or any(not (_coupled_size(ctx, entries[axis], axis) or _where(entries[axis]) is not None)
                               for axis in fact.axes):
         ctx.require_all(ctx.node, "a size computed at run time shapes it")  # keep it unchanged
         return
     for axis in fact.axes:
-        owner = entries[axis][2][0] if entries[axis][0] == "literal" else None
+        owner = _where(entries[axis])[0] if not _coupled_size(ctx, entries[axis], axis) else None
         if owner is not None and owner is not ctx.node and len(owner.users) > 1:
             ctx.require_all(ctx.node, "its size tuple is shared with other readers")
             return
@@ -358,14 +394,18 @@ def new_radix(kept: np.ndarray, radix: tuple) -> tuple:
 def _view_plan(ctx):
     fact = ctx.fact(ctx.node)
     kept = ctx.kept()
-    if fact is None or not fact.tracked or len(kept) == fact.size:
+    if fact is None or not fact.tracked:
         return
     entries = _view_entries(ctx.node)
+    computed = [axis for axis in fact.axes if entries[axis][0] in ("size", "computed")
+                and _where(entries[axis]) is not None and not _coupled_size(ctx, entries[axis], axis)]
+    if len(kept) == fact.size and not any(_may_change(ctx, _entry_node(entries[axis])) for axis in computed):
+        return
     sizes = new_radix(kept, fact.radix) if not fact.simple else (int(len(kept)),)
     edits = {}  # owner node -> {(position, index): new size}
     for axis, size in zip(fact.axes, sizes):
-        if entries[axis][0] == "literal" and entries[axis][1] != -1:
-            owner, position, index = entries[axis][2]
+        if (entries[axis][0] == "literal" and entries[axis][1] != -1) or axis in computed:
+            owner, position, index = _where(entries[axis])
             edits.setdefault(owner, {})[(position, index)] = int(size)
     for owner, changes in edits.items():
         args = list(owner.args)
@@ -381,6 +421,21 @@ def _view_plan(ctx):
             ctx.patch(tuple(args))
         else:
             ctx.patch_node(owner, tuple(args), dict(owner.kwargs))
+
+
+def _may_change(ctx, node) -> bool:
+    """Whether a number computed in the graph reads a size of a tensor that loses channels."""
+    pending, seen = [node], {node}
+    while pending:
+        for source in pending.pop().all_input_nodes:
+            if source.meta.get("tensor_meta") is not None:
+                fact = ctx.fact(source)
+                if isinstance(fact, ValueFact) and fact.tracked and not ctx.present(source).all():
+                    return True
+            elif source not in seen:
+                seen.add(source)
+                pending.append(source)
+    return False
 
 
 rule("view/reshape", functions=(torch.reshape,), methods=("view", "reshape"),
