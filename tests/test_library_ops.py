@@ -13,6 +13,7 @@ from torch import nn
 
 import fxmin
 from fxmin.rules import libraries
+from fxmin.rules.api import Registry
 from helpers import check_minimize
 
 
@@ -99,16 +100,16 @@ def test_stochastic_depth_in_training_is_refused():
         fxmin.minimize(model, _dead_hidden_masks(), (torch.randn(2, 4, 5, 5),))
 
 
-def test_register_loaded_registers_imported_modules_once(monkeypatch):
-    fake = types.ModuleType("fake_library_for_fxmin")
+def test_rules_of_a_library_register_once_it_is_imported(monkeypatch):
+    registry = Registry()
     calls = []
+    registry.defer("fake_library_for_fxmin", calls.append)
+    assert calls == [] and registry.register_imported() == []
+    fake = types.ModuleType("fake_library_for_fxmin")
     monkeypatch.setitem(sys.modules, "fake_library_for_fxmin", fake)
-    monkeypatch.setitem(libraries.OPTIONAL, "fake_library_for_fxmin", calls.append)
-    assert libraries.register_loaded() == ["fake_library_for_fxmin"]
-    assert libraries.register_loaded() == []
-    assert calls == [fake]
-    libraries._registered.discard("fake_library_for_fxmin")
-
+    node = torch.fx.Graph().placeholder("x")
+    assert registry.lookup(node, None) is None  # any lookup registers what was imported since
+    assert calls == [fake] and registry.register_imported() == []
 
 
 def _patch_merging_pad(x):

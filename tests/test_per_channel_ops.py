@@ -141,3 +141,74 @@ def test_ops_within_each_channel(name):
     model = ChannelsLast(op, bias).eval()
     masks = {"fc1.weight": _dead_rows((6, 3), [1, 4])}
     check_minimize(model, masks, (torch.randn(2, 3, 4, 3),), expected_params=kept * (3 + bias) + 4 * kept + 4)
+
+
+class GlobalResponseNorm(nn.Module):
+    """timm's GRN (ConvNeXt-V2), channels last: a norm over H, W per channel, divided by its mean over channels."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), x * x_n)
+
+
+class GRNBlock(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.fc1, self.grn, self.fc2 = nn.Linear(3, 6, bias=bias), GlobalResponseNorm(6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc2(self.grn(torch.nn.functional.gelu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("bias, kept", [(False, 4), (True, 6)], ids=["const(0): leaves", "const(c): varies, stays"])
+def test_grn_mean_over_channels_keeps_its_divisor(bias, kept):
+    """A zero channel leaves fc1, GRN's weight and bias, and fc2's columns (its output is const(bias_j),
+    folded); the mean over channels still divides by 6. A nonzero constant c gives c + b + w·c·x_n,
+    which varies with x_n: it stays."""
+    masks = {"fc1.weight": _dead_rows((6, 3), [1, 4])}
+    result = check_minimize(GRNBlock(bias).eval(), masks, (torch.randn(2, 3, 4, 3),),
+                            expected_params=kept * (3 + bias) + 2 * kept + 4 * kept + 4)
+    if not bias:
+        assert "sum_with_removed" in result.module.code
+
+
+class MeanOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        return self.conv2(h) * h.mean(dim=(1, 3), keepdim=True)
+
+
+def test_mean_over_channels_and_width_adds_the_removed_constants():
+    masks = {"conv1.weight": _dead_rows((6, 3, 1, 1), [0, 5])}  # const(bias) channels leave (folded into conv2)
+    result = check_minimize(MeanOverChannels().eval(), masks, (torch.randn(2, 3, 4, 5),),
+                            expected_params=4 * 4 + 4 * 4 + 4)
+    assert "sum_with_removed" in result.module.code
+
+
+class LeViTNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d over tokens: ``bn(x.flatten(0, 1)).reshape_as(x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(self.bn(x.flatten(0, 1)).reshape_as(x))
+
+
+def test_reshape_as_follows_coupled_channels():
+    model = LeViTNorm().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    masks = {"fc1.weight": _dead_rows((6, 3), [2, 3])}  # constants through BN fold into fc2
+    check_minimize(model, masks, (torch.randn(2, 5, 3),), expected_params=4 * 4 + 4 * 2 + 2 * 4 + 2)

@@ -9,9 +9,8 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
-from .shape import _tracked_backward
+from .api import rule
+from .kit import opaque_backward, opaque_forward
 
 
 # -- indexing ---------------------------------------------------------------------------------------------------
@@ -30,20 +29,20 @@ def _getitem_forward(ctx):
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
     if not fact.simple:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(item, torch.fx.Node) or item is Ellipsis or item is None for item in items[: fact.axis + 1]):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if any(isinstance(item, torch.fx.Node) for item in items):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     full = slice(None, None, None)
     if any(item != full for item in items[: fact.axis]):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if len(items) <= fact.axis or items[fact.axis] == full:
         return fact, ctx.units(source)
     cut = items[fact.axis]
     if not isinstance(cut, slice) or cut.step not in (None, 1):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     start, stop, _ = cut.indices(fact.size)
     piece = ValueFact(fact.axis, max(stop - start, 0), fact.const[start:stop], fact.value[start:stop])
     return piece, ctx.units(source)[start:stop]
@@ -67,6 +66,15 @@ def _getitem_plan(ctx):
     ctx.patch((source, tuple(items) if isinstance(index, tuple) else cut), {})
 
 
+def _getitem_constant_view(node, root, axis):
+    """NOTE [Constant views]: a table sliced along other axes (``self.cos[:T]``) keeps ``axis`` whole."""
+    source, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    if not isinstance(source, torch.fx.Node) or not all(isinstance(i, slice) for i in index):
+        return None
+    return (source, axis) if axis >= len(index) or index[axis] == slice(None) else None
+
+
 def _getitem_backward(ctx):
     source = ctx.node.args[0]
     fact_in = ctx.fact(source)
@@ -75,38 +83,104 @@ def _getitem_backward(ctx):
         ctx.require_all(source)
 
 
-rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
-     heads_aware=True)(_getitem_forward)
+rule("getitem", doc=(
+         'Picking a piece of a split; indexing a size; indexing a tensor with full slices before the '
+         'channel axis and the channel axis whole or sliced with step 1.',
+         'Follows the channels; slice bounds on the channel axis are patched.',
+         'Every channel for other indexing (advanced indices, steps, indices before the channel '
+         'axis).',
+         ),
+     functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
+     heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
 
 
-# -- reductions over other axes --------------------------------------------------------------------------------
+# -- reductions ---------------------------------------------------------------------------------------------------
+#
+# NOTE [Channel means]
+# A mean over the channel axis (ConvNeXt-V2's GRN: ``Gx / Gx.mean(dim=-1, keepdim=True)``) mixes
+# every channel, and a removed channel still counts: its constant adds ``c · m`` to the sum (``m``
+# reduced elements per channel) and 1 to the divisor. So only constant channels may leave, and the
+# call becomes ``(x.sum(dim) + S) / N``, with ``S`` the removed constants' share of the sum and ``N``
+# the original count (:func:`sum_with_removed`); ``sum`` keeps ``N = 1``. As for
+# CompensatedLayerNorm, the statistics keep what left (compensated-layernorm.md).
 
-def _reduce_forward(ctx):
-    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
-    multiplies it by the number of reduced elements."""
+
+def _reduce_spec(ctx):
+    """(input, fact, shape, reduced axes, keepdim, name) of a mean/sum/amax/amin with literal axes, or None."""
     x = ctx.arg(0, "input")
     fact, shape = ctx.fact(x), ctx.shape(x)
     dims = ctx.arg(1, "dim")
     keepdim = ctx.arg(2, "keepdim", False)
     if fact is None or not fact.tracked or shape is None or dims is None or ctx.node.kwargs.get("dtype") is not None:
-        return _opaque(ctx)
+        return None
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if not all(isinstance(d, int) for d in dims):
-        return _opaque(ctx)
-    rank = len(shape)
-    dims = {d % rank for d in dims}
-    if fact.axis in dims:
-        return _opaque(ctx)
-    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
+    if not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
+        return None
     name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    return x, fact, shape, {d % len(shape) for d in dims}, keepdim, name
+
+
+def _over_channels(spec) -> bool:
+    """A mean or sum whose reduced axes include the (single) channel axis (NOTE [Channel means])."""
+    return spec is not None and spec[1].simple and spec[1].axis in spec[3] and spec[5] in ("mean", "sum")
+
+
+def _reduce_forward(ctx):
+    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
+    multiplies it by the number of reduced elements. A mean or sum over the channel axis keeps
+    the removed constants' share (NOTE [Channel means])."""
+    spec = _reduce_spec(ctx)
+    if spec is None or spec[1].axis in spec[3]:
+        return opaque_forward(ctx)
+    x, fact, shape, dims, keepdim, name = spec
+    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
     value = fact.value
     if name == "sum":
         value = value * math.prod(shape[d] for d in dims)
     return ValueFact.constants(axis, fact.const, value), ctx.units(x)
 
 
-rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
-     backward=_tracked_backward)(_reduce_forward)
+def _reduce_backward(ctx):
+    spec = _reduce_spec(ctx)
+    fact = ctx.fact(ctx.node)
+    if isinstance(fact, ValueFact) and fact.tracked:
+        return  # channels pass through
+    if _over_channels(spec):
+        ctx.require(spec[0], spec[1].varying_mask, "feeds a mean over channels (only constant channels can leave)")
+        return
+    opaque_backward(ctx)
+
+
+def sum_with_removed(x, dim, keepdim: bool, removed: float, count: int):
+    """``(x.sum(dim, keepdim) + removed) / count``: a mean (or sum, ``count=1``) over channels some of
+    which left as constants (NOTE [Channel means])."""
+    return (x.sum(dim, keepdim=keepdim) + removed) / count
+
+
+def _reduce_plan(ctx):
+    spec = _reduce_spec(ctx)
+    if not _over_channels(spec):
+        return
+    x, fact, shape, dims, keepdim, name = spec
+    present = ctx.present(x)
+    if present.all():
+        return
+    per_channel = math.prod(shape[d] for d in dims if d != fact.axis)
+    removed = float(fact.value[~present].sum()) * per_channel
+    count = math.prod(shape[d] for d in dims) if name == "mean" else 1
+    ctx.patch((x, tuple(sorted(dims)), keepdim, removed, count), {}, op="call_function", target=sum_with_removed)
+
+
+rule("reduction", doc=(
+         'Reductions over axes other than the channel axis: mean/amax/amin keep a constant, sum '
+         'multiplies it by the number of reduced elements. A mean or sum over the channel axis (GRN) '
+         'becomes `(x.sum(dim) + S) / N`: the removed constants\' share and the original count.',
+         'Nothing itself: channels pass through; over the channel axis, constant channels (NOTE [Channel means]).',
+         'Every channel for amax/amin over the channel axis, or when `dim`/`dtype` are not literals; '
+         'varying channels under a mean or sum over the channel axis.',
+         ),
+     functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
+     backward=_reduce_backward, plan=_reduce_plan, backward_untracked=True)(_reduce_forward)
 
 
 # -- index_select with a constant index (what minimize writes at the inputs) -----------------------------------
@@ -127,7 +201,7 @@ def _index_select_forward(ctx):
     (a minimized model minimized again); the index is rewritten for the channels that stay."""
     spec = _index_select_spec(ctx)
     if spec is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     x, fact, index, _ = spec
     picked = ValueFact(fact.axis, len(index), fact.const[index], fact.value[index])
     return picked, ctx.units(x)[index]
@@ -156,5 +230,12 @@ def _index_select_plan(ctx):
     ctx.replace_attr(index_node, torch.as_tensor(position[index[kept_out]], dtype=torch.float64))
 
 
-rule("index_select", functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+rule("index_select", doc=(
+         'With a constant index along the channel axis (what minimize writes at the inputs): each '
+         'output channel maps to its source.',
+         'Channels nobody reads; the index is rewritten, so a minimized module minimizes again.',
+         'A computed index, or one along another axis: every channel of the input.',
+         ),
+     functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+     backward_untracked=True,
      plan=_index_select_plan)(_index_select_forward)

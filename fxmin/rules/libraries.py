@@ -3,9 +3,8 @@
 torchvision marks some functions with ``torch.fx.wrap``, so a traced model calls them whole:
 ``torchvision.ops.stochastic_depth`` (ConvNeXt, EfficientNet, Swin, MaxViT). timm's ``DropPath`` is
 traced through (its ``if not training`` leaves nothing in an eval-mode graph) unless it is kept as a
-leaf module. fxmin imports neither library: :func:`register_loaded` registers the rules of the
-modules already imported (the engine calls it before each analysis), so importing fxmin first
-and torchvision afterwards works, and a model from a library fxmin has rules for finds them.
+leaf module. fxmin imports neither library: the rules of each module are registered once that
+module is imported (``REGISTRY.defer``), so importing fxmin before or after torchvision both work.
 
 NOTE [Stochastic depth]
 Stochastic depth drops a whole residual branch at random while training and is the identity in
@@ -16,14 +15,12 @@ so the rule refuses it and says to call ``model.eval()``.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from ..errors import FxminError, describe_node
 from ..facts import ValueFact
-from .pointwise import _opaque, _pointwise_backward, opaque_backward, pointwise_forward
-from .registry import rule
+from .api import REGISTRY, rule
+from .kit import opaque_forward, pointwise_forward
 
 
 def _refuse_training(ctx, probability) -> None:
@@ -46,14 +43,22 @@ def _random_depth_forward(ctx):
     return pointwise_forward(ctx)
 
 
+_DROP_DOC = (
+    'In eval mode (`training=False`) or with `p == 0`, where stochastic depth is the identity '
+    '(NOTE [Stochastic depth]).',
+    'Nothing itself: channels pass through.',
+    '— (in training with `p > 0` it is random: refused, with "call model.eval()").',
+    )
+
+
 def _register_stochastic_depth(module) -> None:
-    rule("stochastic_depth", functions=(module.stochastic_depth,), modules=(module.StochasticDepth,),
-         backward=_pointwise_backward, heads_aware=True, passes_axis=True)(_random_depth_forward)
+    rule("stochastic_depth", doc=_DROP_DOC, functions=(module.stochastic_depth,), modules=(module.StochasticDepth,),
+         heads_aware=True, passes_axis=True, identity_in_eval=lambda node, root: True)(_random_depth_forward)
 
 
 def _register_drop_path(module) -> None:
-    rule("stochastic_depth", modules=(module.DropPath,), backward=_pointwise_backward, heads_aware=True,
-         passes_axis=True)(_random_depth_forward)
+    rule("stochastic_depth", doc=_DROP_DOC, modules=(module.DropPath,), heads_aware=True, passes_axis=True,
+         identity_in_eval=lambda node, root: True)(_random_depth_forward)
 
 
 # -- torchvision's Swin Transformer ---------------------------------------------------------------------------------
@@ -74,7 +79,7 @@ def _patch_merging_pad_forward(ctx):
     fact, shape, out = ctx.fact(x), ctx.shape(x), ctx.shape()
     if fact is None or not fact.tracked or not fact.simple or shape is None or out is None \
             or fact.axis != len(shape) - 1 or len(shape) < 3:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     padded = shape[-3] % 2 or shape[-2] % 2
     const = fact.const & (fact.value == 0) if padded else fact.const
     value = np.where(const, fact.value, 0.0)
@@ -83,37 +88,26 @@ def _patch_merging_pad_forward(ctx):
 
 def _no_channels_forward(ctx):
     """Exact: keeps every channel around it (NOTE [torchvision Swin])."""
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
 def _register_swin(module) -> None:
-    rule("patch merging pad", functions=(module._patch_merging_pad,), backward=_pointwise_backward)(
-        _patch_merging_pad_forward)
-    rule("torchvision window attention", functions=(module.shifted_window_attention, module._get_relative_position_bias),
-         backward=opaque_backward)(_no_channels_forward)
+    rule("patch merging pad", doc=(
+             "torchvision Swin's `_patch_merging_pad`: output channel `k·C + c` is input channel `c` at one"
+             ' of the four 2x2 phases.',
+             'Channel `c` from each of the four blocks (coupled).',
+             'Only `const(0)` stays constant when an odd height or width is padded.',
+             ),
+         functions=(module._patch_merging_pad,))(_patch_merging_pad_forward)
+    rule("torchvision window attention", doc=(
+             "Always: torchvision Swin's wrapped `shifted_window_attention` and `_get_relative_position_bias` "
+             'are kept whole (NOTE [torchvision Swin]).',
+             '—',
+             'Every channel around them (its head size is derived from the input width).',
+             ),
+         functions=(module.shifted_window_attention, module._get_relative_position_bias))(_no_channels_forward)
 
 
-#: module name -> what registers its rules once it is imported
-OPTIONAL = {
-    "torchvision.ops.stochastic_depth": _register_stochastic_depth,
-    "timm.layers.drop": _register_drop_path,
-    "torchvision.models.swin_transformer": _register_swin,
-}
-_registered: set = set()
-
-
-def register_loaded() -> list[str]:
-    """Register the rules of the optional modules already imported; never imports one. Returns
-    the names registered by this call (each module is registered once).
-
-    >>> register_loaded()  # doctest: +SKIP
-    ['torchvision.ops.stochastic_depth']
-    """
-    done = []
-    for name, register in OPTIONAL.items():
-        module = sys.modules.get(name)
-        if module is not None and name not in _registered:
-            _registered.add(name)
-            register(module)
-            done.append(name)
-    return done
+REGISTRY.defer("torchvision.ops.stochastic_depth", _register_stochastic_depth)
+REGISTRY.defer("timm.layers.drop", _register_drop_path)
+REGISTRY.defer("torchvision.models.swin_transformer", _register_swin)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..facts import ValueFact
-from .pointwise import _opaque, _pointwise_backward
-from .registry import rule
+from .api import rule
+from .kit import opaque_forward
 
 
 def _norm_arguments(ctx):
@@ -51,11 +51,11 @@ def _vector_norm_forward(ctx):
     fact, shape = ctx.fact(x), ctx.shape(x)
     arguments = _norm_arguments(ctx)
     if fact is None or not fact.tracked or not fact.simple or shape is None or arguments is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     order, dims, keepdim = arguments
     dims = {d % len(shape) for d in dims}
     if fact.axis in dims:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     count = math.prod(shape[d] for d in dims)
     value = np.zeros(fact.size)
     if fact.const.any():
@@ -64,8 +64,13 @@ def _vector_norm_forward(ctx):
     return ValueFact.constants(_reduced_axis(fact, dims, keepdim), fact.const, value), ctx.units(x)
 
 
-rule("vector norm", functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",),
-     backward=_pointwise_backward)(_vector_norm_forward)
+rule("vector norm", doc=(
+         'Norms over axes other than the channel axis (`x.norm(p=2, dim=(1, 2))`, `torch.norm`, '
+         '`linalg.vector_norm`): `const(c) -> const(||c·1_n||_p)`.',
+         'Nothing itself: channels pass through.',
+         'Every channel for a norm over the channel axis (or over all axes).',
+         ),
+     functions=(torch.norm, torch.linalg.vector_norm), methods=("norm",))(_vector_norm_forward)
 
 
 def _normalize_forward(ctx):
@@ -76,7 +81,7 @@ def _normalize_forward(ctx):
     order, dim, eps = ctx.arg(1, "p", 2.0), ctx.arg(2, "dim", 1), ctx.arg(3, "eps", 1e-12)
     if fact is None or not fact.tracked or shape is None or ctx.node.kwargs.get("out") is not None \
             or not all(isinstance(v, (int, float)) for v in (order, dim, eps)) or dim % len(shape) in fact.axes:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     value = np.zeros(fact.size)
     if fact.const.any():
         copies = torch.from_numpy(fact.value[fact.const]).reshape(-1, 1).expand(-1, shape[dim % len(shape)])
@@ -84,7 +89,12 @@ def _normalize_forward(ctx):
     return fact.replaced(fact.const, value), ctx.units(x)
 
 
-rule("normalize", functions=(F.normalize,), backward=_pointwise_backward, heads_aware=True)(_normalize_forward)
+rule("normalize", doc=(
+         '`F.normalize` along an axis other than the channel axis: `const(c) -> const(c / max(||c·1_n||, eps))`.',
+         'Nothing itself: channels pass through.',
+         'Every channel when it normalizes along the channel axis.',
+         ),
+     functions=(F.normalize,), heads_aware=True)(_normalize_forward)
 
 
 def _pad_forward(ctx):
@@ -97,18 +107,24 @@ def _pad_forward(ctx):
     fill = 0.0 if fill is None else fill
     if fact is None or not fact.tracked or shape is None or out is None or not isinstance(pad, (tuple, list)) \
             or not isinstance(fill, (int, float)):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     for axis in fact.axes:
         pair = pad[2 * (len(shape) - 1 - axis): 2 * (len(shape) - axis)]
         if any(amount != 0 for amount in pair):  # a number computed at run time counts as padding
-            return _opaque(ctx)
+            return opaque_forward(ctx)
     const = fact.const
     if mode == "constant" and out != shape:
         const = const & (fact.value == fill)
     return fact.replaced(const, np.where(const, fact.value, 0.0)), ctx.units(x)
 
 
-rule("pad", functions=(F.pad,), backward=_pointwise_backward, heads_aware=True)(_pad_forward)
+rule("pad", doc=(
+         '`F.pad` of axes other than the channel axis: with `mode="constant"` a constant stays constant '
+         'when nothing is padded or it equals the fill; other modes repeat the channel\'s values.',
+         'Nothing itself: channels pass through.',
+         'Every channel when the channel axis is padded (or by amounts computed at run time).',
+         ),
+     functions=(F.pad,), heads_aware=True)(_pad_forward)
 
 
 def _rearrange_forward(ctx):
@@ -120,12 +136,17 @@ def _rearrange_forward(ctx):
     dims = (dims,) if isinstance(dims, int) else dims
     if fact is None or not fact.tracked or shape is None or not isinstance(dims, (tuple, list)) \
             or not all(isinstance(d, int) for d in dims) or any(d % len(shape) in fact.axes for d in dims):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact, ctx.units(x)
 
 
-rule("roll/flip", functions=(torch.roll, torch.flip), methods=("roll", "flip"), backward=_pointwise_backward,
-     heads_aware=True)(_rearrange_forward)
+rule("roll/flip", doc=(
+         '`torch.roll` (Swin\'s shifted windows) and `torch.flip` of axes other than the channel axis: '
+         'positions move within each channel.',
+         'Nothing itself: channels pass through.',
+         'Every channel when the channel axis moves (or for a roll of the flattened tensor).',
+         ),
+     functions=(torch.roll, torch.flip), methods=("roll", "flip"), heads_aware=True)(_rearrange_forward)
 
 
 # -- scans -------------------------------------------------------------------------------------------------------
@@ -140,11 +161,15 @@ def _scan_forward(ctx):
     fact, shape = ctx.fact(x), ctx.shape(x)
     dim = ctx.arg(1, "dim")
     if fact is None or not fact.tracked or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
     const = fact.const & np.isin(fact.value, _FIXED_POINTS[name])
     return fact.replaced(const, np.where(const, fact.value, 0.0)), ctx.units(x)
 
 
-rule("scan", functions=(torch.cumsum, torch.cumprod), methods=("cumsum", "cumprod"), backward=_pointwise_backward,
-     heads_aware=True)(_scan_forward)
+rule("scan", doc=(
+         '`cumsum`/`cumprod` along an axis other than the channel axis (a scan within each channel).',
+         'Nothing itself: channels pass through; `cumsum` keeps `const(0)`, `cumprod` `const(0)` and `const(1)`.',
+         'Every channel for a scan along the channel axis; other constants vary along the scan.',
+         ),
+     functions=(torch.cumsum, torch.cumprod), methods=("cumsum", "cumprod"), heads_aware=True)(_scan_forward)

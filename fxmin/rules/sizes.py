@@ -7,7 +7,7 @@ uses, each of one kind:
 - it shapes a view at a channel axis coupled with the axis read (``x.view(-1, x.size(-1))``):
   its run-time value is the new size by itself ("follows");
 - it shapes a view at a channel axis where the plan writes the kept count as a literal (NOTE
-  [Computed sizes] in shape.py): its value does not matter ("patched");
+  [Computed sizes] in kit/views.py): its value does not matter ("patched");
 - anything else (a view's batch axis, ``torch.arange``, an ``expand``): it must not change.
 Any "anything else", or scaling together with "follows", pins the axis (every channel kept). A read
 that scales tensors is otherwise replaced by its original value when its axis loses channels.
@@ -22,9 +22,8 @@ import torch
 import torch.fx
 
 from ..errors import MissingRuleError, describe_node
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
-from .shape import size_use_kinds
+from .api import rule
+from .kit import BINARY_OPS, opaque_backward, opaque_forward, size_use_kinds
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
@@ -72,8 +71,6 @@ def _reads(ctx):
 def _use_kinds(ctx, read) -> set:
     """The kinds of use of the number ``read`` and of what is computed from it (NOTE [Size reads])."""
     def compute():
-        from .pointwise import _BINARY
-
         cone, pending, kinds = {read}, [read], set()
         while pending:
             node = pending.pop()
@@ -88,7 +85,7 @@ def _use_kinds(ctx, read) -> set:
                 elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
                     cone.add(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
                     pending.append(user)
-                elif is_tensor and user.op in ("call_function", "call_method") and key in _BINARY:
+                elif is_tensor and user.op in ("call_function", "call_method") and key in BINARY_OPS:
                     kinds.add("scale")
                 elif user.op in ("call_method", "call_function") and key in ("view", "reshape", torch.reshape):
                     kinds |= size_use_kinds(ctx, user, cone)
@@ -180,18 +177,38 @@ def _getattr_forward(ctx):
     return None, None
 
 
-rule("size", methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True)(_size_forward)
-rule("getattr", functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan,
+rule("size", doc=(
+         'A size of a tracked axis, through integer arithmetic (`C // n_head`, `H % ws`), that scales '
+         'tensors (`q.size(-1) ** -0.5`) is replaced by its original value, which is what the reference'
+         ' uses; one that shapes a channel axis of a view follows coupled channels or is replaced there '
+         'by the kept count (NOTE [Size reads]).',
+         '—',
+         'A size that shapes anything else (a view\'s batch axis, `arange`, `expand`), or that both '
+         'scales and follows coupled channels, pins its axis: every channel kept.',
+         ),
+     methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
+     backward_untracked=True)(_size_forward)
+rule("getattr", doc=(
+         '`.shape`, `.dtype`, `.device`, `.ndim`... read no channel.',
+         '—',
+         'Reading the size of the tracked axis pins it; an unknown attribute is a `MissingRuleError`.',
+         ),
+     functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan, backward_untracked=True,
      heads_aware=True)(_getattr_forward)
 
 
 def _guard_forward(ctx):
     """Exact: comparisons and asserts (the guards ``concrete_args`` leaves, ``flag_1 == True``)
     compute no channel; on tensors the result is opaque and every input channel is kept."""
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
-rule("guard", functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
+rule("guard", doc=(
+         'Comparisons and asserts (guards left by `concrete_args`) compute no channel.',
+         '—',
+         'On tensors the result is opaque: every input channel kept.',
+         ),
+     functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
 
 
 def _number_forward(ctx):
@@ -200,4 +217,9 @@ def _number_forward(ctx):
     return None, None
 
 
-rule("number", functions=(math.sqrt, math.pow, math.floor, math.ceil, math.log, math.exp))(_number_forward)
+rule("number", doc=(
+         '`math` functions of numbers (`math.sqrt(k.size(-1))`) compute no channel.',
+         '—',
+         '— (the sizes they read follow NOTE [Size reads]).',
+         ),
+     functions=(math.sqrt, math.pow, math.floor, math.ceil, math.log, math.exp))(_number_forward)

@@ -11,9 +11,8 @@ import torch
 import torch.fx
 
 from ..facts import ValueFact
-from .pointwise import _opaque
-from .registry import rule
-from .structure import _tracked, _tracked_backward
+from .api import rule
+from .kit import opaque_forward
 
 
 def _stack_forward(ctx):
@@ -23,20 +22,20 @@ def _stack_forward(ctx):
     shape = ctx.shape()
     if shape is None or not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) \
             or not all(isinstance(t, torch.fx.Node) for t in tensors):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     dim = dim % len(shape)
-    facts = [_tracked(ctx, t) for t in tensors]
+    facts = [ctx.fact(t) if isinstance(ctx.fact(t), ValueFact) and ctx.fact(t).tracked else None for t in tensors]
     axes = {f.axis for f in facts if f is not None}
     if len(axes) != 1 or any(f is not None and not f.simple for f in facts):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     axis = axes.pop()
     for index, tensor in enumerate(tensors):
         if facts[index] is None:
             facts[index] = ctx.adopt(tensor, axis)
             if facts[index] is None:
-                return _opaque(ctx)
+                return opaque_forward(ctx)
     if len({f.size for f in facts}) != 1:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     units = [ctx.units(t) for t in tensors]
     for other in units[1:]:
         ctx.unify(units[0], other)
@@ -46,4 +45,10 @@ def _stack_forward(ctx):
     return ValueFact.constants(out_axis, const, np.where(const, facts[0].value, 0.0)), units[0]
 
 
-rule("stack", functions=(torch.stack,), backward=_tracked_backward)(_stack_forward)
+rule("stack", doc=(
+         'Always: the inputs\' channels couple (each output channel holds the same channel of every input); '
+         'model constants are adopted.',
+         'A channel of the coupled group when it is removable in every input.',
+         'Every channel when an input\'s channel axis cannot be followed or is split into heads.',
+         ),
+     functions=(torch.stack,))(_stack_forward)
