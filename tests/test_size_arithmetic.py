@@ -125,3 +125,35 @@ def test_division_with_a_rounding_mode_is_not_taken_for_true_division():
     mask = _ones(model, "conv1.weight")
     mask[[0, 3]] = False  # const(bias) channels: kept (the rule does not compute floor division constants)
     check_minimize(model, {"conv1.weight": mask}, (torch.randn(2, 3, 4, 4),), expected_params=24 + 14)
+
+
+class SwinWindowAttention(nn.Module):
+    """timm Swin's window attention: a per-head relative position bias gathered from a table by an index."""
+
+    def __init__(self, width=8, heads=2, window=2):
+        super().__init__()
+        torch.manual_seed(3)
+        self.inp, self.out = nn.Linear(5, width), nn.Linear(width, 2)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        self.register_buffer("index", torch.randint(0, (2 * window - 1) ** 2, (window ** 4,)))
+        self.heads, self.tokens = heads, window * window
+
+    def forward(self, z):
+        x = self.inp(z)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * 0.5) @ k.transpose(-2, -1)
+        bias = self.table[self.index.view(-1)].view(self.tokens, self.tokens, -1).permute(2, 0, 1).contiguous()
+        attn = (attn + bias.unsqueeze(0)).softmax(-1)
+        return self.out(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
+
+
+def test_swin_relative_position_bias_loses_the_column_of_a_removed_head():
+    model = SwinWindowAttention().eval()
+    proj = _ones(model, "proj.weight")
+    proj[:, 4:] = False  # nothing reads head 1: its q, k, v rows and its column of the bias table leave
+    # inp 8x5+8, qkv 12x8+12, proj 8x4+8, table 9x1, out 2x8+2
+    result = check_minimize(model, {"proj.weight": proj}, (torch.randn(2, 4, 5),),
+                            expected_params=48 + 108 + 40 + 9 + 18)
+    assert tuple(result.module.table.shape) == (9, 1)

@@ -69,6 +69,12 @@ def _getitem_plan(ctx):
 def _getitem_constant_view(node, root, axis):
     """NOTE [Constant views]: a table sliced along other axes (``self.cos[:T]``) keeps ``axis`` whole."""
     source, index = node.args
+    meta = index.meta.get("tensor_meta") if isinstance(index, torch.fx.Node) else None
+    if meta is not None and isinstance(source, torch.fx.Node) and not meta.dtype.is_floating_point \
+            and meta.dtype is not torch.bool:
+        # rows gathered by an integer index (Swin's table[relative_position_index]): the other axes stay whole
+        rank = len(meta.shape)
+        return (source, axis - rank + 1) if axis >= rank else None
     index = index if isinstance(index, tuple) else (index,)
     if not isinstance(source, torch.fx.Node) or not all(isinstance(i, slice) for i in index):
         return None

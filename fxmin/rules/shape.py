@@ -229,7 +229,8 @@ def _view_plan(ctx):
 
 def _view_constant_view(node, root, axis):
     """NOTE [Constant views]: a view that only adds or drops size-1 axes (``bias.view(1, 1, 1, -1)``,
-    GRN's per-channel parameters) keeps the source's axis of the same non-trivial rank whole."""
+    GRN's per-channel parameters), or reshapes other axes around one it keeps whole (Swin's
+    ``table[index].view(N, N, -1)``), keeps the source's axis."""
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.meta.get("tensor_meta") is None \
             or node.meta.get("tensor_meta") is None:
@@ -237,9 +238,12 @@ def _view_constant_view(node, root, axis):
     before, after = tuple(source.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
     kept_before = [a for a, size in enumerate(before) if size != 1]
     kept_after = [a for a, size in enumerate(after) if size != 1]
-    if [before[a] for a in kept_before] != [after[a] for a in kept_after] or axis not in kept_after:
-        return None
-    return source, kept_before[kept_after.index(axis)]
+    if [before[a] for a in kept_before] == [after[a] for a in kept_after] and axis in kept_after:
+        return source, kept_before[kept_after.index(axis)]
+    for (i0, i1), (j0, j1) in _groups(before, after) or ():  # an axis that maps one to one (table.view(N, N, -1))
+        if j0 <= axis < j1:
+            return (source, i0) if i1 - i0 == 1 and j1 - j0 == 1 else None
+    return None
 
 
 def _reshape_as_forward(ctx):

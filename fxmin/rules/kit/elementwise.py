@@ -117,7 +117,13 @@ def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
     rule(name, modules=modules, functions=functions, methods=methods, heads_aware=True, passes_axis=True,
-         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc)(pointwise_forward)
+         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc, constant_view=_copy_constant_view)(pointwise_forward)
+
+
+def _copy_constant_view(node, root, axis):
+    """NOTE [Constant views]: ``contiguous``/``clone``/``detach`` of a model constant hold its values."""
+    copies = ("contiguous", "clone", "detach")
+    return (node.args[0], axis) if node.op == "call_method" and node.target in copies else None
 
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
