@@ -87,7 +87,7 @@ class Cumulative(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return torch.cumsum(self.fc(x), dim=1)
+        return torch.logcumsumexp(self.fc(x), dim=1)
 
 
 def test_exit_codes_and_messages(files, capsys, tmp_path):
@@ -100,10 +100,10 @@ def test_exit_codes_and_messages(files, capsys, tmp_path):
     torch.jit.save(torch.jit.script(nn.Linear(3, 2)), tmp_path / "scripted.pt")
     code, _, err = run(capsys, "minimize", tmp_path / "scripted.pt")
     assert code == 2 and "TorchScript" in err and "not support" in err
-    torch.save(Cumulative(), tmp_path / "cumsum.pt")
-    code, _, err = run(capsys, "minimize", tmp_path / "cumsum.pt")
-    assert code == 3 and err.startswith("fxmin: error[missing-rule]:") and "cumsum" in err
-    assert run(capsys, "minimize", tmp_path / "cumsum.pt", "--barrier", "cumsum")[0] == 0
+    torch.save(Cumulative(), tmp_path / "logcumsumexp.pt")
+    code, _, err = run(capsys, "minimize", tmp_path / "logcumsumexp.pt")
+    assert code == 3 and err.startswith("fxmin: error[missing-rule]:") and "logcumsumexp" in err
+    assert run(capsys, "minimize", tmp_path / "logcumsumexp.pt", "--barrier", "logcumsumexp")[0] == 0
     assert run(capsys)[0] == 2  # no command: usage error
     assert run(capsys, "minimize", "--help")[0] == 0
 

@@ -8,3 +8,4 @@ from . import attention, embedding, indexing, linear, norm, pointwise, shape, si
 from .pointwise import register_pointwise  # noqa: F401,E402
 from . import functional  # noqa: F401,E402  (after the rules it extends)
 from . import huggingface, mha  # noqa: F401,E402  (HF-traced ops; nn.MultiheadAttention)
+from . import libraries, per_channel, stacking, ternary  # noqa: F401,E402

@@ -27,6 +27,7 @@ graph_helpers, edits); the engine reaches rules only through this module.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -110,6 +111,8 @@ class Registry:
     methods: dict = field(default_factory=dict)
     #: new key -> the key whose rule it shares (:meth:`alias`), resolved at lookup
     aliases: dict = field(default_factory=dict)
+    #: module name -> what registers the rules of that optional library once it is imported (:meth:`defer`)
+    deferred: dict = field(default_factory=dict)
 
     def _table(self, key) -> dict:
         if isinstance(key, str):
@@ -140,6 +143,20 @@ class Registry:
         for key in (*modules, *functions, *methods):
             self._put(key, rule, override)
         return rule
+
+    def defer(self, module_name: str, register: Callable) -> None:
+        """Call ``register(module)`` once the module ``module_name`` is imported, by anyone: the rules of
+        an optional library (torchvision, timm) whose targets exist only once it is loaded, without
+        importing it. Checked at every lookup, so importing the library after fxmin works."""
+        self.deferred[module_name] = register
+        self.register_imported()
+
+    def register_imported(self) -> list[str]:
+        """Run the deferred registrations whose module is now imported; returns their module names."""
+        done = [name for name in self.deferred if name in sys.modules]
+        for name in done:
+            self.deferred.pop(name)(sys.modules[name])
+        return done
 
     def alias(self, existing, *new_keys, override: bool = False) -> None:
         """Declare that the targets ``new_keys`` (a module type, a callable, an ATen ``OpOverload`` /
@@ -191,6 +208,8 @@ class Registry:
         return found
 
     def lookup(self, node, root) -> Rule | None:
+        if self.deferred:
+            self.register_imported()
         if node.op == "call_module":
             return self.lookup_module(root.get_submodule(node.target))
         if node.op == "call_function":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
 
 from ..facts import ValueFact
 from .api import rule
@@ -44,25 +45,31 @@ def _passthrough_backward(ctx):
 # -- softmax over the keys ---------------------------------------------------------------------------------------
 
 def _softmax_forward(ctx):
-    """Exact: softmax along an axis the channels do not occupy works within each channel."""
+    """Exact: softmax along an axis the channels do not occupy works within each channel; a
+    constant channel becomes ``const(1/n)`` (``log_softmax``: ``const(-log n)``)."""
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
-    dim = ctx.arg(1, "dim")
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
         return opaque_forward(ctx)
-    return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
+    count = shape[dim % len(shape)]  # a constant channel is uniform along dim: 1/n (log: -log n)
+    log = not _sums_to_one(ctx.node, ctx.root)
+    return fact.replaced(fact.const, np.full(fact.size, -math.log(count) if log else 1.0 / count)), ctx.units(x)
 
 
 def _sums_to_one(node, root) -> bool:
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), nn.Softmax)
     return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
 
 
 rule("softmax", doc=(
-         'Along an axis the channels do not occupy: it works within each channel.',
+         'Along an axis the channels do not occupy: it works within each channel; a constant channel '
+         'becomes `const(1/n)` (`log_softmax`: `const(-log n)`).',
          'Nothing itself.',
          'Every channel for a softmax along the channel axis.',
          ),
-     functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
+     functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax), modules=(nn.Softmax, nn.LogSoftmax),
      methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True,
      sums_to_one=_sums_to_one)(_softmax_forward)
 

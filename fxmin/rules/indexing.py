@@ -72,6 +72,12 @@ def _getitem_plan(ctx):
 def _getitem_constant_view(node, root, axis):
     """NOTE [Constant views]: a table sliced along other axes (``self.cos[:T]``) keeps ``axis`` whole."""
     source, index = node.args
+    meta = index.meta.get("tensor_meta") if isinstance(index, torch.fx.Node) else None
+    if meta is not None and isinstance(source, torch.fx.Node) and not meta.dtype.is_floating_point \
+            and meta.dtype is not torch.bool:
+        # rows gathered by an integer index (Swin's table[relative_position_index]): the other axes stay whole
+        rank = len(meta.shape)
+        return (source, axis - rank + 1) if axis >= rank else None
     index = index if isinstance(index, tuple) else (index,)
     if not isinstance(source, torch.fx.Node) or not all(isinstance(i, slice) for i in index):
         return None
@@ -97,40 +103,93 @@ rule("getitem", doc=(
      heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
 
 
-# -- reductions over other axes --------------------------------------------------------------------------------
+# -- reductions ---------------------------------------------------------------------------------------------------
+#
+# NOTE [Channel means]
+# A mean over the channel axis (ConvNeXt-V2's GRN: ``Gx / Gx.mean(dim=-1, keepdim=True)``) mixes
+# every channel, and a removed channel still counts: its constant adds ``c · m`` to the sum (``m``
+# reduced elements per channel) and 1 to the divisor. So only constant channels may leave, and the
+# call becomes ``(x.sum(dim) + S) / N``, with ``S`` the removed constants' share of the sum and ``N``
+# the original count (:func:`sum_with_removed`); ``sum`` keeps ``N = 1``. As for
+# CompensatedLayerNorm, the statistics keep what left (compensated-layernorm.md).
 
-def _reduce_forward(ctx):
-    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
-    multiplies it by the number of reduced elements."""
+
+def _reduce_spec(ctx):
+    """(input, fact, shape, reduced axes, keepdim, name) of a mean/sum/amax/amin with literal axes, or None."""
     x = ctx.arg(0, "input")
     fact, shape = ctx.fact(x), ctx.shape(x)
     dims = ctx.arg(1, "dim")
     keepdim = ctx.arg(2, "keepdim", False)
     if fact is None or not fact.tracked or shape is None or dims is None or ctx.node.kwargs.get("dtype") is not None:
-        return opaque_forward(ctx)
+        return None
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if not all(isinstance(d, int) for d in dims):
-        return opaque_forward(ctx)
-    rank = len(shape)
-    dims = {d % rank for d in dims}
-    if fact.axis in dims:
-        return opaque_forward(ctx)
-    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
+    if not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
+        return None
     name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    return x, fact, shape, {d % len(shape) for d in dims}, keepdim, name
+
+
+def _over_channels(spec) -> bool:
+    """A mean or sum whose reduced axes include the (single) channel axis (NOTE [Channel means])."""
+    return spec is not None and spec[1].simple and spec[1].axis in spec[3] and spec[5] in ("mean", "sum")
+
+
+def _reduce_forward(ctx):
+    """Exact when the reduced axes exclude the channel axis: mean/amax keep a constant, sum
+    multiplies it by the number of reduced elements. A mean or sum over the channel axis keeps
+    the removed constants' share (NOTE [Channel means])."""
+    spec = _reduce_spec(ctx)
+    if spec is None or spec[1].axis in spec[3]:
+        return opaque_forward(ctx)
+    x, fact, shape, dims, keepdim, name = spec
+    axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
     value = fact.value
     if name == "sum":
         value = value * math.prod(shape[d] for d in dims)
     return ValueFact.constants(axis, fact.const, value), ctx.units(x)
 
 
+def _reduce_backward(ctx):
+    spec = _reduce_spec(ctx)
+    fact = ctx.fact(ctx.node)
+    if isinstance(fact, ValueFact) and fact.tracked:
+        return  # channels pass through
+    if _over_channels(spec):
+        ctx.require(spec[0], spec[1].varying_mask, "feeds a mean over channels (only constant channels can leave)")
+        return
+    opaque_backward(ctx)
+
+
+def sum_with_removed(x, dim, keepdim: bool, removed: float, count: int):
+    """``(x.sum(dim, keepdim) + removed) / count``: a mean (or sum, ``count=1``) over channels some of
+    which left as constants (NOTE [Channel means])."""
+    return (x.sum(dim, keepdim=keepdim) + removed) / count
+
+
+def _reduce_plan(ctx):
+    spec = _reduce_spec(ctx)
+    if not _over_channels(spec):
+        return
+    x, fact, shape, dims, keepdim, name = spec
+    present = ctx.present(x)
+    if present.all():
+        return
+    per_channel = math.prod(shape[d] for d in dims if d != fact.axis)
+    removed = float(fact.value[~present].sum()) * per_channel
+    count = math.prod(shape[d] for d in dims) if name == "mean" else 1
+    ctx.patch((x, tuple(sorted(dims)), keepdim, removed, count), {}, op="call_function", target=sum_with_removed)
+
+
 rule("reduction", doc=(
          'Reductions over axes other than the channel axis: mean/amax/amin keep a constant, sum '
-         'multiplies it by the number of reduced elements.',
-         'Nothing itself: channels pass through.',
-         'Every channel when the channel axis is reduced, or `dim`/`dtype` are not literals.',
+         'multiplies it by the number of reduced elements. A mean or sum over the channel axis (GRN) '
+         'becomes `(x.sum(dim) + S) / N`: the removed constants\' share and the original count.',
+         'Nothing itself: channels pass through; over the channel axis, constant channels (NOTE [Channel means]).',
+         'Every channel for amax/amin over the channel axis, or when `dim`/`dtype` are not literals; '
+         'varying channels under a mean or sum over the channel axis.',
          ),
      functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
-     )(_reduce_forward)
+     backward=_reduce_backward, plan=_reduce_plan, backward_untracked=True)(_reduce_forward)
 
 
 # -- index_select with a constant index (what minimize writes at the inputs) -----------------------------------

@@ -98,8 +98,8 @@ def _binary_forward(ctx):
     a, b = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
     if mutates(ctx.node, ctx.root):
         check_in_place(ctx, a)
-    if "alpha" in node.kwargs or len(node.args) > 2:
-        return opaque_forward(ctx)
+    if set(node.kwargs) - {"other"} or len(node.args) > 2:
+        return opaque_forward(ctx)  # alpha=, rounding_mode=: not the op the table computes constants with
     op = BINARY_OPS[node.target]
     shape = ctx.shape()
     if shape is None:
@@ -317,3 +317,7 @@ rule("pooling", doc=(
          ),
      modules=[k for k in _POOL_DIMS if isinstance(k, type)],
      functions=_POOL_TARGETS)(_pool_forward)
+
+
+# trigonometric functions (sin/cos positional encodings: EdgeNeXt, DETR-style models)
+register_pointwise(functions=(torch.sin, torch.cos), methods=("sin", "cos"))

@@ -3,14 +3,12 @@
 NOTE [Literal sizes]
 ``x.view(-1, 400)`` bakes the channel count into the graph. When the tracked axis of
 the result shrinks, the literal at that position is patched to the new size. A size
-computed at run time (``x.size(1)``) is left alone: reading the size of a tracked
-axis pins that axis (every channel kept), so such sizes never change.
+computed at run time at that position is either the size of coupled channels (it follows
+them), or replaced by the kept count too (NOTE [Computed sizes] in kit/views.py).
 """
 from __future__ import annotations
 
-import builtins
 import math
-import operator
 
 import numpy as np
 import torch
@@ -19,7 +17,8 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import rule
-from .kit import coupled_size, new_radix, opaque_forward, uniform_digits, view_entries
+from .kit import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, opaque_forward,
+                  product_closure, uniform_digits, view_entries)
 
 
 def _mapped(fact: ValueFact, units, axis: int, inner: int, outer: int):
@@ -136,6 +135,9 @@ def _view_split_axes(fact, units, groups, source, target):
         (i0, i1, j0, j1), inside = next(iter(owner.items()))
         if j1 - j0 == 1 and list(range(i0, i1)) == list(axes):  # heads merged back: (H, hd) -> H*hd
             return ValueFact(j0, fact.size, fact.const, fact.value), units
+        if j1 - j0 == 1 and list(range(i0, i1)) == sorted(axes):  # NOTE [Channel shuffle]: merged in another order
+            order = merge_order(axes, fact.radix)
+            return ValueFact(j0, fact.size, fact.const[order], fact.value[order]), units[order]
     # each group maps one digit to one axis, or merges adjacent digits into one (repeated key/value
     # heads (g, r) -> g * rep + r, NOTE [Grouped heads]): the channel numbering is unchanged
     goes_to, merged = {}, []
@@ -169,8 +171,8 @@ def _view_forward(ctx):
         return opaque_forward(ctx)
     fact, units = mapped
     entries = view_entries(ctx.node) if fact.simple else None
-    if entries is not None and entries[fact.axis][0] == "size":
-        _, source, axis = entries[fact.axis]
+    if entries is not None and entries[fact.axis][0] == "size" and entry_where(entries[fact.axis]) is None:
+        source, axis = entries[fact.axis][1], entries[fact.axis][2]
         source_fact = ctx.fact(source)
         if (isinstance(source_fact, ValueFact) and source_fact.tracked and source_fact.simple
                 and source_fact.axis == axis and source_fact.size == fact.size):
@@ -181,12 +183,12 @@ def _view_forward(ctx):
 def _view_backward(ctx):
     fact = ctx.fact(ctx.node)
     entries = view_entries(ctx.node)
-    if entries is None or any(not (entries[axis][0] == "literal" or coupled_size(ctx, entries[axis], axis))
+    if entries is None or any(not (coupled_size(ctx, entries[axis], axis) or entry_where(entries[axis]) is not None)
                               for axis in fact.axes):
         ctx.require_all(ctx.node, "a size computed at run time shapes it")  # keep it unchanged
         return
     for axis in fact.axes:
-        owner = entries[axis][2][0] if entries[axis][0] == "literal" else None
+        owner = entry_where(entries[axis])[0] if not coupled_size(ctx, entries[axis], axis) else None
         if owner is not None and owner is not ctx.node and len(owner.users) > 1:
             ctx.require_all(ctx.node, "its size tuple is shared with other readers")
             return
@@ -197,19 +199,35 @@ def _view_backward(ctx):
     # a merge of finer digits ((g, r) -> h, NOTE [Grouped heads]): the rule that made them keeps
     # them uniform, which keeps the merged ones uniform; growing heads here, before the repeat has
     # given every copy its group's dims, would pick dims the group does not need
+    shuffled = _shuffled_input(ctx)
+    if shuffled is not None:
+        ctx.require(ctx.node, product_closure(ctx.present(), shuffled.radix, merge_order(shuffled.axes, shuffled.radix)),
+                    "a channel shuffle keeps the same positions in every kept group (NOTE [Channel shuffle])")
+
+
+def _shuffled_input(ctx):
+    """The input's split fact when this view merges it in another order (NOTE [Channel shuffle])."""
+    fact_in = ctx.fact(ctx.arg(0, "input"))
+    if not isinstance(fact_in, ValueFact) or not fact_in.tracked or fact_in.simple or not ctx.fact(ctx.node).simple:
+        return None
+    return fact_in if list(fact_in.axes) != sorted(fact_in.axes) else None
 
 
 def _view_plan(ctx):
     fact = ctx.fact(ctx.node)
     kept = ctx.kept()
-    if fact is None or not fact.tracked or len(kept) == fact.size:
+    if fact is None or not fact.tracked:
         return
     entries = view_entries(ctx.node)
+    computed = [axis for axis in fact.axes if entries[axis][0] in ("size", "computed")
+                and entry_where(entries[axis]) is not None and not coupled_size(ctx, entries[axis], axis)]
+    if len(kept) == fact.size and not any(may_change(ctx, entry_node(entries[axis])) for axis in computed):
+        return
     sizes = new_radix(kept, fact.radix) if not fact.simple else (int(len(kept)),)
     edits = {}  # owner node -> {(position, index): new size}
     for axis, size in zip(fact.axes, sizes):
-        if entries[axis][0] == "literal" and entries[axis][1] != -1:
-            owner, position, index = entries[axis][2]
+        if (entries[axis][0] == "literal" and entries[axis][1] != -1) or axis in computed:
+            owner, position, index = entry_where(entries[axis])
             edits.setdefault(owner, {})[(position, index)] = int(size)
     for owner, changes in edits.items():
         args = list(owner.args)
@@ -227,14 +245,56 @@ def _view_plan(ctx):
             ctx.patch_node(owner, tuple(args), dict(owner.kwargs))
 
 
+def _view_constant_view(node, root, axis):
+    """NOTE [Constant views]: a view that only adds or drops size-1 axes (``bias.view(1, 1, 1, -1)``,
+    GRN's per-channel parameters), or reshapes other axes around one it keeps whole (Swin's
+    ``table[index].view(N, N, -1)``), keeps the source's axis."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.meta.get("tensor_meta") is None \
+            or node.meta.get("tensor_meta") is None:
+        return None
+    before, after = tuple(source.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
+    kept_before = [a for a, size in enumerate(before) if size != 1]
+    kept_after = [a for a, size in enumerate(after) if size != 1]
+    if [before[a] for a in kept_before] == [after[a] for a in kept_after] and axis in kept_after:
+        return source, kept_before[kept_after.index(axis)]
+    for (i0, i1), (j0, j1) in _groups(before, after) or ():  # an axis that maps one to one (table.view(N, N, -1))
+        if j0 <= axis < j1:
+            return (source, i0) if i1 - i0 == 1 and j1 - j0 == 1 else None
+    return None
+
+
+def _reshape_as_forward(ctx):
+    """Exact: ``x.reshape_as(y)`` is ``x.reshape(y.shape)``, followed when ``y``'s channels are the
+    result's (coupled), so that ``y``'s run-time shape follows the kept channels."""
+    mapped = _view_mapping(ctx)
+    other = ctx.arg(1, "other")
+    other_fact = ctx.fact(other)
+    if mapped is None or not mapped[0].simple or not isinstance(other_fact, ValueFact) or not other_fact.tracked \
+            or other_fact.axes != mapped[0].axes or other_fact.size != mapped[0].size:
+        return opaque_forward(ctx)
+    ctx.unify(ctx.units(other), mapped[1])
+    return mapped
+
+
+rule("reshape_as", doc=(
+         '`x.reshape_as(y)` (LeViT\'s `bn(x.flatten(0, 1)).reshape_as(x)`) when `y`\'s channels couple '
+         'with the result\'s: as `reshape`.',
+         'Follows the channels (the shape is read from `y` at run time).',
+         'Every channel when `y` is untracked or its channels sit elsewhere.',
+         ),
+     methods=("reshape_as", "view_as"))(_reshape_as_forward)
+
+
 rule("view/reshape", doc=(
-         'Reshapes that keep the channel axis whole, merge it into one axis, or split it into uniform'
-         ' blocks or heads.',
-         'Follows the channels; literal sizes at the channel axis are patched.',
-         'Every channel for other reshapes, and when the size at the channel axis is computed at run '
-         "time, unless it is read from a tensor whose channels couple with the view's (`x.view(-1, "
-         "x.size(-1))`, HF's `x.size()[:-1] + (4, 16)`: literals inside the `operator.add` tuple are "
-         'patched).',
+         'Reshapes that keep the channel axis whole, merge it into one axis, split it into uniform'
+         ' blocks or heads, or merge split axes in another order (a channel shuffle: a permutation).',
+         'Follows the channels; sizes at the channel axis are patched: literals, and numbers computed'
+         ' at run time (`C // n_head`, `c * h * w` from `x.shape`) unless they read the size of '
+         "coupled channels (`x.view(-1, x.size(-1))`), which follow by themselves.",
+         'Every channel for other reshapes, or when the size at the channel axis is computed inside a '
+         'tuple it cannot patch (HF: `x.size()[:-1]`); a channel shuffle keeps a product of groups and '
+         'positions (NOTE [Channel shuffle]).',
          ),
      functions=(torch.reshape,), methods=("view", "reshape"),
-     backward=_view_backward, plan=_view_plan, heads_aware=True)(_view_forward)
+     backward=_view_backward, plan=_view_plan, heads_aware=True, constant_view=_view_constant_view)(_view_forward)

@@ -1,9 +1,16 @@
 """Reading sizes: ``x.size(d)``, ``x.shape``, ``x.dim()``, and guards FX leaves behind.
 
 NOTE [Size reads]
-A size of a tracked axis that only scales tensors (``q.size(-1) ** -0.5``) is replaced by its
-original value, which is what the reference computes with; one that shapes views of the same
-channels follows them; any other use pins the axis (every channel kept), so it never changes.
+A size of a tracked axis flows through integer arithmetic (``C // n_head``, ``H % ws``) to its
+uses, each of one kind:
+- it scales tensors (``q.size(-1) ** -0.5``): the reference computes with the original value;
+- it shapes a view at a channel axis coupled with the axis read (``x.view(-1, x.size(-1))``):
+  its run-time value is the new size by itself ("follows");
+- it shapes a view at a channel axis where the plan writes the kept count as a literal (NOTE
+  [Computed sizes] in kit/views.py): its value does not matter ("patched");
+- anything else (a view's batch axis, ``torch.arange``, an ``expand``): it must not change.
+Any "anything else", or scaling together with "follows", pins the axis (every channel kept). A read
+that scales tensors is otherwise replaced by its original value when its axis loses channels.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import torch.fx
 
 from ..errors import MissingRuleError, describe_node
 from .api import rule
-from .kit import BINARY_OPS, feeds_coupled_views, opaque_backward, opaque_forward
+from .kit import BINARY_OPS, opaque_backward, opaque_forward, size_use_kinds
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
@@ -33,8 +40,8 @@ def original_size(value: int) -> int:
     return value
 
 
-_SCALAR_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
-                      operator.neg, math.sqrt, math.pow}
+_SCALAR_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+                      operator.pow, operator.neg, math.sqrt, math.pow, math.floor, math.ceil}
 
 
 def _reads(ctx):
@@ -61,27 +68,36 @@ def _reads(ctx):
     return reads
 
 
-def _only_scales(value_node) -> bool:
-    """True when a size flows only through scalar arithmetic into elementwise tensor arithmetic."""
+def _use_kinds(ctx, read) -> set:
+    """The kinds of use of the number ``read`` and of what is computed from it (NOTE [Size reads])."""
+    def compute():
+        cone, pending, kinds = {read}, [read], set()
+        while pending:
+            node = pending.pop()
+            for user in node.users:
+                if user in cone:
+                    continue
+                is_tensor = user.meta.get("tensor_meta") is not None
+                key = user.target
+                if user.op == "call_function" and key in _SCALAR_ARITHMETIC and not is_tensor:
+                    cone.add(user)  # integer arithmetic, or a tuple concatenated for a view's shape
+                    pending.append(user)
+                elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
+                    cone.add(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
+                    pending.append(user)
+                elif is_tensor and user.op in ("call_function", "call_method") and key in BINARY_OPS:
+                    kinds.add("scale")
+                elif user.op in ("call_method", "call_function") and key in ("view", "reshape", torch.reshape):
+                    kinds |= size_use_kinds(ctx, user, cone)
+                else:
+                    kinds.add("other")
+        return kinds
 
-    pending, seen = [value_node], set()
-    while pending:
-        node = pending.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            is_tensor = user.meta.get("tensor_meta") is not None
-            key = user.target
-            if user.op == "call_function" and key in _SCALAR_ARITHMETIC and not is_tensor:
-                pending.append(user)
-            elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
-                pending.append(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
-            elif is_tensor and user.op in ("call_function", "call_method") and key in BINARY_OPS:
-                continue
-            else:
-                return False
-    return True
+    return ctx.memo(("size uses", read), compute)
+
+
+def _pins(kinds) -> bool:
+    return "other" in kinds or {"scale", "follows"} <= kinds
 
 
 def _tracked_reads(ctx):
@@ -109,15 +125,9 @@ def _size_backward(ctx):
         return
     hits, whole = _tracked_reads(ctx)
     sliced = [user for user, axis in _reads(ctx) if axis == "slice"]
-    source, shape = node.args[0], ctx.shape(node.args[0])
-    if whole or any(not (_only_scales(hit) or feeds_coupled_views(ctx, hit, source, _read_axis(ctx, hit, shape)))
-                    for hit in hits if not _is_slice(hit)) or any(
+    if whole or any(_pins(_use_kinds(ctx, hit)) for hit in hits if not _is_slice(hit)) or any(
             _slice_reads_tracked(ctx, user) for user in sliced):
         ctx.require_all(node.args[0], "its size is read to shape other tensors")
-
-
-def _read_axis(ctx, hit, shape) -> int:
-    return (ctx.arg(1, "dim") if hit is ctx.node else hit.args[1]) % len(shape)
 
 
 def _is_slice(node) -> bool:
@@ -146,8 +156,8 @@ def _size_plan(ctx):
         if _is_slice(hit):
             continue
         axis = (ctx.arg(1, "dim") if hit is node else hit.args[1]) % len(shape)
-        if not _only_scales(hit):
-            continue  # it shapes coupled views: its run-time value is the new size (NOTE [Shape tuples])
+        if "scale" not in _use_kinds(ctx, hit):
+            continue  # its run-time value is the new size, or views replace it (NOTE [Size reads])
         ctx.patch_node(hit, (shape[axis],), {}, op="call_function", target=original_size)
 
 
@@ -168,12 +178,13 @@ def _getattr_forward(ctx):
 
 
 rule("size", doc=(
-         'A size of a tracked axis that only scales tensors (`q.size(-1) ** -0.5`) is replaced by its'
-         ' original value, which is what the reference uses.',
+         'A size of a tracked axis, through integer arithmetic (`C // n_head`, `H % ws`), that scales '
+         'tensors (`q.size(-1) ** -0.5`) is replaced by its original value, which is what the reference'
+         ' uses; one that shapes a channel axis of a view follows coupled channels or is replaced there '
+         'by the kept count (NOTE [Size reads]).',
          '—',
-         'A size that shapes tensors (a `view` argument) pins its axis: every channel kept, unless it'
-         ' only shapes views whose channels it couples with (its run-time value is then the new '
-         'size).',
+         'A size that shapes anything else (a view\'s batch axis, `arange`, `expand`), or that both '
+         'scales and follows coupled channels, pins its axis: every channel kept.',
          ),
      methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
      backward_untracked=True)(_size_forward)
@@ -198,3 +209,17 @@ rule("guard", doc=(
          'On tensors the result is opaque: every input channel kept.',
          ),
      functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
+
+
+def _number_forward(ctx):
+    """Exact: ``math`` functions of numbers (``math.sqrt(k.size(-1))``) compute no channel; the sizes
+    they read follow NOTE [Size reads]."""
+    return None, None
+
+
+rule("number", doc=(
+         '`math` functions of numbers (`math.sqrt(k.size(-1))`) compute no channel.',
+         '—',
+         '— (the sizes they read follow NOTE [Size reads]).',
+         ),
+     functions=(math.sqrt, math.pow, math.floor, math.ceil, math.log, math.exp))(_number_forward)

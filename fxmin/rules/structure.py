@@ -335,26 +335,48 @@ def _squeeze_forward(ctx):
     return _moved(ctx, fact.axis - sum(1 for d in dims if d < fact.axis))
 
 
+def _moved_constant_view(node, root, axis):
+    """NOTE [Constant views]: a permute, transpose or unsqueeze moves whole axes of its source."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.meta.get("tensor_meta") is None \
+            or node.meta.get("tensor_meta") is None:
+        return None
+    rank_in, rank_out = len(source.meta["tensor_meta"].shape), len(node.meta["tensor_meta"].shape)
+    rest = [a for a in node.args[1:] if isinstance(a, int)]
+    if node.target in ("permute", torch.permute):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        dims = [d % rank_in for d in dims] if all(isinstance(d, int) for d in dims) else None
+        return (source, dims[axis]) if dims is not None and len(dims) == rank_out else None
+    if node.target in ("transpose", torch.transpose) and len(rest) == 2:
+        a, b = (d % rank_in for d in rest)
+        return source, (b if axis == a else a if axis == b else axis)
+    if node.target in ("unsqueeze", torch.unsqueeze) and len(rest) == 1:
+        dim = rest[0] % rank_out
+        return None if axis == dim else (source, axis - (1 if dim < axis else 0))
+    return None
+
+
 rule("permute", doc=(
          'Always: the channel axis moves (both axes of attention heads).',
          'Nothing itself.',
          '—',
          ),
      functions=(torch.permute,), methods=("permute",),
-     heads_aware=True)(_permute_forward)
+     heads_aware=True, constant_view=_moved_constant_view)(_permute_forward)
 rule("transpose", doc=(
          'Always: the channel axis swaps with another.',
          'Nothing itself.',
          '—',
          ),
      functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
-     heads_aware=True)(_transpose_forward)
+     heads_aware=True, constant_view=_moved_constant_view)(_transpose_forward)
 rule("unsqueeze", doc=(
          'Always: a new size-1 axis shifts the channel axis (every axis of attention heads).',
          'Nothing itself.',
          '—',
          ),
-     functions=(torch.unsqueeze,), methods=("unsqueeze",), heads_aware=True)(_unsqueeze_forward)
+     functions=(torch.unsqueeze,), methods=("unsqueeze",), heads_aware=True,
+     constant_view=_moved_constant_view)(_unsqueeze_forward)
 rule("squeeze", doc=(
          'Removing size-1 axes other than the channel axis.',
          'Nothing itself.',

@@ -117,7 +117,13 @@ def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
     rule(name, modules=modules, functions=functions, methods=methods, heads_aware=True, passes_axis=True,
-         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc)(pointwise_forward)
+         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc, constant_view=_copy_constant_view)(pointwise_forward)
+
+
+def _copy_constant_view(node, root, axis):
+    """NOTE [Constant views]: ``contiguous``/``clone``/``detach`` of a model constant hold its values."""
+    copies = ("contiguous", "clone", "detach")
+    return (node.args[0], axis) if node.op == "call_method" and node.target in copies else None
 
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -143,6 +149,9 @@ BINARY_OPS = {
     torch.div: torch.div, operator.truediv: torch.div, operator.itruediv: torch.div, "div": torch.div,
     "div_": torch.div, "__truediv__": torch.div, "__rtruediv__": lambda a, b: torch.div(b, a),
     torch.maximum: torch.maximum, torch.minimum: torch.minimum,
+    operator.floordiv: torch.floor_divide, "__floordiv__": torch.floor_divide, torch.floor_divide: torch.floor_divide,
+    "floor_divide": torch.floor_divide, operator.mod: torch.remainder, "__mod__": torch.remainder,
+    torch.remainder: torch.remainder, "remainder": torch.remainder,
     # the ATen overloads (torch.export graphs) compute the same; fxmin.rules.functional aliases them
     torch.ops.aten.add.Tensor: torch.add, torch.ops.aten.sub.Tensor: torch.sub, torch.ops.aten.mul.Tensor: torch.mul,
     torch.ops.aten.div.Tensor: torch.div,
