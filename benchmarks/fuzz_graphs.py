@@ -1,6 +1,6 @@
 """Random-graph fuzzer: does fxmin stay exact-or-loud, and remove what the oracle proves removable?
 
-Case ``s`` is the description drawn by ``tests/fuzz_models.describe(RandomDraw(s))`` (a random DAG of
+Case ``s`` is the description drawn by ``tests/fuzz_descriptions.describe(RandomDraw(s))`` (a random DAG of
 Linear/Conv/norm/attention/residual/cat/split ops with planted dead structure); ``tests/fuzz_case.run_case``
 minimizes it and judges the result against the masked model in float64 and against the oracle of
 ``tests/fuzz_oracle.py`` (see docs/reliability.md). Reproduce one case with ``--start s --cases 1 -v``.
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from fuzz_case import run_case  # noqa: E402
-from fuzz_models import KINDS, RandomDraw, describe  # noqa: E402
+from fuzz_descriptions import KINDS, RandomDraw, describe  # noqa: E402
 from fuzz_oracle import LIMITS  # noqa: E402
 from pass_speed import section, write_section  # noqa: E402
 

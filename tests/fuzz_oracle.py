@@ -1,4 +1,4 @@
-"""The fuzzer's oracle: what may leave a model of ``fuzz_models``, from its description alone.
+"""The fuzzer's oracle: what may leave a model of ``fuzz_descriptions``, from its description alone.
 
 Plain numpy over the masked weights and the description; it shares no code with fxmin (it never sees
 an FX graph). It states fxmin's contract (docs/concepts.md, docs/exactness.md,
@@ -31,7 +31,7 @@ import math
 import numpy as np
 from networkx.utils import UnionFind
 
-from fuzz_models import SPATIAL, family
+from fuzz_descriptions import SPATIAL
 
 #: named limits: documented choices by which fxmin keeps more than the ideal (docs/reliability.md)
 LIMITS = {
@@ -85,6 +85,8 @@ class Layer:
             self.tap_sum[row, cols] = weight[row].sum(axis=tuple(t - 1 for t in taps)) if taps else weight[row]
         self.bias = bias if bias is not None else np.zeros(out)
         self.path, self.source, self.target = path, source, target
+        self.node = int(path.split(".")[0][1:])  # the description's node: path 'n3' or 'n3.q'
+        self.conv = weight.ndim > 2 and block == 1
         self.groups, self.padded, self.block = groups, padded, block
         self.depthwise = groups > 1 and per_group == 1 and groups == cin
 
@@ -131,11 +133,8 @@ class Oracle:
         return dropped
 
     # -- constants ----------------------------------------------------------------------------------------------
-    def _param(self, name):
-        return self.params.get(name)
-
     def _layer(self, path, source, target, node, kind) -> Layer:
-        weight, bias = self._param(f"{path}.weight"), self._param(f"{path}.bias")
+        weight, bias = self.params.get(f"{path}.weight"), self.params.get(f"{path}.bias")
         padded = node.get("kernel", 1) > 1
         block = math.prod(SPATIAL[kind]) if node["op"] == "flatten_linear" else 1
         layer = Layer(path, source, target, weight, bias, node.get("groups", 1), padded, block)
@@ -190,9 +189,9 @@ class Oracle:
 
     def _norm(self, i, node, const, value):
         c = node["channels"]
-        weight = self._param(f"n{i}.weight")
+        weight = self.params.get(f"n{i}.weight")
         weight = weight if weight is not None else np.ones(c)
-        bias = self._param(f"n{i}.bias")
+        bias = self.params.get(f"n{i}.bias")
         bias = bias if bias is not None else np.zeros(c)
         if node["norm"] == "bn":
             mean, var = self.buffers[f"n{i}.running_mean"], self.buffers[f"n{i}.running_var"]
@@ -278,7 +277,7 @@ class Oracle:
         while changed:
             changed = False
             for layer in reversed(self.layers):
-                needs = self._needs_of(self._node_of(layer), require)
+                needs = self._needs_of(layer.node, require)
                 if needs is not None:
                     changed |= self._layer_needs(layer, mask, needs)
             for i, node in reversed(list(enumerate(nodes))):
@@ -306,10 +305,6 @@ class Oracle:
             return None
         return lambda key, wanted, limit=None: require(key, wanted, limit or "constant-branch-needs")
 
-    @staticmethod
-    def _node_of(layer) -> int:
-        return int(layer.path.split(".")[0][1:])
-
     def _uniform_chunks(self, mask, require) -> bool:
         changed = False
         chunks = {(n["inputs"][0], tuple(n["sizes"])) for n in self.description["nodes"]
@@ -328,7 +323,7 @@ class Oracle:
         const, value = self.facts[layer.source]
         rows = mask(layer.target)
         changed = False
-        conv = layer.path in self._convs()
+        conv = layer.conv
         if self.limits and conv and not rows.any():
             changed |= require(layer.target, np.eye(1, len(rows), dtype=bool)[0], "no-empty-conv")
             rows = mask(layer.target)
@@ -343,9 +338,6 @@ class Oracle:
         if self.limits and conv and not mask(layer.source).any():
             changed |= require(layer.source, np.eye(1, len(const), dtype=bool)[0], "no-empty-conv")
         return changed
-
-    def _convs(self) -> set:
-        return {f"n{i}" for i, node in enumerate(self.description["nodes"]) if node["op"] == "conv"}
 
     def _attention_needs(self, i, node, mask, require) -> bool:
         heads, hd, group = node["heads"], node["head_dim"], node["heads"] // node["kv_heads"]
@@ -411,7 +403,7 @@ def layer_kept(oracle: Oracle, present: dict) -> dict:
     """Per layer path: ``(rows kept, input channels kept)`` as sets (both empty for a layer with no row)."""
     kept = {}
     for layer in oracle.layers:
-        if oracle._node_of(layer) in oracle.dropped:
+        if layer.node in oracle.dropped:
             kept[layer.path] = (set(), set())
             continue
         rows = set(np.nonzero(present[layer.target])[0].tolist())
@@ -420,4 +412,4 @@ def layer_kept(oracle: Oracle, present: dict) -> dict:
     return kept
 
 
-__all__ = ["LIMITS", "Layer", "Oracle", "layer_kept", "family"]
+__all__ = ["LIMITS", "Layer", "Oracle", "layer_kept"]

@@ -20,7 +20,8 @@ from torch import nn
 
 import fxmin
 from fuzz_case import compare, run_case
-from fuzz_models import KINDS, RandomDraw, build, describe, descriptions, example_inputs
+from fuzz_descriptions import KINDS, RandomDraw, describe, descriptions
+from fuzz_models import build, example_inputs
 from fuzz_oracle import Oracle, layer_kept
 from helpers import masked_copy
 
