@@ -6,6 +6,7 @@ minimizes it and judges the result against the masked model in float64 and again
 ``tests/fuzz_oracle.py`` (see docs/reliability.md). Reproduce one case with ``--start s --cases 1 -v``.
 
     nice -n 10 python benchmarks/fuzz_graphs.py --cases 10000 --jobs 2 --write
+    python benchmarks/fuzz_graphs.py --merge run1.jsonl run2.jsonl --write   # runs logged with --log
 """
 from __future__ import annotations
 
@@ -72,9 +73,10 @@ def table(records: list) -> str:
                                    "perturbation check ok"], tablefmt="github", disable_numparse=True)
 
 
-def notes(records: list, seconds: float) -> str:
+def notes(records: list, seconds: float | None) -> str:
     fired = collections.Counter(limit for r in records for limit in r["limits"])
-    lines = [f"{len(records):,} cases in {seconds / 60:.1f} min. Named limits behind the 'up to named limits' cases "
+    took = f" in {seconds / 60:.1f} min" if seconds is not None else ""
+    lines = [f"{len(records):,} cases{took}. Named limits behind the 'up to named limits' cases "
              "(a case can show several): " + ", ".join(f"`{name}` {fired[name]}" for name in LIMITS if fired[name]) + "."]
     by_kind = collections.defaultdict(list)
     for r in records:
@@ -101,7 +103,17 @@ def main(argv=None) -> None:
     parser.add_argument("--log", type=Path, help="write every case's outcome here (JSON lines)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/reliability.md")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every finding as it comes")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="LOG",
+                        help="run nothing: tabulate the cases of these --log files (several runs, other seeds)")
     args = parser.parse_args(argv)
+    if args.merge:
+        records = sorted((json.loads(line) for log in args.merge for line in log.read_text().splitlines() if line),
+                         key=lambda record: record["seed"])
+        seeds = [r["seed"] for r in records]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit("the logs share seeds: merge runs of disjoint seeds")
+        publish(records, None, args.write, argv)
+        return
     start = time.perf_counter()
     records = []
     log = args.log.open("w") if args.log else None
@@ -118,10 +130,13 @@ def main(argv=None) -> None:
             if args.minutes is not None and time.perf_counter() - start > 60 * args.minutes:
                 pool.terminate()
                 break
-    seconds = time.perf_counter() - start
+    publish(records, time.perf_counter() - start, args.write, argv)
+
+
+def publish(records: list, seconds: float | None, write: bool, argv) -> None:
     text = table(records) + "\n\n" + notes(records, seconds)
     print(text)
-    if args.write:
+    if write:
         command = "nice -n 10 python benchmarks/fuzz_graphs.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(DOC, TITLE, section(command, text, TITLE))
         print(f"wrote section '{TITLE}' to {DOC}")
