@@ -107,7 +107,7 @@ class Oracle:
         self.limits = limits
         self.fired: set = set()  # the limits that kept anything
         self.opaque = {i for i, node in enumerate(description["nodes"]) if limits and node["op"] == "attention"
-                       and (node["head_dim"] == 1 or node["kv_heads"] < node["heads"])}
+                       and node["head_dim"] == 1}
         self.facts: dict = {}  # tensor key -> (const, value); keys: node index, or (index, 'q'|'k'|'v'|'o')
         self.layers: list = []
         self._forward()

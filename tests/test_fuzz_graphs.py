@@ -50,8 +50,11 @@ def _check(description: dict) -> None:
     assert outcome.status == "exact" or gqa_loud, f"{outcome.status}: {outcome.error}\n{description}"
     if gqa_loud:
         return
-    assert outcome.removal in ("match", "limits"), f"{outcome.removal}: {outcome.differences}\n{description}"
     assert outcome.perturbation == "ok", f"{outcome.perturbation}\n{description}"
+    # The oracle's grouped heads are coarser than fxmin's since fxmin follows them (NOTE [Grouped heads]):
+    # there fxmin may remove more than the oracle proves, and the perturbation check above proves each removal.
+    accepted = ("match", "limits", "removes-more") if description["kind"] == "gqa" else ("match", "limits")
+    assert outcome.removal in accepted, f"{outcome.removal}: {outcome.differences}\n{description}"
 
 
 def _kind_test(kind: str):
