@@ -228,15 +228,14 @@ def _fold_constants(graph_module: torch.fx.GraphModule) -> None:
         shape_source = node.args[0] if node.target in _SHAPE_ONLY else None
         if not all(n in constant or n is shape_source for n in inputs):
             continue
+        values = constant
         if shape_source is not None and shape_source not in constant:
             value = shape_source.meta.get("val")
             if not isinstance(value, torch.Tensor):
                 continue
-            constant[shape_source] = torch.zeros(value.shape, dtype=value.dtype)
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), constant.__getitem__)
+            values = {**constant, shape_source: torch.zeros(value.shape, dtype=value.dtype)}  # its values are unread
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
         constant[node] = node.target(*args, **kwargs)
-        if shape_source is not None and shape_source.op != "get_attr":
-            del constant[shape_source]
     for node, value in constant.items():
         if node.op == "get_attr" or all(user in constant for user in node.users):
             continue

@@ -12,6 +12,7 @@ from torch import nn
 import fxmin
 from fxmin.cli import main
 from fxmin.trace_export import canonical_graph
+from fxmin.zoo import MODELS
 from tests.helpers import assert_equivalent, masked_copy
 
 X = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
@@ -118,6 +119,31 @@ def test_canonical_graph_is_functional_with_parameters_as_attributes_and_shapes(
         torch.testing.assert_close(graph_module(IMAGES), model(IMAGES))
 
 
+class Tables(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.register_buffer("frequencies", torch.linspace(0.1, 1.0, 8))
+
+    def forward(self, x):
+        table = torch.cos(torch.arange(8.0) * self.frequencies)  # no input, no parameter: a constant
+        ones = x.new_ones(x.shape[0], 8)  # reads x's static shape only: a constant
+        doubled = self.a.weight * 2.0  # a parameter: stays computed (trainable)
+        return F.linear(x, doubled) * table + ones
+
+
+def test_constants_are_folded_and_parameters_are_not():
+    model = Tables().eval()
+    graph_module = canonical_graph(torch.export.export(model, (X,)))
+    targets = {n.target for n in graph_module.graph.nodes}
+    assert not {torch.ops.aten.cos.default, torch.ops.aten.arange.start, torch.ops.aten.arange.default,
+                torch.ops.aten.new_ones.default} & targets
+    folded = [t for t in targets if isinstance(t, str) and t.startswith("_folded_")]
+    assert len(folded) == 2 and "a.weight" in targets and torch.ops.aten.mul.Tensor in targets
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(X), model(X))
+
+
 def test_cnn_with_in_place_ops_is_exact_and_counted_by_hand():
     model = in_place_cnn()
     masks = {"c1.weight": dead_rows((8, 3, 3, 3), (2, 3, 4))}
@@ -125,6 +151,20 @@ def test_cnn_with_in_place_ops_is_exact_and_counted_by_hand():
     # c1 keeps 5 filters, BatchNorm 5 channels, c2 reads 5 (the constants fold into its bias); fc as it was
     assert fxmin.count_parameters(result.module) == (5 * 27 + 5) + 2 * 5 + (4 * 5 * 9 + 4) + (4 * 2 + 2)
     assert assert_equivalent(masked_copy(model, masks), result.module, (IMAGES,)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["efficientnet_block", "densenet_block"])
+def test_zoo_blocks_shrink_alike_through_both_front_ends(name):
+    """Squeeze-excitation gating, depthwise convs, SiLU, concatenation: every third filter of every conv zeroed."""
+    factory, example_inputs = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    masks = {k: torch.ones_like(p).index_fill_(0, torch.arange(0, p.shape[0], 3), 0)
+             for k, p in model.named_parameters() if p.dim() == 4 and p.shape[0] > 4}
+    fx = fxmin.minimize(model, masks, example_inputs(), frontend="fx")
+    exported = fxmin.minimize(model, masks, example_inputs(), frontend="export")
+    assert exported.report.params_after == fx.report.params_after < fx.report.params_before
+    assert_equivalent(masked_copy(model, masks), exported.module, example_inputs())
 
 
 def test_auto_exports_a_model_fx_cannot_trace_and_says_so():
