@@ -1,5 +1,5 @@
 # Set-up on a fresh machine: torch first (the CPU wheel on local disk), then the project.
-# See ../shared/design/environment.md.
+# See docs/environment.md.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -39,12 +39,12 @@ test-hf-legacy: $(LEGACY_VENV)/bin/.installed
 # torch-pruning goes in with --no-deps (its requirements would pull a CUDA torch); see the `bench` extra.
 bench: venv
 	$(BIN)/pip install -q --no-deps torch-pruning==1.6.1
-	$(BIN)/python benchmarks/pass_speed.py --write docs/benchmarks.md
-	$(BIN)/python benchmarks/pass_speed.py --depths 4 16 64 256 1024 --width 128 --write docs/benchmarks.md
-	$(BIN)/python benchmarks/pass_cost.py --write
-	$(BIN)/python benchmarks/exactness_sweep.py --write
-	$(BIN)/python benchmarks/vs_torch_pruning.py --write
-	$(BIN)/python benchmarks/result_speed.py --write
+	$(BIN)/python -m benchmarks.pass_speed --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.pass_speed --depths 4 16 64 256 1024 --width 128 --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.pass_cost --write
+	$(BIN)/python -m benchmarks.exactness_sweep --write
+	$(BIN)/python -m benchmarks.vs_torch_pruning --write
+	$(BIN)/python -m benchmarks.result_speed --write
 
 clean:
 	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info
@@ -58,12 +58,12 @@ experiments: venv
 	$(BIN)/pip install -q matplotlib || true
 	mkdir -p runs/mnist
 	for seed in $(SEEDS); do \
-	  nice -n 10 $(BIN)/python examples/mnist_lenet300.py --seeds $$seed --methods sr,c > runs/mnist/log-seed$$seed-src.txt 2>&1 & \
-	  nice -n 10 $(BIN)/python examples/mnist_lenet300.py --seeds $$seed --methods a,b > runs/mnist/log-seed$$seed-ab.txt 2>&1 & \
+	  nice -n 10 $(BIN)/python -m experiments.mnist_lenet300 --seeds $$seed --methods sr,c > runs/mnist/log-seed$$seed-src.txt 2>&1 & \
+	  nice -n 10 $(BIN)/python -m experiments.mnist_lenet300 --seeds $$seed --methods a,b > runs/mnist/log-seed$$seed-ab.txt 2>&1 & \
 	done; wait
-	$(BIN)/python examples/mnist_lenet300.py --write docs/results.md --merge \
+	$(BIN)/python -m experiments.mnist_lenet300 --write docs/results.md --merge \
 	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
-	$(BIN)/python benchmarks/deployed.py --convnext --write docs/results.md --mnist \
+	$(BIN)/python -m benchmarks.deployed --convnext --write docs/results.md --mnist \
 	  $(foreach s,$(SEEDS),runs/mnist/results-seeds-$(s)-src.json runs/mnist/results-seeds-$(s)-ab.json)
 
 # ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST, CPU (one to two hours per process on one
@@ -75,19 +75,19 @@ experiments-fashion: venv
 	  { echo "Fashion-MNIST is missing: apt-get update && apt-get install -y dataset-fashion-mnist"; exit 1; }
 	$(BIN)/pip install -q matplotlib || true
 	mkdir -p runs/convnext
-	nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods sr,c,r > runs/convnext/log-sr-c-r.txt 2>&1 & \
-	  nice -n 5 $(BIN)/python examples/convnext_fashion.py --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
-	$(BIN)/python examples/convnext_fashion.py --write docs/results.md --merge \
+	nice -n 5 $(BIN)/python -m experiments.convnext_fashion --methods sr,c,r > runs/convnext/log-sr-c-r.txt 2>&1 & \
+	  nice -n 5 $(BIN)/python -m experiments.convnext_fashion --methods b,a > runs/convnext/log-b-a.txt 2>&1 & wait
+	$(BIN)/python -m experiments.convnext_fashion --write docs/results.md --merge \
 	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
-	$(BIN)/python benchmarks/deployed.py --mnist --write docs/results.md --convnext \
+	$(BIN)/python -m benchmarks.deployed --mnist --write docs/results.md --convnext \
 	  runs/convnext/results-sr-c-r.json runs/convnext/results-b-a.json
 
 # Bytes, MACs and CPU latency (eager and inductor) of the reported results against their dense models;
 # needs the reported runs' checkpoints (runs/, see the commands in docs/results.md).
 # The second run measures the ConvNeXt models re-minimized by the current fxmin (--reminimize).
 deployed: venv
-	$(BIN)/python benchmarks/deployed.py --compile --write docs/results.md
-	$(BIN)/python benchmarks/deployed.py --compile --mnist --reminimize --section reminimized --write docs/results.md
+	$(BIN)/python -m benchmarks.deployed --compile --write docs/results.md
+	$(BIN)/python -m benchmarks.deployed --compile --mnist --reminimize --section reminimized --write docs/results.md
 
 # ConvNeXt-Tiny on a CUDA GPU within a fixed wall-clock lease (TOTAL seconds: dense, then ours with what
 # is left, finishing included); its own section of docs/results.md (docs/device-runs/ holds the reported one).
@@ -103,5 +103,5 @@ experiments-tiny-gpu: venv
 	$(BIN)/pip install -q matplotlib || true
 	rm -f runs/tiny-gpu/out/results-tiny-*.json
 	PYTHON=$(BIN)/python WORK=runs/tiny-gpu METHODS="$(METHODS)" SECTION=$(SECTION) SEED=$(or $(SEED),0) \
-	  bash examples/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
-	$(BIN)/python examples/convnext_fashion.py --merge runs/tiny-gpu/out/results-tiny-*.json --write docs/results.md
+	  bash experiments/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
+	$(BIN)/python -m experiments.convnext_fashion --merge runs/tiny-gpu/out/results-tiny-*.json --write docs/results.md

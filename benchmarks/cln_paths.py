@@ -7,7 +7,7 @@ called in turn (A, B, A, B, ...), wall-clock medians; "closed / padded" > 1 mean
 faster. The error columns are the max |difference| of each path from the same CLN in float64. The
 path CLN takes is "padded" while D <= fxmin.compensated.layer_norm.PADDED_WIDTH x K.
 
-    python benchmarks/cln_paths.py --write
+    python -m benchmarks.cln_paths --write
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import sys
 import torch
 from tabulate import tabulate
 
-from common import parse_common, publish
-from result_speed import interleaved_medians
+from benchmarks.common import parse_common, publish
+from benchmarks.result_speed import interleaved_medians
 
 import fxmin
 

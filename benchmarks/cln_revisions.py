@@ -9,7 +9,7 @@ buffers, same parameters), so each row times the same computation written two wa
   checkpoints) against their dense model at batch 1 and 64, eager: "ours / dense" is the dense model's
   time over ours (> 1: ours is faster), with the revision's CLN and with this checkout's.
 
-    python benchmarks/cln_revisions.py --against 180465d~1 --write
+    python -m benchmarks.cln_revisions --against 180465d~1 --write
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from cln_paths import DEFAULT_CASES, make_norm
-from common import parse_common, publish
-from result_speed import interleaved_medians
+from benchmarks.cln_paths import DEFAULT_CASES, make_norm
+from benchmarks.common import parse_common, publish
+from benchmarks.result_speed import interleaved_medians
 
 import fxmin
 
@@ -91,8 +91,7 @@ def case_rows(old_cls, warmup, runs, seed):
 
 
 def model_rows(old_cls, warmup, runs, patterns):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from deployed import convnext_models
+    from benchmarks.deployed import convnext_models
     seeds, make_inputs, _ = convnext_models([str(ROOT / p) for p in patterns])
     rows = []
     for seed in sorted(seeds):

@@ -18,11 +18,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pass_speed import machine, section, write_section  # noqa: E402  (one definition of the doc format)
-
-import fxmin  # noqa: E402
-from fxmin import zoo  # noqa: E402
+import fxmin
+from benchmarks.markdown import replace_section
+from benchmarks.pass_speed import machine, section  # one definition of the doc format
+from fxmin import zoo
+from tests import helpers  # the one maker of random masks
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -105,10 +105,8 @@ def weight_names(model: nn.Module, exclude: tuple = ()) -> dict:
 
 
 def random_masks(model: nn.Module, sparsity: float, seed: int = 0) -> dict:
-    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity``."""
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.rand(module.weight.shape, generator=generator) >= sparsity
-            for name, module in weight_names(model).items()}
+    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity`` (tests/helpers.py draws them)."""
+    return helpers.random_masks(model, sparsity, seed, names=weight_names(model))
 
 
 def planted_masks(model: nn.Module, fraction: float, exclude: tuple = (), seed: int = 0) -> dict:
@@ -184,12 +182,13 @@ def parse_common(parser, argv):
 
 
 def publish(title: str, table: str, argv, script: str, notes: str = "") -> None:
-    """Write ``## title`` (command, machine, date, table, notes) into docs/benchmarks.md."""
-    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    """Write the section ``## title`` (command, machine, date, table, notes) into docs/benchmarks.md, between
+    the markers ``<!-- title begins/ends -->`` (see benchmarks.markdown)."""
+    command = f"python -m benchmarks.{script.removesuffix('.py')} " + " ".join(argv if argv is not None else sys.argv[1:])
     body = section(command.strip(), table, title)
     if notes:
         body = body.rstrip("\n") + "\n\n" + notes.strip() + "\n"
-    write_section(DOC, title, body)
+    replace_section(DOC, title, body, heading="# Benchmarks")
     print(f"wrote section '{title}' to {DOC}")
 
 

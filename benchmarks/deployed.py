@@ -17,13 +17,13 @@ same seed, all models called in turn (A, B, C, D, A, ...) in one process.
   ``--threads`` torch threads) after warm-up, eager, and with ``--compile`` also ``torch.compile``
   (inductor, ``dynamic=False``, compiled once per batch size).
 
-    .venv/bin/python benchmarks/deployed.py --compile --write docs/results.md      # make deployed
-    .venv/bin/python benchmarks/deployed.py --convnext --mnist runs/mnist/results-seeds-*-*.json --write docs/results.md
-    .venv/bin/python benchmarks/deployed.py --mnist --convnext OUT_DIR/results-tiny-sr.json   # a GPU run's files
+    .venv/bin/python -m benchmarks.deployed --compile --write docs/results.md      # make deployed
+    .venv/bin/python -m benchmarks.deployed --convnext --mnist runs/mnist/results-seeds-*-*.json --write docs/results.md
+    .venv/bin/python -m benchmarks.deployed --mnist --convnext OUT_DIR/results-tiny-sr.json   # a GPU run's files
 
 Each experiment has its own section of docs/results.md (``--mnist`` or ``--convnext`` with no file
 skips one and leaves its section alone). A raw results file whose checkpoint folder is not on this
-machine (a device run) is read with the ``finish-<loop>.pt`` beside it (examples/convnext_tiny_gpu.sh
+machine (a device run) is read with the ``finish-<loop>.pt`` beside it (experiments/convnext_tiny_gpu.sh
 brings those back).
 """
 from __future__ import annotations
@@ -39,12 +39,10 @@ import sys
 import torch
 from tabulate import tabulate
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-import fxmin  # noqa: E402
-from _results import final_module, replace_section  # noqa: E402
-from result_speed import interleaved_medians, prepare_call  # noqa: E402
+import fxmin
+from benchmarks.markdown import replace_section
+from benchmarks.result_speed import interleaved_medians, prepare_call
+from experiments.results import final_module
 
 MNIST_RAW = "runs/mnist-final3/results-seeds-*-*.json"
 # the reported runs of each seed (the --mac-power explorations are measured in a section of their own)
@@ -77,8 +75,8 @@ def _raw(patterns):
 
 
 def mnist_models(patterns):
-    """seed -> {method: module}, from the raw results of examples/mnist_lenet300.py and its checkpoints."""
-    from mnist_lenet300 import MLP, LeNet300
+    """seed -> {method: module}, from the raw results of experiments/mnist_lenet300.py and its checkpoints."""
+    from experiments.mnist_lenet300 import MLP, LeNet300
     seeds, notes = {}, set()
     for path, saved in _raw(patterns):
         for run in saved["runs"]:
@@ -98,8 +96,8 @@ def mnist_models(patterns):
 
 
 def convnext_models(patterns):
-    """seed -> {method: module}, from the raw results of examples/convnext_fashion.py and its checkpoints."""
-    from convnext_fashion import build
+    """seed -> {method: module}, from the raw results of experiments/convnext_fashion.py and its checkpoints."""
+    from experiments.convnext_fashion import build
     seeds, notes = {}, set()
     for path, saved in _raw(patterns):
         args = argparse.Namespace(**saved["args"])
@@ -191,8 +189,8 @@ def summary(ratios, keys):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", nargs="*", default=[MNIST_RAW], help="raw results of examples/mnist_lenet300.py")
-    parser.add_argument("--convnext", nargs="*", default=CONVNEXT_RAW, help="raw results of examples/convnext_fashion.py")
+    parser.add_argument("--mnist", nargs="*", default=[MNIST_RAW], help="raw results of experiments/mnist_lenet300.py")
+    parser.add_argument("--convnext", nargs="*", default=CONVNEXT_RAW, help="raw results of experiments/convnext_fashion.py")
     parser.add_argument("--mnist-batches", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--convnext-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--compile", action="store_true", help="also torch.compile (inductor)")
@@ -209,7 +207,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     modes = ["eager", "inductor"] if args.compile else ["eager"]
     import platform
-    command = "python benchmarks/deployed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.deployed " + " ".join(argv if argv is not None else sys.argv[1:])
     for key, title, loader, patterns, batches in (
             ("mnist", "LeNet-300-100 on MNIST", mnist_models, args.mnist, args.mnist_batches),
             ("convnext", "ConvNeXt (width 0.25, depths 1 1 3 1) on Fashion-MNIST", convnext_models, args.convnext,

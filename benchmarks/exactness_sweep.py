@@ -11,8 +11,8 @@ float64 rebuild of the minimized model (``fxmin.rewrite(plan, torch.float64)``) 
 model in float64, float32 is the minimized float32 module against the masked float32 model. "rel"
 divides by ``max(1, max |reference output|)``.
 
-    python benchmarks/exactness_sweep.py
-    python benchmarks/exactness_sweep.py --models resnet18 gpt --write
+    python -m benchmarks.exactness_sweep
+    python -m benchmarks.exactness_sweep --models resnet18 gpt --write
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from common import MODEST, build, planted_masks, parse_common, publish, random_masks
+from benchmarks.common import MODEST, build, planted_masks, parse_common, publish, random_masks
 
 import fxmin
 from fxmin import zoo

@@ -7,9 +7,9 @@ unstructured mask, and reads the errors fxmin's own verification measured (float
 max absolute error over the example and two random input sets, relative to max(1, |output|)
 as fxmin's tolerance is). Side by side in one run on one machine.
 
-    python benchmarks/families_report.py                          # print the table
-    python benchmarks/families_report.py --write docs/families.md # write the page
-    python benchmarks/families_report.py --full                   # add full-size ConvNeXt-Tiny (~1 min)
+    python -m benchmarks.families_report                          # print the table
+    python -m benchmarks.families_report --write docs/families.md # write the page
+    python -m benchmarks.families_report --full                   # add full-size ConvNeXt-Tiny (~1 min)
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main() -> None:
     rows = run(args.full)
     print(table(rows))
     if args.write:
-        command = "python benchmarks/families_report.py" + (" --full" if args.full else "") + f" --write {args.write}"
+        command = "python -m benchmarks.families_report" + (" --full" if args.full else "") + f" --write {args.write}"
         args.write.write_text(page(rows, command))
         print(f"wrote {args.write}")
 

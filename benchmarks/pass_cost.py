@@ -8,8 +8,8 @@ masked model on the same inputs. Peak memory is the growth of the resident set d
 (and during verify) over what the model and masks already held (Linux ``VmHWM`` after
 ``clear_refs``).
 
-    python benchmarks/pass_cost.py                      # all four models, 50 % and 90 %
-    python benchmarks/pass_cost.py --models "ResNet-50 224" --sparsities 0.9 --write docs/benchmarks.md
+    python -m benchmarks.pass_cost                      # all four models, 50 % and 90 %
+    python -m benchmarks.pass_cost --models "ResNet-50 224" --sparsities 0.9 --write docs/benchmarks.md
 
 The scaling half of the question (time per node flat from 4 to 1024 layers) is
 ``benchmarks/pass_speed.py --depths 4 16 64 256 1024 --width 128``.
@@ -24,7 +24,7 @@ import sys
 import torch
 from tabulate import tabulate
 
-from common import FULL, build, cpu_seconds, parse_common, publish, random_masks, reset_peak_rss, rss_mib
+from benchmarks.common import FULL, build, cpu_seconds, parse_common, publish, random_masks, reset_peak_rss, rss_mib
 
 import fxmin
 from fxmin.minimize import prepare

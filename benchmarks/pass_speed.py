@@ -3,10 +3,10 @@
 The time per graph node must stay flat as the model gets deeper: the pass is linear in the size
 of the graph (no quadratic blow-up in the fixed point, the union-find or the rewrite).
 
-    python benchmarks/pass_speed.py                       # depths 4 16 64 256, width 512, 90 % sparsity
-    python benchmarks/pass_speed.py --write docs/benchmarks.md
-    python benchmarks/pass_speed.py --depths 4 16 --width 256 --dead-rows 0.1 --repeat 3
-    python benchmarks/pass_speed.py --depths 4 16 64 256 1024 --width 128 --write docs/benchmarks.md  # up to 1024 layers
+    python -m benchmarks.pass_speed                       # depths 4 16 64 256, width 512, 90 % sparsity
+    python -m benchmarks.pass_speed --write docs/benchmarks.md
+    python -m benchmarks.pass_speed --depths 4 16 --width 256 --dead-rows 0.1 --repeat 3
+    python -m benchmarks.pass_speed --depths 4 16 64 256 1024 --width 128 --write docs/benchmarks.md  # up to 1024 layers
 
 At width 512 a 1024-layer MLP has 269 M parameters (~9 GiB of peak memory in the pass); width 128
 keeps the 1024-layer run near 17 M parameters, so depth and not width is what grows.
@@ -28,7 +28,6 @@ import datetime
 import gc
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 from tabulate import tabulate
 
 import fxmin
+from benchmarks.markdown import replace_section
 from fxmin.minimize import prepare
 
 PHASES = ("prepare", "analyze", "plan", "rewrite")
@@ -143,17 +143,6 @@ def section(command: str, table: str, title: str) -> str:
     ])
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace the section ``## title`` in ``path`` (up to the next ``## ``), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256])
@@ -178,8 +167,8 @@ def main(argv=None) -> None:
     if args.write is not None:
         title = (f"Pass speed: MLP width {args.width}, {args.sparsity:.0%} random sparsity"
                  + (f", {args.dead_rows:.0%} dead rows" if args.dead_rows else ""))
-        command = "python benchmarks/pass_speed.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-        write_section(args.write, title, section(command.strip(), table, title))
+        command = "python -m benchmarks.pass_speed " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+        replace_section(args.write, title, section(command.strip(), table, title), heading="# Benchmarks")
         print(f"wrote section '{title}' to {args.write}")
 
 

@@ -14,8 +14,8 @@ torch thread, the masked and the minimized model called in turn (so a change of 
 machine hits both alike); compiled variants are compiled once per batch size (``dynamic=False``), and the first
 call's time (compile included) is listed.
 
-    python benchmarks/result_speed.py                         # ResNet-50 64x64, ViT-S/16 64x64, GPT 4x512
-    python benchmarks/result_speed.py --models "ResNet-50 64x64" --no-compile
+    python -m benchmarks.result_speed                         # ResNet-50 64x64, ViT-S/16 64x64, GPT 4x512
+    python -m benchmarks.result_speed --models "ResNet-50 64x64" --no-compile
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from common import MODEST, apply_masks, build, planted_masks, parse_common, publish
+from benchmarks.common import MODEST, apply_masks, build, planted_masks, parse_common, publish
 
 import fxmin
 

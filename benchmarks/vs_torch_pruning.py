@@ -25,7 +25,7 @@ shift and the activation, a constant) into the next layer: that is the error col
 qkv / c_attn projections are passed to Torch-Pruning as ``ignored_layers`` (their reshapes carry
 the head count as a literal, which it cannot rewrite).
 
-    python benchmarks/vs_torch_pruning.py [--write]
+    python -m benchmarks.vs_torch_pruning [--write]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.nn.utils import prune
 
-from common import MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, parse_common, publish
+from benchmarks.common import MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, parse_common, publish
 
 import fxmin
 

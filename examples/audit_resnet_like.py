@@ -65,7 +65,7 @@ def build_masks() -> dict:
     return masks
 
 
-def main() -> None:
+def main() -> fxmin.MinimizeResult:
     model, masks = build_model(), build_masks()
     audit = fxmin.analyze(model, masks, (torch.randn(1, 3, 32, 32),))
     print(audit.table())
@@ -77,6 +77,7 @@ def main() -> None:
     print(f"{audit.graph.number_of_nodes()} channel groups and ends, {audit.graph.number_of_edges()} dependencies")
     result = fxmin.minimize(model, masks, (torch.randn(1, 3, 32, 32),))
     print(result.report)
+    return result
 
 
 if __name__ == "__main__":

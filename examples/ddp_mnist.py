@@ -1,6 +1,6 @@
 """Squeeze-Release with the user's own DistributedDataParallel loop (CPU, gloo).
 
-    .venv/bin/torchrun --nproc_per_node 2 examples/ddp_mnist.py --quick
+    .venv/bin/torchrun --nproc_per_node 2 -m examples.ddp_mnist --quick
 
 fxmin owns no data loop: ``train(model, step)`` below wraps whatever module fxmin hands it in a fresh
 DDP (the module changes size every cycle), shards the data by rank and trains. Every rank runs the
@@ -10,17 +10,14 @@ identical); only rank 0 writes checkpoints and shows the progress bar.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fxmin  # noqa: E402
-from examples.mnist_lenet300 import LeNet300, load_mnist  # noqa: E402
+import fxmin
+from examples.mnist_data import LeNet300, load_mnist
 
 
 def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e-3, batch=64):

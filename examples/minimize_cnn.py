@@ -66,13 +66,14 @@ def planted_masks(model: SmallCNN) -> dict:
     return masks
 
 
-def main() -> None:
+def main() -> fxmin.MinimizeResult:
     model = build()
     masks = planted_masks(model)
     result = fxmin.minimize(model, masks, example_inputs=(torch.randn(4, 3, 16, 16),))
     print(result.report.table())
     print()
     print(result.module.code.strip())
+    return result
 
 
 if __name__ == "__main__":

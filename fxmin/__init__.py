@@ -14,6 +14,8 @@ from .compile import backend, minimize_exported
 from .compensated import CompensatedLayerNorm, compensate
 from .cycle import (MacScaled, ReleaseResult, SqueezeReleaseResult, TrainStep, global_magnitude, group_lasso, hold_masks,
                     layer_magnitude, magnitude, prunable, release, squeeze_release, unit_scaled_magnitude)
+from .cycle import (CheckpointSettings, FinishSettings, PruneSettings, ReleaseSettings, SqueezeReleaseSettings,
+                    StopSettings)
 from .cycle import criteria as prune  # the 0.1.0 module name of the pruning criteria
 from .errors import EquivalenceError, FxminError, InputError, MaskError, MissingRuleError, TraceError
 from .masks import masked_reference, prune_masks
@@ -38,6 +40,7 @@ __all__ = [
     # Squeeze-Release (fxmin/cycle/)
     "MacScaled", "ReleaseResult", "SqueezeReleaseResult", "TrainStep", "global_magnitude", "group_lasso", "hold_masks",
     "layer_magnitude", "magnitude", "prunable", "prune", "release", "squeeze_release", "unit_scaled_magnitude",
+    "CheckpointSettings", "FinishSettings", "PruneSettings", "ReleaseSettings", "SqueezeReleaseSettings", "StopSettings",
     # audit (fxmin/audit/) and compiler integration (fxmin/compile.py)
     "DependencyGraph", "FlopReport", "analyze", "backend", "dependency_graph", "flops", "mac_costs", "minimize_exported",
 ]

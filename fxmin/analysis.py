@@ -8,12 +8,18 @@ every node that owns it is processed again, and its rule may require more of its
 inputs. Requirements only grow, so the queue empties. Nodes are popped in
 reverse graph order, which processes a chain once.
 
-The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits.
+The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits. It knows no op: it
+asks the rules of a :class:`fxmin.rules.api.Registry` (a parameter; ``fxmin.REGISTRY`` by default),
+which see the graph through :class:`fxmin.rules.api.Context`.
+
+NOTE [Untracked output]
+A node whose own value is untracked gives its readers nothing to follow back, so every channel
+of its inputs stays (always exact); its rule's ``backward`` is not called unless it says
+``backward_untracked=True`` (size reads, getitem of tuples, layers that pin their output...).
 """
 from __future__ import annotations
 
 import heapq
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +27,9 @@ import torch
 import torch.fx
 
 from .errors import MissingRuleError, describe_node
-from .context import Context, tensor_shape
-from .facts import ValueFact
-from .rules import REGISTRY
-from .rules.registry import Rule, Registry
+from .facts import TupleFact, ValueFact
+from .graph_helpers import tensor_shape
+from .rules.api import REGISTRY, Context, Registry, Rule
 from .units import UnitTable
 
 
@@ -41,7 +46,8 @@ def _barrier_backward(ctx):
         ctx.require_all(node)
 
 
-BARRIER = Rule("barrier", _barrier_forward, _barrier_backward, None, "always exact: keeps every channel around it")
+BARRIER = Rule("barrier", _barrier_forward, _barrier_backward, None, "always exact: keeps every channel around it",
+               backward_untracked=True)
 
 
 @dataclass
@@ -109,6 +115,31 @@ class Engine:
     def attr_tensor(self, target: str) -> torch.Tensor | None:
         module_path, _, name = target.rpartition(".")
         return self.module_tensor(module_path, name)
+
+    # -- what the contexts read and write (fxmin.rules.contexts.EngineView) ------
+    def fact(self, node):
+        return self.facts.get(node)
+
+    def units_of(self, node):
+        return self.units.get(node)
+
+    def rule_of(self, node):
+        return self.rules.get(node)
+
+    def order(self, node) -> int:
+        return self._order[node]
+
+    def fresh(self, size: int) -> np.ndarray:
+        return self.table.fresh(size)
+
+    def unify(self, first, second) -> None:
+        self.table.unify(first, second)
+
+    def watch(self, node, units) -> None:
+        self.watched[node] = np.asarray(units, np.int64)
+
+    def present_of(self, units) -> np.ndarray:
+        return self.present_units[self.table.find(np.asarray(units, np.int64))]
 
     # -- rules ------------------------------------------------------------------
     def rule_for(self, node) -> Rule | None:
@@ -189,24 +220,19 @@ class Engine:
     def adopt(self, node, axis: int) -> ValueFact | None:
         if not isinstance(node, torch.fx.Node):
             return None
-        if node.op == "call_method" and node.target == "expand" and isinstance(node.args[0], torch.fx.Node):
-            # a class token expanded to the batch: adopt the constant, the expand follows it
-            source = node.args[0]
-            offset = len(tensor_shape(node)) - len(tensor_shape(source))
-            fact = self.adopt(source, axis - offset)
+        if node.op in ("call_function", "call_method", "call_module"):
+            # NOTE [Constant views]: a view of a model constant (an expanded class token, a sliced
+            # table): adopt the constant, the view follows it
+            rule = self.registry.lookup(node, self.root)
+            view = rule.constant_view(node, self.root, axis) if rule is not None and rule.constant_view is not None else None
+            if view is None:
+                return None
+            source, source_axis = view
+            fact = self.adopt(source, source_axis)
             if fact is None:
                 return None
             self._set(node, fact.moved(axis), self.units[source])
             return self.facts[node]
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-            # a table sliced along other axes (``self.cos[:T]``): adopt the table, the slice follows
-            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-            if all(isinstance(i, slice) for i in index) and (axis >= len(index) or index[axis] == slice(None)):
-                fact = self.adopt(node.args[0], axis)
-                if fact is not None:
-                    self._set(node, fact, self.units[node.args[0]])
-                    return fact
-            return None
         if node.op != "get_attr":
             return None
         fact = self.facts.get(node)
@@ -312,10 +338,17 @@ class Engine:
             _, _, node = heapq.heappop(self._queue)
             self._queued.discard(node)
             rule = self.rules[node]
-            if rule.backward is not None:
-                self._current = node
-                rule.backward(Context(self, node, rule))
-                self._current = None
+            self._current = node
+            if rule.backward_untracked or self._tracked_output(node):
+                if rule.backward is not None:
+                    rule.backward(Context(self, node, rule))
+            else:  # NOTE [Untracked output]: nothing to follow back, every input channel stays
+                _barrier_backward(Context(self, node, rule))
+            self._current = None
+
+    def _tracked_output(self, node) -> bool:
+        fact = self.facts.get(node)
+        return isinstance(fact, TupleFact) or (isinstance(fact, ValueFact) and fact.tracked)
 
 
 def _missing_rule_error(missing, root) -> MissingRuleError:
@@ -323,8 +356,8 @@ def _missing_rule_error(missing, root) -> MissingRuleError:
     lines = [
         f"fxmin has no rule for {describe_node(first, root)}.",
         "fxmin never guesses what an op computes. Ways out:",
-        "  - register a rule for it (fxmin.rules: a one-line family helper such as",
-        "    fxmin.rules.pointwise.register_pointwise(...), or a full Rule), or",
+        "  - register a rule for it (a one-line family helper such as fxmin.register_pointwise(...),",
+        "    fxmin.REGISTRY.alias(known_target, new_target), or a full fxmin.rule; see fxmin.rules.api), or",
         f"  - pass barriers=[{_target_text(first.target)}] (or the node name {first.name!r}) to keep every channel "
         "around it.",
     ]
@@ -371,8 +404,10 @@ def make_barrier_test(barriers, root):
     return is_barrier
 
 
-def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry = REGISTRY) -> Analysis:
-    """Run the fixed point over a traced, shape-annotated, masked GraphModule."""
+def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry | None = None) -> Analysis:
+    """Run the fixed point over a traced, shape-annotated, masked GraphModule with the rules of
+    ``registry`` (default: ``fxmin.REGISTRY``, every rule fxmin ships)."""
+    registry = REGISTRY if registry is None else registry
     engine = Engine(root, registry, make_barrier_test(barriers, root))
     engine.forward()
     engine.backward()

@@ -233,7 +233,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_rules(args) -> int:
-    from .rules import REGISTRY
+    from . import REGISTRY
 
     rows = REGISTRY.table()
     if args.format == "json":

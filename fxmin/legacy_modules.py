@@ -24,12 +24,23 @@ MOVED = {
     "fxmin.exports": "fxmin.audit.exports",
 }
 
+#: (old module, class name) -> the module the class lives in now, for classes that left a module
+#: that still exists (its old name stays an attribute of that module)
+MOVED_CLASSES = {
+    ("fxmin.rules.mha", "SlicedMultiheadAttention"): "fxmin.compensated.attention",
+}
+
 
 def install() -> None:
-    """Register every old name in ``sys.modules`` and as an attribute of ``fxmin`` where that is free."""
+    """Register every old name in ``sys.modules`` and as an attribute of ``fxmin`` where that is free;
+    give every old module of :data:`MOVED_CLASSES` its class back."""
     package = sys.modules["fxmin"]
     for old, new in MOVED.items():
         module = sys.modules.setdefault(old, importlib.import_module(new))
         name = old.rpartition(".")[2]
         if not hasattr(package, name):
             setattr(package, name, module)
+    for (old, name), new in MOVED_CLASSES.items():
+        module = importlib.import_module(old)
+        if not hasattr(module, name):
+            setattr(module, name, getattr(importlib.import_module(new), name))

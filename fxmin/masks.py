@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.nn.utils import prune
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .errors import InputError, MaskError
 
@@ -39,16 +39,44 @@ def pruned_memo(model: nn.Module) -> dict:
 
 
 def to_device(inputs, device) -> tuple:
-    """``inputs`` (a tensor or a tuple/list of nested inputs) as a tuple with every tensor on ``device``."""
+    """``inputs`` (a tensor or a tuple/list of nested inputs) as a tuple with every tensor on ``device``;
+    a tensor on the meta device raises :class:`InputError` (fxmin runs the model on its inputs)."""
     inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    if any(t.device.type == "meta" for t in tree_flatten(tuple(inputs))[0] if isinstance(t, torch.Tensor)):
+        raise InputError("an example input is on the meta device and holds no values: fxmin runs the model on its "
+                         "example inputs; pass real tensors of the same shapes and dtypes (random values will do)")
     return tuple(tree_map_only(torch.Tensor, lambda t: t.to(device), tuple(inputs)))
+
+
+def require_module(model) -> None:
+    """Raise :class:`InputError` saying what to do when ``model`` is not an ``nn.Module`` fxmin can read."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, torch.export.ExportedProgram):
+        raise InputError("model is a torch.export.ExportedProgram: minimize it with "
+                         "fxmin.minimize_exported(program, masks, example_inputs), or pass the nn.Module itself")
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        raise InputError(f"model is a path ({model!r}), not a torch.nn.Module: load the model first "
+                         "(build it and call load_state_dict(torch.load(path)), or torch.load(path, weights_only=False) "
+                         "for a pickled module) and pass the module")
+    if callable(model):
+        raise InputError(f"model is a {type(model).__name__}, not a torch.nn.Module: fxmin reads the parameters the "
+                         "masks name from a module; wrap the computation in an nn.Module whose parameters it uses")
+    raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def model_device(model: nn.Module) -> torch.device:
     """The one device of ``model``'s parameters and buffers (CPU for a model with none).
 
     fxmin reasons about parameter values on the host, so :func:`fxmin.minimize` works on a CPU copy
-    and puts the result back here; a model spread over several devices has no such place."""
+    and puts the result back here; a model spread over several devices has no such place; a model
+    on the meta device has no values to reason about."""
+    require_module(model)
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if on_meta:
+        raise InputError(f"the model's tensors are on the meta device ({len(on_meta)} of them, e.g. {on_meta[0]!r}): "
+                         "they hold no values, and fxmin reads weight values to prove what the masks made dead. "
+                         "Materialize the weights first (model.to_empty(device='cpu') then load_state_dict(...))")
     devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
     if len(devices) > 1:
         raise InputError(f"the model's parameters and buffers are on several devices ({', '.join(sorted(map(str, devices)))}); "
@@ -81,10 +109,17 @@ def prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _as_bool(name: str, mask, parameter: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
+        given = type(mask).__name__
         try:
-            mask = torch.as_tensor(mask)
-        except Exception as error:
-            raise MaskError(f"mask for '{name}' is a {type(mask).__name__}, not a tensor") from error
+            mask = torch.as_tensor(mask)  # a numpy array or nested lists
+        except Exception:
+            mask = None
+        if mask is None or mask.dim() == 0:
+            raise MaskError(f"mask for '{name}' is a {given}, not a tensor: pass a bool or 0/1 tensor of the "
+                            f"parameter's shape {tuple(parameter.shape)}")
+    if mask.device.type == "meta":
+        raise MaskError(f"mask for '{name}' is on the meta device and holds no values: compute it on the CPU "
+                        "(or the model's device) and pass that tensor")
     if tuple(mask.shape) != tuple(parameter.shape):
         raise MaskError(
             f"mask for '{name}' has shape {tuple(mask.shape)} but the parameter has shape {tuple(parameter.shape)}"
@@ -102,8 +137,10 @@ def _as_bool(name: str, mask, parameter: torch.Tensor) -> torch.Tensor:
 
 
 def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False):
-    """A deep copy of ``model`` in eval mode with every mask applied (``W * mask``); on the CPU with
-    ``host=True`` (the model's tensors are copied there directly).
+    """A deep copy of ``model`` in eval mode with every mask applied (masked entries set to zero, so a
+    NaN the mask removes is gone); on the CPU with ``host=True`` (the model's tensors are copied there
+    directly). A parameter or buffer that still holds NaN or inf raises :class:`InputError`: the masked
+    model itself would compute non-finite values, which no verification can compare.
 
     Returns ``(reference, masks)`` where ``masks`` are the validated bool masks actually applied
     (the torch.nn.utils.prune masks when ``masks`` is None, else those given). The model and the
@@ -113,8 +150,7 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     >>> int((ref.weight == 0).sum()) >= 3
     True
     """
-    if not isinstance(model, nn.Module):
-        raise MaskError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    require_module(model)
     from_prune = prune_masks(model)
     reference = copy.deepcopy(model, host_memo(model) if host else pruned_memo(model))
     if host:
@@ -124,12 +160,16 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
         prune.remove(module, name)  # weight = weight_orig * weight_mask, as a plain parameter
     reference.eval()
     if masks is None:
+        _require_finite(reference)
         return reference, from_prune
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
     parameters = dict(reference.named_parameters(remove_duplicate=False))
     applied = {}
     for name, mask in masks.items():
+        if name not in parameters and name in dict(reference.named_buffers()):
+            raise MaskError(f"mask names '{name}', a buffer of {type(model).__name__}, not a parameter: fxmin masks "
+                            "parameters; buffers (running statistics, tables) follow the channels of the layer that owns them")
         if name not in parameters:
             close = difflib.get_close_matches(str(name), list(parameters), n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -140,5 +180,15 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
         applied[name] = _as_bool(name, mask, parameters[name])
     with torch.no_grad():
         for name, mask in applied.items():
-            parameters[name].mul_(mask.to(parameters[name].dtype))
+            parameters[name].masked_fill_(~mask, 0)
+    _require_finite(reference)
     return reference, {**from_prune, **applied}
+
+
+def _require_finite(reference: nn.Module) -> None:
+    for name, tensor in (*reference.named_parameters(), *reference.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise InputError(f"'{name}' holds {count} NaN or inf value(s) that the masks keep: the masked model itself "
+                             "computes non-finite outputs, so there is nothing exact to preserve. Fix those values "
+                             "or mask them out")

@@ -7,7 +7,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .plan import Plan, free_name
+from .graph_helpers import free_name
+from .plan import Plan
 
 
 def _cast(module: nn.Module, dtype, device) -> nn.Module:

@@ -109,7 +109,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         where = f" at node '{recorder.current.name}'" if recorder.current is not None else ""
         raise InputError(
             f"the model failed on the example inputs ({_describe_inputs(example_inputs)}){where}: "
-            f"{type(error).__name__}: {str(error).split(_INTERPRETER_NOTE)[0]}"
+            f"{type(error).__name__}: {str(error).split(_INTERPRETER_NOTE)[0].strip()}. Pass example inputs the model "
+            "accepts: the shapes, dtypes and device of a real batch"
         ) from error
 
 

@@ -1,7 +1,7 @@
 """An independent oracle for the size of the minimal exact model of simple chains.
 
 Plain numpy over the masked weights; it shares no code with fxmin. It states the optimum the
-design asks for (``../shared/design/minimization.md``) for two families of chains:
+contract asks for (``docs/concepts.md``) for two families of chains:
 
 - :func:`mlp_param_count`: ``Linear -> act -> Linear -> ... -> Linear``;
 - :func:`conv_param_count`: ``[Conv2d -> BatchNorm2d? -> act -> MaxPool2d?]* -> (flatten -> Linear

@@ -1,6 +1,6 @@
 """fxmin on a model on an accelerator: minimize, release and the cycle keep the model where it was.
 
-Each test runs on the CPU and, where there is one, on a CUDA device (examples/convnext_tiny_gpu.sh runs
+Each test runs on the CPU and, where there is one, on a CUDA device (experiments/convnext_tiny_gpu.sh runs
 this file first on the device machine); the analysis itself runs on a CPU copy either way."""
 from __future__ import annotations
 

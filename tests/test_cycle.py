@@ -481,7 +481,7 @@ def test_finish_candidates_are_spaced_in_size():
 
 def test_finish_spacing_is_chosen_from_all_small_candidates_not_as_the_loop_goes():
     """A model crowded out of a spaced list by a later, smaller twin must still be available."""
-    from fxmin.cycle.loop import CycleRecord, _pool, _spaced
+    from fxmin.cycle.finishing import CycleRecord, _pool, _spaced
     sizes = [10_000, 6_604, 5_544, 5_295, 5_216, 4_650] + [4_450, 4_404] * 10  # then it lingers
     history = [CycleRecord(c, p, 1.0, 0.9 + 0.001 * c, 0.5, 0.0, 0, 0.0, True) for c, p in enumerate(sizes)]
     pool = []

@@ -228,7 +228,7 @@ def test_equivalence_error_from_a_wrong_rule_in_a_private_registry():
     masks["fc1.weight"][2] = False
     registry = copy.copy(fxmin.REGISTRY)
     registry.modules = dict(registry.modules)
-    registry.register(fxmin.Rule("wrong sigmoid", _wrong_sigmoid_forward, None, None), modules=[nn.Sigmoid])
+    registry.register(fxmin.Rule("wrong sigmoid", _wrong_sigmoid_forward, None, None), modules=[nn.Sigmoid], override=True)
     assert fxmin.REGISTRY.modules[nn.Sigmoid].name != "wrong sigmoid"
     graph_module, _, inputs, *_ = prepare(model, masks, (torch.randn(4, 6),))
     plan = make_plan(analyze_graph(graph_module, registry=registry))

@@ -1,294 +1,46 @@
-"""The experiment scripts' report code: what lands in docs/results.md comes from the raw results."""
+"""The examples (examples/) run end to end and make what their docstrings say: each test calls the
+script's ``main`` as a user would run it and checks the model it printed and returned."""
 from __future__ import annotations
 
-import importlib.util
-import json
+import torch
 
-import pytest
-
-pytest.importorskip("tabulate")
+import fxmin
+from helpers import assert_equivalent, masked_copy
 
 
-def _record(methods, command, dense_test=89.25):
-    args = {"width": 0.25, "depths": [1, 1, 3, 1], "seed": 0, "finish_split": "half", "finish_epochs": 2, "methods": "x", "json": "y"}
-    return {"command": command, "args": args, "device": "cpu (CPU)", "methods": methods,
-            "dense": {"params": 1000, "val": 90.0, "test": dense_test, "search": 90.3, "finish": 89.7,
-                      "epochs": 6, "time_s": 10.0}}
+def test_lenet300_demo_prints_the_report_and_drops_pixels_and_units(capsys):
+    from examples.lenet300_demo import SPARSITY, lenet300, main
+
+    result = main()
+    out = capsys.readouterr().out
+    assert "LeNet-300-100: 266,610 parameters" in out and "keeps 5,324 of 266,200 weights" in out
+    assert f"parameters: 266,610 -> {fxmin.count_parameters(result.module):,}" in out  # the report table
+    assert "1,000 fresh inputs" in out
+    shapes = [tuple(p.shape) for name, p in result.module.named_parameters() if name.endswith("weight")]
+    assert shapes[0][1] < 784 and shapes[0][0] < 300 and shapes[1][0] < 100 and shapes[2][0] == 10
+    model = lenet300()
+    masks = fxmin.global_magnitude(model, SPARSITY)
+    assert_equivalent(masked_copy(model, masks), result.module, (torch.rand(8, 784),))
 
 
-def test_convnext_merge_puts_both_processes_in_one_section(tmp_path):
-    from examples.convnext_fashion import write_section
+def test_minimize_cnn_removes_the_planted_group_and_the_unread_channel(capsys):
+    from examples.minimize_cnn import build, main, planted_masks
 
-    history = [[0, 1000, 90.3, 90.0, 89.25, 0.0, 0.0, 0.0, True], [1, 50, 89.5, 89.4, 88.9, 0.5, 1e-4, 5.0, True]]
-    ours = {"params": 50, "val": 89.6, "test": 88.75, "epochs": 9.5, "time_s": 20.0, "best_cycle": 1,
-            "stopped": "", "history": history, "finished": [[1, 50, 89.4, 89.9, 89.6, 88.75, 3.0, True]]}
-    first = _record({"squeeze-release": ours,
-                     "width-scratch": {"params": 52, "val": 88.0, "test": 87.25, "epochs": 9.5, "time_s": 4.0,
-                                       "width": 0.25}}, "python examples/convnext_fashion.py --methods sr,c")
-    second = _record({"imp": {"params": 900, "val": 90.1, "test": 89.5, "epochs": 9, "time_s": 7.0,
-                              "rounds": [[1, 500, 90.2, 89.4]]}}, "python examples/convnext_fashion.py --methods b,a")
-    path = tmp_path / "results.md"
-    path.write_text("# Results\n\nkept by hand\n")
-    write_section([first, second], str(path))
-    text = path.read_text()
-    assert "kept by hand" in text and text.count("<!-- convnext_fashion.py begins -->") == 1
-    assert "--methods sr,c" in text and "--methods b,a" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "20.0x" in rows["Squeeze-Release (ours)"] and "| 0.50 " in rows["Squeeze-Release (ours)"]
-    assert "(c) narrower ConvNeXt, from scratch (width x0.250)" in rows
-    assert "-0.25" in rows["(a) iterative magnitude pruning + one minimization"]  # above dense: a negative drop
-    assert "| chosen" in text  # the finishing table
+    result = main()
+    assert "def forward" in capsys.readouterr().out  # the minimized module's code
+    module = result.module
+    assert module.conv2.groups == 3 and module.conv2.out_channels == 12  # group 2 goes whole
+    assert module.conv1.out_channels == 12  # and with it the conv1 channels only it read
+    assert module.conv3.out_channels == 7  # the classifier never reads channel 2
+    model = build()
+    assert_equivalent(masked_copy(model, planted_masks(model)), module, (torch.randn(2, 3, 16, 16),))
 
 
-def test_convnext_merge_refuses_processes_of_different_dense_models(tmp_path):
-    from examples.convnext_fashion import write_section
+def test_audit_resnet_like_explains_channels_and_minimizes(capsys):
+    from examples.audit_resnet_like import build_masks, build_model, main
 
-    with pytest.raises(SystemExit, match="another dense model"):
-        write_section([_record({}, "a"), _record({}, "b", dense_test=88.0)], str(tmp_path / "r.md"))
-
-
-def test_convnext_tagged_run_writes_its_own_section_beside_the_default_one(tmp_path):
-    from examples.convnext_fashion import write_section
-
-    path = tmp_path / "results.md"
-    write_section([_record({}, "python examples/convnext_fashion.py --methods sr")], str(path))
-    tagged = _record({}, "python examples/convnext_fashion.py --width 1 --section tiny-gpu")
-    tagged["args"].update(section="tiny-gpu", width=1.0, depths=[3, 3, 9, 3])
-    write_section([tagged], str(path))
-    write_section([tagged], str(path))  # rewriting replaces, never duplicates
-    text = path.read_text()
-    assert text.count("<!-- convnext_fashion.py begins -->") == 1
-    assert text.count("<!-- convnext_fashion.py tiny-gpu begins -->") == 1
-    assert "## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py, tiny-gpu)" in text
-
-
-def test_convnext_merge_with_macs_reports_them_and_section_picks_where_it_goes(tmp_path):
-    """Runs since --mac-power record MACs per image: the summary shows them and their ratio to dense;
-    --section at the merge writes a section of its own whatever the runs were started with."""
-    from examples.convnext_fashion import main
-
-    history = [[0, 1000, 90.3, 90.0, 89.25, 0.0, 0.0, 0.0, True], [1, 50, 89.5, 89.4, 88.9, 0.5, 1e-4, 5.0, True]]
-    ours = {"params": 50, "macs": 25_000, "val": 89.6, "test": 88.75, "epochs": 9.5, "time_s": 20.0,
-            "best_cycle": 1, "stopped": "", "history": history, "finished": []}
-    record = _record({"squeeze-release": ours}, "python examples/convnext_fashion.py --mac-power 0.5")
-    record["dense"]["macs"] = 5_000_000
-    raw = tmp_path / "results-sr.json"
-    raw.write_text(json.dumps(record))
-    path = tmp_path / "results.md"
-    path.write_text("<!-- convnext_fashion.py begins -->\nthe reported run\n<!-- convnext_fashion.py ends -->\n")
-    main(["--merge", str(raw), "--section", "mac-priced", "--write", str(path)])
-    text = path.read_text()
-    assert "the reported run" in text and "<!-- convnext_fashion.py mac-priced begins -->" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 25 " in rows["Squeeze-Release (ours)"] and "| 200.0x " in rows["Squeeze-Release (ours)"]
-    assert "| 5,000 " in rows["dense"] and "kMACs / image" in text
-
-
-def test_convnext_unknown_method_is_a_clear_error():
-    from examples.convnext_fashion import main
-
-    with pytest.raises(SystemExit, match=r"unknown \['x'\]; choose from sr, a, b, c, r, dense"):
-        main(["--methods", "sr,x"])
-
-
-def _seed_records():
-    records = []
-    for seed, (params, test) in enumerate([(40, 88.75), (50, 88.25)]):
-        item = _record({"squeeze-release": {"params": params, "val": 89.0, "test": test, "epochs": 9, "time_s": 1.0}},
-                       f"--seed {seed}")
-        item["args"].update(seed=seed, dense_epochs=6)
-        records.append(item)
-    return records
-
-
-def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
-    from examples.convnext_fashion import seeds_section
-
-    records = _seed_records()
-    text = seeds_section(records)
-    rows = [line for line in text.splitlines() if line.startswith("| Squeeze-Release (ours)")]
-    # fewer: 1000/40 = 25x and 1000/50 = 20x; drops 0.50 and 1.00
-    assert rows and "22.5 ± 3.5x" in rows[0] and "0.75 ± 0.35" in rows[0] and "20.0x" in rows[0] and "1.00" in rows[0]
-    other = _record({}, "--width 1")
-    other["args"].update(width=1.0, dense_epochs=6)
-    with pytest.raises(SystemExit, match="different models"):
-        seeds_section(records + [other])
-
-
-def test_convnext_seeds_summary_writes_its_section_and_plot_from_the_raw_files(tmp_path):
-    from examples.convnext_fashion import main
-
-    paths = []
-    for record in _seed_records():
-        paths.append(tmp_path / f"seed{record['args']['seed']}.json")
-        paths[-1].write_text(json.dumps(record))
-    results = tmp_path / "results.md"
-    results.write_text("# Results\n\nby hand\n")
-    main(["--seeds-summary", *map(str, paths), "--write", str(results)])
-    text = results.read_text()
-    assert text.startswith("# Results\n\nby hand\n")  # what was there is kept
-    section = text.split("<!-- convnext_fashion.py seeds begins -->")[1].split("<!-- convnext_fashion.py seeds ends -->")[0]
-    assert "22.5 ± 3.5x" in section and str(paths[0]) in section
-    if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "convnext_fashion-seeds.png").stat().st_size > 0
-        assert "(convnext_fashion-seeds.png)" in section
-    else:
-        assert ".png" not in section
-
-
-def test_convnext_control_c_needs_only_ours_raw_results_and_c_prime_says_where_the_checkpoints_are(tmp_path):
-    from examples.convnext_fashion import load_ours
-
-    ours = {"params": 40, "val": 89.0, "test": 88.75, "epochs": 19, "time_s": 1.0, "best_cycle": 3}
-    record = _record({"squeeze-release": ours}, "--methods sr")
-    record["args"]["checkpoints"] = str(tmp_path / "elsewhere")
-    path = tmp_path / "results-sr.json"
-    path.write_text(json.dumps(record))
-    assert load_ours(str(path), architecture=False) == (ours, None)
-    with pytest.raises(SystemExit, match="holds none"):
-        load_ours(str(path))
-    with pytest.raises(SystemExit, match="needs --ours"):
-        load_ours(str(tmp_path / "missing.json"))
-
-
-def _loop_with_checkpoints(folder):
-    """A finished Squeeze-Release loop on a tiny MLP, its checkpoints in ``folder``."""
-    import torch
-    from torch import nn
-
-    import fxmin
-    torch.manual_seed(0)
-    x, y = torch.randn(200, 12), torch.randint(0, 3, (200,))
-    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
-
-    def train(model, step):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(5):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-    result = fxmin.squeeze_release(net, train=train, evaluate=lambda m: 1.0, example_inputs=(x[:8],), cycles=2,
-                                   amount=0.5, criterion=fxmin.unit_scaled_magnitude, finish_epochs=1,
-                                   checkpoint_dir=str(folder), progress=False)
-    return net, result, x
-
-
-def test_final_module_takes_the_finished_weights_and_falls_back_to_the_cycles_model(tmp_path):
-    import os
-
-    import torch
-
-    import fxmin
-    from examples._results import final_module
-    _, result, _ = _loop_with_checkpoints(tmp_path)
-    params = fxmin.count_parameters(result.module)
-    module, weights = final_module(str(tmp_path), result.best_cycle, params)
-    assert weights == "finished"
-    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), result.module.state_dict().values()))
-    alone, weights = final_module(fxmin.cycle.finish_checkpoint(str(tmp_path)), result.best_cycle, params)
-    assert weights == "finished" and fxmin.count_parameters(alone) == params  # the file brought back from a device
-    with pytest.raises(SystemExit, match="chose cycle"):
-        final_module(fxmin.cycle.finish_checkpoint(str(tmp_path)), result.best_cycle + 1)
-    os.remove(fxmin.cycle.finish_checkpoint(str(tmp_path)))  # a run older than finishing checkpoints
-    module, weights = final_module(str(tmp_path), result.best_cycle, params)
-    assert weights == "before finishing" and fxmin.count_parameters(module) == params
-    with pytest.raises(SystemExit, match="another run"):
-        final_module(str(tmp_path), result.best_cycle, params + 1)
-
-
-def test_deployed_benchmark_measures_ratios_against_the_dense_model(tmp_path):
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from deployed import measure, tensor_bytes, weight_bytes
-    import fxmin
-    net, result, x = _loop_with_checkpoints(tmp_path)
-    table, ratios, keys = measure({0: {"dense": net, "squeeze-release": result.module}},
-                                  lambda batch: (x[:batch],), [1, 8], ["eager"], warmup=1, runs=3)
-    assert keys == [(1, "eager"), (8, "eager")]
-    assert ratios["dense", "bytes"] == [1.0] and ratios["dense", (1, "eager")] == [1.0]
-    assert ratios["squeeze-release", "bytes"] == [weight_bytes(net) / weight_bytes(result.module)]
-    assert ratios["squeeze-release", "tensor bytes"] == [tensor_bytes(net) / tensor_bytes(result.module)]
-    assert tensor_bytes(net) == 4 * fxmin.count_parameters(net) < weight_bytes(net)
-    assert ratios["squeeze-release", "bytes"][0] > 1 and len(ratios["squeeze-release", (8, "eager")]) == 1
-    assert "Squeeze-Release (ours)" in table and "fewer MACs" in table
-
-
-def test_deployed_benchmark_keeps_a_mac_priced_run_apart_from_the_plain_one(tmp_path):
-    """Two raw files of one seed, one with --mac-power: both models are measured, as two methods."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from deployed import LABELS, convnext_models
-    import fxmin
-    net, result, x = _loop_with_checkpoints(tmp_path / "squeeze-release")
-    entry = {"params": fxmin.count_parameters(result.module), "best_cycle": result.best_cycle}
-    paths = []
-    for power in (0.0, 0.5):
-        record = _record({"squeeze-release": entry}, f"--mac-power {power}")
-        record["args"].update(mac_power=power, checkpoints=str(tmp_path))
-        paths.append(tmp_path / f"results-{power}.json")
-        paths[-1].write_text(json.dumps(record))
-    seeds, _, _ = convnext_models([str(p) for p in paths])
-    assert sorted(seeds[0]) == ["dense", "squeeze-release", "squeeze-release-mac0.5"]
-    assert LABELS["squeeze-release-mac0.5"] == "Squeeze-Release (ours), MAC-priced (power 0.5)"
-    assert fxmin.count_parameters(seeds[0]["squeeze-release-mac0.5"]) == entry["params"]
-
-
-def test_cln_revisions_runs_a_revisions_cln_on_the_same_module_and_refuses_an_unknown_revision():
-    """benchmarks/cln_revisions.py: the CLN of a git revision (here HEAD) computes what this checkout's
-    does on the same buffers and parameters; a revision git does not know is a clear error."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import torch
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
-                                                    capture_output=True).returncode != 0:
-        pytest.skip("needs git and a git checkout")
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    from cln_revisions import as_revision, revision_class
-    import fxmin
-    cls = revision_class("HEAD")
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6),
-                                fxmin.CompensatedLayerNorm(8, [0, 2, 3, 5, 6, 7], {1: 0.0, 4: 0.0}, [7, 0, 4]))
-    copy = as_revision(model, cls)
-    assert type(copy[1]) is cls and type(model[1]) is fxmin.CompensatedLayerNorm
-    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(copy(x), model(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(SystemExit, match="cannot read fxmin at revision 'no-such-revision'"):
-        revision_class("no-such-revision")
-
-
-def test_deployed_reminimize_replaces_ours_by_what_minimize_makes_of_it_and_leaves_dense_alone():
-    """benchmarks/deployed.py --reminimize: an emptied residual branch leaves ours; dense and (c) stay as given."""
-    import os
-    import sys
-    import torch
-    from torch import nn
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from deployed import reminimize
-    import fxmin
-
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem, self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            h = self.stem(x)
-            return self.head(h + self.fc2(torch.relu(self.fc1(h))))
-
-    torch.manual_seed(0)
-    ours = Residual().eval()  # as an older fxmin left an emptied branch: no units, the bias still added
-    ours.fc1, ours.fc2 = nn.Linear(6, 0), nn.Linear(0, 6)
-    dense, small = Residual().eval(), nn.Linear(4, 2)
-    seeds = {0: {"dense": dense, "small": small, "squeeze-release": ours}}
-    reminimize(seeds, lambda batch: (torch.randn(batch, 4),))
-    assert seeds[0]["dense"] is dense and seeds[0]["small"] is small
-    called = {n.target for n in seeds[0]["squeeze-release"].graph.nodes if n.op == "call_module"}
-    assert called == {"stem", "head"}
-    x = torch.randn(5, 4)
-    torch.testing.assert_close(seeds[0]["squeeze-release"](x), ours(x))
+    result = main()
+    out = capsys.readouterr().out
+    assert "channel groups and ends" in out and "dependencies" in out
+    assert fxmin.count_parameters(result.module) < fxmin.count_parameters(build_model())
+    assert_equivalent(masked_copy(build_model(), build_masks()), result.module, (torch.randn(2, 3, 32, 32),))

@@ -26,7 +26,7 @@ from torch import nn
 
 import fxmin
 from fxmin.zoo import MODELS, convnext_tiny, densenet, efficientnet, efficientnet_block, mobilenet_v2, resnet18, resnet50
-from helpers import check_minimize, masked_copy
+from helpers import check_minimize, masked_copy, random_masks
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------------
@@ -51,17 +51,6 @@ def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def keep_all(model: nn.Module) -> dict:
     return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
-
-
-def random_masks(model: nn.Module, seed: int = 0) -> dict:
-    """Unstructured masks on every weight with 2+ axes, each with its own density in [0.1, 0.5]."""
-    generator = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            density = 0.1 + 0.4 * float(torch.rand((), generator=generator))
-            masks[name] = torch.rand(p.shape, generator=generator) < density
-    return masks
 
 
 class Expected:

@@ -19,40 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import fxmin
+from examples.lenet300_demo import lenet300  # the demo's synthetic 'trained-looking' weights
 from helpers import check_minimize
 from oracle import Dense, mlp_param_count
 
 SPARSITY = 0.98
 
 
-def lenet300(seed: int = 0) -> nn.Sequential:
-    generator = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    ink = torch.exp(-((rows - 13.5) ** 2 + (cols - 13.5) ** 2) / (2 * 5.0**2)).flatten()
-    with torch.no_grad():
-        net[0].weight.copy_(torch.randn(300, 784, generator=generator) * 0.2 * ink)
-        net[2].weight.copy_(torch.randn(100, 300, generator=generator) * 0.08)
-        net[4].weight.copy_(torch.randn(10, 100, generator=generator) * 0.25)
-        for layer in (net[0], net[2], net[4]):
-            layer.bias.copy_(torch.randn(layer.out_features, generator=generator) * 0.05)
-        net[0].weight[:12] *= 0.01  # nearly silent hidden units
-        net[4].weight[:, :8] *= 0.01  # second-layer units nobody reads
-    return net
-
-
-def global_magnitude_masks(model: nn.Module, sparsity: float) -> dict:
-    """Keep the largest ``1 - sparsity`` of all weight-matrix entries together (biases unpruned)."""
-    weights = {name: p.detach() for name, p in model.named_parameters() if name.endswith("weight")}
-    magnitudes = torch.cat([w.abs().flatten() for w in weights.values()])
-    keep = int(round((1 - sparsity) * magnitudes.numel()))
-    threshold = magnitudes.topk(keep).values.min()
-    return {name: w.abs() >= threshold for name, w in weights.items()}
-
-
 def _minimize_lenet(seed: int):
     model = lenet300(seed)
-    masks = global_magnitude_masks(model, SPARSITY)
+    masks = fxmin.global_magnitude(model, SPARSITY)
     layers = [Dense((model[i].weight.detach().double() * masks[f"{i}.weight"]).numpy(),
                     model[i].bias.detach().double().numpy(), "relu" if i < 4 else "identity") for i in (0, 2, 4)]
     expected = mlp_param_count(layers)

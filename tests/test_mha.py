@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxmin
-from fxmin.rules.mha import SlicedMultiheadAttention
+from fxmin.compensated.attention import SlicedMultiheadAttention
 from helpers import check_minimize
 
 E, H, HD = 32, 4, 8

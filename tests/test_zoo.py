@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import fxmin
 import fxmin.zoo as zoo
+from fxmin.rules.pointwise import in_place_call  # moving to fxmin.rules.kit
 
 
 def count(model: nn.Module) -> int:
@@ -14,17 +14,11 @@ def count(model: nn.Module) -> int:
 
 
 def inplace_ops(graph_module: torch.fx.GraphModule) -> list[str]:
-    """Nodes that would write into their input: ``x.add_(...)``, ``inplace=True``, ``iadd``."""
-    found = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-            found.append(node.format_node())
-        elif node.op == "call_function" and (node.kwargs.get("inplace") or getattr(node.target, "__name__", "") in
-                                             ("iadd", "imul", "isub", "itruediv")):
-            found.append(node.format_node())
-        elif node.op == "call_module" and getattr(graph_module.get_submodule(node.target), "inplace", False):
-            found.append(node.format_node())
-    return found
+    """Nodes that would write into their input: the calls fxmin's in-place rule refuses (``x.add_(...)``,
+    ``x += y`` with any augmented operator, ``inplace=True``) and modules built with ``inplace=True``."""
+    return [node.format_node() for node in graph_module.graph.nodes
+            if in_place_call(node)
+            or (node.op == "call_module" and getattr(graph_module.get_submodule(node.target), "inplace", False))]
 
 
 @pytest.mark.parametrize("name", sorted(zoo.MODELS))
@@ -187,30 +181,3 @@ def test_gpt_ties_lm_head_to_token_embedding_and_is_causal():
     with torch.no_grad():
         before, after = model(ids), model(changed)
     assert torch.equal(before[:, :-1], after[:, :-1])  # later tokens never change earlier logits
-
-
-def test_convnext_example_reinitializes_a_minimized_convnext_without_touching_it():
-    """Control (c') of examples/convnext_fashion.py: the found architecture, parameters drawn afresh."""
-    from examples.convnext_fashion import reinitialize
-
-    torch.manual_seed(0)
-    model = zoo.convnext_tiny(num_classes=10, in_channels=1, stem="small", width=0.25, depths=(1, 1, 1, 1),
-                              stochastic_depth_prob=0.0).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter))  # a "trained" model: far from the initialization
-    masks = fxmin.global_magnitude(model, 0.6)
-    module = fxmin.minimize(model, masks, (torch.randn(2, 1, 28, 28),)).module
-    before = {name: value.clone() for name, value in module.state_dict().items()}
-    fresh = reinitialize(module, seed=1)
-    assert all(torch.equal(value, before[name]) for name, value in module.state_dict().items())  # untouched
-    assert fxmin.count_parameters(fresh) == fxmin.count_parameters(module)
-    assert any(isinstance(sub, fxmin.CompensatedLayerNorm) for sub in fresh.modules())
-    fresh_parameters = dict(fresh.named_parameters())
-    scales = [value for name, value in fresh_parameters.items() if "layer_scale" in name]
-    assert scales and all(torch.all(value == 1e-6) for value in scales)
-    weights = torch.cat([value.detach().flatten() for value in fresh_parameters.values() if value.dim() > 1])
-    assert 0.015 < float(weights.std()) < 0.025  # ConvNeXt's init (std 0.02), not the trained weights (std > 1)
-    for name, buffer in fresh.named_buffers():  # the architecture (removed channels' constants) stays
-        assert torch.equal(buffer, before[name])
-    assert fresh(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -10,8 +10,9 @@ the ideal ratio compares like with like). ``other`` counts the cheap extras, rou
 per output element: pointwise arithmetic and activations one, BatchNorm two (scale and shift),
 LayerNorm / GroupNorm / InstanceNorm four (mean, variance, normalize, affine), softmax three,
 pooling one per input element, a bias one per output element. Shape ops, indexing and embedding
-lookups cost nothing. A node no rule here knows (a custom leaf module, ``einsum``) is run under
-``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs / 2 become its MACs, plus one ``other``
+lookups cost nothing. The counters of ops fxmin has a rule for live on the rule (``Rule.macs``:
+layers, ``matmul``, attention); this module counts the others. A node neither knows (a custom leaf
+module, ``einsum``) is run under ``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs / 2 become its MACs, plus one ``other``
 per output element: nothing is silently counted as free.
 
 >>> import torch, fxmin
@@ -62,31 +63,14 @@ def _on_input(_target, args, _kwargs, _out):
     return 0, _numel(args[0])
 
 
-def _linear_module(module, args, kwargs, out):
-    return out.numel() * module.in_features, out.numel() if module.bias is not None else 0
-
-
-def _conv_module(module, args, kwargs, out):
+def _transposed_conv_module(module, args, kwargs, out):
+    """Every input element scatters a (out/groups x kernel) patch."""
     kernel = math.prod(module.kernel_size)
     extra = out.numel() if module.bias is not None else 0
-    if module.transposed:  # every input element scatters a (out/groups x kernel) patch
-        return args[0].numel() * (module.out_channels // module.groups) * kernel, extra
-    return out.numel() * (module.in_channels // module.groups) * kernel, extra
+    return args[0].numel() * (module.out_channels // module.groups) * kernel, extra
 
 
-def _linear_function(_target, args, kwargs, out):
-    weight = args[1] if len(args) > 1 else kwargs["weight"]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return out.numel() * weight.shape[-1], out.numel() if bias is not None else 0
-
-
-def _conv_function(_target, args, kwargs, out):
-    weight = args[1] if len(args) > 1 else kwargs["weight"]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return out.numel() * math.prod(weight.shape[1:]), out.numel() if bias is not None else 0
-
-
-def _matmul(_target, args, _kwargs, out):
+def _dot_products(_target, args, _kwargs, out):
     """Each output element is a dot product of length K (the first operand's last axis)."""
     return out.numel() * args[0].shape[-1], 0
 
@@ -96,22 +80,12 @@ def _add_matmul(_target, args, _kwargs, out):
     return out.numel() * args[1].shape[-1], out.numel()
 
 
-def _attention(_target, args, kwargs, out):
-    query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
-    value = args[2] if len(args) > 2 else kwargs["value"]
-    queries, keys = query.shape[-2], key.shape[-2]
-    batch = out.numel() // (queries * value.shape[-1])
-    products = batch * queries * keys
-    return products * (query.shape[-1] + value.shape[-1]), 3 * products
-
-
 def _register(table: dict, keys, counter: Counter) -> None:
     for key in keys:
         table[key] = counter
 
 
-_register(_MODULES, [nn.Linear], _linear_module)
-_register(_MODULES, [nn.modules.conv._ConvNd], _conv_module)
+_register(_MODULES, [nn.modules.conv._ConvTransposeNd], _transposed_conv_module)
 _register(_MODULES, [nn.modules.batchnorm._BatchNorm], _pointwise(2))
 _register(_MODULES, [nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, CompensatedLayerNorm],
           _pointwise(4))
@@ -122,11 +96,8 @@ _register(_MODULES, [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, n
                      nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU], _pointwise(1))
 _register(_MODULES, [nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, nn.Embedding], _free)
 
-_register(_FUNCTIONS, [F.linear], _linear_function)
-_register(_FUNCTIONS, [F.conv1d, F.conv2d, F.conv3d], _conv_function)
-_register(_FUNCTIONS, [torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm"], _matmul)
+_register(_FUNCTIONS, [torch.bmm, torch.mm, "bmm", "mm"], _dot_products)
 _register(_FUNCTIONS, [torch.addmm, torch.baddbmm, "addmm", "baddbmm"], _add_matmul)
-_register(_FUNCTIONS, [F.scaled_dot_product_attention], _attention)
 _register(_FUNCTIONS, [F.layer_norm, F.group_norm], _pointwise(4))
 _register(_FUNCTIONS, [F.batch_norm], _pointwise(2))
 _register(_FUNCTIONS, [F.softmax, torch.softmax, "softmax", F.log_softmax, "log_softmax"], _pointwise(3))
@@ -221,7 +192,10 @@ def _describe(node: torch.fx.Node, module) -> str:
 
 class _Counter(torch.fx.Interpreter):
     def __init__(self, module: torch.fx.GraphModule):
+        from .. import REGISTRY  # the public registry, filled once fxmin is imported
+
         super().__init__(module)
+        self.registry = REGISTRY
         self.counts: list = []
 
     def run_node(self, node):
@@ -229,7 +203,10 @@ class _Counter(torch.fx.Interpreter):
             return super().run_node(node)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         module = self.fetch_attr(node.target) if node.op == "call_module" else None
-        if node.op == "call_module":
+        rule = self.registry.lookup(node, self.module)
+        if rule is not None and rule.macs is not None:
+            counter = rule.macs  # NOTE [What is counted]: the rule's own count when it has one
+        elif node.op == "call_module":
             counter = _lookup_module(module)
         else:
             try:

@@ -3,7 +3,7 @@
 A LayerNorm couples all ``D`` channels it normalizes: drop one and the mean and variance of every
 other channel change. :class:`CompensatedLayerNorm` (CLN) keeps the statistics of the original
 ``D`` channels while only ``|K|`` of them still arrive, by adding the constants that the removed
-channels held back in. See ``compensated-layernorm.md`` in the design notes.
+channels held back in. ``docs/compensated-layernorm.md`` defines it and says how ``minimize`` uses it.
 
 >>> import torch, fxmin
 >>> norm = fxmin.CompensatedLayerNorm(4, kept=[0, 2], constants={1: 0.0, 3: 1.5})

@@ -77,3 +77,16 @@ def load_finished(location: str, map_location="cpu"):
 def save_finish_checkpoint(directory: str, payload: dict) -> str:
     """Write the finishing phase's ``payload`` as ``directory/finish.pt`` (atomically)."""
     return _save(payload, os.path.join(directory, FINISH_FILE))
+
+
+def is_main_process() -> bool:
+    """True outside torch.distributed and on its rank 0: the process that writes the checkpoints."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier():
+    """Wait for every rank under torch.distributed (after rank 0 wrote a checkpoint); nothing otherwise."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -25,8 +25,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..facts import ValueFact
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
+from .api import rule
+from .kit import opaque_backward, opaque_forward
 
 
 def _tracked(ctx, node):
@@ -35,10 +35,6 @@ def _tracked(ctx, node):
 
 
 def _passthrough_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if fact is None or not fact.tracked:
-        opaque_backward(ctx)
-        return
     x = ctx.node.args[0]
     for node in ctx.input_nodes():
         if node is not x:
@@ -53,12 +49,22 @@ def _softmax_forward(ctx):
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     dim = ctx.arg(1, "dim")
     if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
 
 
-rule("softmax", functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
-     methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True)(_softmax_forward)
+def _sums_to_one(node, root) -> bool:
+    return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
+
+
+rule("softmax", doc=(
+         'Along an axis the channels do not occupy: it works within each channel.',
+         'Nothing itself.',
+         'Every channel for a softmax along the channel axis.',
+         ),
+     functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax),
+     methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True,
+     sums_to_one=_sums_to_one)(_softmax_forward)
 
 
 # -- masks --------------------------------------------------------------------------------------------------------
@@ -78,9 +84,9 @@ def _masked_fill_forward(ctx):
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape()
     if fact is None or shape is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if not all(_broadcast_only(ctx, fact, other, len(shape)) for other in ctx.node.args[1:]):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
 
 
@@ -89,24 +95,30 @@ def _where_forward(ctx):
     condition, x, other = (ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other"))
     fact, shape = _tracked(ctx, x), ctx.shape()
     if fact is None or shape is None or ctx.shape(x) != shape:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if not (_broadcast_only(ctx, fact, condition, len(shape)) and _broadcast_only(ctx, fact, other, len(shape))):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.replaced(np.zeros(fact.size, bool), np.zeros(fact.size)), ctx.units(x)
 
 
 def _where_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if fact is None or not fact.tracked:
-        opaque_backward(ctx)
-        return
     ctx.require_all(ctx.arg(0, "condition"))
     ctx.require_all(ctx.arg(2, "other"))
 
 
-rule("masked_fill", methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
+rule("masked_fill", doc=(
+         'With a mask that is the same for every channel.',
+         'Nothing itself.',
+         'Every channel when the mask varies along the channel axis.',
+         ),
+     methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
      heads_aware=True)(_masked_fill_forward)
-rule("where", functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
+rule("where", doc=(
+         '`torch.where(mask, x, fill)` with a mask and fill the same for every channel.',
+         'Nothing itself.',
+         'Every channel otherwise.',
+         ),
+     functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
 
 
 # -- the head structure -------------------------------------------------------------------------------------------
@@ -141,20 +153,16 @@ def _qk_required(q: ValueFact, k: ValueFact, heads_alive: np.ndarray) -> np.ndar
 
 
 def _softmax_weights(ctx, node) -> bool:
-    """Whether ``node`` is a softmax over the last axis (through eval-mode dropout)."""
-    from .pointwise import _dropout_forward  # noqa: F401  (dropout is the identity in eval)
-
+    """Whether ``node`` is a softmax over the last axis (through ops that are the identity in eval)."""
     while isinstance(node, torch.fx.Node):
-        rule_ = ctx._engine.rules.get(node)
-        if rule_ is not None and rule_.name == "softmax":
-            return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
-        if rule_ is not None and rule_.name in ("dropout", "pointwise") and node.op != "call_function":
-            node = node.args[0]
-            continue
-        if rule_ is not None and rule_.name == "dropout":
-            node = node.args[0]
-            continue
-        return False
+        found = ctx.rule_of(node)
+        if found is None:
+            return False
+        if found.sums_to_one is not None:
+            return found.sums_to_one(node, ctx.root)
+        if found.identity_in_eval is None or not found.identity_in_eval(node, ctx.root):
+            return False
+        node = node.args[0]
     return False
 
 
@@ -180,7 +188,7 @@ def _matmul_forward(ctx):
     weights are a softmax). Other matrix products keep every channel."""
     kind = _matmul_kind(ctx)
     if kind is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     name, a, b, fa, fb = kind
     rank = len(ctx.shape())
     if name == "scores":
@@ -209,8 +217,31 @@ def _matmul_backward(ctx):
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
 
-rule("matmul", functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
-     reads_input_presence=True, heads_aware=True)(_matmul_forward)
+def _matmul_macs(_target, args, _kwargs, out) -> tuple:
+    """``Rule.macs``: each output element is a dot product of length K (the first operand's last axis)."""
+    return out.numel() * args[0].shape[-1], 0
+
+
+def _sdpa_macs(_target, args, kwargs, out) -> tuple:
+    """``Rule.macs``: ``B * L * S * (E + Ev)`` products (scores and mix, dense even when causal) and three
+    operations per score (scale, softmax)."""
+    query, key = args[0], args[1] if len(args) > 1 else kwargs["key"]
+    value = args[2] if len(args) > 2 else kwargs["value"]
+    queries, keys = query.shape[-2], key.shape[-2]
+    batch = out.numel() // (queries * value.shape[-1])
+    products = batch * queries * keys
+    return products * (query.shape[-1] + value.shape[-1]), 3 * products
+
+
+rule("matmul", doc=(
+         'For attention: `q @ k^T` couples q and k channels (one score channel per head); `weights @ '
+         "v` keeps v's channels, and a constant v channel stays constant when the weights are a "
+         'softmax.',
+         'Query/key dims that are `const(0)` in q or k; value dims.',
+         'Every channel for other matrix products.',
+         ),
+     functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
+     reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_matmul_macs)(_matmul_forward)
 
 
 # -- scaled_dot_product_attention -----------------------------------------------------------------------------------
@@ -238,7 +269,7 @@ def _sdpa_forward(ctx):
     dropout is applied."""
     inputs = _sdpa_inputs(ctx)
     if inputs is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     q, k, v, fq, fk, fv = inputs
     ctx.unify(ctx.units(q), ctx.units(k))
     dropout = ctx.arg(4, "dropout_p", 0.0)
@@ -273,5 +304,12 @@ def _sdpa_plan(ctx):
     ctx.patch(tuple(ctx.node.args), kwargs)
 
 
-rule("scaled_dot_product_attention", functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
-     plan=_sdpa_plan, reads_input_presence=True, heads_aware=True)(_sdpa_forward)
+rule("scaled_dot_product_attention", doc=(
+         'See `transformers.md` and NOTE [Attention]: q/k dims couple; a constant value channel gives'
+         ' a constant output when no dropout is applied.',
+         'q/k dims that are `const(0)`; value dims and whole heads; the softmax scale is kept at the '
+         'original head size.',
+         'A nonzero constant q/k dim (it changes every score).',
+         ),
+     functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
+     plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_sdpa_macs)(_sdpa_forward)

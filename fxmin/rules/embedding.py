@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ..facts import ValueFact
-from .pointwise import opaque_backward
-from .registry import rule
+from .api import rule
+from .kit import opaque_backward
 
 
 def _embedding_forward(ctx):
@@ -25,11 +25,6 @@ def _embedding_forward(ctx):
     return fact, ctx.fresh(fact.size)
 
 
-def _embedding_backward(ctx):
-    if not ctx.fact(ctx.node).tracked:
-        opaque_backward(ctx)
-
-
 def _embedding_plan(ctx):
     kept = ctx.kept()
     module = ctx.module
@@ -42,7 +37,13 @@ def _embedding_plan(ctx):
     ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
 
 
-rule("embedding", modules=(nn.Embedding,), backward=_embedding_backward, plan=_embedding_plan,
+rule("embedding", doc=(
+         'Always: column `d` is `const(c)` iff every row of the table holds `c` there.',
+         'Columns of the table; a tied unembedding loses the same columns (its input couples with the'
+         ' output).',
+         '—',
+         ),
+     modules=(nn.Embedding,), plan=_embedding_plan,
      edits_module=True)(_embedding_forward)
 
 
@@ -55,7 +56,12 @@ def _creation_backward(ctx):
     opaque_backward(ctx)
 
 
-rule("creation", functions=(torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor,
+rule("creation", doc=(
+         'Always: `arange`, `zeros`... made from sizes carry no channel.',
+         '—',
+         '—',
+         ),
+     functions=(torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor,
                             torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.tril,
                             torch.triu, torch.eye, torch.linspace),
      methods=("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "tril", "triu"),

@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..facts import ValueFact
-from . import pointwise
-from .linear import _dense_view, _new_weights, layer_rule
-from .pointwise import _opaque, _pointwise_backward, opaque_backward, register_pointwise
-from .registry import REGISTRY, rule
+from .api import REGISTRY, rule
+from .kit import dense_macs, dense_view, layer_rule, new_weights, opaque_forward, pointwise_forward, register_pointwise
 
 aten = torch.ops.aten
 
@@ -67,7 +65,7 @@ def _conv_view(ctx):
         groups = _conv_setting(node, "groups", 1)
         if not isinstance(groups, int):
             return None
-        return _dense_view(weight, bias, groups, _conv_padded(node, weight), 1, can_fold=bias is not None)
+        return dense_view(weight, bias, groups, _conv_padded(node, weight), 1, can_fold=bias is not None)
 
     return ctx.memo("view", compute)
 
@@ -80,7 +78,7 @@ def _conv_plan(ctx):
     weight_node, bias_node = _conv_setting(node, "weight", None), _conv_setting(node, "bias", None)
     weight = ctx.attr_value(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
-    new_weight, new_bias, folded_from, _, _, groups = _new_weights(ctx, view, weight, bias)
+    new_weight, new_bias, folded_from, _, _, groups = new_weights(ctx, view, weight, bias)
     if new_weight.shape != weight.shape:
         ctx.replace_attr(weight_node, new_weight)
     if bias_node is not None and (new_bias.shape != bias.shape or not torch.equal(new_bias, bias)):
@@ -101,14 +99,19 @@ def _conv_plan(ctx):
         ctx.patch(tuple(args), kwargs)
 
 
-layer_rule("functional conv", _conv_view, _conv_plan, channel_axis=1,
+layer_rule("functional conv", _conv_view, _conv_plan, doc=(
+               'As `nn.ConvNd` when weight (and bias) are model attributes read only by this call.',
+               'As `nn.ConvNd`.',
+               'Everything around it when the weight is computed or shared; as `nn.ConvNd` otherwise.',
+               ),
+           channel_axis=1,
            exact="Exact as nn.ConvNd when weight (and bias) are model attributes read only here; otherwise "
                  "every channel around the conv is kept.",
-           functions=tuple(_CONVS))
+           functions=tuple(_CONVS), macs=dense_macs)
 
 # -- linear: the F.linear rule serves aten.linear too (same signature) -----------------------------
 
-REGISTRY.register(REGISTRY.functions[F.linear], functions=(aten.linear.default,))
+REGISTRY.alias(F.linear, aten.linear.default)
 
 # -- batch norm -------------------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ def _functional_batch_norm_forward(ctx):
     fact = ctx.fact(x)
     if tensors is None or not isinstance(fact, ValueFact) or not fact.tracked or fact.axis != 1 \
             or fact.size != tensors["running_mean"].numel():
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     size = fact.size
     gamma = tensors["weight"].numpy() if tensors["weight"] is not None else np.ones(size)
     beta = tensors["bias"].numpy() if tensors["bias"] is not None else np.zeros(size)
@@ -169,12 +172,6 @@ def _functional_batch_norm_forward(ctx):
     const = fact.const | (gamma == 0)
     value = np.where(gamma == 0, beta, value)
     return ValueFact.constants(1, const, np.where(const, value, 0.0)), ctx.units(x)
-
-
-def _functional_batch_norm_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if not isinstance(fact, ValueFact) or not fact.tracked:
-        opaque_backward(ctx)
 
 
 def _functional_batch_norm_plan(ctx):
@@ -191,8 +188,12 @@ def _functional_batch_norm_plan(ctx):
             ctx.replace_attr(args[name], ctx.attr_value(args[name])[index].clone())
 
 
-rule("functional batch_norm", functions=tuple(_BATCH_NORMS), backward=_functional_batch_norm_backward,
-     plan=_functional_batch_norm_plan)(_functional_batch_norm_forward)
+rule("functional batch_norm", doc=(
+         'With `training=False` and running statistics: the same affine map as `nn.BatchNorm`.',
+         'Slices the statistics and affine attributes.',
+         'Every channel otherwise.',
+         ),
+     functions=tuple(_BATCH_NORMS),  plan=_functional_batch_norm_plan)(_functional_batch_norm_forward)
 
 # -- ATen elementwise, pooling and shape ops (torch.export graphs) ------------------------------------
 
@@ -207,26 +208,23 @@ register_pointwise(functions=(
 def _aten_dropout_forward(ctx):
     """Exact when ``train`` is False (the identity); with ``train=True`` every channel is kept."""
     train = ctx.arg(2, "train", False)
-    return _opaque(ctx) if train is not False else pointwise.pointwise_forward(ctx)
+    return opaque_forward(ctx) if train is not False else pointwise_forward(ctx)
 
 
-rule("aten dropout", functions=(aten.dropout.default,), backward=_pointwise_backward)(_aten_dropout_forward)
+rule("aten dropout", doc=(
+         'With `train=False` (the identity).',
+         'Nothing itself.',
+         'Every channel with `train=True`.',
+         ),
+     functions=(aten.dropout.default,))(_aten_dropout_forward)
 
-# NOTE [ATen binary ops]: the elementwise rule looks the op up in pointwise._BINARY; the ATen
-# overloads compute the same thing (an ``alpha`` other than the default makes the rule opaque).
-_ATEN_BINARY = {aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul,
-                aten.div.Tensor: torch.div}
-pointwise._BINARY.update(_ATEN_BINARY)
-REGISTRY.register(REGISTRY.functions[operator.add], functions=tuple(_ATEN_BINARY))
-
-_ATEN_POOLS = {aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2,
-               aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1}
-pointwise._POOL_DIMS.update(_ATEN_POOLS)
-pointwise._AVERAGING = pointwise._AVERAGING + (aten.avg_pool2d.default, aten.avg_pool1d.default)
-REGISTRY.register(REGISTRY.functions[F.max_pool2d], functions=tuple(_ATEN_POOLS))
-
-REGISTRY.register(REGISTRY.functions[torch.flatten], functions=(aten.flatten.using_ints,))
-REGISTRY.register(REGISTRY.functions[torch.reshape], functions=(aten.view.default, aten.reshape.default))
-REGISTRY.register(REGISTRY.functions[torch.mean], functions=(aten.mean.dim,))
-if torch.cat in REGISTRY.functions:
-    REGISTRY.register(REGISTRY.functions[torch.cat], functions=(aten.cat.default,))
+# NOTE [ATen aliases]: these ATen overloads compute what the rule's other targets compute, with the
+# same signature (an ``alpha`` other than the default makes the elementwise rule opaque); the
+# elementwise and pooling rules read their own tables, which list the ATen overloads too.
+REGISTRY.alias(operator.add, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+REGISTRY.alias(F.max_pool2d, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+               aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default)
+REGISTRY.alias(torch.flatten, aten.flatten.using_ints)
+REGISTRY.alias(torch.reshape, aten.view.default, aten.reshape.default)
+REGISTRY.alias(torch.mean, aten.mean.dim)
+REGISTRY.alias(torch.cat, aten.cat.default)

@@ -22,10 +22,9 @@ import sys
 import torch
 import torch.fx
 
-from .linear import _dense_view, _new_weights, _parameter, layer_rule
-from .pointwise import (_check_in_place, _opaque, _pointwise_backward, opaque_backward, pointwise_forward,
-                        register_pointwise)
-from .registry import rule
+from .api import rule
+from .kit import (check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights, opaque_backward,
+                  opaque_forward, pointwise_forward, register_pointwise)
 
 # -- scalars and guards ----------------------------------------------------------------------------------------
 
@@ -33,11 +32,21 @@ from .registry import rule
 def _no_channels_forward(ctx):
     """Exact: computes no channel (dtype information, comparisons of sizes or of masks);
     on tensors the result is opaque and every input channel is kept."""
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
-rule("dtype info", functions=(torch.finfo, torch.iinfo), backward=opaque_backward)(_no_channels_forward)
-rule("comparison", functions=(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge,
+rule("dtype info", doc=(
+         'Always: `torch.finfo`/`torch.iinfo` compute no channel.',
+         '—',
+         '—',
+         ),
+     functions=(torch.finfo, torch.iinfo), backward=opaque_backward)(_no_channels_forward)
+rule("comparison", doc=(
+         'Comparisons (`<`, `>`, `torch.lt`...) compute no followed channel.',
+         '—',
+         'On tensors the result is opaque: every input channel kept.',
+         ),
+     functions=(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge,
                               torch.le, torch.eq, torch.ne, operator.not_, operator.invert),
      methods=("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__"),
      backward=opaque_backward)(_no_channels_forward)
@@ -50,11 +59,17 @@ def _in_place_fill_forward(ctx):
     mutated = ctx.arg(0, "input")
     fact = ctx.fact(mutated)
     if fact is not None and fact.tracked:
-        _check_in_place(ctx, mutated)
-    return _opaque(ctx)
+        check_in_place(ctx, mutated)
+    return opaque_forward(ctx)
 
 
-rule("in-place fill", methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward)(_in_place_fill_forward)
+rule("in-place fill", doc=(
+         "`masked_fill_`/`fill_`/`zero_` on a tensor that carries no channel (HF's causal mask); "
+         'refused when it overwrites a tracked tensor that is read later.',
+         '—',
+         'Every channel around it.',
+         ),
+     methods=("masked_fill_", "fill_", "zero_"), backward=opaque_backward, mutates=mutates)(_in_place_fill_forward)
 
 
 def _cast_forward(ctx):
@@ -69,13 +84,19 @@ def _cast_forward(ctx):
     fact = ctx.fact(x)
     meta = ctx.node.meta.get("tensor_meta")
     if fact is None or not fact.tracked or meta is None or not meta.dtype.is_floating_point:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if not all(node.meta.get("type") in (torch.dtype, torch.device) for node in operands):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact, ctx.units(x)
 
 
-rule("cast", methods=("to", "type", "type_as"), backward=_pointwise_backward, heads_aware=True)(_cast_forward)
+rule("cast", doc=(
+         '`x.to(dtype)`/`x.type(dtype)` with the dtype read at run time (`y.dtype`) to a floating '
+         'dtype: up to rounding; with literal arguments, as a pointwise op.',
+         'Nothing itself.',
+         'Any other operand (a tensor in `type_as`, a cast to an integer dtype read at run time).',
+         ),
+     methods=("to", "type", "type_as"), heads_aware=True)(_cast_forward)
 
 # ``torch.pow(x, 3.0)`` in GELU-tanh: elementwise when the exponent is a number (a node operand
 # makes the pointwise rule opaque, which is exact).
@@ -113,7 +134,7 @@ def _addmm_view(ctx):
             return None
         if len(weight_node.users) > 1 or len(bias_node.users) > 1:
             return None  # a shared weight must keep one shape
-        return _dense_view(weight.t(), bias, 1, False, -1)
+        return dense_view(weight.t(), bias, 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -124,14 +145,21 @@ def _addmm_plan(ctx):
         return
     bias_node, _, weight_node = ctx.node.args
     weight, bias = ctx.attr_value(weight_node), ctx.attr_value(bias_node)
-    new_weight, new_bias, folded_from, *_ = _new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
+    new_weight, new_bias, folded_from, *_ = new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
     ctx.replace_attr(weight_node, new_weight.t().contiguous())
     ctx.replace_attr(bias_node, new_bias, folded_from)
 
 
-layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
+layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, doc=(
+               '`torch.addmm(b, x, W)` with `W` (in, out) and `b` model constants read only here '
+               "(HF's inlined `Conv1D`): exact as `nn.Linear` with weight `W.T`.",
+               'As Linear: rows (columns of `W`) of removed outputs, inputs with their constants '
+               'folded into `b`.',
+               'Every channel when `W`/`b` are computed or shared, or with `beta`/`alpha`.',
+               ),
+           channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
            exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]) when W and the bias are model constants "
                  "read only here; otherwise every channel around it is kept.",
            functions=(torch.addmm,))
@@ -145,7 +173,7 @@ def _conv1d_view(ctx):
         shape = ctx.shape(x)
         if shape is None or len(shape) < 1:
             return None
-        return _dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
+        return dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -156,12 +184,12 @@ def _conv1d_plan(ctx):
         return
     module = ctx.module
     weight, bias = ctx.param("weight"), ctx.param("bias")
-    new_weight, new_bias, folded_from, cols, rows, _ = _new_weights(ctx, view, weight.t(), bias)
+    new_weight, new_bias, folded_from, cols, rows, _ = new_weights(ctx, view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
     replacement = copy.deepcopy(module).to(torch.float64)
-    replacement.weight = _parameter(new_weight.t().contiguous(), module.weight)
-    replacement.bias = _parameter(new_bias, module.bias)
+    replacement.weight = new_parameter(new_weight.t().contiguous(), module.weight)
+    replacement.bias = new_parameter(new_bias, module.bias)
     replacement.nf, replacement.nx = len(rows), len(cols)
     ctx.replace_module(replacement, {"weight": (tuple(weight.shape), ()), "bias": (tuple(bias.shape), folded_from)})
 
@@ -180,7 +208,13 @@ def register_conv1d() -> bool:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is an optional extra
         return False
-    layer_rule("Conv1D", _conv1d_view, _conv1d_plan, channel_axis=-1, edits_module=True,
+    layer_rule("Conv1D", _conv1d_view, _conv1d_plan, doc=(
+                   'HF `Conv1D` kept as a leaf module (registered when transformers is imported '
+                   'before fxmin): as `nn.Linear` with weight `W.T`.',
+                   'As Linear.',
+                   'As Linear.',
+                   ),
+               channel_axis=-1, edits_module=True,
                exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]).", modules=(Conv1D,))
     return True
 

@@ -9,9 +9,8 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
-from .shape import _tracked_backward
+from .api import rule
+from .kit import opaque_backward, opaque_forward
 
 
 # -- indexing ---------------------------------------------------------------------------------------------------
@@ -30,20 +29,20 @@ def _getitem_forward(ctx):
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
     if not fact.simple:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(item, torch.fx.Node) or item is Ellipsis or item is None for item in items[: fact.axis + 1]):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if any(isinstance(item, torch.fx.Node) for item in items):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     full = slice(None, None, None)
     if any(item != full for item in items[: fact.axis]):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if len(items) <= fact.axis or items[fact.axis] == full:
         return fact, ctx.units(source)
     cut = items[fact.axis]
     if not isinstance(cut, slice) or cut.step not in (None, 1):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     start, stop, _ = cut.indices(fact.size)
     piece = ValueFact(fact.axis, max(stop - start, 0), fact.const[start:stop], fact.value[start:stop])
     return piece, ctx.units(source)[start:stop]
@@ -67,6 +66,15 @@ def _getitem_plan(ctx):
     ctx.patch((source, tuple(items) if isinstance(index, tuple) else cut), {})
 
 
+def _getitem_constant_view(node, root, axis):
+    """NOTE [Constant views]: a table sliced along other axes (``self.cos[:T]``) keeps ``axis`` whole."""
+    source, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    if not isinstance(source, torch.fx.Node) or not all(isinstance(i, slice) for i in index):
+        return None
+    return (source, axis) if axis >= len(index) or index[axis] == slice(None) else None
+
+
 def _getitem_backward(ctx):
     source = ctx.node.args[0]
     fact_in = ctx.fact(source)
@@ -75,8 +83,15 @@ def _getitem_backward(ctx):
         ctx.require_all(source)
 
 
-rule("getitem", functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
-     heads_aware=True)(_getitem_forward)
+rule("getitem", doc=(
+         'Picking a piece of a split; indexing a size; indexing a tensor with full slices before the '
+         'channel axis and the channel axis whole or sliced with step 1.',
+         'Follows the channels; slice bounds on the channel axis are patched.',
+         'Every channel for other indexing (advanced indices, steps, indices before the channel '
+         'axis).',
+         ),
+     functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
+     heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
 
 
 # -- reductions over other axes --------------------------------------------------------------------------------
@@ -89,14 +104,14 @@ def _reduce_forward(ctx):
     dims = ctx.arg(1, "dim")
     keepdim = ctx.arg(2, "keepdim", False)
     if fact is None or not fact.tracked or shape is None or dims is None or ctx.node.kwargs.get("dtype") is not None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     if not all(isinstance(d, int) for d in dims):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     rank = len(shape)
     dims = {d % rank for d in dims}
     if fact.axis in dims:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     axis = fact.axis if keepdim else fact.axis - sum(1 for d in dims if d < fact.axis)
     name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
     value = fact.value
@@ -105,8 +120,14 @@ def _reduce_forward(ctx):
     return ValueFact.constants(axis, fact.const, value), ctx.units(x)
 
 
-rule("reduction", functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
-     backward=_tracked_backward)(_reduce_forward)
+rule("reduction", doc=(
+         'Reductions over axes other than the channel axis: mean/amax/amin keep a constant, sum '
+         'multiplies it by the number of reduced elements.',
+         'Nothing itself: channels pass through.',
+         'Every channel when the channel axis is reduced, or `dim`/`dtype` are not literals.',
+         ),
+     functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
+     )(_reduce_forward)
 
 
 # -- index_select with a constant index (what minimize writes at the inputs) -----------------------------------
@@ -127,7 +148,7 @@ def _index_select_forward(ctx):
     (a minimized model minimized again); the index is rewritten for the channels that stay."""
     spec = _index_select_spec(ctx)
     if spec is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     x, fact, index, _ = spec
     picked = ValueFact(fact.axis, len(index), fact.const[index], fact.value[index])
     return picked, ctx.units(x)[index]
@@ -156,5 +177,12 @@ def _index_select_plan(ctx):
     ctx.replace_attr(index_node, torch.as_tensor(position[index[kept_out]], dtype=torch.float64))
 
 
-rule("index_select", functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+rule("index_select", doc=(
+         'With a constant index along the channel axis (what minimize writes at the inputs): each '
+         'output channel maps to its source.',
+         'Channels nobody reads; the index is rewritten, so a minimized module minimizes again.',
+         'A computed index, or one along another axis: every channel of the input.',
+         ),
+     functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
+     backward_untracked=True,
      plan=_index_select_plan)(_index_select_forward)

@@ -1,5 +1,5 @@
 """``nn.MultiheadAttention``: a leaf in FX, analysed as the attention it computes and, when
-channels go, replaced by :class:`SlicedMultiheadAttention` (projections + SDPA).
+channels go, replaced by :class:`fxmin.compensated.attention.SlicedMultiheadAttention` (projections + SDPA).
 
 NOTE [MultiheadAttention]
 ``MHA(q, k, v) = out_proj(concat_h softmax(q W_q,h (k W_k,h)^T / sqrt(hd) + mask) v W_v,h)``.
@@ -35,52 +35,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..compensated.attention import SlicedMultiheadAttention
 from ..facts import TupleFact, ValueFact
-from .pointwise import opaque_backward
-from .registry import rule
-from .shape import uniform_digits
+from .api import ParamEdit, rule
+from .kit import uniform_digits
 
 _INPUTS = ("query", "key", "value")
-
-
-class SlicedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` in eval mode with fewer channels: separate q/k/v projections
-    (``heads x qk_dim``, ``heads x v_dim`` outputs), SDPA with the original scale, ``out_proj``.
-    Returns ``(output, None)`` like ``need_weights=False``; attention dropout in training mode."""
-
-    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear, heads: int,
-                 scale: float, batch_first: bool, dropout: float):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
-        self.heads, self.scale, self.batch_first, self.dropout = heads, scale, batch_first, dropout
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        batch, target, source = query.shape[0], query.shape[1], key.shape[1]
-
-        def heads(x, length):
-            return x.reshape(batch, length, self.heads, -1).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(query), target), heads(self.k_proj(key), source), heads(self.v_proj(value), source)
-        mask = _additive(attn_mask, q.dtype)
-        if key_padding_mask is not None:
-            padding = _additive(key_padding_mask, q.dtype)[:, None, None, :]
-            mask = padding if mask is None else mask + padding
-        causal = is_causal and mask is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, target, -1))
-        return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-def _additive(mask, dtype):
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
 
 
 # -- analysis -------------------------------------------------------------------------------------------------
@@ -116,8 +76,8 @@ def _weights(ctx):
         weight = ctx.param("in_proj_weight")
         bias = ctx.param("in_proj_bias")
         bias = bias if bias is not None else torch.zeros(3 * E, dtype=torch.float64)
-        out_weight = ctx._engine.module_tensor(f"{ctx.node.target}.out_proj", "weight")
-        out_bias = ctx._engine.module_tensor(f"{ctx.node.target}.out_proj", "bias")
+        out_weight = ctx.param("out_proj.weight")
+        out_bias = ctx.param("out_proj.bias")
         out_bias = out_bias if out_bias is not None else torch.zeros(E, dtype=torch.float64)
         return (*weight.split(E), *bias.split(E), out_weight, out_bias)
 
@@ -196,10 +156,6 @@ def _selection(ctx):
 
 
 def _backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if not isinstance(fact, TupleFact):
-        opaque_backward(ctx)
-        return
     inputs, facts, *_ = _state(ctx)
     out_kept, v_kept, qk_kept, _ = _selection(ctx)
     W_q, W_k, W_v = _weights(ctx)[:3]
@@ -250,16 +206,11 @@ def _plan(ctx):
     out_proj.bias = nn.Parameter(out_bias[out_rows].clone())
     replacement = SlicedMultiheadAttention(*projections, out_proj, int(heads.sum()), 1.0 / math.sqrt(module.head_dim),
                                            module.batch_first, module.dropout)
-    ctx.replace_module(replacement, {})
-    _record_shapes(ctx, replacement, bool(np.any(v_value[folded_v] != 0)))
+    ctx.replace_module(replacement, {}, report=_reported_shapes(ctx, replacement, bool(np.any(v_value[folded_v] != 0))))
 
 
-def _record_shapes(ctx, replacement, folded: bool) -> None:
+def _reported_shapes(ctx, replacement, folded: bool) -> tuple:
     """The report lists the module's parameters under their nn.MultiheadAttention names."""
-    import dataclasses
-
-    from ..plan import ParamEdit
-
     module, target = ctx.module, ctx.node.target
     stacked = sum(p.weight.shape[0] for p in (replacement.q_proj, replacement.k_proj, replacement.v_proj))
     width = replacement.q_proj.weight.shape[1]
@@ -270,9 +221,17 @@ def _record_shapes(ctx, replacement, folded: bool) -> None:
         edits.insert(1, ParamEdit(f"{target}.in_proj_bias", tuple(module.in_proj_bias.shape), (stacked,)))
     edits.append(ParamEdit(f"{target}.out_proj.bias", (module.embed_dim,), tuple(replacement.out_proj.bias.shape),
                            ("constant value dims",) if folded else ()))
-    plan_modules = ctx._plan.modules
-    plan_modules[target] = dataclasses.replace(plan_modules[target], params=tuple(edits))
+    return tuple(edits)
 
 
-rule("multihead_attention", modules=(nn.MultiheadAttention,), input_axis=lambda node, root: -1, backward=_backward, plan=_plan,
+rule("multihead_attention", doc=(
+         '`nn.MultiheadAttention` analysed as the attention it computes (NOTE [MultiheadAttention]), '
+         'replaced by `SlicedMultiheadAttention` (projections + SDPA, original scale) when channels '
+         'go.',
+         'Dead heads, value dims, `const(0)` q/k dims, input channels (constants folded into the '
+         'projections), output channels.',
+         'The whole module when its attention weights are read, with `add_bias_kv`, `add_zero_attn`, '
+         '`kdim`/`vdim` or 3-D per-head masks.',
+         ),
+     modules=(nn.MultiheadAttention,), input_axis=lambda node, root: -1, backward=_backward, plan=_plan,
      reads_input_presence=True, edits_module=True)(_forward)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..facts import ValueFact
-from .pointwise import opaque_backward
-from .registry import rule
+from .api import rule
+from .kit import opaque_backward
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -37,10 +37,15 @@ def _batch_norm_forward(ctx):
     return ValueFact.constants(1, const, np.where(const, value, 0.0)), ctx.units(x)
 
 
+def _absorbs_shift(node, root) -> bool:
+    """NOTE [BatchNorm absorbs]: an eval BatchNorm with running statistics, called once, can subtract
+    a constant from its running mean."""
+    module = root.get_submodule(node.target)
+    calls = sum(1 for n in node.graph.nodes if n.op == "call_module" and n.target == node.target)
+    return module.track_running_stats and module.running_mean is not None and calls == 1
+
+
 def _batch_norm_backward(ctx):
-    if not ctx.fact(ctx.node).tracked:
-        opaque_backward(ctx)
-        return
     present = ctx.present()
     if present.size and not present.any():
         # torch has no zero-feature BatchNorm (NOTE [No empty convs] in linear.py): keep channel 0
@@ -52,7 +57,7 @@ def _batch_norm_backward(ctx):
 def _batch_norm_plan(ctx):
     kept = ctx.kept()
     module = ctx.module
-    shift = ctx.noted(("running_mean shift", ctx.node.target))  # NOTE [BatchNorm absorbs]
+    shift = ctx.input_shift()  # NOTE [BatchNorm absorbs]
     if kept is None or (len(kept) == module.num_features and shift is None):
         return
     replacement = copy.deepcopy(module).to(torch.float64)
@@ -74,8 +79,15 @@ def _batch_norm_plan(ctx):
     ctx.replace_module(replacement, params)
 
 
-rule("batch_norm", modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
-     input_axis=lambda node, root: 1,
+rule("batch_norm", doc=(
+         'In eval mode: a per-channel affine map `const(c) -> const(γ(c-m)/√(v+ε)+β)`; `γ == 0` gives'
+         ' `const(β)`.',
+         'Slices weight, bias, running mean and variance to the kept channels (couples input and '
+         'output).',
+         'Every channel when the input is not tracked on axis 1.',
+         ),
+     modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
+     input_axis=lambda node, root: 1, absorbs_shift=_absorbs_shift,
      edits_module=True)(_batch_norm_forward)
 
 
@@ -233,6 +245,13 @@ def _cln_type():
     return CompensatedLayerNorm
 
 
-rule("layer_norm", modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
+rule("layer_norm", doc=(
+         'Through `CompensatedLayerNorm` (see `compensated-layernorm.md`): removed inputs must be '
+         'constant; their constants join the statistics. `weight_i == 0` makes output `i` '
+         '`const(bias_i)`.',
+         'Constant input channels (into `S1`/`S2`); output channels nobody reads.',
+         'Every varying input channel while any output is needed (it feeds the mean and variance).',
+         ),
+     modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
-     backward=_norm_backward, plan=_norm_plan, edits_module=True, input_axis=_norm_input_axis)(_norm_forward)
+     backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis)(_norm_forward)

@@ -16,114 +16,11 @@ from torch import nn
 
 from ..errors import FxminError, describe_node
 from ..facts import ValueFact
-from .registry import rule
-
-# -- in-place ops --------------------------------------------------------------------------------
-
-
-def _check_in_place(ctx, mutated) -> None:
-    """NOTE [In-place]: an in-place op that overwrites a value some later node still reads
-    would make that reader see something the analysis did not: refuse loudly."""
-    if not isinstance(mutated, torch.fx.Node):
-        return
-    here = ctx.order(ctx.node)
-    later = [user for user in mutated.users if user is not ctx.node and ctx.order(user) > here]
-    if later:
-        raise FxminError(
-            f"{describe_node(ctx.node, ctx.root)} overwrites '{mutated.name}' in place, and "
-            f"'{later[0].name}' reads '{mutated.name}' afterwards. fxmin cannot follow aliasing: make the op "
-            "out-of-place (inplace=False, x = x + y instead of x += y) or pass it in barriers=[...]."
-        )
-
-
-def _module_in_place(ctx) -> bool:
-    return bool(getattr(ctx.module, "inplace", False))
-
-
-def _is_in_place(ctx) -> bool:
-    return _module_in_place(ctx) if ctx.node.op == "call_module" else in_place_call(ctx.node)
-
-
-def in_place_call(node: torch.fx.Node) -> bool:
-    """A function or method call that writes into its input: ``x.add_(y)``, ``x += y``, ``inplace=True``."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        return bool(node.kwargs.get("inplace", False)) or node.target in _IN_PLACE_OPERATORS
-    return False
-
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
-                       operator.ilshift, operator.irshift}
-
+from .api import rule
+from .kit import (BINARY_OPS, check_in_place, in_place_call, mutates, opaque_forward, pointwise_forward,  # noqa: F401
+                  register_pointwise)
 
 # -- unary pointwise -------------------------------------------------------------------------------
-
-
-def _apply_unary(ctx, constants: torch.Tensor) -> torch.Tensor:
-    node = ctx.node
-    with torch.no_grad():
-        if node.op == "call_module":
-            return ctx.module(constants.clone())
-        rest = node.args[1:]
-        kwargs = dict(node.kwargs)
-        if node.op == "call_method":
-            return getattr(constants.clone(), node.target)(*rest, **kwargs)
-        return node.target(constants.clone(), *rest, **kwargs)
-
-
-def _has_node_operands(ctx) -> bool:
-    found = []
-    torch.fx.node.map_arg((ctx.node.args[1:], ctx.node.kwargs), found.append)
-    return bool(found)
-
-
-def pointwise_forward(ctx):
-    """Exact for any op applied independently to each element: ``const(c) -> const(f(c))``."""
-    x = ctx.arg(0, "input")
-    fact = ctx.fact(x)
-    if _is_in_place(ctx):
-        _check_in_place(ctx, x)
-    if fact is None or not fact.tracked or _has_node_operands(ctx):
-        return _opaque(ctx)
-    value = fact.value.copy()
-    if fact.const.any():
-        constants = torch.from_numpy(fact.value[fact.const])
-        rank = len(ctx.shape(x) or ())
-        if rank > 1 and fact.axis < rank:
-            # Shaped like the input, channels on their axis: ops that check the rank
-            # (nn.Dropout1d/2d/3d) accept it; elementwise ops do not care.
-            constants = constants.reshape([-1 if axis == fact.axis else 1 for axis in range(rank)])
-        result = _apply_unary(ctx, constants)
-        value[fact.const] = result.reshape(-1).to(torch.float64).numpy()
-    return fact.replaced(fact.const, value), ctx.units(x)
-
-
-def _opaque(ctx):
-    shape = ctx.shape()
-    return (ValueFact.untracked() if shape is not None else None), None
-
-
-def opaque_backward(ctx):
-    """Keep every channel of every input: exact, shrinks nothing across the op."""
-    for node in ctx.input_nodes():
-        ctx.require_all(node)
-
-
-def _pointwise_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if fact is None or not fact.tracked:
-        opaque_backward(ctx)
-
-
-def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"):
-    """One line registers an elementwise unary op family (``f`` applied to each element alone).
-
-    >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
-    """
-    rule(name, modules=modules, functions=functions, methods=methods, backward=_pointwise_backward,
-         heads_aware=True, passes_axis=True)(pointwise_forward)
 
 
 register_pointwise(
@@ -136,7 +33,7 @@ register_pointwise(
                torch.clip, operator.neg, F.logsigmoid, F.softsign),
     methods=("relu", "relu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "square", "erf", "clamp",
              "clip", "clamp_", "contiguous", "clone", "detach", "float", "double", "half", "sigmoid_", "tanh_",
-             "to", "type_as", "bool", "long", "int"),
+             "bool", "long", "int"),
 )
 
 
@@ -145,23 +42,16 @@ def _dropout_forward(ctx):
     return pointwise_forward(ctx)
 
 
-rule("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
-     backward=_pointwise_backward, heads_aware=True, passes_axis=True)(_dropout_forward)
+rule("dropout", doc=(
+         'In eval mode, where dropout is the identity (the module stays in place for training).',
+         'Nothing itself: channels pass through.',
+         'As `pointwise`.',
+         ),
+     functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
+     heads_aware=True, passes_axis=True, mutates=mutates, identity_in_eval=lambda node, root: True)(_dropout_forward)
 
 
 # -- binary elementwise ---------------------------------------------------------------------------------
-
-_BINARY = {
-    torch.add: torch.add, operator.add: torch.add, operator.iadd: torch.add, "add": torch.add, "add_": torch.add,
-    "__add__": torch.add, "__radd__": lambda a, b: torch.add(b, a),
-    torch.sub: torch.sub, operator.sub: torch.sub, operator.isub: torch.sub, "sub": torch.sub, "sub_": torch.sub,
-    "__sub__": torch.sub, "__rsub__": lambda a, b: torch.sub(b, a), torch.rsub: lambda a, b: torch.sub(b, a),
-    torch.mul: torch.mul, operator.mul: torch.mul, operator.imul: torch.mul, "mul": torch.mul, "mul_": torch.mul,
-    "__mul__": torch.mul, "__rmul__": torch.mul,
-    torch.div: torch.div, operator.truediv: torch.div, operator.itruediv: torch.div, "div": torch.div,
-    "div_": torch.div, "__truediv__": torch.div, "__rtruediv__": lambda a, b: torch.div(b, a),
-    torch.maximum: torch.maximum, torch.minimum: torch.minimum,
-}
 
 
 def _operand(ctx, value, out_rank, partner_axis=None):
@@ -206,14 +96,14 @@ def _binary_forward(ctx):
     stage-wide or not at all); ``const op const`` is constant, ``0 * x`` is ``const(0)``."""
     node = ctx.node
     a, b = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
-    if _is_in_place(ctx):
-        _check_in_place(ctx, a)
+    if mutates(ctx.node, ctx.root):
+        check_in_place(ctx, a)
     if "alpha" in node.kwargs or len(node.args) > 2:
-        return _opaque(ctx)
-    op = _BINARY[node.target]
+        return opaque_forward(ctx)
+    op = BINARY_OPS[node.target]
     shape = ctx.shape()
     if shape is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     rank = len(shape)
     kind_a, pa = _operand(ctx, a, rank)
     kind_b, pb = _operand(ctx, b, rank, _adoption_axis(pa) if kind_a == "tracked" else None)
@@ -224,7 +114,7 @@ def _binary_forward(ctx):
     if kind_a == "tracked" and kind_b == "tracked":
         (fa, _), (fb, _) = pa, pb
         if fa.axes != fb.axes or fa.radix != fb.radix or any(shape[a] != r for a, r in zip(fa.axes, fa.radix)):
-            return _opaque(ctx)
+            return opaque_forward(ctx)
         ctx.unify(ctx.units(a), ctx.units(b))
         const = fa.const & fb.const
         with torch.no_grad():
@@ -241,7 +131,7 @@ def _binary_forward(ctx):
             continue
         fact, axis = payload
         if any(shape[a] != r for a, r in zip(fact.axes, fact.radix)):
-            return _opaque(ctx)
+            return opaque_forward(ctx)
         if other_kind == "symbolic":  # its value is unknown here: only 0 * s stays a known constant
             const = fact.const & (fact.value == 0) if op is torch.mul else np.zeros(fact.size, bool)
             return fact.replaced(const, np.zeros(fact.size)), ctx.units(tracked_node)
@@ -249,7 +139,7 @@ def _binary_forward(ctx):
             other_shape = ctx.shape(other)
             offset = rank - len(other_shape)
             if any(a - offset >= 0 and other_shape[a - offset] != 1 for a in fact.axes):
-                return _opaque(ctx)  # a tensor that varies along the channel axis: not followed here
+                return opaque_forward(ctx)  # a tensor that varies along the channel axis: not followed here
             const = np.zeros(fact.size, bool)
             if op is torch.mul:
                 const = fact.const & (fact.value == 0)
@@ -259,7 +149,7 @@ def _binary_forward(ctx):
             values = torch.tensor(fact.value)
             value = (op(values, scalar) if first else op(scalar, values)).numpy()
         return fact.replaced(fact.const, np.where(fact.const, value, 0.0)), ctx.units(tracked_node)
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
 def _adoption_axis(payload):
@@ -276,7 +166,7 @@ def _head_dim_table(ctx, op, a, b, fa, fb):
     split, table = (fa, fb) if not fa.simple else (fb, fa)
     split_node, table_node = (a, b) if not fa.simple else (b, a)
     if table.axis != split.axes[-1] or table.size != split.radix[-1]:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     grid = ctx.units(split_node).reshape(-1, table.size)
     for row in grid:
         ctx.unify(row, ctx.units(table_node))
@@ -293,10 +183,6 @@ def _head_dim_table(ctx, op, a, b, fa, fb):
 
 
 def _binary_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if fact is None or not fact.tracked:
-        opaque_backward(ctx)
-        return
     for node in ctx.input_nodes():
         input_fact = ctx.fact(node)
         if input_fact is None or not input_fact.tracked:
@@ -316,7 +202,7 @@ def _binary_backward(ctx):
 
 def _binary_plan(ctx):
     node = ctx.node
-    if len(node.args) != 2 or node.kwargs or _is_in_place(ctx):
+    if len(node.args) != 2 or node.kwargs or mutates(ctx.node, ctx.root):
         return
     fact, shape = ctx.fact(node), ctx.shape()
     if fact is None or not fact.tracked or not fact.simple or shape is None:
@@ -342,9 +228,20 @@ def _binary_plan(ctx):
         return
 
 
-rule("elementwise", functions=[k for k in _BINARY if not isinstance(k, str)],
-     methods=[k for k in _BINARY if isinstance(k, str)], backward=_binary_backward, plan=_binary_plan,
-     heads_aware=True, passes_axis=True)(_binary_forward)
+rule("elementwise", doc=(
+         "Always for add/sub/mul/div/maximum/minimum: operands' channels couple; `const ∘ const` is "
+         'constant, `0 · x` is `const(0)`.',
+         'A channel of the coupled group when it is removable at every member (a residual stream goes'
+         " stage-wide or not at all). An operand constant in every channel, of the result's shape as "
+         'the other operand is, becomes a broadcast constant (a parameter when the model trains) and '
+         'the branch behind it, read by nothing else, leaves the model (NOTE [Constant operands]: a '
+         'block whose MLP was emptied).',
+         'Every channel with `alpha=`, or when a broadcast operand varies along the channel axis; a '
+         'broadcast operand is read whole.',
+         ),
+     functions=[k for k in BINARY_OPS if not isinstance(k, (str, torch._ops.OpOverload))],
+     methods=[k for k in BINARY_OPS if isinstance(k, str)], backward=_binary_backward, plan=_binary_plan,
+     heads_aware=True, passes_axis=True, mutates=mutates)(_binary_forward)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------
@@ -357,7 +254,13 @@ _POOL_DIMS = {
     F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
     F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
 }
-_AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+_ATEN_POOLS = {"max_pool2d": 2, "avg_pool2d": 2, "adaptive_avg_pool2d": 2, "max_pool1d": 1, "avg_pool1d": 1,
+               "adaptive_avg_pool1d": 1}
+_POOL_DIMS.update({getattr(torch.ops.aten, name).default: dims for name, dims in _ATEN_POOLS.items()})
+_AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+              torch.ops.aten.avg_pool2d.default, torch.ops.aten.avg_pool1d.default)
+_POOL_TARGETS = [F.max_pool2d, *(k for k in _POOL_DIMS if not isinstance(k, type) and k is not F.max_pool2d
+                                 and not isinstance(k, torch._ops.OpOverload))]  # ATen ones are aliases
 
 
 def _pool_setting(ctx, name, index, default):
@@ -374,7 +277,7 @@ def _pool_forward(ctx):
     key = type(ctx.module) if ctx.module is not None else ctx.node.target
     spatial = _POOL_DIMS[key]
     if fact is None or not fact.tracked or shape is None or fact.axis >= len(shape) - spatial:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     const = fact.const.copy()
     if key in _AVERAGING:
         padding = _pool_setting(ctx, "padding", 3, 0)
@@ -384,11 +287,18 @@ def _pool_forward(ctx):
         if tricky:
             const &= fact.value == 0
     if isinstance(ctx.module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)) and ctx.module.return_indices:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if ctx.node.op != "call_module" and ctx.node.kwargs.get("return_indices", False):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return ValueFact.constants(fact.axis, const, np.where(const, fact.value, 0.0)), ctx.units(x)
 
 
-rule("pooling", modules=[k for k in _POOL_DIMS if isinstance(k, type)],
-     functions=[k for k in _POOL_DIMS if not isinstance(k, type)], backward=_pointwise_backward)(_pool_forward)
+rule("pooling", doc=(
+         'Max/avg/adaptive pooling work within each channel: a constant stays constant.',
+         'Nothing itself: channels pass through.',
+         'Average pooling that counts zero padding (or uses `ceil_mode`/`divisor_override`) keeps '
+         'only `const(0)` constant; `return_indices` and pooling over the channel axis are opaque '
+         '(all kept).',
+         ),
+     modules=[k for k in _POOL_DIMS if isinstance(k, type)],
+     functions=_POOL_TARGETS)(_pool_forward)

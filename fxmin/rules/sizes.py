@@ -15,9 +15,8 @@ import torch
 import torch.fx
 
 from ..errors import MissingRuleError, describe_node
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
-from .shape import _feeds_coupled_views
+from .api import rule
+from .kit import BINARY_OPS, feeds_coupled_views, opaque_backward, opaque_forward
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
@@ -64,7 +63,6 @@ def _reads(ctx):
 
 def _only_scales(value_node) -> bool:
     """True when a size flows only through scalar arithmetic into elementwise tensor arithmetic."""
-    from .pointwise import _BINARY
 
     pending, seen = [value_node], set()
     while pending:
@@ -79,7 +77,7 @@ def _only_scales(value_node) -> bool:
                 pending.append(user)
             elif user.op == "call_function" and key is torch.full and user.args[0] in ([], ()) and is_tensor:
                 pending.append(user)  # a 0-d tensor of the number (HF: torch.full([], size ** 0.5))
-            elif is_tensor and user.op in ("call_function", "call_method") and key in _BINARY:
+            elif is_tensor and user.op in ("call_function", "call_method") and key in BINARY_OPS:
                 continue
             else:
                 return False
@@ -112,7 +110,7 @@ def _size_backward(ctx):
     hits, whole = _tracked_reads(ctx)
     sliced = [user for user, axis in _reads(ctx) if axis == "slice"]
     source, shape = node.args[0], ctx.shape(node.args[0])
-    if whole or any(not (_only_scales(hit) or _feeds_coupled_views(ctx, hit, source, _read_axis(ctx, hit, shape)))
+    if whole or any(not (_only_scales(hit) or feeds_coupled_views(ctx, hit, source, _read_axis(ctx, hit, shape)))
                     for hit in hits if not _is_slice(hit)) or any(
             _slice_reads_tracked(ctx, user) for user in sliced):
         ctx.require_all(node.args[0], "its size is read to shape other tensors")
@@ -169,15 +167,34 @@ def _getattr_forward(ctx):
     return None, None
 
 
-rule("size", methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True)(_size_forward)
-rule("getattr", functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan,
+rule("size", doc=(
+         'A size of a tracked axis that only scales tensors (`q.size(-1) ** -0.5`) is replaced by its'
+         ' original value, which is what the reference uses.',
+         '—',
+         'A size that shapes tensors (a `view` argument) pins its axis: every channel kept, unless it'
+         ' only shapes views whose channels it couples with (its run-time value is then the new '
+         'size).',
+         ),
+     methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
+     backward_untracked=True)(_size_forward)
+rule("getattr", doc=(
+         '`.shape`, `.dtype`, `.device`, `.ndim`... read no channel.',
+         '—',
+         'Reading the size of the tracked axis pins it; an unknown attribute is a `MissingRuleError`.',
+         ),
+     functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan, backward_untracked=True,
      heads_aware=True)(_getattr_forward)
 
 
 def _guard_forward(ctx):
     """Exact: comparisons and asserts (the guards ``concrete_args`` leaves, ``flag_1 == True``)
     compute no channel; on tensors the result is opaque and every input channel is kept."""
-    return _opaque(ctx)
+    return opaque_forward(ctx)
 
 
-rule("guard", functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)
+rule("guard", doc=(
+         'Comparisons and asserts (guards left by `concrete_args`) compute no channel.',
+         '—',
+         'On tensors the result is opaque: every input channel kept.',
+         ),
+     functions=(operator.eq, operator.ne, torch._assert), backward=opaque_backward)(_guard_forward)

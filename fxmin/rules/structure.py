@@ -16,8 +16,9 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
-from .pointwise import _opaque, opaque_backward
-from .registry import rule
+from ..graph_helpers import tensor_shape
+from .api import rule
+from .kit import opaque_forward
 
 
 def _tracked(ctx, node):
@@ -32,12 +33,6 @@ def _concat_facts(facts, axis):
                      np.concatenate([f.value for f in facts]))
 
 
-def _tracked_backward(ctx):
-    fact = ctx.fact(ctx.node)
-    if fact is None or (isinstance(fact, ValueFact) and not fact.tracked):
-        opaque_backward(ctx)
-
-
 # -- cat -----------------------------------------------------------------------------------------------------
 
 def _cat_forward(ctx):
@@ -47,7 +42,7 @@ def _cat_forward(ctx):
     dim = ctx.arg(1, "dim", 0)
     shape = ctx.shape()
     if shape is None or not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) for t in tensors):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     rank = len(shape)
     dim = dim % rank
     facts = [_tracked(ctx, t) for t in tensors]
@@ -57,19 +52,19 @@ def _cat_forward(ctx):
     if len(axes) != 1:
         axis = dim if not axes else None
         if axis is None:
-            return _opaque(ctx)
+            return opaque_forward(ctx)
     else:
         axis = axes.pop()
     for index, tensor in enumerate(tensors):
         if facts[index] is None:
             facts[index] = ctx.adopt(tensor, axis)
             if facts[index] is None:
-                return _opaque(ctx)
+                return opaque_forward(ctx)
     units = [ctx.units(t) for t in tensors]
     if axis == dim:
         return _concat_facts(facts, axis), np.concatenate(units)
     if len({f.size for f in facts}) != 1:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     for other in units[1:]:
         ctx.unify(units[0], other)
     const = np.logical_and.reduce([f.const for f in facts])
@@ -82,7 +77,7 @@ def _cat_heads(ctx, tensors, facts, dim):
     """Tensors whose channels sit on (heads, head_dim): joined along head_dim (rotate_half's
     ``cat((-x2, x1), -1)``) the dims line up head by head; joined elsewhere they couple."""
     if any(f is None or f.simple or f.axes != facts[0].axes or f.radix[:-1] != facts[0].radix[:-1] for f in facts):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     units = [ctx.units(t) for t in tensors]
     first = facts[0]
     if dim == first.axes[-1]:
@@ -95,14 +90,21 @@ def _cat_heads(ctx, tensors, facts, dim):
                          joined([f.value for f in facts], sizes), inner)
         return fact, joined(units, sizes)
     if dim in first.axes or any(f.radix != first.radix for f in facts):
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     for other in units[1:]:
         ctx.unify(units[0], other)
     const = np.logical_and.reduce([f.const for f in facts]) & np.logical_and.reduce([f.value == first.value for f in facts])
     return first.replaced(const, np.where(const, first.value, 0.0)), units[0]
 
 
-rule("cat", functions=(torch.cat, torch.concat, torch.concatenate), backward=_tracked_backward,
+rule("cat", doc=(
+         "Always: along the channel axis the inputs' channels line up one after the other (offsets); "
+         'along another axis the inputs couple. Model constants (class tokens) are adopted on that '
+         'axis.',
+         "Each input's removed channels.",
+         "Every channel when an input's channel axis cannot be followed.",
+         ),
+     functions=(torch.cat, torch.concat, torch.concatenate),
      heads_aware=True)(_cat_forward)
 
 
@@ -205,9 +207,6 @@ def _split_innermost(fact, units, pieces, x):
 
 
 def _split_backward(ctx):
-    if not isinstance(ctx.fact(ctx.node), TupleFact):
-        ctx.require_all(ctx.arg(0, "input"))
-        return
     spec = _split_spec(ctx)
     fact = ctx.fact(ctx.node)
     if spec[2] == "chunk" and spec[1] == fact.parts[0].axis and fact.parts[0].simple:
@@ -248,7 +247,13 @@ def _split_plan(ctx):
         ctx.patch(tuple(args), kwargs)
 
 
-rule("split", functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
+rule("split", doc=(
+         'Always: cutting along the channel axis gives each piece its slice of the channels; along '
+         'another axis every piece has all of them.',
+         'Channels within each piece; split sizes are patched.',
+         'Every channel when the sizes cannot be patched.',
+         ),
+     functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
      backward=_split_backward, plan=_split_plan, reads_input_presence=True, heads_aware=True)(_split_forward)
 
 
@@ -268,7 +273,7 @@ def _moved(ctx, axis_out):
     x = ctx.arg(0, "input")
     fact = _tracked(ctx, x)
     if fact is None or axis_out is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.moved(axis_out), ctx.units(x)
 
 
@@ -277,7 +282,7 @@ def _remapped(ctx, where):
     x = ctx.arg(0, "input")
     fact = _tracked(ctx, x)
     if fact is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.with_axes([where(axis) for axis in fact.axes]), ctx.units(x)
 
 
@@ -286,7 +291,7 @@ def _permute_forward(ctx):
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     if fact is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     dims = [d % len(shape) for d in _dims(ctx, 1)]
     return _remapped(ctx, dims.index)
 
@@ -296,7 +301,7 @@ def _transpose_forward(ctx):
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     if fact is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     if ctx.node.target in ("t", torch.t):
         a, b = 0, len(shape) - 1
     else:
@@ -309,7 +314,7 @@ def _unsqueeze_forward(ctx):
     x = ctx.arg(0, "input")
     fact, out = _tracked(ctx, x), ctx.shape()
     if fact is None or out is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     dim = ctx.arg(1, "dim") % len(out)
     return _moved(ctx, fact.axis + (1 if dim <= fact.axis else 0))
 
@@ -319,23 +324,43 @@ def _squeeze_forward(ctx):
     x = ctx.arg(0, "input")
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     if fact is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     dim = ctx.arg(1, "dim")
     if dim is None:
         dims = [d for d, size in enumerate(shape) if size == 1]
     else:
         dims = [d % len(shape) for d in (dim if isinstance(dim, (tuple, list)) else (dim,)) if shape[d % len(shape)] == 1]
     if fact.axis in dims:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return _moved(ctx, fact.axis - sum(1 for d in dims if d < fact.axis))
 
 
-rule("permute", functions=(torch.permute,), methods=("permute",), backward=_tracked_backward,
+rule("permute", doc=(
+         'Always: the channel axis moves (both axes of attention heads).',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.permute,), methods=("permute",),
      heads_aware=True)(_permute_forward)
-rule("transpose", functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
-     backward=_tracked_backward, heads_aware=True)(_transpose_forward)
-rule("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), backward=_tracked_backward)(_unsqueeze_forward)
-rule("squeeze", functions=(torch.squeeze,), methods=("squeeze",), backward=_tracked_backward)(_squeeze_forward)
+rule("transpose", doc=(
+         'Always: the channel axis swaps with another.',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
+     heads_aware=True)(_transpose_forward)
+rule("unsqueeze", doc=(
+         'Always: a new size-1 axis shifts the channel axis.',
+         'Nothing itself.',
+         '—',
+         ),
+     functions=(torch.unsqueeze,), methods=("unsqueeze",))(_unsqueeze_forward)
+rule("squeeze", doc=(
+         'Removing size-1 axes other than the channel axis.',
+         'Nothing itself.',
+         'Every channel when the channel axis itself could be squeezed.',
+         ),
+     functions=(torch.squeeze,), methods=("squeeze",))(_squeeze_forward)
 
 
 # -- expand -------------------------------------------------------------------------------------------------------
@@ -346,15 +371,20 @@ def _expand_forward(ctx):
     x = ctx.arg(0, "input")
     fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
     if fact is None or out is None:
-        return _opaque(ctx)
+        return opaque_forward(ctx)
     return fact.moved(fact.axis + len(out) - len(shape)), ctx.units(x)
+
+
+def _expand_constant_view(node, root, axis):
+    """NOTE [Constant views]: a class token expanded to the batch is its constant, axes shifted."""
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or tensor_shape(node) is None or tensor_shape(source) is None:
+        return None
+    return source, axis - (len(tensor_shape(node)) - len(tensor_shape(source)))
 
 
 def _expand_backward(ctx):
     fact = ctx.fact(ctx.node)
-    if fact is None or not fact.tracked:
-        opaque_backward(ctx)
-        return
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and not isinstance(sizes[fact.axis], int):
         ctx.require_all(ctx.node)
@@ -371,4 +401,11 @@ def _expand_plan(ctx):
         ctx.patch((ctx.node.args[0], *sizes), {})
 
 
-rule("expand", methods=("expand",), backward=_expand_backward, plan=_expand_plan)(_expand_forward)
+rule("expand", doc=(
+         'Always: values repeat along size-1 axes; the channel axis keeps its channels.',
+         'A literal size at the channel axis is patched; an expanded model constant is adopted by its'
+         ' reader.',
+         '—',
+         ),
+     methods=("expand",), backward=_expand_backward, plan=_expand_plan,
+     constant_view=_expand_constant_view)(_expand_forward)

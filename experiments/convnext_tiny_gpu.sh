@@ -4,7 +4,7 @@
 # toy size first, then the dense model, then ours (and the controls, METHODS) with whatever time is left
 # (fxmin's time_budget), finishing within the budget too (a reserve is kept for it).
 #
-#   examples/convnext_tiny_gpu.sh OUT_DIR [TOTAL_SECONDS=480] [DATA=/usr/share/datasets/fashion-mnist]
+#   experiments/convnext_tiny_gpu.sh OUT_DIR [TOTAL_SECONDS=480] [DATA=/usr/share/datasets/fashion-mnist]
 #
 # Environment:
 #   METHODS  processes that share the GPU after the dense model, side by side, each with the same search
@@ -19,7 +19,7 @@
 # Writes OUT_DIR/{test_cuda,smoke,dense,tiny-<method>}.log, OUT_DIR/results-tiny-<method>.json and
 # OUT_DIR/finish-<loop>.pt (the finishing phase's checkpoint: the chosen, finished model); then, on
 # any machine (the files share one dense model, so they merge into one section):
-#   .venv/bin/python examples/convnext_fashion.py --merge OUT_DIR/results-tiny-*.json --write docs/results.md
+#   .venv/bin/python -m experiments.convnext_fashion --merge OUT_DIR/results-tiny-*.json --write docs/results.md
 set -o pipefail
 out=${1:?usage: $0 OUT_DIR [TOTAL_SECONDS] [DATA]}
 total=${2:-480}
@@ -29,7 +29,7 @@ read -r -a methods <<< "${METHODS:-sr}"
 ours=${OURS:-docs/device-runs/convnext-tiny-h200/results-tiny-sr.json}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-script=examples/convnext_fashion.py
+script="-m experiments.convnext_fashion"
 work=${WORK:-/tmp/convnext-tiny-gpu}  # checkpoints (hundreds of MB): not in OUT_DIR
 model=(${MODEL:---width 1 --depths 3 3 9 3})
 dense_epochs=8

@@ -1,5 +1,5 @@
 """What the experiment scripts share: the cached dense model, a run's final model from its checkpoints,
-writing their section of docs/results.md."""
+the accuracy plot and the split scores (their sections of docs/results.md go through benchmarks.markdown)."""
 from __future__ import annotations
 
 import os
@@ -8,20 +8,6 @@ import time
 import torch
 
 import fxmin
-
-
-def replace_section(path, owner, text):
-    """Put ``text`` between the ``<!-- owner begins/ends -->`` markers of ``path`` (appended when absent);
-    whatever else the file holds (sections written by hand, other scripts' sections) is kept."""
-    begin, end = f"<!-- {owner} begins -->", f"<!-- {owner} ends -->"
-    old = open(path).read() if os.path.exists(path) else "# Results\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old.split(begin, 1)[0] + block + old.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as handle:
-        handle.write(new)
 
 
 def cached_dense(model, train, cache, wait=False, map_location=None):
@@ -49,7 +35,7 @@ def final_module(folder, cycle, params=None):
     runs write since fxmin checkpoints its finishing phase) or 'before finishing' (older runs: the cycle's
     model in the last cycle checkpoint's finishing pool or best model; the finishing training changes
     the weights, not the architecture). ``folder`` may also be a ``finish.pt`` file itself (a copy brought
-    back from a device run, examples/convnext_tiny_gpu.sh). ``params``: the size the raw results give, checked."""
+    back from a device run, experiments/convnext_tiny_gpu.sh). ``params``: the size the raw results give, checked."""
     finished = fxmin.cycle.load_finished(folder)
     if finished is not None and finished[0] == cycle:
         module, weights = finished[1], "finished"

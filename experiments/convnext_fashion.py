@@ -4,17 +4,17 @@
     # reduced width on CPU (the defaults: width 0.25, depths 1 1 3 1; ~100 s per epoch on one core);
     # ours + (c, c') and (a) + (b) as two processes sharing the cached dense model, each writing its raw
     # results (runs/convnext/results-<methods>.json), then the merge (make experiments-fashion):
-    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods sr,c,r &
-    nice -n 5 .venv/bin/python examples/convnext_fashion.py --methods b,a & wait
-    .venv/bin/python examples/convnext_fashion.py --merge runs/convnext/results-sr-c-r.json \
+    nice -n 5 .venv/bin/python -m experiments.convnext_fashion --methods sr,c,r &
+    nice -n 5 .venv/bin/python -m experiments.convnext_fashion --methods b,a & wait
+    .venv/bin/python -m experiments.convnext_fashion --merge runs/convnext/results-sr-c-r.json \
         runs/convnext/results-b-a.json --write docs/results.md    # and docs/convnext_fashion.png
     # or the controls (c, c') as a process of their own once ours (--methods sr) has finished:
-    .venv/bin/python examples/convnext_fashion.py --methods c,r --ours runs/convnext/results-sr.json
+    .venv/bin/python -m experiments.convnext_fashion --methods c,r --ours runs/convnext/results-sr.json
     # ConvNeXt-Tiny where a GPU is present (picked automatically; TF32 training, --tf32 off to disable):
-    .venv/bin/python examples/convnext_fashion.py --width 1 --depths 3 3 9 3 --dense-epochs 30 \
+    .venv/bin/python -m experiments.convnext_fashion --width 1 --depths 3 3 9 3 --dense-epochs 30 \
         --section tiny-gpu --write docs/results.md    # its own section and docs/convnext_fashion-tiny-gpu.png
     # the reported H200 run: dense, then ours within a fixed wall-clock lease (--search-seconds)
-    examples/convnext_tiny_gpu.sh OUT_DIR 480
+    experiments/convnext_tiny_gpu.sh OUT_DIR 480
 
 Training: AdamW (weight decay 0.05), batch 128, in every call a 10 % linear warm-up then cosine decay
 of the lr to 0 (``--lr`` for the dense model and control (c), ``--finetune-lr`` for the pruning
@@ -23,7 +23,7 @@ methods' fine-tuning); group lasso ``--lasso`` in the cycles, none in the finish
 the pruning, ``group_lasso(costs=fxmin.mac_costs(...))`` for the lasso) so that the squeeze removes
 work, not only storage; every result records its MACs per image.
 
-Same protocol as examples/mnist_lenet300.py: dense baseline, Squeeze-Release (ours), and controls
+Same protocol as experiments/mnist_lenet300.py: dense baseline, Squeeze-Release (ours), and controls
 (a) iterative magnitude pruning + one final minimization, (b) cycles without release, (c) a ConvNeXt
 of reduced width with about as many parameters and (c') our final architecture re-initialized, both
 trained from scratch with the same epoch budget. The validation split (last 10k of the 60k training
@@ -47,12 +47,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fxmin  # noqa: E402
-from fxmin.zoo.convnext import convnext_tiny  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/ (also when imported as a package)
-from _results import (accuracy_axes, cached_dense, final_module, replace_section, save_accuracy_plot,  # noqa: E402
-                      split_scores)
+import fxmin
+from benchmarks.markdown import replace_section
+from experiments.results import accuracy_axes, cached_dense, final_module, save_accuracy_plot, split_scores
+from fxmin.zoo.convnext import convnext_tiny
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -274,7 +272,7 @@ def main(argv=None):
                               map_location=device)
     scores = plain.evaluate(dense)
     finish_half = plain.finish_evaluate(dense)["accuracy"]
-    record = {"command": ".venv/bin/python examples/convnext_fashion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    record = {"command": ".venv/bin/python -m experiments.convnext_fashion " + " ".join(sys.argv[1:] if argv is None else argv),
               "args": vars(args), "device": f"{device} ({device_name})", "methods": {},
               "dense": {"params": fxmin.count_parameters(dense), "val": scores["val"], "test": scores["test"],
                         "search": scores["accuracy"], "finish": finish_half, "epochs": args.dense_epochs,
@@ -560,7 +558,7 @@ def write_section(records, path):
     for key in ("methods", "write", "json", "merge", "resume", "data", "section"):
         settings.pop(key, None)
     commands = "\n".join(item["command"] for item in records)
-    title = f"## ConvNeXt on Fashion-MNIST (examples/convnext_fashion.py{', ' + tag if tag else ''})"
+    title = f"## ConvNeXt on Fashion-MNIST (experiments/convnext_fashion.py{', ' + tag if tag else ''})"
     text = [(f"{title}\n\nCommands (one process each, sharing "
              f"the cached dense model), device {records[0]['device']}:\n\n```\n{commands}\n```\n"),
             f"Settings: `{json.dumps(settings)}`\n",

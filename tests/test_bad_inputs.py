@@ -1,0 +1,88 @@
+"""Every bad input of docs/reliability.md's table raises an fxmin error that says what was wrong and
+what to do; no raw traceback from deep inside. One test per row."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxmin
+
+X = (torch.randn(3, 4),)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def full_mask():
+    return {"0.weight": torch.ones(8, 4, dtype=torch.bool)}
+
+
+def meta_model():
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def with_value(value, index=(0, 0)):
+    model = net()
+    with torch.no_grad():
+        model[0].weight[index] = value
+    return model
+
+
+# (row, call, error type, fragments the message must contain: what was wrong, what to do)
+ROWS = [
+    ("masks on the meta device", lambda: fxmin.minimize(net(), {"0.weight": torch.ones(8, 4, device="meta")}, X),
+     fxmin.MaskError, ["'0.weight'", "meta device", "compute it on the CPU"]),
+    ("a model on the meta device", lambda: fxmin.minimize(meta_model(), full_mask(), X),
+     fxmin.InputError, ["meta device", "'0.weight'", "to_empty", "load_state_dict"]),
+    ("example inputs on the meta device", lambda: fxmin.minimize(net(), full_mask(), (torch.randn(3, 4, device="meta"),)),
+     fxmin.InputError, ["meta device", "pass real tensors"]),
+    ("a path string instead of a module", lambda: fxmin.minimize("model.pt", full_mask(), X),
+     fxmin.InputError, ["'model.pt'", "not a torch.nn.Module", "load the model first"]),
+    ("a function instead of a module", lambda: fxmin.minimize(lambda t: t, full_mask(), X),
+     fxmin.InputError, ["function", "not a torch.nn.Module", "wrap"]),
+    ("an ExportedProgram passed to minimize", lambda: fxmin.minimize(torch.export.export(net(), X), full_mask(), X),
+     fxmin.InputError, ["ExportedProgram", "fxmin.minimize_exported"]),
+    ("NaN in a weight the masks keep", lambda: fxmin.minimize(with_value(float("nan")), full_mask(), X),
+     fxmin.InputError, ["'0.weight'", "NaN or inf", "masked model itself", "mask them out"]),
+    ("inf in a weight the masks keep", lambda: fxmin.minimize(with_value(float("inf")), full_mask(), X),
+     fxmin.InputError, ["'0.weight'", "NaN or inf"]),
+    ("a mask for a buffer", lambda: fxmin.minimize(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)),
+                                                   {"1.running_mean": torch.ones(8)}, X),
+     fxmin.MaskError, ["'1.running_mean'", "a buffer", "fxmin masks parameters"]),
+    ("a mask of integers other than 0/1", lambda: fxmin.minimize(net(), {"0.weight": torch.full((8, 4), 2)}, X),
+     fxmin.MaskError, ["'0.weight'", "boolean or 0/1", "2"]),
+    ("a mask that is not a tensor", lambda: fxmin.minimize(net(), {"0.weight": 1}, X),
+     fxmin.MaskError, ["'0.weight'", "int", "tensor of the parameter's shape (8, 4)"]),
+    ("masks that are not a mapping", lambda: fxmin.minimize(net(), [torch.ones(8, 4)], X),
+     fxmin.MaskError, ["mapping from parameter names"]),
+    ("example inputs of the wrong dtype", lambda: fxmin.minimize(net(), full_mask(), (torch.ones(3, 4, dtype=torch.int64),)),
+     fxmin.InputError, ["example inputs", "torch.int64", "Pass example inputs the model accepts"]),
+    ("example inputs of the wrong shape", lambda: fxmin.minimize(net(), full_mask(), (torch.randn(3, 5),)),
+     fxmin.InputError, ["(3, 5)", "Pass example inputs the model accepts"]),
+]
+
+
+@pytest.mark.parametrize("row, call, error, fragments", ROWS, ids=[row[0] for row in ROWS])
+def test_bad_input_raises_an_fxmin_error_that_says_what_to_do(row, call, error, fragments):
+    with pytest.raises(error) as caught:
+        call()
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, f"{row}: {fragment!r} missing from {message!r}"
+
+
+def test_nan_in_a_weight_the_masks_remove_is_removed_with_it():
+    """A mask sets its entries to zero (it does not multiply them): a NaN it removes is gone, and the
+    result is exact against the masked model."""
+    model = with_value(float("nan"), (5, 1))
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    mask[5] = False  # unit 5 has no input left: it leaves
+    result = fxmin.minimize(model, {"0.weight": mask}, X)
+    assert result.module.get_submodule("0").out_features == 7
+    assert torch.isnan(model[0].weight[5, 1])  # the user's model is untouched
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(result.module(x), result.reference(x), rtol=1e-5, atol=1e-6)
