@@ -75,7 +75,7 @@ def inventory(sources) -> tuple[dict, dict]:
 def table(ops: dict, failed: dict) -> str:
     rows = []
     for op in sorted(ops, key=str):
-        rule = REGISTRY.functions.get(op)
+        rule = REGISTRY.lookup_function(op)
         models = sorted(ops[op])
         rows.append((f"`{op}`", rule.name if rule is not None else "**none**", len(models), ", ".join(models)))
     text = tabulate(rows, headers=["op", "rule", "models", "which"], tablefmt="github")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         hf_version = transformers.__version__
     except ImportError:
         hf_version = "not installed"
-    missing = sorted(str(op) for op in ops if REGISTRY.functions.get(op) is None)
+    missing = sorted(str(op) for op in ops if REGISTRY.lookup_function(op) is None)
     page = (f"# ATen ops in the canonical export graphs\n\nWritten by `python benchmarks/export_ops.py --write` "
             f"(torch {torch.__version__.split('+')[0]}, transformers {hf_version}): each op of the "
             "canonical graph (docs/export.md) of fxmin's zoo models (`zoo:`) and of tiny random configs of Hugging "

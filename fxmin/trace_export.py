@@ -37,6 +37,14 @@ decompositions, lifted parameters, higher-order ops with submodule bodies). fxmi
    records such values; the rules then see a model constant they can slice and fold (a computed
    value would keep every channel it touches). Parameters are never folded (they stay trainable),
    nor are random ops.
+8. **Slicing as indexing**: ``aten.slice.Tensor(x, dim, start, end, step)`` and ``aten.select.int(x,
+   dim, i)`` become ``x[:, ..., start:end:step]`` and ``x[:, ..., i]`` (``operator.getitem``), what
+   torch.fx records for the same Python code; the indexing rule follows slices of channels (rotary
+   halves, a class token) there.
+9. **No-op casts removed**: export bakes ``x.to(y.dtype)`` as ``_to_copy(x, dtype=torch.float32)``, a literal
+   dtype; where it equals ``x``'s dtype (and the device too) the cast is the identity and goes, as does
+   a ``dtype=`` argument of ``softmax`` equal to its input's. The graph then computes in whatever dtype
+   it is run, as the model's code did (verification runs it in float64).
 """
 from __future__ import annotations
 
@@ -192,6 +200,8 @@ def canonical_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModu
             node.replace_all_uses_with(getattr(argument, "value", None))  # a constant of the export
             graph.erase_node(node)
     _batch_norm_as_aten_batch_norm(graph)
+    _slicing_as_indexing(graph)
+    _drop_no_op_casts(graph)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _DROPPED and not node.users:
             graph.erase_node(node)
@@ -295,6 +305,54 @@ def _batch_norm_as_aten_batch_norm(graph: torch.fx.Graph) -> None:
             new.meta["stack_trace"] = node.meta.get("stack_trace", user.meta.get("stack_trace"))
             user.replace_all_uses_with(new)
             graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _drop_no_op_casts(graph: torch.fx.Graph) -> None:
+    """Casts to the dtype (and device) their input already has are identities (NOTE step 9)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, torch.fx.Node):
+            continue
+        value = node.args[0].meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        kwargs = dict(node.kwargs)
+        if node.target is aten._to_copy.default and len(node.args) == 1:
+            device = kwargs.pop("device", value.device)
+            if kwargs.pop("dtype", value.dtype) == value.dtype and torch.device(device) == value.device \
+                    and kwargs.pop("layout", torch.strided) == torch.strided and not kwargs:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+        elif node.target in (aten.softmax.int, aten.log_softmax.int) and len(node.args) == 3 \
+                and node.args[2] == value.dtype:
+            node.args = node.args[:2]
+
+
+_LAST = 2 ** 63 - 1  # ATen's "to the end" of a slice
+
+
+def _slicing_as_indexing(graph: torch.fx.Graph) -> None:
+    """``aten.slice.Tensor`` / ``aten.select.int`` -> ``operator.getitem`` with the same index (NOTE step 8)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.select.int):
+            continue
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        if node.target is aten.slice.Tensor:
+            names = ("dim", "start", "end", "step")
+            dim, start, end, step = (node.args[i + 1] if i + 1 < len(node.args) else node.kwargs.get(name, default)
+                                     for i, (name, default) in enumerate(zip(names, (0, None, None, 1))))
+            index = slice(start, None if end is not None and end >= _LAST else end, None if step == 1 else step)
+        else:
+            dim, index = node.args[1], node.args[2]
+        if not all(isinstance(v, int) or v is None for v in (dim,)) or isinstance(index, torch.fx.Node):
+            continue
+        dim = dim % value.dim()
+        with graph.inserting_before(node):
+            new = graph.call_function(operator.getitem, (node.args[0], (slice(None),) * dim + (index,)))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
         graph.erase_node(node)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import FxminError, describe_node
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import (BINARY_OPS, check_in_place, in_place_call, mutates, opaque_forward, pointwise_forward,  # noqa: F401
                   register_pointwise)
 
@@ -302,3 +302,10 @@ rule("pooling", doc=(
          ),
      modules=[k for k in _POOL_DIMS if isinstance(k, type)],
      functions=_POOL_TARGETS)(_pool_forward)
+
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)
+_aten = torch.ops.aten
+REGISTRY.alias(torch.rsqrt, _aten.rsqrt.default)
+REGISTRY.alias(torch.sqrt, _aten.sqrt.default)
+REGISTRY.alias(torch.erf, _aten.erf.default)
