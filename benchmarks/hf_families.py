@@ -10,8 +10,9 @@ tensors, plus ``use_cache=False`` where the model has a cache (a constant under 
 >>> model, inputs = builders["llama"]()                     # doctest: +SKIP
 >>> result = fxmin.minimize(model, masks, inputs, frontend="export")  # doctest: +SKIP
 
-Run as a script it lists, per family, the parameter count and whether ``torch.export`` and a
-no-mask ``fxmin.minimize(..., frontend="export")`` go through (the error's first line if not).
+Run as a script (``python benchmarks/hf_families.py [family ...]``) it minimizes each family with every
+fourth MLP unit dead (:func:`dead_mlp_masks`) and prints the parameters before and after and the
+errors verification measured, or the first line of the error that stopped it.
 """
 from __future__ import annotations
 
@@ -206,21 +207,30 @@ def families() -> dict[str, Callable[[], tuple[nn.Module, dict]]]:
 def main(argv=None) -> int:
     import argparse
 
+    from tabulate import tabulate
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="families to run (default: all)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fxmin
     import fxmin
 
     builders = families()
+    rows = []
     for name in args.names or builders:
         model, inputs = builders[name]()
-        count = sum(p.numel() for p in model.parameters())
+        masks = dead_mlp_masks(name, model)
         try:
-            fxmin.minimize(model, None, inputs, frontend="export")
-            outcome = "minimized"
-        except Exception as error:  # the first line says which op stopped it
-            outcome = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-        print(f"{name:12s} {count:8d} params  {outcome}")
+            result = fxmin.minimize(model, masks, inputs)
+            report = result.report
+            rows.append((name, result.frontend, report.params_before, report.params_after,
+                         f"{report.max_error:.1e}", f"{report.max_error_in(torch.float32):.1e}"))
+        except fxmin.FxminError as error:  # the first line names the op that stopped it
+            rows.append((name, "", sum(p.numel() for p in model.parameters()), "", "",
+                         f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
+        print(*rows[-1], flush=True)
+    print(tabulate(rows, headers=["family", "front end", "params before", "params after", "max err float64",
+                                  "max err float32"], tablefmt="github"))
     return 0
 
 

@@ -167,6 +167,36 @@ def test_zoo_blocks_shrink_alike_through_both_front_ends(name):
     assert_equivalent(masked_copy(model, masks), exported.module, example_inputs())
 
 
+class GroupedQueryAttention(nn.Module):
+    """4 query heads share 2 key/value heads through SDPA's ``enable_gqa``, then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        q = self.q(x).view(batch, tokens, 4, 2).transpose(1, 2)
+        k = self.k(x).view(batch, tokens, 2, 2).transpose(1, 2)
+        v = self.v(x).view(batch, tokens, 2, 2).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = x + self.o(attended.transpose(1, 2).reshape(batch, tokens, 8))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+def test_grouped_query_attention_keeps_every_head_and_the_rest_shrinks():
+    torch.manual_seed(0)
+    model = GroupedQueryAttention().eval()
+    masks = {"up.weight": dead_rows((16, 8), range(0, 16, 2)), "v.weight": dead_rows((4, 8), (0,))}
+    tokens = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))
+    result = fxmin.minimize(model, masks, (tokens,), frontend="export")
+    shapes = {k: tuple(v.shape) for k, v in result.module.state_dict().items()}
+    assert shapes["q.weight"] == (8, 8) and shapes["v.weight"] == (4, 8)  # enable_gqa: every head, every dim
+    assert shapes["up.weight"] == (8, 8) and shapes["down.weight"] == (8, 8)
+    assert_equivalent(masked_copy(model, masks), result.module, (tokens,))
+
+
 def test_auto_exports_a_model_fx_cannot_trace_and_says_so():
     model = ShapeBranch()
     masks = {"a.weight": dead_rows((8, 6), (0, 1, 2))}
