@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-hf-legacy bench venv clean experiments experiments-fashion experiments-tiny-gpu deployed
+.PHONY: demo test test-hf-legacy bench venv clean experiments experiments-fashion experiments-tiny-gpu deployed coverage test-catalogue
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,8 @@ bench: venv
 	$(BIN)/python -m benchmarks.pass_cost --write
 	$(BIN)/python -m benchmarks.exactness_sweep --write
 	$(BIN)/python -m benchmarks.vs_torch_pruning --write
+	$(BIN)/python -m benchmarks.vs_torch_pruning --speed --write
+	$(BIN)/python -m benchmarks.pass_profile --write
 	$(BIN)/python -m benchmarks.result_speed --write
 
 clean:
@@ -105,3 +107,36 @@ experiments-tiny-gpu: venv
 	PYTHON=$(BIN)/python WORK=runs/tiny-gpu METHODS="$(METHODS)" SECTION=$(SECTION) SEED=$(or $(SEED),0) \
 	  bash experiments/convnext_tiny_gpu.sh runs/tiny-gpu/out $(TOTAL)
 	$(BIN)/python -m experiments.convnext_fashion --merge runs/tiny-gpu/out/results-tiny-*.json --write docs/results.md
+
+# Coverage (issue 19): every torchvision classification model, timm families, fxmin's zoo and the Hugging Face
+# families (benchmarks/hf_families.py), through each front end, checked in float64; writes docs/coverage.md.
+# torchvision and timm import only with torch 2.14.1 (a CUDA build that runs on the CPU), so they get their own
+# venv, .venv-catalogue (about 6 GB; pip takes torch and torchvision from local disk). The sweep runs as
+# COVERAGE_SHARDS niced processes; COVERAGE_ARGS passes options to benchmarks/coverage.py (e.g. --max-params 1e8).
+CATALOGUE_VENV ?= .venv-catalogue
+CATALOGUE_BIN := $(CATALOGUE_VENV)/bin
+COVERAGE_SHARDS ?= 2
+COVERAGE_ARGS ?=
+
+$(CATALOGUE_BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CATALOGUE_VENV)
+	$(CATALOGUE_BIN)/pip install -q --upgrade pip
+	$(CATALOGUE_BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(CATALOGUE_BIN)/pip install -q timm==1.0.31
+	$(CATALOGUE_BIN)/pip install -q -e '.[test]'
+	@$(CATALOGUE_BIN)/python -c "import sys, torch; sys.exit(0 if torch.__version__.startswith('2.14.1') else 'installing .[test] replaced torch 2.14.1 by ' + torch.__version__)"
+	touch $@
+
+coverage: $(CATALOGUE_BIN)/.installed
+	mkdir -p runs/coverage
+	rm -f runs/coverage/shard-*.jsonl
+	for i in $$(seq 0 $$(($(COVERAGE_SHARDS) - 1))); do \
+	  nice -n 10 $(CATALOGUE_BIN)/python -m benchmarks.coverage --shard $$i/$(COVERAGE_SHARDS) $(COVERAGE_ARGS) \
+	    --results runs/coverage/shard-$$i.jsonl > runs/coverage/log-$$i.txt 2>&1 & \
+	done; wait
+	$(CATALOGUE_BIN)/python -m benchmarks.coverage_report runs/coverage/shard-*.jsonl --write docs/coverage.md \
+	  --command "make coverage COVERAGE_SHARDS=$(COVERAGE_SHARDS) COVERAGE_ARGS='$(COVERAGE_ARGS)'"
+
+# The fast coverage subset on torchvision and timm models (tests/test_coverage.py; in `make test` only the zoo part runs).
+test-catalogue: $(CATALOGUE_BIN)/.installed
+	$(CATALOGUE_BIN)/python -m pytest tests/test_coverage.py -q -p no:cacheprovider

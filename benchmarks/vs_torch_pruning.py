@@ -25,20 +25,30 @@ shift and the activation, a constant) into the next layer: that is the error col
 qkv / c_attn projections are passed to Torch-Pruning as ``ignored_layers`` (their reshapes carry
 the head count as a literal, which it cannot rewrite).
 
+With ``--speed`` it times instead the pass against Torch-Pruning on the full-size models
+(``common.FULL``: ResNet-50, ConvNeXt-Tiny, ViT-S/16 at 224x224, GPT-2 small at 128 tokens), same masks:
+one forward of the masked model, fxmin's pass (trace, analysis, plan, rewrite: ``verify=False``), fxmin's
+verification as ``minimize`` runs it (the float64 rebuild and the comparisons), and each Torch-Pruning
+variant (dependency-graph build plus pruning). The methods are called in turn, ``--repeats`` times; the
+table gives medians of CPU seconds, so the ratios come from one run on the same (shared) machine.
+
     python -m benchmarks.vs_torch_pruning [--write]
+    python -m benchmarks.vs_torch_pruning --speed [--repeats 3] [--write]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 
 import torch
 from tabulate import tabulate
 from torch import nn
 from torch.nn.utils import prune
 
-from benchmarks.common import MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, parse_common, publish
+from benchmarks.common import FULL, MODEST, WEIGHTED, apply_masks, build, cpu_seconds, planted_masks, parse_common, publish
 
 import fxmin
 
@@ -127,7 +137,7 @@ def buffers_and_parameters(module: nn.Module) -> int:
 
 
 def compare(name: str, seed: int) -> list:
-    factory, make_inputs, classifier = MODEST[name]
+    factory, make_inputs, classifier = {**MODEST, **FULL}[name]
     model = build(factory, seed)
     masks = planted_masks(model, 0.5, classifier, seed)
     masked = apply_masks(model, masks)
@@ -156,18 +166,88 @@ def compare(name: str, seed: int) -> list:
     return rows
 
 
+def _cpu(function):
+    start = time.process_time()
+    result = function()
+    return time.process_time() - start, result
+
+
+def speed(name: str, seed: int, repeats: int) -> list:
+    """One row: medians over ``repeats`` interleaved rounds of forward, fxmin pass, fxmin verify, Torch-Pruning."""
+    from fxmin.rewrite import rewrite
+    from fxmin.verify import verify
+
+    factory, make_inputs, classifier = {**MODEST, **FULL}[name]
+    model = build(factory, seed)
+    masks = planted_masks(model, 0.5, classifier, seed)
+    masked = apply_masks(model, masks)
+    inputs = make_inputs(1)
+    times: dict = {key: [] for key in ("forward", "pass", "verify", "per layer", "per group")}
+
+    def forward():
+        with torch.no_grad():
+            return masked(*inputs)
+
+    def check(result):
+        return verify(result.reference, result.module, result.example_inputs,
+                      exact_result=rewrite(result.plan, torch.float64), plan=result.plan)
+
+    for _ in range(repeats):
+        times["forward"].append(_cpu(forward)[0])
+        seconds, result = _cpu(lambda: fxmin.minimize(model, masks, inputs, verify=False, progress=False))
+        times["pass"].append(seconds)
+        times["verify"].append(_cpu(lambda: check(result))[0])
+        del result
+        for variant, function in (("per layer", torch_pruning_per_layer), ("per group", torch_pruning_per_group)):
+            try:
+                times[variant].append(_cpu(lambda: function(masked, inputs, classifier))[0])
+            except Exception as failure:  # a peer's failure is a result to report
+                times[variant].append(float("nan"))
+                print(f"  {name} Torch-Pruning {variant} failed: {type(failure).__name__}: {failure}"[:200],
+                      file=sys.stderr)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    tp_best = min((v for k, v in median.items() if k.startswith("per ") and v == v), default=float("nan"))
+    row = [name, f"{median['forward']:.3f}", f"{median['pass']:.2f}", f"{median['verify']:.2f}",
+           f"{median['per layer']:.2f}", f"{median['per group']:.2f}", f"{median['pass'] / tp_best:.2f}",
+           f"{median['pass'] / median['forward']:.1f}", f"{median['verify'] / median['forward']:.1f}"]
+    print("  " + " | ".join(row), file=sys.stderr, flush=True)
+    return row
+
+
+SPEED_HEADERS = ["model", "forward s", "fxmin pass s", "fxmin verify s", "TP per layer s", "TP per group s",
+                 "pass / TP best", "pass / forward", "verify / forward"]
+
 HEADERS = ["model", "method", "parameters removed", "stored tensors change", "max abs error", "max rel error",
            "CPU s"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEST), choices=list(MODEST))
+    parser.add_argument("--models", nargs="+", choices=[*MODEST, *FULL],
+                        help="default: the MODEST models (the FULL ones with --speed)")
+    parser.add_argument("--speed", action="store_true", help="time the pass against Torch-Pruning on the FULL models")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per model with --speed")
     args = parse_common(parser, argv)
     import torch_pruning
 
+    if args.speed:
+        rows = [speed(name, args.seed, args.repeats) for name in (args.models or list(FULL))]
+        table = tabulate(rows, headers=SPEED_HEADERS, tablefmt="github", disable_numparse=True)
+        print(table)
+        if args.write:
+            notes = (f"Medians of {args.repeats} rounds, CPU seconds (user + system of this process), "
+                     f"torch.set_num_threads({args.threads}); in each round the forward, fxmin's pass, its "
+                     "verification and the two Torch-Pruning variants run one after the other, so the ratios "
+                     "compare runs under the same load (the machine is shared: compare ratios, not seconds "
+                     f"across runs). torch-pruning {getattr(torch_pruning, '__version__', '?')} (pip: 1.6.1): "
+                     "dependency-graph build plus pruning, on a copy of the masked model; fxmin's pass includes "
+                     "its own masked copy. Masks: half the output rows of every Linear/Conv but the classifier "
+                     "planted all zero. 'TP best' is the faster Torch-Pruning variant that ran.")
+            publish("Pass time against Torch-Pruning: full-size models", table, argv, "vs_torch_pruning.py", notes)
+        return
+
     rows = []
-    for name in args.models:
+    for name in args.models or list(MODEST):
         rows += compare(name, args.seed)
     table = tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True)
     print(table)

@@ -29,6 +29,7 @@ import torch.fx
 from .errors import MissingRuleError, describe_node
 from .facts import TupleFact, ValueFact
 from .graph_helpers import tensor_shape
+from .progress import phase, tick
 from .rules.api import REGISTRY, Context, Registry, Rule
 from .units import UnitTable
 
@@ -160,6 +161,7 @@ class Engine:
             if node.op == "call_module":
                 self._calls[node.target] = self._calls.get(node.target, 0) + 1
         for index, node in enumerate(self.root.graph.nodes):
+            tick()
             self._order[node] = index
             if node.op == "placeholder":
                 self._placeholder(node)
@@ -307,8 +309,8 @@ class Engine:
         sizes = [len(units) for units in owned]
         all_units = np.concatenate(owned)
         all_nodes = np.repeat(np.arange(len(nodes)), sizes)
-        pairs = np.unique(np.stack([all_units, all_nodes]), axis=1)
-        self._owner_units, self._owner_nodes = pairs[0], pairs[1]
+        order = np.argsort(all_units, kind="stable")  # _owners reads a set of nodes: duplicates are harmless
+        self._owner_units, self._owner_nodes = all_units[order], all_nodes[order]
         self._owner_list = nodes
 
     def _owners(self, units: np.ndarray):
@@ -336,6 +338,7 @@ class Engine:
                 self._push(node)
         while self._queue:
             _, _, node = heapq.heappop(self._queue)
+            tick()
             self._queued.discard(node)
             rule = self.rules[node]
             self._current = node
@@ -404,6 +407,7 @@ def make_barrier_test(barriers, root):
     return is_barrier
 
 
+@phase("analysis")
 def analyze_graph(root: torch.fx.GraphModule, barriers=(), registry: Registry | None = None) -> Analysis:
     """Run the fixed point over a traced, shape-annotated, masked GraphModule with the rules of
     ``registry`` (default: ``fxmin.REGISTRY``, every rule fxmin ships)."""

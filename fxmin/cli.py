@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -130,6 +131,24 @@ def _options(args) -> dict:
     return {"barriers": list(args.barrier or [])}
 
 
+def write_atomically(path, write) -> None:
+    """Call ``write(temporary path)`` beside ``path`` and move the file into place (``os.replace``): an
+    interrupted or failed write (Ctrl-C, a full disk) leaves ``path`` as it was and no partial file. The
+    temporary name keeps ``path``'s suffix, which writers such as networkx read (``.gz``)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(temporary, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 # -- commands ---------------------------------------------------------------------------------------------
 
 def cmd_minimize(args) -> int:
@@ -142,13 +161,13 @@ def cmd_minimize(args) -> int:
     if kind == "exported":
         program, result = fxmin.minimize_exported(model, masks, inputs, **options)
         if args.output:
-            torch.export.save(program, args.output)
+            write_atomically(args.output, lambda path: torch.export.save(program, path))
     else:
         result = fxmin.minimize(model, masks, inputs, frontend=args.frontend, **options)
         if args.output and result.frontend == "export":
-            torch.export.save(result.program, args.output)
+            write_atomically(args.output, lambda path: torch.export.save(result.program, path))
         elif args.output:
-            torch.save(result.module, args.output)
+            write_atomically(args.output, lambda path: torch.save(result.module, path))
     report = result.report
     if args.format == "json":
         print(json.dumps({"params_before": report.params_before, "params_after": report.params_after,
@@ -183,12 +202,12 @@ def cmd_audit(args) -> int:
     if args.format == "graphml":
         if not args.output:
             raise CliError("--format graphml needs -o FILE")
-        audit.to_graphml(args.output)
+        write_atomically(args.output, audit.to_graphml)
         print(f"wrote {args.output}")
         return EXIT_OK
     text = {"table": audit.table, "json": audit.to_json, "dot": audit.to_dot}[args.format]()
     if args.output:
-        Path(args.output).write_text(text)
+        write_atomically(args.output, lambda path: Path(path).write_text(text))
         print(f"wrote {args.output}")
     else:
         print(text)

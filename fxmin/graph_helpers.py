@@ -1,8 +1,12 @@
 """Small helpers over ``torch.fx`` graphs that the engine and the rules share (a base module)."""
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 import torch.fx
+from torch import nn
 
 
 def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -10,6 +14,25 @@ def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """``copy.deepcopy(module).to(device, dtype)`` with each tensor copied once, straight to its target.
+
+    NOTE [One copy per tensor]
+    The deep copy and the cast each copy every weight; the memo hands deepcopy tensors already on
+    ``device`` in ``dtype`` (floating point ones; others keep their dtype, as ``Module.to`` does), so
+    the final ``.to`` has nothing left to do. Shared tensors stay shared; ``requires_grad`` is kept.
+    """
+    memo: dict = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) in memo:
+            continue
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        value = tensor.detach().to(device=device if device is not None else tensor.device, dtype=target, copy=True)
+        memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
+    copied = copy.deepcopy(module, memo)
+    return copied.to(device=device, dtype=dtype) if dtype is not None else copied.to(device=device)
 
 
 def free_name(root: torch.fx.GraphModule, name: str, taken=()) -> str:

@@ -12,6 +12,7 @@ from .analysis import Analysis, analyze_graph
 from .errors import InputError, TraceError
 from .masks import masked_reference, model_device, to_device
 from .plan import Plan, make_plan
+from .progress import pass_progress
 from .report import Report, build_report
 from .rewrite import rewrite
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
@@ -116,18 +117,24 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
 # (tracer, leaf_modules, concrete_args) mean FX: with them "auto" does not fall back.
 
 
+@pass_progress  # NOTE [Progress]: one bar per call, phases name themselves
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
              tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
-             verify: bool = True, trials: int = 2, tolerances: dict | None = None, seed: int = 0) -> MinimizeResult:
+             verify: bool = True, trials: int = 2, tolerances: dict | None = None, seed: int = 0,
+             progress: bool | None = None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
     same shape; ``None`` reads ``torch.nn.utils.prune`` masks, else the exact zeros in the weights.
     ``barriers`` (module paths, node names, module types or functions) keep every channel around
     those ops. ``frontend``: ``"auto"`` traces with torch.fx and exports with torch.export when FX
-    cannot trace the model, ``"fx"`` or ``"export"`` choose one (``result.frontend`` says which ran). The model and the masks are never modified. A model on an accelerator is analysed,
+    cannot trace the model, ``"fx"`` or ``"export"`` choose one (``result.frontend`` says which ran).
+    ``verify`` checks the result in float64 and in the model's dtype on the example inputs and
+    ``trials`` random ones, each dtype held to its tolerance (``fxmin.verify.TOLERANCES``; ``tolerances``
+    overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
-    the model's device.
+    the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
+    seconds (``None``: when stderr is a terminal).
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

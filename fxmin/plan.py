@@ -6,6 +6,17 @@ Each rule's ``plan`` records its edits (:mod:`fxmin.edits`) through a
 The plan is data: the rewrite installs it without deciding anything. Replacement
 modules are built here in float64 (exact folded constants); the rewrite casts
 them back to the model's dtype, and verification uses them as they are.
+
+NOTE [Fold precision]
+Every folded constant (a bias, a BatchNorm's running mean, a constant operand, the constants of a
+CompensatedLayerNorm) is computed in float64 from the model's own values and rounded once, by the
+rewrite, to the model's dtype: rules read parameters as exact float64 copies (``Context.param``),
+value facts are float64, rules run ops on constants in float64, and edits hold float64 tensors.
+Nothing on the way computes in the model's dtype. The stored constant is then the nearest value that
+dtype holds, not the exact one: read back in float64 (``result.module.double()``) the result differs
+from the masked model in float64 by that rounding (docs/concepts.md, "Precision and tolerances").
+Verification's float64 comparison runs the float64 build, where nothing was rounded
+(tests/test_precision.py checks the folds bit for bit).
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import torch
 import torch.fx
 
 from .analysis import Analysis
+from .progress import phase
 from .graph_helpers import free_name  # noqa: F401  (fxmin.plan.free_name, its 0.1.0 home)
 from .rules.api import AttrEdit, ParamEdit, PlanContext
 
@@ -63,6 +75,7 @@ class Plan:
         return edits
 
 
+@phase("plan")
 def make_plan(analysis: Analysis) -> Plan:
     """Turn an analysis into a plan (pure: reads the analysis, writes only the new plan)."""
     plan = Plan(analysis)

@@ -12,7 +12,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def count_nonzero(module: torch.nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in module.parameters())
+    return sum(int(torch.count_nonzero(p)) for p in module.parameters())
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class Report:
     def max_error_in(self, dtype: torch.dtype) -> float:
         return self.verification.max_error(dtype) if self.verification is not None else float("nan")
 
+    def tolerance_in(self, dtype: torch.dtype) -> float:
+        """The relative tolerance verification held ``dtype`` to (nan when not verified in it)."""
+        return self.verification.tolerance(dtype) if self.verification is not None else float("nan")
+
     def rows(self) -> list:
         rows = [(c.name, c.kind, shape_text(c.shape_before), shape_text(c.shape_after),
                  "yes" if c.folded_from else "") for c in self.layers]
@@ -63,10 +67,9 @@ class Report:
             f"front end: {'torch.export' if self.frontend == 'export' else 'torch.fx'}",
         ]
         if self.verification is not None:
-            parts = [f"{str(d).replace('torch.', '')} {self.max_error_in(d):.2e}"
-                     for d in sorted({c.dtype for c in self.verification.comparisons}, key=str)]
-            summary.append(f"verified: max abs error {', '.join(parts)} "
-                           f"over {len({c.inputs for c in self.verification.comparisons})} input sets")
+            summary += self.verification.lines()
+        else:
+            summary.append("not verified (minimize(..., verify=False))")
         return body + "\n" + "\n".join(summary)
 
     def __str__(self) -> str:

@@ -7,15 +7,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from .graph_helpers import free_name
+from .graph_helpers import copy_module, free_name
 from .plan import Plan
+from .progress import phase
 
 
-def _cast(module: nn.Module, dtype, device) -> nn.Module:
-    module = copy.deepcopy(module)
-    return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
-
-
+@phase("rewrite")
 def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
     """Build the minimized GraphModule.
 
@@ -73,9 +70,8 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
 def _module(plan: Plan, source, target: str, dtype):
     edit = plan.modules.get(target)
     if edit is not None:
-        return _cast(edit.module, dtype if dtype is not None else edit.dtype, edit.device)
-    module = copy.deepcopy(source.get_submodule(target))
-    return module.to(dtype) if dtype is not None else module
+        return copy_module(edit.module, dtype if dtype is not None else edit.dtype, edit.device)
+    return copy_module(source.get_submodule(target), dtype)
 
 
 def _attribute(plan: Plan, source, target: str, dtype):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
+from .progress import phase
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -53,6 +54,7 @@ def _user_stack_trace() -> str | None:
     return None
 
 
+@phase("trace")
 def trace(model: nn.Module, *, tracer: torch.fx.Tracer | None = None, leaf_modules: Iterable = (),
           concrete_args: dict | None = None) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` (a GraphModule is used as it is).
@@ -91,6 +93,7 @@ def trace(model: nn.Module, *, tracer: torch.fx.Tracer | None = None, leaf_modul
     return torch.fx.GraphModule(root if root is not None else model, graph, type(model).__name__)
 
 
+@phase("trace (shapes)")
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     """Run ``gm`` once on ``example_inputs``, recording each node's shape and dtype in ``node.meta``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

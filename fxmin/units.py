@@ -46,25 +46,24 @@ class UnitTable:
         parent[units] = roots  # compress
         return roots
 
-    def _find_one(self, unit: int) -> int:
-        parent = self._parent
-        root = unit
-        while parent[root] != root:
-            root = parent[root]
-        while parent[unit] != root:
-            parent[unit], unit = root, parent[unit]
-        return int(root)
-
     def unify(self, first: np.ndarray, second: np.ndarray) -> None:
+        """Merge the sets of ``first[i]`` and ``second[i]`` for every ``i``; a set's root is its least unit.
+
+        NOTE [Vectorized union]
+        Each round links the larger root of every differing pair under the smaller one
+        (``np.minimum.at``: of several links from one root the least wins, the others are redone
+        in the next round), so ``parent[u] <= u`` always holds and the roots are the least
+        members, the same partition and the same roots as linking the pairs one at a time.
+        """
         first = np.asarray(first, np.int64)
         second = np.asarray(second, np.int64)
         if first.shape != second.shape:
             raise ValueError(f"cannot couple axes of different sizes {first.shape} and {second.shape}")
-        a = self.find(first)
-        b = self.find(second)
-        differ = np.nonzero(a != b)[0]
-        for index in differ:
-            ra = self._find_one(int(a[index]))
-            rb = self._find_one(int(b[index]))
-            if ra != rb:
-                self._parent[max(ra, rb)] = min(ra, rb)
+        while True:
+            a = self.find(first)
+            b = self.find(second)
+            differ = a != b
+            if not differ.any():
+                return
+            a, b = a[differ], b[differ]
+            np.minimum.at(self._parent, np.maximum(a, b), np.minimum(a, b))

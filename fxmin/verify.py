@@ -2,17 +2,55 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-from .errors import EquivalenceError
+from .errors import EquivalenceError, InputError
+from .graph_helpers import copy_module
+from .progress import phase
+
+# NOTE [Tolerances]
+# A comparison passes when max |reference - result| <= tolerance x max(1, max |reference|) over
+# every output, the tolerance being the one of the dtype both run in (docs/concepts.md,
+# "Precision and tolerances"). In float64 the result is the float64 build of the plan (folded
+# constants not rounded): what is left is summation order, so the tolerance is tight, and a
+# wrongly removed channel shows up as an error of the size of the activations. In the model's
+# dtype both models round as that dtype does, in different orders, and the result's folded
+# constants were rounded once to it (NOTE [Fold precision] in fxmin/plan.py): the
+# tolerance is hundreds of float32 epsilons, tens of float16's, a few of bfloat16's.
+# A dtype without a tolerance here is refused: pass ``tolerances={dtype: ...}``.
 
 #: max |reference - result| allowed, relative to max(1, max |reference|), per dtype.
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def tolerance_for(dtype: torch.dtype, tolerances: dict | None = None) -> float:
+    """The relative tolerance of a comparison in ``dtype``: ``tolerances`` (overrides) or :data:`TOLERANCES`.
+
+    >>> tolerance_for(torch.bfloat16), tolerance_for(torch.float32, {torch.float32: 1e-5})
+    (0.05, 1e-05)
+    """
+    table = {**TOLERANCES, **(tolerances or {})}
+    if dtype not in table:
+        known = ", ".join(str(d).replace("torch.", "") for d in table)
+        raise InputError(f"fxmin has no verification tolerance for {dtype} (it has one for {known}): pass "
+                         f"tolerances={{{dtype}: ...}} (max error relative to max(1, max |reference|)) or verify=False")
+    return table[dtype]
+
+
+def _checked_tolerances(tolerances) -> dict:
+    if tolerances is None:
+        return {}
+    if not isinstance(tolerances, Mapping) or not all(
+            isinstance(k, torch.dtype) and k.is_floating_point and isinstance(v, (int, float)) and v > 0
+            for k, v in tolerances.items()):
+        raise InputError(f"tolerances must map floating torch dtypes to positive numbers (e.g. "
+                         f"{{torch.float32: 1e-5}}), got {tolerances!r}")
+    return {k: float(v) for k, v in tolerances.items()}
 
 
 @dataclass(frozen=True)
@@ -30,9 +68,13 @@ class Comparison:
 
 @dataclass
 class VerifyReport:
-    """Every comparison run; ``max_error[dtype]`` is the largest absolute error seen in that dtype."""
+    """Every comparison run; ``max_error(dtype)`` is the largest absolute error seen in that dtype,
+    ``tolerance(dtype)`` the relative tolerance it was held to (NOTE [Tolerances]).
+    ``exact_float64``: the float64 comparisons ran the float64 build of the result (folded
+    constants not rounded), not the result cast to float64."""
 
     comparisons: list = field(default_factory=list)
+    exact_float64: bool = False
 
     @property
     def ok(self) -> bool:
@@ -42,8 +84,38 @@ class VerifyReport:
         errors = [c.max_error for c in self.comparisons if c.dtype == dtype]
         return max(errors) if errors else float("nan")
 
+    def tolerance(self, dtype: torch.dtype) -> float:
+        """The relative tolerance the comparisons in ``dtype`` were held to (nan if none ran)."""
+        return next((c.tolerance for c in self.comparisons if c.dtype == dtype), float("nan"))
+
+    @property
+    def dtypes(self) -> list:
+        """The dtypes compared in, float64 first."""
+        return sorted({c.dtype for c in self.comparisons}, key=lambda d: (d != torch.float64, str(d)))
+
     def failures(self) -> list:
         return [c for c in self.comparisons if not c.ok]
+
+    def lines(self) -> list:
+        """What was checked, in which dtype, with which tolerance and what error: the summary
+        ``Report.table()`` ends with."""
+        labels = list(dict.fromkeys(c.inputs for c in self.comparisons))
+        random = sum(1 for label in labels if label.startswith("random"))
+        sets = ", ".join(filter(None, ["the example inputs" if "example" in labels else "",
+                                       f"{random} random" if random else ""]))
+        lines = [f"verified against the masked model on {len(labels)} input sets ({sets}): "
+                 "max |error| <= tolerance x max(1, max |reference|)"]
+        for dtype in self.dtypes:
+            name = str(dtype).replace("torch.", "")
+            if dtype == torch.float64:
+                what = ("the result built in float64 (folded constants not rounded)" if self.exact_float64
+                        else "the result cast to float64")
+            else:
+                what = f"the result as returned (folded constants rounded once to {name})"
+            status = "ok" if all(c.ok for c in self.comparisons if c.dtype == dtype) else "FAILED"
+            lines.append(f"  {name:<9} max abs error {self.max_error(dtype):.2e}  tolerance {self.tolerance(dtype):.0e}  "
+                         f"{status}: {what}")
+        return lines
 
 
 def random_like(inputs: tuple, generator: torch.Generator) -> tuple:
@@ -133,7 +205,7 @@ def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, to
     cast = _cast_inputs(inputs, dtype)
     with torch.no_grad(), default_dtype(dtype), full_precision():
         error, scale = _compare(reference(*cast), result(*cast))
-    return Comparison(dtype, label, error, scale, TOLERANCES.get(dtype, 1e-4) if tolerance is None else tolerance)
+    return Comparison(dtype, label, error, scale, tolerance_for(dtype) if tolerance is None else tolerance)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -170,33 +242,35 @@ def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.Graph
     return None
 
 
+@phase("verify")
 def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *,
            exact_result: torch.nn.Module | None = None, plan=None, trials: int = 2, seed: int = 0,
            tolerances: dict | None = None, raise_on_failure: bool = True) -> VerifyReport:
     """Check that ``result`` computes what ``reference`` computes.
 
     Both run on the example inputs and on ``trials`` random inputs of the same shapes, in float64
-    (``exact_result`` if given: the float64 build of the result) and in the model's dtype.
-    Raises :class:`EquivalenceError` naming the first divergent node (when ``plan`` is given).
+    (``exact_result`` if given: the float64 build of the result) and in the model's dtype, each held
+    to its dtype's tolerance (:data:`TOLERANCES`, which ``tolerances`` overrides per dtype; NOTE
+    [Tolerances]). Raises :class:`EquivalenceError` naming the first divergent node (when ``plan`` is given).
 
     >>> import torch
     >>> m = torch.nn.Linear(3, 2)
     >>> verify(m, m, (torch.randn(4, 3),)).ok
     True
     """
-    tolerances = {**TOLERANCES, **(tolerances or {})}
+    tolerances = {**TOLERANCES, **_checked_tolerances(tolerances)}
     generator = torch.Generator().manual_seed(seed)
     input_sets = [("example", tuple(example_inputs))]
     input_sets += [(f"random #{k + 1}", random_like(tuple(example_inputs), generator)) for k in range(trials)]
     model_dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
-    report = VerifyReport()
+    model_tolerance = tolerance_for(model_dtype, tolerances)
+    report = VerifyReport(exact_float64=exact_result is not None)
     reference64 = _double(reference)
     result64 = exact_result if exact_result is not None else _double(result)
     for label, inputs in input_sets:
         report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
         if model_dtype != torch.float64:
-            report.comparisons.append(compare(reference, result, inputs, model_dtype, label,
-                                              tolerances.get(model_dtype, 1e-4)))
+            report.comparisons.append(compare(reference, result, inputs, model_dtype, label, model_tolerance))
     if not report.ok and raise_on_failure:
         failure = report.failures()[0]
         node = None
@@ -213,4 +287,4 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
 
 
 def _double(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).to(torch.float64).eval()
+    return copy_module(module, torch.float64).eval()

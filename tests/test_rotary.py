@@ -95,3 +95,16 @@ def test_a_sliced_position_table_loses_the_removed_channels():
     masks["fc2.weight"][:, 5] = False  # channel 5 is read by nobody: fc1's row, and the table's column, go
     result = check_minimize(model, masks, (torch.randn(2, 16, 8),), expected_params=32 * 7 + 7 * 8 + 7 + 3 * 7 + 3)
     assert tuple(result.module.pos.shape) == (1, 32, 7)
+
+
+def test_a_dead_head_leaves_a_rotary_model():
+    """The cos/sin tables serve every head, but a head that nobody reads still leaves: the tables
+    keep the dims the kept heads keep (NOTE [Rotary pairs])."""
+    torch.manual_seed(4)
+    model = RotaryAttention()
+    masks = {"o.weight": torch.ones(32, 32, dtype=torch.bool)}
+    masks["o.weight"][:, 8:16] = False  # head 1: its output-projection columns are zero
+    # q, k and v lose head 1's 8 rows of 33 parameters each, o loses 8 columns
+    expected = 4 * (32 * 32 + 32) - 3 * 8 * 33 - 32 * 8
+    result = check_minimize(model, masks, (torch.randn(2, 16, 32),), expected_params=expected)
+    assert tuple(result.module.cos.shape) == (16, 8)

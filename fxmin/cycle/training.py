@@ -34,6 +34,9 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
     lacks cost 1) multiplies the groups of each tensor by its cost: with ``weighting="size"`` a group
     is pressed by the MACs its removal saves, not by its parameters. The costs change as the model
     shrinks: count them again for each model you train (they are cheap: one forward pass).
+
+    On a model sharded by FSDP2 (DTensor parameters) it is a collective (every rank calls it) and
+    returns a plain scalar whose gradient reaches the shards.
     """
     power = {"none": 0.0, "sqrt": 0.5, "size": 1.0}.get(weighting)
     if power is None:
@@ -63,7 +66,8 @@ def group_lasso(model: nn.Module, names: Iterable[str] | None = None, *, rows: b
         return torch.zeros(())
     scale = [float(size) ** power * price for size, price in zip(sizes, prices)]
     mean = sum(s * n.numel() for s, n in zip(scale, norms)) / sum(n.numel() for n in norms)
-    return sum(n.sum() * (s / mean) for s, n in zip(scale, norms))
+    total = sum(n.sum() * (s / mean) for s, n in zip(scale, norms))
+    return total.full_tensor() if _is_sharded(total) else total  # FSDP2: a plain scalar to add to the loss
 
 
 class MaskHold:
@@ -73,6 +77,13 @@ class MaskHold:
     every forward of the owning module (so momentum or weight decay cannot revive a weight) and, when
     an ``optimizer`` is given, after every ``optimizer.step()``. ``remove()`` applies them a last time
     and detaches every hook. Use :func:`hold_masks` as a context manager.
+
+    NOTE [Masks on sharded parameters]
+    Under FSDP2 a parameter is a DTensor shard that takes no part in autograd (the forward runs on an
+    all-gathered copy), so neither the gradient hook nor the forward hook reaches the weights the
+    forward uses. What holds them is the step hook: the shard's masked entries are zeroed after every
+    ``optimizer.step()``, so every all-gather brings zeros. The optimizer is therefore required for a
+    sharded parameter, and its mask is sharded the way the parameter is.
     """
 
     def __init__(self, model: nn.Module, masks: Mapping, optimizer: torch.optim.Optimizer | None = None):
@@ -88,11 +99,16 @@ class MaskHold:
                 raise MaskError(f"mask for '{name}' has shape {tuple(mask.shape)}, parameter {tuple(parameter.shape)}")
             pair = [parameter, mask.to(parameter.dtype)]
             self._pairs.append(pair)
+            if _is_sharded(parameter):
+                if optimizer is None:
+                    raise InputError(f"hold_masks: '{name}' is sharded (FSDP2); its masks are held through the "
+                                     f"optimizer: pass it, hold_masks(model, masks, optimizer)")
+                continue  # NOTE [Masks on sharded parameters]
             if parameter.requires_grad:
                 self._handles.append(parameter.register_hook(lambda grad, pair=pair: grad * _keep(pair, grad.device)))
             path = name.rpartition(".")[0]
             owner = model.get_submodule(path) if path else model
-            self._handles.append(owner.register_forward_pre_hook(lambda *_, pair=pair: _apply(pair)))
+            self._handles.append(owner.register_forward_pre_hook(_mask_hook(pair)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply()))
         self.apply()
@@ -108,9 +124,40 @@ class MaskHold:
         self._handles = []
 
 
+def _mask_hook(pair):
+    """The forward pre-hook that applies ``pair``'s mask, marked so that :func:`strip_mask_holds` finds it."""
+    def hook(*_):
+        _apply(pair)
+    hook.fxmin_mask_hold = True
+    return hook
+
+
+def strip_mask_holds(model: nn.Module) -> None:
+    """Remove from a *copy* of a held model the forward hooks :class:`MaskHold` put on the original: a deep
+    copy keeps them, and they would go on applying the original's masks to the original's weights."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if getattr(hook, "fxmin_mask_hold", False)]:
+            del hooks[key]
+
+
+def _is_sharded(parameter) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(parameter, DTensor)
+
+
 def _keep(pair, device):
     """The 0/1 mask of ``pair = [parameter, mask]`` on ``device``: the loop may move the model after the
-    hold began (Lightning's fit moves it to the accelerator); the mask follows once, not every step."""
+    hold began (Lightning's fit moves it to the accelerator); the mask follows once, not every step. The
+    mask of a sharded parameter is sharded like it (every rank holds the whole mask, so nothing is sent)."""
+    if _is_sharded(pair[0]):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        if not isinstance(pair[1], DTensor):
+            mesh = pair[0].device_mesh
+            pair[1] = distribute_tensor(pair[1].to(mesh.device_type), mesh, pair[0].placements, src_data_rank=None)
+        return pair[1]
     if pair[1].device != device:
         pair[1] = pair[1].to(device)
     return pair[1]

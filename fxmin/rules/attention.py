@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_backward, opaque_forward
+from .kit import grouped_sdpa_backward, grouped_sdpa_forward, opaque_backward, opaque_forward
 
 
 def _tracked(ctx, node):
@@ -208,11 +208,14 @@ def _matmul_backward(ctx):
         return
     name, a, b, fa, fb = kind
     if name == "scores":
+        # a head q or k keeps (e.g. a repeated key head kept for its group) is computed: its scores stay
+        ctx.require(ctx.node, _head_mask(fa, ctx.present(a)) | _head_mask(fb, ctx.present(b)),
+                    "q and k keep this head")
         alive = ctx.present()
         ctx.require(a, _qk_required(fa, fb, alive), "read by a kept attention head (q.k)")
         ctx.require(a, _first_per_head(alive, ctx.present(a), fa.radix[1]), "a kept head keeps a q/k dim")
         return
-    alive = _head_mask(fb, ctx.present())
+    alive = _head_mask(fb, ctx.present()) | ctx.present(a) | _head_mask(fb, ctx.present(b))
     ctx.require(a, alive, "weights of a kept attention head")
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
@@ -250,7 +253,7 @@ def _sdpa_inputs(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
     shape = ctx.shape(q)
-    if shape is None or len(shape) < 3 or ctx.node.kwargs.get("enable_gqa"):
+    if shape is None or len(shape) < 3 or _grouped(ctx):
         return None
     rank = len(shape)
     if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
@@ -264,9 +267,34 @@ def _sdpa_inputs(ctx):
     return q, k, v, fq, fk, fv
 
 
+def _grouped(ctx) -> bool:
+    """``enable_gqa=True``: key/value heads shared by groups of query heads (NOTE [Grouped heads])."""
+    return bool(ctx.arg(7, "enable_gqa", False))
+
+
+def _grouped_inputs(ctx):
+    """(q, k, v, fq, fk, fv, rep) for ``enable_gqa=True`` with q/k/v split into heads, or None."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
+    shape = ctx.shape(q)
+    if shape is None or len(shape) < 3:
+        return None
+    rank = len(shape)
+    if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
+        return None
+    if fq.radix[1] != fk.radix[1] or fk.radix[0] != fv.radix[0] or fq.radix[0] % fk.radix[0]:
+        return None
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, torch.fx.Node) and not _broadcast_only(ctx, ValueFact.varying(rank - 3, fq.radix[0]), mask, rank):
+        return None
+    return q, k, v, fq, fk, fv, fq.radix[0] // fk.radix[0]
+
+
 def _sdpa_forward(ctx):
     """Exact: see NOTE [Attention]; a constant value channel gives a constant output when no
-    dropout is applied."""
+    dropout is applied. With ``enable_gqa``, see NOTE [Grouped heads]."""
+    if _grouped(ctx):
+        return grouped_sdpa_forward(ctx, _grouped_inputs(ctx))
     inputs = _sdpa_inputs(ctx)
     if inputs is None:
         return opaque_forward(ctx)
@@ -278,6 +306,9 @@ def _sdpa_forward(ctx):
 
 
 def _sdpa_backward(ctx):
+    if _grouped(ctx):
+        grouped_sdpa_backward(ctx, _grouped_inputs(ctx))
+        return
     inputs = _sdpa_inputs(ctx)
     if inputs is None:
         opaque_backward(ctx)
@@ -293,10 +324,10 @@ def _sdpa_backward(ctx):
 
 
 def _sdpa_plan(ctx):
-    inputs = _sdpa_inputs(ctx)
+    inputs = _grouped_inputs(ctx) if _grouped(ctx) else _sdpa_inputs(ctx)
     if inputs is None or ctx.arg(6, "scale") is not None:
         return
-    q, *_ = inputs
+    q = inputs[0]
     if ctx.present(q).all():
         return
     kwargs = dict(ctx.node.kwargs)
@@ -309,7 +340,8 @@ rule("scaled_dot_product_attention", doc=(
          ' a constant output when no dropout is applied.',
          'q/k dims that are `const(0)`; value dims and whole heads; the softmax scale is kept at the '
          'original head size.',
-         'A nonzero constant q/k dim (it changes every score).',
+         'A nonzero constant q/k dim (it changes every score). With `enable_gqa` (NOTE [Grouped heads]): equal '
+         "query heads per group (the fullest group's count); a group's query heads keep its key head's dims.",
          ),
      functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
      plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_sdpa_macs)(_sdpa_forward)

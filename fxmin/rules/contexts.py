@@ -220,14 +220,20 @@ class PlanContext(Context):
         """This node selects the channels of input ``placeholder`` itself: no input selection before it."""
         self._plan.inputs.pop(placeholder.name, None)
 
-    def shift_input(self, reader, value: torch.Tensor) -> None:
+    def shift_input(self, reader, value: torch.Tensor, folded_from=()) -> None:
         """Hand the constant ``value`` (float64, per channel) to ``reader``'s plan, to subtract from its
-        input (NOTE [BatchNorm absorbs]); only for a reader whose rule ``absorbs_shift``."""
+        input (NOTE [BatchNorm absorbs]); only for a reader whose rule ``absorbs_shift``. ``folded_from``:
+        the channels (as 'node[index]') whose constants it sums, for the report."""
         self._plan.notes[("input shift", reader.name)] = value
+        self._plan.notes[("input shift from", reader.name)] = tuple(folded_from)
 
     def input_shift(self) -> torch.Tensor | None:
         """The constant this node's writer handed over with :meth:`shift_input`, or None."""
         return self._plan.notes.get(("input shift", self.node.name))
+
+    def input_shift_sources(self) -> tuple:
+        """The channels whose constants :meth:`input_shift` sums (``folded_from`` of :meth:`shift_input`)."""
+        return self._plan.notes.get(("input shift from", self.node.name), ())
 
     def original(self, node) -> torch.Tensor | None:
         """The model's own tensor behind a ``get_attr`` node (dtype and device as in the model)."""

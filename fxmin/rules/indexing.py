@@ -10,7 +10,7 @@ import torch.fx
 
 from ..facts import TupleFact, ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_backward, opaque_forward
+from .kit import index_new_axes_forward, opaque_backward, opaque_forward
 
 
 # -- indexing ---------------------------------------------------------------------------------------------------
@@ -28,6 +28,9 @@ def _getitem_forward(ctx):
         return (ValueFact.untracked() if shape is not None else None), None
     if fact is None or not fact.tracked:
         return (ValueFact.untracked() if shape is not None else None), None
+    moved = index_new_axes_forward(ctx)  # x[:, :, None]: NOTE [Grouped heads]
+    if moved is not None:
+        return moved
     if not fact.simple:
         return opaque_forward(ctx)
     items = index if isinstance(index, tuple) else (index,)
@@ -88,7 +91,7 @@ rule("getitem", doc=(
          'channel axis and the channel axis whole or sliced with step 1.',
          'Follows the channels; slice bounds on the channel axis are patched.',
          'Every channel for other indexing (advanced indices, steps, indices before the channel '
-         'axis).',
+         'axis but full slices and `None`).',
          ),
      functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
      heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
@@ -232,3 +235,33 @@ rule("argmax", doc=(
      functions=(torch.argmax, torch.argmin, torch.ops.aten.argmax.default, torch.ops.aten.argmin.default),
      methods=("argmax", "argmin"), backward=opaque_backward)(_argmax_forward)
 
+
+
+# -- narrow along another axis (a rotary table cut to the sequence length) ---------------------------------------
+
+def _narrow_forward(ctx):
+    """Exact: narrowing an axis the channels do not occupy keeps every channel (a model constant
+    narrowed so is adopted by its reader); narrowing the channel axis keeps all of it."""
+    x, dim = ctx.arg(0, "input"), ctx.arg(1, "dim")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    if fact is None or not fact.tracked or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
+        return opaque_forward(ctx)
+    return fact, ctx.units(x)
+
+
+def _narrow_constant_view(node, root, axis):
+    """NOTE [Constant views]: a table narrowed along another axis (``self.cos.narrow(0, 0, T)``)
+    keeps ``axis`` whole."""
+    source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(source, torch.fx.Node) or not isinstance(dim, int) or source.meta.get("tensor_meta") is None:
+        return None
+    return (source, axis) if dim % len(source.meta["tensor_meta"].shape) != axis else None
+
+
+rule("narrow", doc=(
+         'Along an axis the channels do not occupy (a rotary table cut to the sequence length).',
+         'Nothing itself; a narrowed model constant is adopted by its reader.',
+         'Every channel when the channel axis itself is narrowed.',
+         ),
+     functions=(torch.narrow,), methods=("narrow",), heads_aware=True,
+     constant_view=_narrow_constant_view)(_narrow_forward)

@@ -49,7 +49,7 @@ def _plan_module(ctx) -> None:
         # NOTE [BatchNorm absorbs]: a bias-less layer read only by an eval BatchNorm: the folded
         # constant shifts the BN's running mean instead of creating a bias (exact in eval; in
         # train mode the batch mean absorbs it anyway).
-        ctx.shift_input(absorber, new_bias)
+        ctx.shift_input(absorber, new_bias, folded_from)
         new_bias = None
     if new_weight.shape == weight.shape and (new_bias is None) == (bias is None) and (
         bias is None or torch.equal(new_bias, bias)

@@ -74,7 +74,8 @@ def _batch_norm_plan(ctx):
             setattr(replacement, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
         else:
             setattr(replacement, name, new)
-        params[name] = (tuple(tensor.shape), (), (kept,))
+        folded_from = ctx.input_shift_sources() if name == "running_mean" and shift is not None else ()
+        params[name] = (tuple(tensor.shape), folded_from, (kept,))
     replacement.num_features = len(kept)
     ctx.replace_module(replacement, params)
 
@@ -163,7 +164,10 @@ def _functional_norm(ctx, shape):
 
 def _norm_forward(ctx):
     """Exact through CompensatedLayerNorm: removed inputs must be constant (their constants join
-    the statistics); outputs go when unread; ``weight_i == 0`` makes output ``i`` ``const(bias_i)``."""
+    the statistics); outputs go when unread; ``weight_i == 0`` makes output ``i`` ``const(bias_i)``.
+    Over the head dim of channels split into heads, see NOTE [Per-head norms]."""
+    if _reads_heads(ctx):
+        return _per_head_forward(ctx)
     view = _norm_view(ctx)
     shape = ctx.shape()
     if view is None:
@@ -184,6 +188,9 @@ def _norm_forward(ctx):
 
 
 def _norm_backward(ctx):
+    if _reads_heads(ctx):
+        _per_head_backward(ctx)
+        return
     view = _norm_view(ctx)
     if view is None:
         opaque_backward(ctx)
@@ -198,6 +205,9 @@ def _norm_backward(ctx):
 
 
 def _norm_plan(ctx):
+    if _reads_heads(ctx):
+        _per_head_plan(ctx)
+        return
     view = _norm_view(ctx)
     if view is None:
         return
@@ -227,6 +237,113 @@ def _norm_plan(ctx):
     ctx.patch((x,), {}, op="call_module", target=target)
 
 
+# NOTE [Per-head norms]
+# Qwen3 and Gemma 3 normalize q and k per head over the head dim (``q_norm``, ``k_norm``: an RMSNorm
+# of head_dim features applied to (B, T, heads, head_dim)). Heads are independent under it, so a
+# whole head leaves like any other. Its output dims and input dims are separate channels, one set
+# for every kept head (the norm's weight is one per dim, shared by all heads): an output dim stays
+# when some kept head's reader needs it; an input dim stays when it varies in some kept head, or
+# holds different constants in two of them. A removed input dim holds one constant in every kept
+# head (0 when its projection rows are zero), so the norm becomes a CompensatedLayerNorm over the
+# head dim that counts it (NOTE [Compensated normalization]), exactly as before. A norm written as
+# a function (``F.rms_norm``) keeps every dim of a kept head.
+
+def _reads_heads(ctx) -> bool:
+    fact = ctx.fact(ctx.arg(0, "input"))
+    return isinstance(fact, ValueFact) and fact.tracked and not fact.simple
+
+
+def _per_head(ctx):
+    """(norm, x, fact) when the norm normalizes the innermost digit of split channels, or None."""
+    from ..compensated.layer_norm import CompensatedLayerNorm
+
+    view = _norm_view(ctx)
+    x = ctx.arg(0, "input")
+    fact, shape = ctx.fact(x), ctx.shape(x)
+    if view is None or shape is None or isinstance(ctx.module, CompensatedLayerNorm) or view[0].kind == "group":
+        return None
+    if fact.axes[-1] != len(shape) - 1 or fact.radix[-1] != view[0].width:
+        return None
+    return view[0], x, fact
+
+
+def _per_head_forward(ctx):
+    """Exact: NOTE [Per-head norms]. A head whose every input is constant gives constants (computed
+    by the norm itself); ``weight_e == 0`` makes output dim ``e`` ``const(bias_e)`` in every head,
+    and so does, in an RMSNorm, a ``const(0)`` input dim (it is scaled, not centred)."""
+    spec = _per_head(ctx)
+    if spec is None:
+        return ValueFact.untracked(), None
+    norm, x, fact = spec
+    dims = fact.radix[-1]
+    const_heads = fact.const.reshape(-1, dims).all(axis=1)
+    value = np.zeros((len(const_heads), dims))
+    if const_heads.any():
+        with torch.no_grad():
+            value[const_heads] = norm(torch.tensor(fact.value.reshape(-1, dims)[const_heads])).numpy()
+    const = np.repeat(const_heads[:, None], dims, axis=1)
+    silent = np.zeros((len(const_heads), dims), bool)
+    if norm.weight is not None:
+        silent |= (norm.weight.detach().numpy() == 0)[None, :]
+    if norm.kind == "rms":
+        silent |= (fact.const & (fact.value == 0)).reshape(-1, dims)
+    bias = norm.bias.detach().numpy() if norm.bias is not None else np.zeros(dims)
+    const |= silent
+    value = np.where(silent & ~const_heads[:, None], bias[None, :], value)
+    return fact.replaced(const.reshape(-1), value.reshape(-1)), ctx.fresh(fact.size)
+
+
+def _per_head_sets(ctx, spec):
+    """(kept heads, input dims, output dims): what the heads' requirements ask of the norm."""
+    _, x, fact = spec
+    dims = fact.radix[-1]
+    out = ctx.present().reshape(-1, dims)
+    heads = out.any(axis=1) | ctx.present(x).reshape(-1, dims).any(axis=1)
+    if ctx.module is None:  # a functional norm stays as it is: every dim of a kept head
+        every = np.ones(dims, bool) if heads.any() else np.zeros(dims, bool)
+        return heads, every, every
+    const = fact.const.reshape(-1, dims)[heads]
+    value = fact.value.reshape(-1, dims)[heads]
+    one_constant = const.all(axis=0) & (value == value[:1]).all(axis=0) if heads.any() else np.ones(dims, bool)
+    inputs = ~one_constant | ctx.present(x).reshape(-1, dims)[heads].any(axis=0)
+    return heads, inputs, out[heads].any(axis=0)
+
+
+def _per_head_backward(ctx):
+    spec = _per_head(ctx)
+    if spec is None:
+        opaque_backward(ctx)
+        return
+    heads, inputs, outputs = _per_head_sets(ctx, spec)
+    ctx.require(ctx.node, (heads[:, None] & outputs[None, :]).reshape(-1), "every kept head emits the same dims")
+    ctx.require(spec[1], (heads[:, None] & inputs[None, :]).reshape(-1), "feeds the statistics of a kept head")
+
+
+def _per_head_plan(ctx):
+    """The norm over the head dim as a CompensatedLayerNorm of the kept input and output dims; with
+    no head left its input is empty (the views make it (..., 0, 0)) and it becomes an identity."""
+    spec = _per_head(ctx)
+    if spec is None:
+        return
+    norm, x, fact = spec
+    heads, inputs, outputs = _per_head_sets(ctx, spec)
+    if ctx.module is None:
+        if not heads.any():
+            ctx.patch((x,), {}, op="call_function", target=torch.clone)
+        return
+    params = {name: (tuple(getattr(ctx.module, name).shape), ())
+              for name in ("weight", "bias") if getattr(ctx.module, name, None) is not None}
+    if not heads.any():
+        ctx.replace_module(nn.Identity(), params)
+        return
+    if inputs.all() and outputs.all():
+        return
+    dims = fact.radix[-1]
+    first = np.nonzero(heads)[0][0]
+    constants = {int(e): float(fact.value.reshape(-1, dims)[first, e]) for e in np.nonzero(~inputs)[0]}
+    ctx.replace_module(norm.shrink(np.nonzero(inputs)[0].tolist(), constants, np.nonzero(outputs)[0].tolist()), params)
+
+
 def _is_called(ctx, path) -> bool:
     return any(n.op == "call_module" and (n.target == path or n.target.startswith(path + ".")) for n in ctx.node.graph.nodes)
 
@@ -250,11 +367,14 @@ rule("layer_norm", doc=(
          'constant; their constants join the statistics. `weight_i == 0` makes output `i` '
          '`const(bias_i)`.',
          'Constant input channels (into `S1`/`S2`); output channels nobody reads.',
-         'Every varying input channel while any output is needed (it feeds the mean and variance).',
+         'Every varying input channel while any output is needed (it feeds the mean and variance). Over the '
+         'head dim of heads (`q_norm`/`k_norm`, NOTE [Per-head norms]): whole heads leave; an input dim leaves '
+         'when it holds one constant in every kept head; `F.rms_norm` keeps every dim of a kept head.',
          ),
      modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
-     backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis)(_norm_forward)
+     backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis,
+     heads_aware=True)(_norm_forward)
 
 
 # ATen keys of the functional norms, with the signatures of F.layer_norm / F.group_norm / F.rms_norm

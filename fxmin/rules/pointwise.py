@@ -161,15 +161,15 @@ def _adoption_axis(payload):
 
 def _head_dim_table(ctx, op, a, b, fa, fb):
     """NOTE [Rotary pairs]: a per-head-dim table (cos/sin of rotary embeddings, shape (T, hd))
-    times channels split into (heads, head_dim): dim ``e`` of every head couples with entry ``e``
-    of the table, so the table is sliced like the dims and every head keeps the same dims."""
+    times channels split into (heads, head_dim): entry ``e`` of the table stays when dim ``e`` of
+    some head stays, and every kept head keeps exactly the table's entries (see _head_dim_backward),
+    so the table is sliced like the dims and every kept head keeps the same dims; heads still leave
+    one by one."""
     split, table = (fa, fb) if not fa.simple else (fb, fa)
     split_node, table_node = (a, b) if not fa.simple else (b, a)
     if table.axis != split.axes[-1] or table.size != split.radix[-1]:
         return opaque_forward(ctx)
-    grid = ctx.units(split_node).reshape(-1, table.size)
-    for row in grid:
-        ctx.unify(row, ctx.units(table_node))
+    ctx.watch(ctx.units(table_node))  # backward runs again when the table's entries stay
     table_const = np.tile(table.const, split.size // table.size)
     table_value = np.tile(table.value, split.size // table.size)
     const = split.const & table_const
@@ -182,7 +182,22 @@ def _head_dim_table(ctx, op, a, b, fa, fb):
     return split.replaced(const, np.where(const, value, 0.0)), ctx.units(split_node)
 
 
+def _head_dim_backward(ctx) -> bool:
+    """NOTE [Rotary pairs]: the product of kept heads and kept table entries; True if this applies."""
+    operands = [n for n in ctx.input_nodes() if isinstance(ctx.fact(n), ValueFact) and ctx.fact(n).tracked]
+    if ctx.fact(ctx.node).simple or len(operands) != 2 or ctx.fact(operands[0]).simple == ctx.fact(operands[1]).simple:
+        return False
+    table = operands[0] if ctx.fact(operands[0]).simple else operands[1]
+    grid = ctx.present().reshape(-1, ctx.fact(table).size)
+    ctx.require(table, grid.any(axis=0), "a kept head keeps this dim")
+    need = grid.any(axis=1)[:, None] & ctx.present(table)[None, :]
+    ctx.require(ctx.node, need.reshape(-1), "every kept head keeps the table's dims")
+    return True
+
+
 def _binary_backward(ctx):
+    if _head_dim_backward(ctx):
+        return
     for node in ctx.input_nodes():
         input_fact = ctx.fact(node)
         if input_fact is None or not input_fact.tracked:

@@ -136,12 +136,28 @@ def _view_split_axes(fact, units, groups, source, target):
         (i0, i1, j0, j1), inside = next(iter(owner.items()))
         if j1 - j0 == 1 and list(range(i0, i1)) == list(axes):  # heads merged back: (H, hd) -> H*hd
             return ValueFact(j0, fact.size, fact.const, fact.value), units
-    mapped = []
+    # each group maps one digit to one axis, or merges adjacent digits into one (repeated key/value
+    # heads (g, r) -> g * rep + r, NOTE [Grouped heads]): the channel numbering is unchanged
+    goes_to, merged = {}, []
     for (i0, i1, j0, j1), inside in owner.items():
-        if i1 - i0 != 1 or j1 - j0 != 1:
+        if j1 - j0 != 1 or (i1 - i0 != 1 and inside != list(range(i0, i1))):
             return None
-        mapped.append(j0)
-    return fact.with_axes(mapped), units
+        goes_to.update({axis: j0 for axis in inside})
+        merged.append(len(inside) > 1)
+    if not any(merged):
+        return fact.with_axes([goes_to[axis] for axis in axes]), units
+    if list(axes) != sorted(axes):
+        return None
+    mapped, sizes = [], []
+    for axis, size in zip(axes, fact.radix):
+        if mapped and mapped[-1] == goes_to[axis]:
+            sizes[-1] *= size
+        else:
+            mapped.append(goes_to[axis])
+            sizes.append(size)
+    if len(mapped) == 1:
+        return ValueFact(mapped[0], fact.size, fact.const, fact.value), units
+    return ValueFact(mapped[0], fact.size, fact.const, fact.value, tuple(zip(mapped[1:], sizes[1:]))), units
 
 
 def _view_forward(ctx):
@@ -174,9 +190,13 @@ def _view_backward(ctx):
         if owner is not None and owner is not ctx.node and len(owner.users) > 1:
             ctx.require_all(ctx.node, "its size tuple is shared with other readers")
             return
-    if not fact.simple:
+    source = ctx.fact(ctx.arg(0, "input"))
+    if not fact.simple and len(source.axes) <= len(fact.axes):
         present = ctx.present()
         ctx.require(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
+    # a merge of finer digits ((g, r) -> h, NOTE [Grouped heads]): the rule that made them keeps
+    # them uniform, which keeps the merged ones uniform; growing heads here, before the repeat has
+    # given every copy its group's dims, would pick dims the group does not need
 
 
 def _view_plan(ctx):

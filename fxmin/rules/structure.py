@@ -18,7 +18,7 @@ import torch.fx
 from ..facts import TupleFact, ValueFact
 from ..graph_helpers import tensor_shape
 from .api import REGISTRY, rule
-from .kit import opaque_forward
+from .kit import expand_heads_backward, expand_heads_forward, expand_heads_plan, opaque_forward
 
 
 def _tracked(ctx, node):
@@ -319,7 +319,7 @@ def _unsqueeze_forward(ctx):
     if fact is None or out is None:
         return opaque_forward(ctx)
     dim = ctx.arg(1, "dim") % len(out)
-    return _moved(ctx, fact.axis + (1 if dim <= fact.axis else 0))
+    return _remapped(ctx, lambda axis: axis + (1 if dim <= axis else 0))
 
 
 def _squeeze_forward(ctx):
@@ -353,11 +353,11 @@ rule("transpose", doc=(
      functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
      heads_aware=True)(_transpose_forward)
 rule("unsqueeze", doc=(
-         'Always: a new size-1 axis shifts the channel axis.',
+         'Always: a new size-1 axis shifts the channel axis (every axis of attention heads).',
          'Nothing itself.',
          '—',
          ),
-     functions=(torch.unsqueeze,), methods=("unsqueeze",))(_unsqueeze_forward)
+     functions=(torch.unsqueeze,), methods=("unsqueeze",), heads_aware=True)(_unsqueeze_forward)
 rule("squeeze", doc=(
          'Removing size-1 axes other than the channel axis.',
          'Nothing itself.',
@@ -375,6 +375,8 @@ def _expand_forward(ctx):
     fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
     if fact is None or out is None:
         return opaque_forward(ctx)
+    if not fact.simple:
+        return expand_heads_forward(ctx)  # repeated heads: NOTE [Grouped heads]
     return fact.moved(fact.axis + len(out) - len(shape)), ctx.units(x)
 
 
@@ -388,6 +390,9 @@ def _expand_constant_view(node, root, axis):
 
 def _expand_backward(ctx):
     fact = ctx.fact(ctx.node)
+    if not fact.simple:
+        expand_heads_backward(ctx)
+        return
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and not isinstance(sizes[fact.axis], int):
         ctx.require_all(ctx.node)
@@ -398,6 +403,9 @@ def _expand_plan(ctx):
     kept = ctx.kept()
     if fact is None or not fact.tracked or len(kept) == fact.size:
         return
+    if not fact.simple:
+        expand_heads_plan(ctx)
+        return
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and sizes[fact.axis] != -1:
         sizes[fact.axis] = int(len(kept))
@@ -406,13 +414,15 @@ def _expand_plan(ctx):
 
 
 rule("expand", doc=(
-         'Always: values repeat along size-1 axes; the channel axis keeps its channels.',
-         'A literal size at the channel axis is patched; an expanded model constant is adopted by its'
+         'Always: values repeat along size-1 axes; the channel axis keeps its channels. Repeating heads '
+         'along an axis between their digits (`repeat_kv`) makes each copy a channel (NOTE [Grouped heads]).',
+         'Literal sizes at the channel axes are patched; an expanded model constant is adopted by its'
          ' reader.',
-         '—',
+         'Repeated heads: equal copies per head (the fullest group\'s count), each copy all of its head\'s '
+         'dims.',
          ),
-     methods=("expand",), backward=_expand_backward, plan=_expand_plan,
-     constant_view=_expand_constant_view)(_expand_forward)
+     methods=("expand",), backward=_expand_backward, plan=_expand_plan, reads_input_presence=True,
+     heads_aware=True, constant_view=_expand_constant_view)(_expand_forward)
 
 
 # ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py);

@@ -4,7 +4,7 @@
 from the global RNG; seed with ``torch.manual_seed`` first for reproducible weights) and
 ``example_inputs()`` returns a tuple of inputs, built from a fixed-seed generator so every call
 gives the same tensors. Image models take ``(2, 3, 32, 32)``, the Fashion-MNIST ConvNeXt
-``(2, 1, 28, 28)``, the GPT ``(2, 16)`` token ids (int64).
+``(2, 1, 28, 28)``, the GPT and the Llama ``(2, 16)`` token ids (int64).
 
 >>> factory, example_inputs = MODELS["resnet18"]
 >>> factory().eval()(*example_inputs()).shape
@@ -22,6 +22,7 @@ from .convnext import convnext_tiny
 from .densenet import densenet, densenet_block
 from .efficientnet import efficientnet, efficientnet_block
 from .gpt import gpt
+from .llama import llama
 from .mobilenet import mobilenet_v2
 from .resnet import resnet18, resnet50
 from .vit import vit
@@ -53,4 +54,5 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
                                  depths=(1, 1, 1, 1)), partial(images, 1, 28)),
     "vit": (vit, images),
     "gpt": (gpt, tokens),
+    "llama": (llama, tokens),
 }

@@ -4,17 +4,22 @@ base modules (errors, facts, units, graph_helpers, edits), never each other.
 - :mod:`.elementwise`: opaque forward/backward, the unary pointwise forward and
   :func:`register_pointwise`, in-place checks, the binary op table;
 - :mod:`.dense`: layers read through a dense (out, in) view of their weights (:func:`layer_rule`);
-- :mod:`.views`: shape arguments of views and the sizes they read, uniform heads.
+- :mod:`.views`: shape arguments of views and the sizes they read, uniform heads;
+- :mod:`.heads`: repeated heads (NOTE [Grouped heads]): axes inserted by ``x[:, :, None]``, the
+  ``repeat_kv`` expand, SDPA with ``enable_gqa``.
 """
 from .dense import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
                     new_parameter, new_weights)
 from .elementwise import (BINARY_OPS, check_in_place, identity_in_eval, in_place_call, mutates, opaque_backward,
                           opaque_forward, pointwise_forward, register_pointwise)
+from .heads import (expand_heads_backward, expand_heads_forward, expand_heads_plan, grouped_sdpa_backward,
+                    grouped_sdpa_forward, index_new_axes_forward)
 from .views import coupled_size, feeds_coupled_views, new_radix, uniform_digits, view_entries
 
 __all__ = [
     "BINARY_OPS", "DenseView", "check_in_place", "coupled_size", "dense_input", "dense_macs", "dense_output",
-    "dense_required_inputs", "dense_view", "feeds_coupled_views", "identity_in_eval", "in_place_call", "layer_rule",
+    "dense_required_inputs", "dense_view", "expand_heads_backward", "expand_heads_forward", "expand_heads_plan",
+    "feeds_coupled_views", "grouped_sdpa_backward", "grouped_sdpa_forward", "index_new_axes_forward", "identity_in_eval", "in_place_call", "layer_rule",
     "mutates", "new_parameter", "new_radix", "new_weights", "opaque_backward", "opaque_forward", "pointwise_forward",
     "register_pointwise", "uniform_digits", "view_entries",
 ]

@@ -178,7 +178,7 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
             folded_from = tuple(f"{x.name}[{j}]" for j in np.nonzero(contributes)[0])
     groups = view.groups
     if groups == 1:
-        new_weight = weight[rows][:, cols]
+        new_weight = _rows_and_columns(weight, rows, cols)
     elif _depthwise(view):
         groups = len(cols)
         new_weight = weight[rows] if len(cols) else weight[rows][:, :0]
@@ -196,6 +196,16 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
         base = bias[rows] if bias is not None else torch.zeros(len(rows), dtype=torch.float64)
         new_bias = base + torch.from_numpy(delta[rows])
     return new_weight, new_bias, folded_from, cols, rows, groups
+
+
+def _rows_and_columns(weight: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    """``weight[rows][:, cols]`` as a new tensor, gathering only along the axes that lose entries."""
+    all_rows, all_cols = len(rows) == weight.shape[0], len(cols) == weight.shape[1]  # kept indices are sorted
+    if all_rows and all_cols:
+        return weight.clone()
+    if not all_rows:
+        weight = weight.index_select(0, torch.from_numpy(np.asarray(rows, np.int64)))
+    return weight if all_cols else weight.index_select(1, torch.from_numpy(np.asarray(cols, np.int64)))
 
 
 def new_parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:

@@ -1,0 +1,112 @@
+"""Where the pass spends its time: each phase against one forward, and the functions that cost the most.
+
+On the full-size models (``common.FULL``) with planted dead channels (half the output rows of every
+Linear/Conv but the classifier), it times the phases of ``fxmin.minimize`` one by one: the masked copy
+of the model, trace, shape propagation, analysis, plan, rewrite and verification (the float64 rebuild
+and the comparisons), in CPU seconds, medians of ``--repeats`` rounds with a forward of the masked model
+timed in each round beside them. Then one more pass runs under cProfile; the table lists the
+functions with the most time of their own (cProfile's ``tottime``; its overhead inflates Python-heavy
+code, so read those shares as a ranking).
+
+    python -m benchmarks.pass_profile [--models NAME ...] [--repeats 3] [--top 8] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from benchmarks.common import FULL, apply_masks, build, parse_common, planted_masks, publish
+
+from fxmin.analysis import analyze_graph
+from fxmin.masks import masked_reference
+from fxmin.plan import make_plan
+from fxmin.rewrite import rewrite
+from fxmin.trace import propagate_shapes, trace
+from fxmin.verify import verify
+
+PHASES = ("masked copy", "trace", "shapes", "analysis", "plan", "rewrite", "verify")
+
+
+def _rounds(model, masks, inputs, masked) -> dict:
+    clock, seconds = time.process_time, {}
+
+    def timed(phase, function):
+        start = clock()
+        result = function()
+        seconds[phase] = clock() - start
+        return result
+
+    with torch.no_grad():
+        timed("forward", lambda: masked(*inputs))
+    reference = timed("masked copy", lambda: masked_reference(model, masks)[0])
+    graph_module = timed("trace", lambda: trace(reference).eval())
+    timed("shapes", lambda: propagate_shapes(graph_module, inputs))
+    analysis = timed("analysis", lambda: analyze_graph(graph_module))
+    plan = timed("plan", lambda: make_plan(analysis))
+    module = timed("rewrite", lambda: rewrite(plan))
+    timed("verify", lambda: verify(graph_module, module, inputs, exact_result=rewrite(plan, torch.float64), plan=plan))
+    return seconds
+
+
+def profile(name: str, seed: int, repeats: int, top: int) -> tuple[list, list]:
+    factory, make_inputs, classifier = FULL[name]
+    model = build(factory, seed)
+    masks = planted_masks(model, 0.5, classifier, seed)
+    masked, inputs = apply_masks(model, masks), make_inputs(1)
+    rounds = [_rounds(model, masks, inputs, masked) for _ in range(repeats)]
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    passed = sum(median[p] for p in PHASES[:-1])
+    row = [name, f"{median['forward']:.3f}", *(f"{median[p]:.2f}" for p in PHASES), f"{passed:.2f}",
+           f"{passed / median['forward']:.1f}", f"{median['verify'] / median['forward']:.1f}"]
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: _rounds(model, masks, inputs, masked))
+    stats = pstats.Stats(profiler).stats
+    total = sum(entry[2] for entry in stats.values())
+    worst = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    functions = [[name, _where(key), f"{entry[2] / total:.0%}", entry[1]] for key, entry in worst]
+    return row, functions
+
+
+def _where(key) -> str:
+    filename, line, function = key
+    if filename == "~":
+        return function  # a builtin
+    path = Path(filename)
+    parts = path.parts
+    short = "/".join(parts[parts.index("fxmin"):]) if "fxmin" in parts else "/".join(parts[-2:])
+    return f"{short}:{line} {function}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=8)
+    args = parse_common(parser, argv)
+    rows, functions = [], []
+    for name in args.models:
+        row, worst = profile(name, args.seed, args.repeats, args.top)
+        rows.append(row)
+        functions += worst
+        print("  " + " | ".join(row), flush=True)
+    table = tabulate(rows, headers=["model", "forward s", *(f"{p} s" for p in PHASES), "pass s", "pass / forward",
+                                    "verify / forward"], tablefmt="github", disable_numparse=True)
+    hot = tabulate(functions, headers=["model", "function (own time)", "share of profiled time", "calls"],
+                   tablefmt="github", disable_numparse=True)
+    print(table + "\n\n" + hot)
+    if args.write:
+        notes = (f"CPU seconds, medians of {args.repeats} rounds, torch.set_num_threads({args.threads}); 'pass' is "
+                 "masked copy + trace + shapes + analysis + plan + rewrite. The second table is one more round "
+                 "under cProfile: the functions with the most time of their own.\n\n" + hot)
+        publish("Where the pass spends its time", table, argv, "pass_profile.py", notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Repeated heads: grouped-query and multi-query attention, key/value heads shared by groups of
+query heads (inserted axes for getitem/unsqueeze, the repeat for expand, the grouping for SDPA).
+Part of :mod:`fxmin.rules.kit`.
+
+NOTE [Grouped heads]
+With ``heads`` query heads and ``groups`` key/value heads, query head ``h`` reads key/value head
+``g = h // rep`` (``rep = heads // groups``). Models write it two ways, and both are followed:
+
+- ``repeat_kv`` (Hugging Face): ``k[:, :, None].expand(B, groups, rep, T, hd).reshape(B, heads,
+  T, hd)``. Indexing with ``None`` (or ``unsqueeze``) moves the channel axes; the expand makes the
+  repeat axis a new digit of the channels, ``(g, r, e)``, with *fresh* units: copy ``r`` of head
+  ``g`` is its own channel, so a query head can leave without taking its group along; the reshape
+  merges the ``(g, r)`` digits into one head axis. The expand requires ``(g, e)`` of its source
+  when any copy ``(g, r, e)`` is present; it makes every present copy keep all of its source's
+  present dims and every present source head keep a copy (an expand copies whole heads), and
+  keeps its digits uniform (equal copies per head, equal dims per copy, NOTE [Heads]).
+- ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``: the rule maps query head ``h`` to
+  group ``h // rep`` itself, with the same requirements between q and k, and between v and the
+  output.
+
+What leaves: a key/value head when no query head of its group stays (its k and v projection rows
+go); query heads in equal numbers per group, since the repeat count (``rep``, or ``heads // groups``
+inside SDPA) is one number: every group that stays keeps as many query heads as the fullest one
+(exact, it only shrinks less). A q/k dim ``e`` of group ``g`` when ``k[g, e]`` is ``const(0)`` or
+``q[h, e]`` is ``const(0)`` in every kept query head of the group: the query heads of a group keep
+exactly their key head's dims. The softmax scale stays ``1/sqrt(original head_dim)``. Per-head
+``q_norm``/``k_norm`` (Qwen3, Gemma 3): NOTE [Per-head norms] in ``fxmin/rules/norm.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...facts import ValueFact
+from .elementwise import opaque_backward, opaque_forward
+from .views import new_radix, uniform_digits
+
+
+def _tracked(ctx, node):
+    fact = ctx.fact(node)
+    return fact if isinstance(fact, ValueFact) and fact.tracked else None
+
+
+# -- inserting axes (``x[:, :, None]``, ``x.unsqueeze(2)``) -------------------------------------------------------
+
+def _moved_axes(items, rank):
+    """Output axis of each input axis under an index of full slices and None, or None."""
+    full = slice(None, None, None)
+    mapping, source, target = {}, 0, 0
+    for item in items:
+        if item is None:
+            target += 1
+        elif item == full:
+            mapping[source] = target
+            source, target = source + 1, target + 1
+        else:
+            return None
+    for axis in range(source, rank):
+        mapping[axis] = target + axis - source
+    return mapping
+
+
+def index_new_axes_forward(ctx):
+    """Exact: ``x[:, :, None]`` (full slices and ``None``) moves the channel axes."""
+    x, index = ctx.node.args
+    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    items = index if isinstance(index, tuple) else (index,)
+    if fact is None or shape is None or not any(item is None for item in items):
+        return None
+    mapping = _moved_axes(items, len(shape))
+    if mapping is None:
+        return None
+    return fact.with_axes([mapping[a] for a in fact.axes]) if not fact.simple else fact.moved(mapping[fact.axis]), \
+        ctx.units(x)
+
+
+# -- expand: repeated heads ----------------------------------------------------------------------------------------
+
+def _expand_sizes(ctx):
+    node = ctx.node
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return list(rest) if rest else list(node.kwargs.get("size", ()))
+
+
+def repeat_spec(ctx):
+    """(source, source fact, offset, repeat axis, repeat digit position, copies) when an expand
+    repeats split channels along an axis between their digits, or None."""
+    x = ctx.node.args[0]
+    fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
+    if fact is None or fact.simple or shape is None or out is None or list(fact.axes) != sorted(fact.axes):
+        return None
+    offset = len(out) - len(shape)
+    grown = [a for a in range(len(shape)) if shape[a] != out[a + offset]]
+    inside = [a for a in grown if fact.axes[0] < a < fact.axes[-1]]
+    if len(inside) != 1:
+        return None
+    axis = inside[0]
+    position = sum(1 for a in fact.axes if a < axis)
+    return x, fact, offset, axis, position, out[axis + offset]
+
+
+def expand_heads_forward(ctx):
+    """Exact: expanding split channels along an axis between their digits (``repeat_kv``) makes
+    that axis a digit: copy ``r`` of channel ``(g, e)`` is channel ``(g, r, e)``, a new unit, with
+    the source's value. Expanding other axes keeps the channels (NOTE [Grouped heads])."""
+    x = ctx.node.args[0]
+    fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
+    spec = repeat_spec(ctx)
+    if spec is None:
+        if fact is None or shape is None or out is None:
+            return opaque_forward(ctx)
+        offset = len(out) - len(shape)
+        if any(shape[a] != out[a + offset] and fact.axes[0] < a < fact.axes[-1] for a in range(len(shape))):
+            return opaque_forward(ctx)
+        return fact.with_axes([a + offset for a in fact.axes]), ctx.units(x)
+    x, fact, offset, axis, position, copies = spec
+    radix = fact.radix
+    outer, inner = int(np.prod(radix[:position])), int(np.prod(radix[position:]))
+    const = np.repeat(fact.const.reshape(outer, 1, inner), copies, axis=1).reshape(-1)
+    value = np.repeat(fact.value.reshape(outer, 1, inner), copies, axis=1).reshape(-1)
+    axes = [a + offset for a in fact.axes]
+    axes.insert(position, axis + offset)
+    sizes = list(radix)
+    sizes.insert(position, copies)
+    return ValueFact(axes[0], fact.size * copies, const, value, tuple(zip(axes[1:], sizes[1:]))), \
+        ctx.fresh(fact.size * copies)
+
+
+def expand_heads_backward(ctx):
+    spec = repeat_spec(ctx)
+    if spec is None:
+        fact = _tracked(ctx, ctx.node)
+        if fact is None:
+            opaque_backward(ctx)
+        elif not _literal_digits(ctx, fact):
+            ctx.require_all(ctx.node, "a size computed at run time shapes it")
+        return
+    x, fact, offset, axis, position, copies = spec
+    out = _tracked(ctx, ctx.node)
+    if not _literal_digits(ctx, out):
+        ctx.require_all(ctx.node, "a size computed at run time shapes it")
+        ctx.require_all(x)
+        return
+    radix = fact.radix
+    outer, inner = int(np.prod(radix[:position])), int(np.prod(radix[position:]))
+    grid = ctx.present().reshape(outer, copies, inner)
+    ctx.require(x, grid.any(axis=1).reshape(-1), "read by a kept copy of a repeated head")
+    source = ctx.present(x).reshape(outer, inner)
+    copy_alive = grid.any(axis=2)  # (outer, copies)
+    for o in np.nonzero(source.any(axis=1) & ~copy_alive.any(axis=1))[0]:
+        copy_alive[o, 0] = True  # a kept source head is copied whole: one copy at least
+    need = copy_alive[:, :, None] & source[:, None, :]
+    ctx.require(ctx.node, need.reshape(-1), "a copy of a head keeps its source's dims")
+    ctx.require(ctx.node, uniform_digits(ctx.present(), out.radix), "keeps repeated heads uniform")
+
+
+def _literal_digits(ctx, fact) -> bool:
+    """Whether the expand writes every size at the channel axes as a literal (the plan patches them)."""
+    sizes = _expand_sizes(ctx)
+    return len(sizes) == len(ctx.shape()) and all(isinstance(sizes[a], int) for a in fact.axes)
+
+
+def expand_heads_plan(ctx):
+    fact = _tracked(ctx, ctx.node)
+    kept = ctx.kept()
+    if fact is None or len(kept) == fact.size:
+        return
+    sizes = _expand_sizes(ctx)
+    for axis, size in zip(fact.axes, new_radix(kept, fact.radix)):
+        if sizes[axis] != -1:
+            sizes[axis] = int(size)
+    as_list = isinstance(ctx.node.args[1], (list, tuple)) and len(ctx.node.args) == 2  # aten.expand(x, [sizes])
+    ctx.patch((ctx.node.args[0], list(sizes)) if as_list else (ctx.node.args[0], *sizes), {})
+
+
+# -- SDPA with enable_gqa (the attention rule reads the inputs) -------------------------------------------------------
+
+def grouped_sdpa_forward(ctx, inputs):
+    """Exact: see NOTE [Grouped heads]; output head ``h`` holds value head ``h // rep``, so a
+    constant value channel gives constant output channels in its group when no dropout is applied.
+    ``inputs``: (q, k, v, their facts, rep) as the attention rule reads them, or None."""
+    if inputs is None:
+        return opaque_forward(ctx)
+    q, k, v, fq, fk, fv, rep = inputs
+    dropout = ctx.arg(4, "dropout_p", 0.0)
+    const = fv.const if dropout == 0 else fv.const & (fv.value == 0)
+    groups, dims = fv.radix
+    const = np.repeat(const.reshape(groups, 1, dims), rep, axis=1).reshape(-1)
+    value = np.repeat(np.where(fv.const, fv.value, 0.0).reshape(groups, 1, dims), rep, axis=1).reshape(-1)
+    out = ValueFact(fq.axis, groups * rep * dims, const, np.where(const, value, 0.0), ((fv.axes[1], dims),))
+    return out, ctx.fresh(out.size)
+
+
+def _grow_groups(alive: np.ndarray, groups_alive: np.ndarray, rep: int) -> np.ndarray:
+    """Alive query heads grown so that every alive group keeps as many as the fullest one."""
+    grid = alive.reshape(-1, rep).copy()
+    groups_alive = groups_alive | grid.any(axis=1)
+    target = max(int(grid.sum(axis=1).max()), 1)
+    for group in np.nonzero(groups_alive)[0]:
+        for head in np.nonzero(~grid[group])[0][: target - int(grid[group].sum())]:
+            grid[group, head] = True
+    return grid.reshape(-1)
+
+
+def grouped_sdpa_backward(ctx, inputs):
+    if inputs is None:
+        opaque_backward(ctx)
+        return
+    q, k, v, fq, fk, fv, rep = inputs
+    heads, qk_dims = fq.radix
+    groups, v_dims = fv.radix
+    out_grid = ctx.present().reshape(heads, v_dims)
+    alive = out_grid.any(axis=1) | ctx.present(q).reshape(heads, qk_dims).any(axis=1)
+    groups_alive = ctx.present(k).reshape(groups, qk_dims).any(axis=1) | ctx.present(v).reshape(groups, v_dims).any(axis=1)
+    alive = _grow_groups(alive, groups_alive, rep)
+    group_alive = alive.reshape(groups, rep).any(axis=1)
+    # q.k: a key dim stays when a kept query head of its group reads it; its query heads keep exactly its dims
+    zero_q = (fq.const & (fq.value == 0)).reshape(groups, rep, qk_dims)
+    zero_k = (fk.const & (fk.value == 0)).reshape(groups, qk_dims)
+    reads = (~zero_q & alive.reshape(groups, rep, 1)).any(axis=1) & ~zero_k & group_alive[:, None]
+    reads |= (ctx.present(q).reshape(groups, rep, qk_dims) & alive.reshape(groups, rep, 1)).any(axis=1)
+    ctx.require(k, reads.reshape(-1), "read by a kept query head of its group (q.k)")
+    k_grid = ctx.present(k).reshape(groups, qk_dims).copy()
+    for group in np.nonzero(group_alive & ~k_grid.any(axis=1))[0]:
+        k_grid[group, 0] = True
+    ctx.require(k, k_grid.reshape(-1), "a kept key head keeps a q/k dim")
+    q_need = alive.reshape(groups, rep, 1) & k_grid[:, None, :]
+    ctx.require(q, q_need.reshape(-1), "a kept query head keeps its key head's dims")
+    # values: a value dim stays when a kept output channel of its group reads it; kept heads output all of it
+    ctx.require(v, (out_grid.reshape(groups, rep, v_dims) & alive.reshape(groups, rep, 1)).any(axis=1).reshape(-1),
+                "read by a kept output channel of its group")
+    v_grid = ctx.present(v).reshape(groups, v_dims).copy()
+    for group in np.nonzero(group_alive & ~v_grid.any(axis=1))[0]:
+        v_grid[group, 0] = True
+    ctx.require(v, v_grid.reshape(-1), "a kept value head keeps a value dim")
+    ctx.require(ctx.node, (alive.reshape(groups, rep, 1) & v_grid[:, None, :]).reshape(-1),
+                "a kept query head outputs its value head's dims")
+    mask = ctx.arg(3, "attn_mask")
+    if mask is not None:
+        ctx.require_all(mask)
