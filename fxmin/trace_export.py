@@ -202,6 +202,9 @@ def canonical_graph(program: torch.export.ExportedProgram) -> torch.fx.GraphModu
     _batch_norm_as_aten_batch_norm(graph)
     _slicing_as_indexing(graph)
     _drop_no_op_casts(graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default  # NOTE step 10
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _DROPPED and not node.users:
             graph.erase_node(node)
