@@ -125,6 +125,7 @@ def lift(graph_module: torch.fx.GraphModule, constants: Mapping[str, tuple], *,
     root = nn.Module()
     graph = torch.fx.Graph()
     env = {}
+    made = {}  # id(source tensor) -> the parameter/buffer made for it: tied weights stay one tensor
     for node in graph_module.graph.nodes:
         if node.op == "placeholder" and node.name in constants:
             qualified, tensor, is_parameter = constants[node.name]
@@ -135,9 +136,14 @@ def lift(graph_module: torch.fx.GraphModule, constants: Mapping[str, tuple], *,
                     owner.add_module(part, nn.Module())
                 owner = getattr(owner, part)
             if not hasattr(owner, leaf):
-                value = tensor.detach().clone()
+                value = made.get(id(tensor))
+                if value is None:
+                    value = tensor.detach().clone()
+                    if is_parameter:
+                        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    made[id(tensor)] = value
                 if is_parameter:
-                    owner.register_parameter(leaf, nn.Parameter(value, requires_grad=tensor.requires_grad))
+                    owner.register_parameter(leaf, value)
                 else:
                     owner.register_buffer(leaf, value)
             env[node] = graph.get_attr(qualified)
