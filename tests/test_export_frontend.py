@@ -323,3 +323,25 @@ def test_cli_frontend_writes_an_exported_program(tmp_path, capsys):
     code = main(["minimize", "tests.test_export_frontend:ShapeBranchFactory.build", "--example-input-shape", "4,6",
                  "--frontend", "fx"])
     assert code == 4 and "torch.fx could not trace" in capsys.readouterr().err
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_minimize_exported_masks_tied_weights_once():
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(4))
+    masks = {"embed.weight": dead_rows((10, 6), (2, 7)), "mix.weight": dead_rows((6, 6), (1,))}
+    smaller, result = fxmin.minimize_exported(torch.export.export(model, (ids,)), masks)
+    expected = masked_copy(model, masks)(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(result.reference(ids), expected)  # the one table masked for both readers
+        torch.testing.assert_close(smaller.module()(ids), expected)
