@@ -79,7 +79,7 @@ def time_pass(model, masks, example_inputs, repeat: int) -> dict:
     for _ in range(repeat):
         gc.collect()
         marks = [(time.perf_counter(), time.process_time())]
-        graph_module, _, inputs = prepare(model, masks, example_inputs)
+        graph_module, _, inputs, *_ = prepare(model, masks, example_inputs)
         marks.append((time.perf_counter(), time.process_time()))
         analysis = fxmin.analyze_graph(graph_module)
         marks.append((time.perf_counter(), time.process_time()))

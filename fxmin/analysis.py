@@ -361,13 +361,19 @@ def _missing_rule_error(missing, root) -> MissingRuleError:
         "fxmin never guesses what an op computes. Ways out:",
         "  - register a rule for it (a one-line family helper such as fxmin.register_pointwise(...),",
         "    fxmin.REGISTRY.alias(known_target, new_target), or a full fxmin.rule; see fxmin.rules.api), or",
-        f"  - pass barriers=[{first.target!r}] (or the node name {first.name!r}) to keep every channel around it.",
+        f"  - pass barriers=[{_target_text(first.target)}] (or the node name {first.name!r}) to keep every channel "
+        "around it.",
     ]
     if len(missing) > 1:
         others = ", ".join(f"'{n.name}'" for n in missing[1:6])
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         lines.append(f"Other nodes without a rule: {others}{more}.")
     return MissingRuleError("\n".join(lines), node_name=first.name)
+
+
+def _target_text(target) -> str:
+    """How to write ``target`` in Python: ``torch.ops.aten.embedding.default`` for an ATen op, else its repr."""
+    return f"torch.ops.{target}" if isinstance(target, torch._ops.OpOverload) else repr(target)
 
 
 def make_barrier_test(barriers, root):

@@ -9,7 +9,7 @@ Exit codes (stable; scripts may rely on them):
 2   usage or input error: bad arguments, unreadable/unsupported model or
     masks file, masks that do not fit, missing example input shape
 3   missing rule: an op fxmin has no rule for (pass ``--barrier NAME``)
-4   tracing failed (torch.fx could not trace the model)
+4   tracing failed (neither torch.fx nor torch.export could trace the model)
 5   any other fxmin error
 ==  =====================================================================
 
@@ -163,13 +163,16 @@ def cmd_minimize(args) -> int:
         if args.output:
             write_atomically(args.output, lambda path: torch.export.save(program, path))
     else:
-        result = fxmin.minimize(model, masks, inputs, **options)
-        if args.output:
+        result = fxmin.minimize(model, masks, inputs, frontend=args.frontend, **options)
+        if args.output and result.frontend == "export":
+            write_atomically(args.output, lambda path: torch.export.save(result.program, path))
+        elif args.output:
             write_atomically(args.output, lambda path: torch.save(result.module, path))
     report = result.report
     if args.format == "json":
         print(json.dumps({"params_before": report.params_before, "params_after": report.params_after,
                           "compression": report.compression, "max_error_float64": report.max_error,
+                          "frontend": result.frontend,
                           "output": args.output, "layers": [list(map(str, row)) for row in report.rows()]}))
     else:
         print(report.table())
@@ -283,13 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("minimize", help="write the minimized model and print what changed",
-                            description="Minimize MODEL under MASKS, verify, write OUT (torch.save'd GraphModule, "
-                                        "or an ExportedProgram .pt2 when MODEL is one).")
+                            description="Minimize MODEL under MASKS, verify, write OUT (a torch.save'd GraphModule "
+                                        "from the torch.fx front end, an ExportedProgram .pt2 from the torch.export "
+                                        "front end or when MODEL is one).")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     _common(p)
     p.add_argument("-o", "--output", metavar="OUT", help="where to write the minimized model")
     p.add_argument("--barrier", action="append", metavar="NAME", help="keep every channel around this module/node")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model becomes a graph: torch.fx, torch.export, or auto (torch.fx, and torch.export "
+                        "when torch.fx cannot trace the model; the default)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="report format on stdout")
     p.set_defaults(run=cmd_minimize)
 

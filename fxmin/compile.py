@@ -3,7 +3,7 @@
 NOTE [Lifted parameters]
 Dynamo (torch >= 2.x with inlined built-in modules) and ``torch.export`` hand over graphs whose
 parameters and buffers are *inputs* (placeholders), not ``get_attr`` nodes. fxmin can only
-shrink what it owns, so :func:`lift` turns each such placeholder back into a ``get_attr`` of a
+shrink what it owns, so :func:`fxmin.trace_export.lift` turns each such placeholder back into a ``get_attr`` of a
 module attribute with the parameter's qualified name (``layer1.0.conv1.weight``), which is
 also the name masks use. The values are frozen at compile time: the compiled function
 computes with the weights the model had then (inference, as with ``torch.compile`` freezing).
@@ -21,57 +21,13 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from .errors import FxminError, InputError
 from .minimize import MinimizeResult, minimize
+from .trace_export import STALE_META, calling_convention, canonical_graph, lift, split_inputs
 
 log = logging.getLogger(__name__)
-
-_STALE_META = ("example_value", "val", "tensor_meta", "grapharg", "unbacked_bindings")
-
-
-def lift(graph_module: torch.fx.GraphModule, constants: Mapping[str, tuple]) -> torch.fx.GraphModule:
-    """A GraphModule where each placeholder named in ``constants`` reads a module attribute instead.
-
-    ``constants`` maps placeholder name -> (qualified attribute name, tensor, is_parameter). The
-    tensors are detached copies held as parameters/buffers of nested modules, so
-    ``named_parameters()`` gives the qualified names. Other placeholders stay inputs, in order.
-    """
-    root = nn.Module()
-    graph = torch.fx.Graph()
-    env = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder" and node.name in constants:
-            qualified, tensor, is_parameter = constants[node.name]
-            owner = root
-            *path, leaf = qualified.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
-            if not hasattr(owner, leaf):
-                value = tensor.detach().clone()
-                if is_parameter:
-                    owner.register_parameter(leaf, nn.Parameter(value, requires_grad=tensor.requires_grad))
-                else:
-                    owner.register_buffer(leaf, value)
-            env[node] = graph.get_attr(qualified)
-            continue
-        new = graph.node_copy(node, env.__getitem__)
-        for key in _STALE_META:
-            new.meta.pop(key, None)
-        env[node] = new
-    # Placeholders must come first: move the new get_attr nodes after them.
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if placeholders:
-        anchor = placeholders[-1]
-        for node in [n for n in graph.nodes if n.op == "get_attr"]:
-            anchor.append(node)
-            anchor = node
-    graph.lint()
-    return torch.fx.GraphModule(root, graph, class_name=type(graph_module).__name__)
-
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)")
 
@@ -157,7 +113,7 @@ def backend(masks: Mapping | None = None, inner: str | Callable = "inductor", *,
         compile_graph.results.append(result)
         module = result.module
         for node in module.graph.nodes:
-            for key in _STALE_META:
+            for key in STALE_META:
                 node.meta.pop(key, None)
         compiled = inner_backend()(module, [example_inputs[i] for i in positions])
 
@@ -172,40 +128,15 @@ def backend(masks: Mapping | None = None, inner: str | Callable = "inductor", *,
 
 # -- torch.export --------------------------------------------------------------------------------------
 
-def _exported_constants(program) -> dict:
-    signature = program.graph_signature
-    state = program.state_dict
-    constants = {}
-    for spec in signature.input_specs:
-        kind = spec.kind.name
-        if kind in ("PARAMETER", "BUFFER"):
-            tensor = state[spec.target] if spec.target in state else program.constants[spec.target]
-            constants[spec.arg.name] = (spec.target, tensor, kind == "PARAMETER")
-        elif kind in ("CONSTANT_TENSOR",):
-            constants[spec.arg.name] = (spec.target, program.constants[spec.target], False)
-    return constants
-
-
-class _CallSpec(nn.Module):
-    """Calls the minimized graph with the flat inputs and gives outputs the exported program's structure."""
-
-    def __init__(self, graph_module, out_spec):
-        super().__init__()
-        self.graph_module = graph_module
-        self.out_spec = out_spec
-
-    def forward(self, *args, **kwargs):
-        flat, _ = tree_flatten((args, kwargs))
-        outputs = self.graph_module(*flat)
-        return tree_unflatten(list(outputs), self.out_spec)
-
-
 def minimize_exported(program, masks: Mapping | None = None, example_inputs=None, **options):
     """Minimize a ``torch.export.ExportedProgram``; returns ``(new ExportedProgram, MinimizeResult)``.
 
-    ``example_inputs`` default to the program's own (``program.example_inputs``). ``masks`` use the
-    program's state-dict names (``layer1.0.conv1.weight``). The graph must be ATen-level as
-    ``torch.export.export`` produces it; ops without a rule raise ``MissingRuleError`` as usual.
+    The program is brought to fxmin's canonical form (NOTE [Canonical export graph] in
+    :mod:`fxmin.trace_export`), minimized, and exported again with its calling convention.
+    ``example_inputs`` default to the program's own (``program.example_inputs``); give a tuple of
+    positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair otherwise. ``masks``
+    use the program's state-dict names (``layer1.0.conv1.weight``). Other ``options`` go to
+    :func:`fxmin.minimize`.
 
     >>> program = torch.export.export(net, (x,))  # doctest: +SKIP
     >>> smaller, result = fxmin.minimize_exported(program, masks)  # doctest: +SKIP
@@ -214,26 +145,18 @@ def minimize_exported(program, masks: Mapping | None = None, example_inputs=None
         example_inputs = getattr(program, "example_inputs", None)
         if example_inputs is None:
             raise InputError("this ExportedProgram holds no example inputs; pass example_inputs=(x, ...)")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = ((example_inputs,), {})
-    elif not (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict)):
-        example_inputs = (tuple(example_inputs), {})
-    flat_inputs, _ = tree_flatten(example_inputs)
-    constants = _exported_constants(program)
-    graph_module = program.graph_module
-    user = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name not in constants]
-    if len(user) != len(flat_inputs):
-        raise InputError(f"the exported program takes {len(user)} input(s), {len(flat_inputs)} example input(s) given")
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    full = []
-    flat = iter(flat_inputs)
-    for node in placeholders:
-        full.append(constants[node.name][1] if node.name in constants else next(flat))
-    result, _ = minimize_graph(graph_module, constants, masks, full, **options)
-    wrapper = _CallSpec(result.module, program.call_spec.out_spec)
-    args, kwargs = example_inputs
-    exported = torch.export.export(wrapper, tuple(args), kwargs)
-    return exported, result
+    if not (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict)):
+        example_inputs = split_inputs(example_inputs)
+    graph_module = canonical_graph(program)
+    convention = calling_convention(program, example_inputs)
+    leaves, _ = tree_flatten(example_inputs)
+    inputs = tuple(leaves[i] for i in convention.tensor_leaves)
+    user = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if len(user) != len(inputs):
+        raise InputError(f"the exported program takes {len(user)} tensor input(s), {len(inputs)} example input(s) given")
+    result = minimize(graph_module, masks, inputs, frontend="fx", **options)
+    result.frontend, result.convention, result.report.frontend = "export", convention, "export"
+    return result.program, result
 
 
 def export(result: MinimizeResult, example_inputs=None, **kwargs):

@@ -80,6 +80,8 @@ def _in_torch(frame_line: str, *subpackage: str) -> bool:
 def _target_name(target) -> str:
     if isinstance(target, str):
         return target
+    if type(target).__name__ in ("OpOverload", "OpOverloadPacket"):  # torch.export's ATen ops
+        return f"torch.ops.{target}"
     module = getattr(target, "__module__", None)
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
     return f"{module}.{name}" if module else name

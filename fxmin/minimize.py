@@ -2,26 +2,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 import torch.fx
 from torch import nn
 
 from .analysis import Analysis, analyze_graph
+from .errors import InputError, TraceError
 from .masks import masked_reference, model_device, to_device
 from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
 from .rewrite import rewrite
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
+from .trace_export import CallingConvention, export_trace, reexport
 from .verify import verify as verify_equivalence
+
+FRONTENDS = ("auto", "fx", "export")
 
 
 @dataclass
 class MinimizeResult:
     """``module``: the smaller GraphModule; ``report``: what changed and the errors measured;
-    ``plan``: what each parameter keeps and where constants were folded; ``analysis``: the facts."""
+    ``plan``: what each parameter keeps and where constants were folded; ``analysis``: the facts;
+    ``frontend``: the front end that made the graph (``"fx"`` or ``"export"``); ``program``: the
+    smaller model as a ``torch.export.ExportedProgram`` (exported on first use).
+
+    Through the export front end ``module`` takes the model's tensor inputs in call order (keyword
+    inputs by name) and returns its outputs as a flat tuple; ``program`` is called as the model was
+    (``program.module()(**inputs)``) and returns the model's output structure."""
 
     module: torch.fx.GraphModule
     report: Report
@@ -30,15 +40,64 @@ class MinimizeResult:
     reference: torch.fx.GraphModule
     masks: dict
     example_inputs: tuple
+    frontend: str = "fx"
+    convention: CallingConvention | None = None
+
+    @property
+    def program(self) -> torch.export.ExportedProgram:
+        if "_program" not in self.__dict__:
+            if self.convention is not None:
+                self._program = reexport(self.module, self.convention)
+            else:
+                self._program = torch.export.export(self.module, tuple(self.example_inputs))
+        return self._program
+
+
+class Prepared(NamedTuple):
+    graph_module: torch.fx.GraphModule
+    masks: dict
+    example_inputs: tuple
+    frontend: str
+    convention: CallingConvention | None
 
 
 def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
-            leaf_modules: Iterable = (), concrete_args=None):
-    """Masked reference copy, traced with shapes: ``(graph_module, masks applied, example inputs)``; all
-    three on the CPU, where the analysis reads parameter values (whatever device ``model`` is on)."""
+            leaf_modules: Iterable = (), concrete_args=None, frontend: str = "fx"):
+    """Masked reference copy, traced with shapes: :class:`Prepared` ``(graph_module, masks applied, example
+    inputs, front end that ran, calling convention or None)``; on the CPU, where the analysis reads parameter
+    values (whatever device ``model`` is on). ``frontend``: NOTE [Front ends]."""
+    if frontend not in FRONTENDS:
+        raise InputError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
+    fx_options = [name for name, value in (("tracer", tracer), ("leaf_modules", tuple(leaf_modules)),
+                                           ("concrete_args", concrete_args)) if value]
+    if frontend == "export" and fx_options:
+        raise InputError(f"{', '.join(fx_options)} are options of the torch.fx front end; frontend='export' "
+                         "takes none of them (use frontend='fx' or 'auto')")
     host = model_device(model).type != "cpu"
     reference, used_masks = masked_reference(model, masks, host=host)
-    graph_module = trace(reference, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph_module = None
+    if frontend in ("auto", "fx"):
+        try:
+            graph_module = trace(reference, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        except TraceError as error:
+            if frontend == "fx" or fx_options or isinstance(reference, torch.fx.GraphModule):
+                raise
+            fx_error = error
+    if graph_module is None:
+        inputs = example_inputs
+        if isinstance(inputs, Mapping):
+            inputs = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        elif inputs is not None:
+            inputs = to_device(inputs, "cpu")
+        try:
+            graph_module, example_inputs, convention = export_trace(reference.eval(), inputs)
+        except TraceError as error:
+            if frontend == "auto":
+                raise TraceError(f"neither front end could trace {type(model).__name__}.\n{fx_error}\n{error}") from error
+            raise
+        graph_module.eval()
+        propagate_shapes(graph_module, example_inputs)
+        return Prepared(graph_module, used_masks, example_inputs, "export", convention)
     graph_module.eval()
     if example_inputs is None:
         example_inputs = infer_example_inputs(graph_module)
@@ -46,20 +105,31 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
         example_inputs = arrange_inputs(graph_module, example_inputs)
     example_inputs = to_device(example_inputs, "cpu")  # a bare tensor becomes a 1-tuple
     propagate_shapes(graph_module, example_inputs)
-    return graph_module, used_masks, example_inputs
+    return Prepared(graph_module, used_masks, example_inputs, "fx", None)
+
+
+# NOTE [Front ends]
+# ``frontend="fx"`` traces with torch.fx (the model's own modules stay call_module nodes);
+# ``"export"`` goes through torch.export to the canonical ATen graph (NOTE [Canonical export graph]
+# in fxmin/trace_export.py); ``"auto"`` (the default) tries torch.fx and, when it cannot trace the
+# model (a TraceError: data-dependent Python control flow, Hugging Face 5.x models), exports it.
+# A model FX traces stays on FX: its graph keeps module calls, which the rules know best. FX options
+# (tracer, leaf_modules, concrete_args) mean FX: with them "auto" does not fall back.
 
 
 @pass_progress  # NOTE [Progress]: one bar per call, phases name themselves
-def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
-             leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (), verify: bool = True,
-             trials: int = 2, tolerances: dict | None = None, seed: int = 0,
+def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
+             tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
+             verify: bool = True, trials: int = 2, tolerances: dict | None = None, seed: int = 0,
              progress: bool | None = None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
     same shape; ``None`` reads ``torch.nn.utils.prune`` masks, else the exact zeros in the weights.
     ``barriers`` (module paths, node names, module types or functions) keep every channel around
-    those ops. ``verify`` checks the result in float64 and in the model's dtype on the example inputs and
+    those ops. ``frontend``: ``"auto"`` traces with torch.fx and exports with torch.export when FX
+    cannot trace the model, ``"fx"`` or ``"export"`` choose one (``result.frontend`` says which ran).
+    ``verify`` checks the result in float64 and in the model's dtype on the example inputs and
     ``trials`` random ones, each dtype held to its tolerance (``fxmin.verify.TOLERANCES``; ``tolerances``
     overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
@@ -73,8 +143,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     >>> result.module.get_submodule("0").out_features  # 3 units with no input fold into the next bias
     5
     """
-    graph_module, used_masks, example_inputs = prepare(model, masks, example_inputs, tracer=tracer,
-                                                       leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph_module, used_masks, example_inputs, frontend, convention = prepare(
+        model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,
+        frontend=frontend)
     analysis = analyze_graph(graph_module, barriers)
     plan = make_plan(analysis)
     module = rewrite(plan)
@@ -83,8 +154,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
         verification = verify_equivalence(graph_module, module, example_inputs, exact_result=rewrite(plan, torch.float64),
                                           plan=plan, trials=trials, seed=seed, tolerances=tolerances)
     report = build_report(plan, graph_module, module, verification)
+    report.frontend = frontend
     device = model_device(model)
     if device.type != "cpu":
         module, graph_module = module.to(device), graph_module.to(device)
         example_inputs = to_device(example_inputs, device)
-    return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs)
+    return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs, frontend, convention)

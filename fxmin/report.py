@@ -34,6 +34,7 @@ class Report:
     layers: list = field(default_factory=list)
     inputs: list = field(default_factory=list)  # (name, size before, size after)
     verification: object = None  # VerifyReport, or None when verify=False
+    frontend: str = "fx"  # the front end that made the graph: "fx" (torch.fx) or "export" (torch.export)
 
     @property
     def compression(self) -> float:
@@ -63,6 +64,7 @@ class Report:
         summary = [
             f"parameters: {self.params_before:,} -> {self.params_after:,} ({self.compression:.2f}x fewer; "
             f"{self.nonzero_before:,} nonzero before)",
+            f"front end: {'torch.export' if self.frontend == 'export' else 'torch.fx'}",
         ]
         if self.verification is not None:
             summary += self.verification.lines()

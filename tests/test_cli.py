@@ -117,7 +117,7 @@ def test_exported_program_file(tmp_path, capsys):
                          "-o", tmp_path / "small.pt2")
     assert code == 0, err
     program = torch.export.load(tmp_path / "small.pt2")
-    assert tuple(program.state_dict["graph_module.layer1.0.conv1.weight"].shape) == (13, 16, 3, 3)
+    assert tuple(program.state_dict["layer1.0.conv1.weight"].shape) == (13, 16, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), masked_copy(model, masks)(x), atol=1e-5, rtol=1e-5)
 

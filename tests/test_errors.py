@@ -230,7 +230,7 @@ def test_equivalence_error_from_a_wrong_rule_in_a_private_registry():
     registry.modules = dict(registry.modules)
     registry.register(fxmin.Rule("wrong sigmoid", _wrong_sigmoid_forward, None, None), modules=[nn.Sigmoid], override=True)
     assert fxmin.REGISTRY.modules[nn.Sigmoid].name != "wrong sigmoid"
-    graph_module, _, inputs = prepare(model, masks, (torch.randn(4, 6),))
+    graph_module, _, inputs, *_ = prepare(model, masks, (torch.randn(4, 6),))
     plan = make_plan(analyze_graph(graph_module, registry=registry))
     with pytest.raises(fxmin.EquivalenceError) as caught:
         fxmin.verify(graph_module, rewrite(plan), inputs, exact_result=rewrite(plan, torch.float64), plan=plan)

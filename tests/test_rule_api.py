@@ -23,7 +23,7 @@ def _identity_forward(ctx):
 
 def test_the_engine_runs_on_an_empty_registry_and_names_the_node_without_a_rule():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
-    graph_module, _, _ = prepare(model, None, (torch.randn(2, 3),))
+    graph_module, *_ = prepare(model, None, (torch.randn(2, 3),))
     with pytest.raises(fxmin.MissingRuleError) as caught:
         analyze_graph(graph_module, registry=Registry())
     assert caught.value.node_name == "_0"
@@ -78,7 +78,7 @@ def test_a_rule_registered_in_a_registry_of_its_own_runs_through_the_engine():
     registry = Registry()
     rule("identity", modules=(nn.Identity,), registry=registry)(_identity_forward)
     model = nn.Sequential(nn.Identity())
-    graph_module, _, _ = prepare(model, None, (torch.randn(2, 3),))
+    graph_module, *_ = prepare(model, None, (torch.randn(2, 3),))
     analysis = analyze_graph(graph_module, registry=registry)
     assert analysis.rules[analysis.node("_0")].name == "identity"
 

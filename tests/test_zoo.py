@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxmin.zoo as zoo
-from fxmin.rules.pointwise import in_place_call  # moving to fxmin.rules.kit
+from fxmin.rules.kit import in_place_call
 
 
 def count(model: nn.Module) -> int:

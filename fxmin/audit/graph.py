@@ -310,7 +310,7 @@ def dependency_graph(model: torch.nn.Module, masks: Mapping | None = None, examp
     """
     from ..minimize import prepare
 
-    graph_module, used_masks, example_inputs = prepare(model, masks, example_inputs, tracer=tracer,
-                                                       leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph_module, used_masks, example_inputs, *_ = prepare(model, masks, example_inputs, tracer=tracer,
+                                                           leaf_modules=leaf_modules, concrete_args=concrete_args)
     analysis = analyze_graph(graph_module, barriers)
     return DependencyGraph(analysis, make_plan(analysis), used_masks, example_inputs)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import grouped_sdpa_backward, grouped_sdpa_forward, opaque_backward, opaque_forward
 
 
@@ -60,7 +60,7 @@ def _softmax_forward(ctx):
 def _sums_to_one(node, root) -> bool:
     if node.op == "call_module":
         return isinstance(root.get_submodule(node.target), nn.Softmax)
-    return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax")
+    return node.target not in (F.log_softmax, torch.log_softmax, "log_softmax", torch.ops.aten.log_softmax.int)
 
 
 rule("softmax", doc=(
@@ -352,3 +352,13 @@ rule("scaled_dot_product_attention", doc=(
          ),
      functions=(F.scaled_dot_product_attention,), backward=_sdpa_backward,
      plan=_sdpa_plan, reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_sdpa_macs)(_sdpa_forward)
+
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py);
+# ``enable_gqa`` makes the attention rule keep every head (grouped-query attention is not followed)
+_aten = torch.ops.aten
+REGISTRY.alias(torch.softmax, _aten.softmax.int)
+REGISTRY.alias(torch.matmul, _aten.matmul.default)
+REGISTRY.alias(F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default)
+REGISTRY.alias(torch.where, _aten.where.self, _aten.where.ScalarOther, _aten.where.ScalarSelf, _aten.where.Scalar)
+REGISTRY.alias(torch.masked_fill, _aten.masked_fill.Scalar, _aten.masked_fill.Tensor)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import opaque_backward
 
 
@@ -47,6 +48,42 @@ rule("embedding", doc=(
      edits_module=True)(_embedding_forward)
 
 
+def _table_node(ctx):
+    """``aten.embedding(weight, indices, ...)``'s table when it is a model attribute read by this node alone
+    (NOTE [Functional weights] in functional.py), else None."""
+    weight = ctx.arg(0, "weight")
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and set(weight.users) == {ctx.node}:
+        return weight
+    return None
+
+
+def _functional_embedding_forward(ctx):
+    """As the ``nn.Embedding`` rule, on ``aten.embedding(weight, indices, padding_idx, ...)`` (the table
+    first): exact when the table is a model attribute read only here; else every column is kept."""
+    table, shape = _table_node(ctx), ctx.shape()
+    if table is None or shape is None:
+        return ValueFact.untracked(), None
+    weight = ctx.attr_value(table)
+    column_const = (weight == weight[:1]).all(dim=0).numpy()
+    fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].numpy())
+    return fact, ctx.fresh(fact.size)
+
+
+def _functional_embedding_plan(ctx):
+    kept, table = ctx.kept(), _table_node(ctx)
+    if kept is None or table is None or len(kept) == ctx.attr_value(table).shape[1]:
+        return
+    ctx.replace_attr(table, ctx.attr_value(table)[:, torch.from_numpy(kept)].clone())
+
+
+rule("functional embedding", doc=(
+         'As `nn.Embedding`, when the table is a model attribute read only by this op.',
+         'Columns of the table.',
+         'Every column when the table is computed or read elsewhere too (a tied unembedding).',
+         ),
+     functions=(torch.ops.aten.embedding.default,), plan=_functional_embedding_plan)(_functional_embedding_forward)
+
+
 def _creation_forward(ctx):
     """Exact: a tensor made from sizes alone (``arange``, ``zeros``...) carries no channel."""
     return (ValueFact.untracked() if ctx.shape() is not None else None), None
@@ -66,3 +103,20 @@ rule("creation", doc=(
                             torch.triu, torch.eye, torch.linspace),
      methods=("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "tril", "triu"),
      backward=_creation_backward)(_creation_forward)
+
+
+# ATen keys of the creation rule (they read sizes only); most of these fold to constants in the
+# canonical export graph (NOTE [Canonical export graph])
+_aten = torch.ops.aten
+REGISTRY.alias(torch.arange, _aten.arange.default, _aten.arange.start, _aten.arange.start_step)
+REGISTRY.alias(torch.zeros, _aten.zeros.default)
+REGISTRY.alias(torch.ones, _aten.ones.default)
+REGISTRY.alias(torch.full, _aten.full.default)
+REGISTRY.alias(torch.zeros_like, _aten.zeros_like.default)
+REGISTRY.alias(torch.ones_like, _aten.ones_like.default)
+REGISTRY.alias(torch.full_like, _aten.full_like.default)
+REGISTRY.alias(torch.empty_like, _aten.empty_like.default)
+REGISTRY.alias("new_ones", _aten.new_ones.default)
+REGISTRY.alias("new_zeros", _aten.new_zeros.default)
+REGISTRY.alias("new_full", _aten.new_full.default)
+REGISTRY.alias("new_empty", _aten.new_empty.default)

@@ -203,6 +203,7 @@ register_pointwise(functions=(
     aten.hardsigmoid.default, aten.elu.default, aten.leaky_relu.default, aten.clone.default, aten.exp.default,
     aten.abs.default, aten.neg.default,
 ))
+REGISTRY.alias(aten.clone.default, aten.alias.default, aten.detach.default)  # the identity, as clone
 
 
 def _aten_dropout_forward(ctx):

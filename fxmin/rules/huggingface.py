@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.fx
 
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import (check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights, opaque_backward,
                   opaque_forward, pointwise_forward, register_pointwise)
 
@@ -47,7 +47,7 @@ rule("comparison", doc=(
          'On tensors the result is opaque: every input channel kept.',
          ),
      functions=(operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge,
-                              torch.le, torch.eq, torch.ne, operator.not_, operator.invert),
+                              torch.le, torch.eq, torch.ne, operator.not_, operator.invert, operator.and_, operator.or_),
      methods=("gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__"),
      backward=opaque_backward)(_no_channels_forward)
 
@@ -221,3 +221,16 @@ def register_conv1d() -> bool:
 
 if "transformers" in sys.modules:
     register_conv1d()
+
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)
+_aten = torch.ops.aten
+for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
+    REGISTRY.alias(getattr(torch, _name), getattr(_aten, _name).Tensor, getattr(_aten, _name).Scalar)
+REGISTRY.alias(operator.and_, _aten.__and__.Tensor, _aten.bitwise_and.Tensor, _aten.logical_and.default)
+REGISTRY.alias(operator.or_, _aten.__or__.Tensor, _aten.bitwise_or.Tensor, _aten.logical_or.default)
+REGISTRY.alias(operator.invert, _aten.bitwise_not.default, _aten.logical_not.default)
+REGISTRY.alias(torch.pow, _aten.pow.Tensor_Scalar)
+REGISTRY.alias(torch.addmm, _aten.addmm.default)
+REGISTRY.alias("to", _aten._to_copy.default)  # keyword dtype/device: computed on the constants
+REGISTRY.alias("type_as", _aten.type_as.default)

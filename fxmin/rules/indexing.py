@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from ..facts import TupleFact, ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import index_new_axes_forward, opaque_backward, opaque_forward
 
 
@@ -125,7 +125,8 @@ def _reduce_spec(ctx):
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     if not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
         return None
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    target = ctx.node.target
+    name = target if isinstance(target, str) else getattr(target, "overloadpacket", target).__name__
     return x, fact, shape, {d % len(shape) for d in dims}, keepdim, name
 
 
@@ -248,6 +249,51 @@ rule("index_select", doc=(
      functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
      backward_untracked=True,
      plan=_index_select_plan)(_index_select_forward)
+
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)
+_aten = torch.ops.aten
+REGISTRY.alias(torch.sum, _aten.sum.dim_IntList)
+REGISTRY.alias(torch.amax, _aten.amax.default)
+REGISTRY.alias(torch.amin, _aten.amin.default)
+REGISTRY.alias(torch.index_select, _aten.index_select.default)
+
+
+# -- advanced indexing on the leading axes (torch.export's ``x[rows, tokens]``) ------------------------------------
+
+def _advanced_index_forward(ctx):
+    """Exact: ``aten.index.Tensor(x, [i0, ..., ik])`` with index tensors on leading axes before the
+    channel axis picks whole rows: the channel axis keeps its channels, at its place after the
+    broadcast index axes. An index on the channel axis (or a skipped axis) keeps every channel."""
+    x, indices = ctx.arg(0, "self"), ctx.arg(1, "indices")
+    fact, shape, out = ctx.fact(x), ctx.shape(x), ctx.shape()
+    if fact is None or not fact.tracked or not fact.simple or shape is None or out is None \
+            or not isinstance(indices, (list, tuple)) or any(i is None for i in indices) or fact.axis < len(indices):
+        return opaque_forward(ctx)
+    return fact.moved(len(out) - (len(shape) - fact.axis)), ctx.units(x)
+
+
+rule("advanced index", doc=(
+         '`aten.index.Tensor` with index tensors on leading axes before the channel axis (a pooled token).',
+         'Nothing itself: channels pass through.',
+         'Every channel when the channel axis (or an axis before it) is indexed or skipped.',
+         ),
+     functions=(torch.ops.aten.index.Tensor,))(_advanced_index_forward)
+
+
+def _argmax_forward(ctx):
+    """Exact: indices carry no channel; every channel of the input is kept."""
+    return opaque_forward(ctx)
+
+
+rule("argmax", doc=(
+         'Always: `argmax`/`argmin` give indices, which carry no channel.',
+         '—',
+         'Every channel of the input.',
+         ),
+     functions=(torch.argmax, torch.argmin, torch.ops.aten.argmax.default, torch.ops.aten.argmin.default),
+     methods=("argmax", "argmin"), backward=opaque_backward)(_argmax_forward)
+
 
 
 # -- narrow along another axis (a rotary table cut to the sequence length) ---------------------------------------

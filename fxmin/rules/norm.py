@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import opaque_backward
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -136,7 +136,7 @@ def _functional_norm(ctx, shape):
     from ..compensated.layer_norm import CompensatedLayerNorm
 
     target = ctx.node.target
-    if target is F.group_norm:
+    if target in (F.group_norm, torch.ops.aten.group_norm.default):
         groups, weight_node, bias_node, eps = ctx.arg(1, "num_groups"), ctx.arg(2, "weight"), ctx.arg(3, "bias"), ctx.arg(4, "eps", 1e-5)
         if groups != 1:
             return None
@@ -353,7 +353,7 @@ def _norm_input_axis(node, root) -> int:
     if node.op == "call_module":
         module = root.get_submodule(node.target)
         return 1 if isinstance(module, nn.GroupNorm) or getattr(module, "kind", None) == "group" else -1
-    return 1 if node.target is F.group_norm else -1
+    return 1 if node.target in (F.group_norm, torch.ops.aten.group_norm.default) else -1
 
 
 def _cln_type():
@@ -375,3 +375,11 @@ rule("layer_norm", doc=(
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
      backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis,
      heads_aware=True)(_norm_forward)
+
+
+# ATen keys of the functional norms, with the signatures of F.layer_norm / F.group_norm / F.rms_norm
+# (NOTE [ATen aliases] in functional.py)
+_aten = torch.ops.aten
+REGISTRY.alias(F.layer_norm, _aten.layer_norm.default)
+REGISTRY.alias(F.group_norm, _aten.group_norm.default)
+REGISTRY.alias(F.rms_norm, _aten.rms_norm.default)

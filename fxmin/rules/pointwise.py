@@ -14,9 +14,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FxminError, describe_node
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import (BINARY_OPS, check_in_place, in_place_call, mutates, opaque_forward, pointwise_forward,  # noqa: F401
                   register_pointwise)
 
@@ -321,3 +320,9 @@ rule("pooling", doc=(
 
 # trigonometric functions (sin/cos positional encodings: EdgeNeXt, DETR-style models)
 register_pointwise(functions=(torch.sin, torch.cos), methods=("sin", "cos"))
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)
+_aten = torch.ops.aten
+REGISTRY.alias(torch.rsqrt, _aten.rsqrt.default)
+REGISTRY.alias(torch.sqrt, _aten.sqrt.default)
+REGISTRY.alias(torch.erf, _aten.erf.default)

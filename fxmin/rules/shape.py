@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, opaque_forward,
                   product_closure, uniform_digits, view_entries)
 
@@ -298,3 +298,7 @@ rule("view/reshape", doc=(
          ),
      functions=(torch.reshape,), methods=("view", "reshape"),
      backward=_view_backward, plan=_view_plan, heads_aware=True, constant_view=_view_constant_view)(_view_forward)
+
+
+# ``_unsafe_view`` is ``view`` without the aliasing guarantee: the same values and sizes
+REGISTRY.alias(torch.reshape, torch.ops.aten._unsafe_view.default)

@@ -17,7 +17,7 @@ import torch.fx
 
 from ..facts import TupleFact, ValueFact
 from ..graph_helpers import tensor_shape
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import expand_heads_backward, expand_heads_forward, expand_heads_plan, opaque_forward
 
 
@@ -117,7 +117,7 @@ def _split_spec(ctx):
     shape = ctx.shape(x)
     if shape is None:
         return None
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "overloadpacket", node.target).__name__
     if name == "unbind":
         dim = ctx.arg(1, "dim", 0) % len(shape)
         return [1] * shape[dim], dim, name
@@ -237,6 +237,9 @@ def _split_plan(ctx):
             return  # equal pieces: chunk(n) still cuts them right
         ctx.patch((x, kept, dim), {}, op="call_function", target=torch.split)
         return
+    if isinstance(ctx.node.target, torch._ops.OpOverload):  # aten.split.Tensor takes one size: sizes go to its twin
+        ctx.patch((x, kept, dim), {}, target=torch.ops.aten.split_with_sizes.default)
+        return
     args = list(ctx.node.args)
     if len(args) > 1:
         args[1] = kept
@@ -302,7 +305,7 @@ def _transpose_forward(ctx):
     fact, shape = _tracked(ctx, x), ctx.shape(x)
     if fact is None:
         return opaque_forward(ctx)
-    if ctx.node.target in ("t", torch.t):
+    if ctx.node.target in ("t", torch.t, torch.ops.aten.t.default):
         a, b = 0, len(shape) - 1
     else:
         a, b = ctx.arg(1, "dim0") % len(shape), ctx.arg(2, "dim1") % len(shape)
@@ -428,7 +431,8 @@ def _expand_plan(ctx):
     sizes = _dims(ctx, 1)
     if fact.axis < len(sizes) and sizes[fact.axis] != -1:
         sizes[fact.axis] = int(len(kept))
-        ctx.patch((ctx.node.args[0], *sizes), {})
+        as_list = isinstance(ctx.node.args[1], (list, tuple)) and len(ctx.node.args) == 2  # aten.expand(x, [sizes])
+        ctx.patch((ctx.node.args[0], list(sizes)) if as_list else (ctx.node.args[0], *sizes), {})
 
 
 rule("expand", doc=(
@@ -441,3 +445,17 @@ rule("expand", doc=(
          ),
      methods=("expand",), backward=_expand_backward, plan=_expand_plan, reads_input_presence=True,
      heads_aware=True, constant_view=_expand_constant_view)(_expand_forward)
+
+
+# ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py);
+# ``aten.expand`` takes its sizes as one list (the plan patches the list)
+_aten = torch.ops.aten
+REGISTRY.alias(torch.permute, _aten.permute.default)
+REGISTRY.alias(torch.transpose, _aten.transpose.int)
+REGISTRY.alias(torch.t, _aten.t.default)
+REGISTRY.alias(torch.unsqueeze, _aten.unsqueeze.default)
+REGISTRY.alias(torch.squeeze, _aten.squeeze.default, _aten.squeeze.dim, _aten.squeeze.dims)
+REGISTRY.alias(torch.split, _aten.split.Tensor, _aten.split_with_sizes.default)
+REGISTRY.alias(torch.chunk, _aten.chunk.default)
+REGISTRY.alias(torch.unbind, _aten.unbind.int)
+REGISTRY.alias("expand", _aten.expand.default)

@@ -170,7 +170,8 @@ def expand_heads_plan(ctx):
     for axis, size in zip(fact.axes, new_radix(kept, fact.radix)):
         if sizes[axis] != -1:
             sizes[axis] = int(size)
-    ctx.patch((ctx.node.args[0], *sizes), {})
+    as_list = isinstance(ctx.node.args[1], (list, tuple)) and len(ctx.node.args) == 2  # aten.expand(x, [sizes])
+    ctx.patch((ctx.node.args[0], list(sizes)) if as_list else (ctx.node.args[0], *sizes), {})
 
 
 # -- SDPA with enable_gqa (the attention rule reads the inputs) -------------------------------------------------------
