@@ -67,7 +67,7 @@ def build_masks() -> dict:
 
 def main() -> fxmin.MinimizeResult:
     model, masks = build_model(), build_masks()
-    audit = fxmin.analyze(model, masks, (torch.randn(1, 3, 32, 32),))
+    audit = fxmin.dependency_graph(model, masks, (torch.randn(1, 3, 32, 32),))
     print(audit.table())
     print()
     for channel in range(6):

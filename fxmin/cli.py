@@ -188,7 +188,7 @@ def cmd_audit(args) -> int:
     if kind == "exported":
         raise CliError("audit takes a torch.save'd module or package.module:factory; "
                        "for an ExportedProgram use fxmin.minimize_exported(...).analysis in Python")
-    audit = fxmin.analyze(model, load_masks(args.masks), example_inputs(args.example_input_shape), **_options(args))
+    audit = fxmin.dependency_graph(model, load_masks(args.masks), example_inputs(args.example_input_shape), **_options(args))
     if args.explain:
         for item in args.explain:
             name, _, channel = item.rpartition(":")

@@ -259,7 +259,7 @@ def test_squeeze_release_goes_on_with_a_constant_in_the_model_and_resumes_from_i
 def test_the_audit_says_a_dropped_layer_leaves_whole_and_which_sum_reads_the_constant():
     net = _net()
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
-    audit = fxmin.analyze(net, _emptied(net, [0, 1]), example_inputs=(x,))
+    audit = fxmin.dependency_graph(net, _emptied(net, [0, 1]), example_inputs=(x,))
     text = audit.explain("blocks.1.fc2.weight", 3)
     assert text.startswith("removed: ") and "leaves the model whole" in text and "Constant operands" in text
     assert sorted(audit.plan.operands) == ["add", "add_1"]

@@ -17,7 +17,7 @@ INPUT = (torch.randn(1, 3, 16, 16),)
 
 @pytest.fixture(scope="module")
 def audit():
-    return fxmin.analyze(build_model(), build_masks(), INPUT)
+    return fxmin.dependency_graph(build_model(), build_masks(), INPUT)
 
 
 def test_groups_are_coupled_axes(audit):
@@ -43,7 +43,7 @@ def test_edges_are_read_write_dependencies(audit):
 
 def test_sizes_agree_with_minimize():
     model, masks = build_model(), build_masks()
-    audit = fxmin.analyze(model, masks, INPUT)
+    audit = fxmin.dependency_graph(model, masks, INPUT)
     result = fxmin.minimize(model, masks, INPUT)
     assert result.module.get_submodule("layer1.0.conv1").out_channels == audit.graph.nodes["layer1.0.conv1"]["kept"] == 13
     rows = {row["layer"]: row for row in audit.layer_rows()}
@@ -73,7 +73,7 @@ def test_explain_unneeded_channel():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[:, 3] = False  # nobody reads hidden unit 3
-    audit = fxmin.analyze(net, {"2.weight": mask})
+    audit = fxmin.dependency_graph(net, {"2.weight": mask})
     text = audit.explain("0.weight", 3)
     assert text.startswith("removed:") and "no surviving computation reads it" in text
     assert audit.explain("0.weight", 2).startswith("kept:")
@@ -101,3 +101,7 @@ def test_table(audit):
     text = audit.table()
     assert "layer1.0.conv1" in text and "16x16x3x3" in text and "13x16x3x3" in text
     assert "nonzero constant into zero-padded conv layer1.0.conv2 (3)" in text
+
+
+def test_the_audit_keeps_its_0_1_0_name():
+    assert fxmin.analyze is fxmin.dependency_graph
