@@ -28,7 +28,6 @@ from helpers import masked_copy
 #: error text of a known bug -> the reproducer test that pins it
 KNOWN_BUGS = {
     "Tried to erase Node": "test_constant_operand_read_twice",
-    "Expected more than 1 value per channel": "test_group_norm_of_one_constant_channel",
 }
 
 
@@ -160,11 +159,9 @@ def test_constant_branch_read_only_by_an_unused_shape_leaves():
     assert result.report.params_after <= result.report.params_before
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "rules/norm.py _norm_forward computes the outputs of a norm whose inputs are all constant by running "
-    "the CLN on one sample shaped (1, C, 1, 1); for GroupNorm(1, 1) that is one value per group, which "
-    "F.group_norm refuses ('Expected more than 1 value per channel when training'), a raw ValueError"))
 def test_group_norm_of_one_constant_channel():
+    """Found by the fuzzer: the constant output of a norm of constant inputs was computed on one value
+    per channel, which F.group_norm refuses for GroupNorm(1, 1)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.GroupNorm(1, 1), nn.Conv2d(1, 2, 1))
     masks = {"0.weight": torch.zeros(1, 1, 1, 1)}

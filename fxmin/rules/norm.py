@@ -181,8 +181,10 @@ def _norm_forward(ctx):
     value = np.where(const, bias, 0.0)
     if fact is not None and fact.tracked and fact.axis == axis and fact.const.all() and len(shape) >= 1:
         with torch.no_grad():  # every input is constant: so is every output
-            sample = torch.tensor(fact.value).reshape((1, -1) + ((1,) * (len(shape) - 2) if norm.kind == "group" else ()))
-            value = norm(sample).reshape(-1).numpy()
+            sample = torch.tensor(fact.value).reshape(1, -1)
+            if norm.kind == "group":  # two equal positions per channel: the statistics of the channels alone,
+                sample = sample[..., None].expand(1, outputs, 2)  # and GroupNorm accepts a single channel
+            value = norm(sample)[..., 0].reshape(-1).numpy() if norm.kind == "group" else norm(sample).reshape(-1).numpy()
         const = np.ones(outputs, bool)
     return ValueFact.constants(axis, const, value), ctx.fresh(outputs)
 
