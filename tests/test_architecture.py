@@ -1,6 +1,6 @@
 """The layers of the package, checked on the source (function-level imports included).
 
-- base (errors, facts, units, graph_helpers, edits, progress) imports nothing of fxmin but each other;
+- base (errors, facts, units, graph_helpers, edits, progress, shards) imports nothing of fxmin but each other;
 - the rule API (fxmin.rules.api and its contexts) imports the base only;
 - the kit (fxmin.rules.kit) imports the API and the base;
 - rule modules import the API, the kit and the base, and fxmin.compensated where a rule installs
@@ -8,9 +8,11 @@
 - the engine (analysis, plan, rewrite, verify, minimize, trace, trace_export, masks, report) imports the API, never
   a rule module or the kit;
 - compensated imports the base only;
+- zoo (the models fxmin is tested on) imports nothing of fxmin but itself: plain PyTorch models;
 - cycle, audit, compile and cli use the public API: the ``fxmin`` package, the engine's public
   modules, compensated and each other; nothing of fxmin.rules;
-- no import cycles between fxmin modules.
+- no import cycles between fxmin modules; every module belongs to one of these layers (or is the
+  package's face: ``fxmin``, ``fxmin.__main__``, ``fxmin.legacy_modules``).
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import networkx as nx
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fxmin"
-BASE = {"fxmin.errors", "fxmin.facts", "fxmin.units", "fxmin.graph_helpers", "fxmin.edits", "fxmin.progress"}
+BASE = {"fxmin.errors", "fxmin.facts", "fxmin.units", "fxmin.graph_helpers", "fxmin.edits", "fxmin.progress",
+        "fxmin.shards"}
 API = {"fxmin.rules.api", "fxmin.rules.contexts"}
 ENGINE = {f"fxmin.{name}" for name in ("analysis", "plan", "rewrite", "verify", "minimize", "trace", "trace_export", "masks",
                                        "report")}
 INTEGRATIONS = ("fxmin.cycle", "fxmin.audit", "fxmin.compile", "fxmin.cli")
+FACE = {"fxmin", "fxmin.__main__", "fxmin.legacy_modules"}
 
 
 def _modules() -> dict[str, Path]:
@@ -112,6 +116,16 @@ def test_integrations_use_the_public_api_only():
     names = [n for n in MODULES if _within(n, INTEGRATIONS)]
     allowed = lambda t: t == "fxmin" or t in BASE | ENGINE or _within(t, ("fxmin.compensated",) + INTEGRATIONS)  # noqa: E731
     assert _check(names, allowed) == []
+
+
+def test_zoo_models_are_plain_pytorch():
+    zoo = [n for n in MODULES if _within(n, ["fxmin.zoo"])]
+    assert zoo and _check(zoo, lambda t: _within(t, ["fxmin.zoo"])) == []
+
+
+def test_every_module_belongs_to_a_layer():
+    layered = lambda n: n in BASE | API | ENGINE | FACE or _within(n, ("fxmin.rules", "fxmin.compensated", "fxmin.zoo") + INTEGRATIONS)  # noqa: E731
+    assert [name for name in MODULES if not layered(name)] == []
 
 
 def test_no_import_cycles():
