@@ -85,6 +85,8 @@ def _minimize(frontend: str):
             if "torch.export could not export" in str(error):  # FX could not trace it either, under "auto"
                 raise NotExportable(_first_line(error)) from error
             raise
+        if result.frontend == "export":  # called as the model was (docs/export.md: "Inputs and outputs")
+            return result.program.module(), "export"
         return result.module, result.frontend
     return run
 
@@ -114,13 +116,14 @@ def plant(model: nn.Module, seed: int = SEED) -> dict[str, torch.Tensor]:
     """Masks with planted dead structure, and trained-like 1-D state, for ``model`` (changed in place).
 
     Every parameter of >= 2 dims gets a random mask keeping half its entries; the weights of Linear
-    and conv layers also lose about one output row in eight and one input column in eight, whole. Every
+    and conv layers (and Hugging Face's Conv1D) also lose about one output row in eight and one input column in eight, whole. Every
     1-D parameter moves by 0.1 N(0, 1) and BatchNorm statistics are perturbed, so that dead channels fold
     nonzero constants. Seeded: the same model and seed give the same masks.
     """
     generator = torch.Generator().manual_seed(seed)
     weighted = {f"{path}.weight" if path else "weight" for path, module in model.named_modules()
-                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}
+                if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+                or type(module).__name__ == "Conv1D"}  # Hugging Face GPT-2's transposed Linear
     masks = {}
     with torch.no_grad():
         for name, parameter in model.named_parameters():
