@@ -43,7 +43,7 @@ def summary(rows: list[dict]) -> str:
         attempted = sum(counts.values()) - sum(counts[o] for o in NOT_ATTEMPTED)
         share = f"{100 * counts['exact-shrunk'] / attempted:.0f} %" if attempted else "-"
         table.append([catalogue, frontend, sum(counts.values())] + [counts[o] or "" for o in OUTCOMES] + [share])
-    return tabulate(table, ["catalogue", "front end", "models", *OUTCOMES, "exact-shrunk of exportable"],
+    return tabulate(table, ["catalogue", "front end", "models", *OUTCOMES, "exact-shrunk of attempted"],
                     tablefmt="github")
 
 
