@@ -153,6 +153,31 @@ def test_cnn_with_in_place_ops_is_exact_and_counted_by_hand():
     assert assert_equivalent(masked_copy(model, masks), result.module, (IMAGES,)) <= 1e-6
 
 
+class PadThenStack(nn.Module):
+    """``F.pad`` and ``torch.stack``, which the export front end keeps as ``aten.pad`` and ``aten.stack``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        y = F.pad(self.a(x), (1, 1, 1, 1))
+        return self.b(torch.stack([y, 2 * y], 1).sum(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pad_and_stack_keep_channels_through_both_front_ends(frontend):
+    torch.manual_seed(0)
+    model = PadThenStack().double().eval()
+    masks = {"b.weight": torch.ones(8, 8, 3, 3, dtype=torch.bool)}
+    masks["b.weight"][:, :3] = False  # b reads 5 of a's channels: a keeps 5 filters
+    images = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    result = fxmin.minimize(model, masks, (images,), frontend=frontend)
+    assert result.frontend == frontend
+    assert fxmin.count_parameters(result.module) == (5 * 27 + 5) + (8 * 5 * 9 + 8)
+    assert assert_equivalent(masked_copy(model, masks), result.module, (images,)) <= 1e-12
+
+
 @pytest.mark.parametrize("name", ["efficientnet_block", "densenet_block"])
 def test_zoo_blocks_shrink_alike_through_both_front_ends(name):
     """Squeeze-excitation gating, depthwise convs, SiLU, concatenation: every third filter of every conv zeroed."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import opaque_forward
 
 
@@ -173,3 +173,4 @@ rule("scan", doc=(
          'Every channel for a scan along the channel axis; other constants vary along the scan.',
          ),
      functions=(torch.cumsum, torch.cumprod), methods=("cumsum", "cumprod"), heads_aware=True)(_scan_forward)
+REGISTRY.alias(F.pad, torch.ops.aten.pad.default)  # the export front end keeps F.pad whole (same arguments)

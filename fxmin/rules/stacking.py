@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from ..facts import ValueFact
-from .api import rule
+from .api import REGISTRY, rule
 from .kit import opaque_forward
 
 
@@ -52,3 +52,4 @@ rule("stack", doc=(
          'Every channel when an input\'s channel axis cannot be followed or is split into heads.',
          ),
      functions=(torch.stack,))(_stack_forward)
+REGISTRY.alias(torch.stack, torch.ops.aten.stack.default)
