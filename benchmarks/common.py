@@ -22,7 +22,7 @@ import fxmin
 from benchmarks.markdown import replace_section
 from benchmarks.pass_speed import machine, section  # one definition of the doc format
 from fxmin import zoo
-from tests import helpers  # the one maker of random masks
+from fxmin.zoo import random_masks as draw_random_masks  # the one maker of random masks
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -105,8 +105,8 @@ def weight_names(model: nn.Module, exclude: tuple = ()) -> dict:
 
 
 def random_masks(model: nn.Module, sparsity: float, seed: int = 0) -> dict:
-    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity`` (tests/helpers.py draws them)."""
-    return helpers.random_masks(model, sparsity, seed, names=weight_names(model))
+    """Unstructured: keep each Linear/Conv weight with probability ``1 - sparsity`` (``fxmin.zoo.random_masks``)."""
+    return draw_random_masks(model, sparsity, seed, names=weight_names(model))
 
 
 def planted_masks(model: nn.Module, fraction: float, exclude: tuple = (), seed: int = 0) -> dict:

@@ -1,7 +1,7 @@
 """Per-family numbers for docs/families.md: parameters before/after and measured max error.
 
 For every model family of issue 3 it minimizes (a) the planted masks of
-``tests/test_families.py`` (dead heads, dead hidden units, dead stream/concat channels, constant
+``fxmin.zoo.planted`` (dead heads, dead hidden units, dead stream/concat channels, constant
 channels with nonzero bias; the expected count there is made by hand) and (b) a random 50-90 %
 unstructured mask, and reads the errors fxmin's own verification measured (float64 and float32,
 max absolute error over the example and two random input sets, relative to max(1, |output|)
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,34 +24,33 @@ import torch
 from tabulate import tabulate
 
 import fxmin
+from fxmin.zoo import MODELS, densenet, efficientnet, efficientnet_block, images, random_masks, resnet18, resnet50
+from fxmin.zoo import planted
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import test_families as families  # noqa: E402  (the planted masks and hand counts live with the tests)
-from fxmin.zoo import MODELS, densenet, efficientnet, efficientnet_block, resnet18, resnet50  # noqa: E402
 
 #: family -> (title, planted builder, random-mask builder of (model, inputs)), in page order.
 FAMILIES = {
-    "resnet18": ("ResNet-18 (width 8, 32x32)", families.planted_resnet18,
-                 lambda: (resnet18(num_classes=10, width=8), families.images())),
-    "resnet50": ("ResNet-50 (width 8, 32x32)", families.planted_resnet50,
-                 lambda: (resnet50(num_classes=10, width=8), families.images())),
-    "densenet": ("DenseNet (growth 12, blocks 2-2-2)", families.planted_densenet,
-                 lambda: (densenet(), families.images())),
-    "mobilenet_v2": ("MobileNetV2 (3 stages)", families.planted_mobilenet_v2,
-                     lambda: (families.small_mobilenet(), families.images())),
-    "efficientnet_block": ("EfficientNet MBConv block (SE, SiLU)", families.planted_efficientnet_block,
-                           lambda: (efficientnet_block(16, 16), families.images(16, 8))),
-    "efficientnet": ("EfficientNet (3 stages)", families.planted_efficientnet,
-                     lambda: (efficientnet(), families.images())),
-    "convnext": ("ConvNeXt-Tiny layout (widths 16-32-48-64, depths 1-1-2-1)", families.planted_convnext,
-                 lambda: (families.small_convnext(), families.images())),
-    "vit": ("ViT (dim 64, 2 blocks, 4 heads)", families.planted_vit,
+    "resnet18": ("ResNet-18 (width 8, 32x32)", planted.planted_resnet18,
+                 lambda: (resnet18(num_classes=10, width=8), images())),
+    "resnet50": ("ResNet-50 (width 8, 32x32)", planted.planted_resnet50,
+                 lambda: (resnet50(num_classes=10, width=8), images())),
+    "densenet": ("DenseNet (growth 12, blocks 2-2-2)", planted.planted_densenet,
+                 lambda: (densenet(), images())),
+    "mobilenet_v2": ("MobileNetV2 (3 stages)", planted.planted_mobilenet_v2,
+                     lambda: (planted.small_mobilenet(), images())),
+    "efficientnet_block": ("EfficientNet MBConv block (SE, SiLU)", planted.planted_efficientnet_block,
+                           lambda: (efficientnet_block(16, 16), images(16, 8))),
+    "efficientnet": ("EfficientNet (3 stages)", planted.planted_efficientnet,
+                     lambda: (efficientnet(), images())),
+    "convnext": ("ConvNeXt-Tiny layout (widths 16-32-48-64, depths 1-1-2-1)", planted.planted_convnext,
+                 lambda: (planted.small_convnext(), images())),
+    "vit": ("ViT (dim 64, 2 blocks, 4 heads)", planted.planted_vit,
             lambda: (MODELS["vit"][0](), MODELS["vit"][1]())),
-    "gpt": ("GPT decoder (width 64, 2 layers, 4 heads, tied)", families.planted_gpt,
+    "gpt": ("GPT decoder (width 64, 2 layers, 4 heads, tied)", planted.planted_gpt,
             lambda: (MODELS["gpt"][0](), MODELS["gpt"][1]())),
 }
-FULL = {"convnext_tiny": ("ConvNeXt-Tiny, full size (32x32 input)", families.planted_convnext_tiny_full_size, None)}
+FULL = {"convnext_tiny": ("ConvNeXt-Tiny, full size (32x32 input)", planted.planted_convnext_tiny_full_size, None)}
 
 
 def measure(model, masks, inputs) -> dict:
@@ -68,8 +66,8 @@ def run(full: bool) -> list:
     torch.set_num_threads(1)
     rows = []
     chosen = {**FAMILIES, **(FULL if full else {})}
-    for name, (title, planted, random_builder) in chosen.items():
-        model, masks, inputs, want = planted()
+    for name, (title, build_planted, random_builder) in chosen.items():
+        model, masks, inputs, want = build_planted()
         numbers = measure(model, masks, inputs)
         hand = want.count()
         rows.append(dict(family=title, masks="planted", hand=hand, **numbers))
@@ -78,8 +76,8 @@ def run(full: bool) -> list:
             continue
         torch.manual_seed(1)
         model, inputs = random_builder()
-        model = families.perturbed(model)
-        numbers = measure(model, families.random_masks(model), inputs)
+        model = planted.perturbed(model)
+        numbers = measure(model, random_masks(model), inputs)
         rows.append(dict(family=title, masks="random 50-90 %", hand=None, **numbers))
         print(f"{name} random: {numbers['before']:,} -> {numbers['after']:,}", flush=True)
     return rows

@@ -55,7 +55,14 @@ def build_mlp(depth: int, width: int, seed: int) -> torch.nn.Sequential:
 
 
 def random_masks(model: torch.nn.Module, sparsity: float, dead_rows: float, seed: int) -> dict:
-    """Keep each weight with probability ``1 - sparsity``; optionally zero whole rows of hidden layers."""
+    """Keep each weight with probability ``1 - sparsity``; optionally zero whole rows of hidden layers.
+
+    NOTE [Own mask draws]: not ``fxmin.zoo.random_masks``, the masks the other benchmarks share. Without
+    dead rows the two are equal (``random_masks(model, sparsity, seed, names=<the Linear weights>)``, one
+    generator drawn layer by layer); with ``--dead-rows`` each layer's rows come from the same generator
+    right after its entries, an order the shared function cannot reproduce, and the ``--dead-rows``
+    section of docs/benchmarks.md was measured on these masks.
+    """
     generator = torch.Generator().manual_seed(seed)
     masks = {}
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]

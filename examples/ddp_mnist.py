@@ -9,15 +9,14 @@ identical); only rank 0 writes checkpoints and shows the progress bar.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fxmin
-from examples.mnist_data import LeNet300, load_mnist
+from examples.distributed_mnist import accuracy_over_ranks, options, squeeze_release_on_every_rank
+from examples.mnist_data import load_mnist
 
 
 def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e-3, batch=64):
@@ -45,23 +44,11 @@ def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e
                 loss.backward()
                 optimizer.step()
 
-    def evaluate(model):
-        with torch.no_grad():
-            counts = torch.tensor([(model(vx).argmax(1) == vy).sum().item(), len(vy)], dtype=torch.float64)
-        dist.all_reduce(counts)
-        return 100.0 * float(counts[0] / counts[1])
-
-    return train, evaluate
+    return train, lambda model: accuracy_over_ranks(model, vx, vy)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="4k training samples, 1 dense epoch, 2 cycles")
-    parser.add_argument("--cycles", type=int, default=6)
-    parser.add_argument("--amount", type=float, default=0.5)
-    parser.add_argument("--dense-epochs", type=int, default=4)
-    parser.add_argument("--checkpoints", default="runs/ddp_mnist")
-    args = parser.parse_args()
+    args = options("runs/ddp_mnist").parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -69,22 +56,8 @@ def main():
     (x, y), (vx, vy), _ = load_mnist()
     if args.quick:
         x, y, vx, vy, args.cycles, args.dense_epochs = x[:4000], y[:4000], vx[:2000], vy[:2000], 2, 1
-    x, y = x[rank::world], y[rank::world]  # this rank's shard
-    train, evaluate = make_callbacks(x, y, vx[rank::world], vy[rank::world])
-    dense = LeNet300()
-    train(dense, args.dense_epochs)
-    result = fxmin.squeeze_release(dense.eval(), train=train, evaluate=evaluate, example_inputs=(vx[:32],),
-                                   calibration_batch=(vx[:256],), cycles=args.cycles, amount=args.amount,
-                                   criterion=fxmin.unit_scaled_magnitude, tolerance=1.0, backoff=0.5, patience=2,
-                                   checkpoint_dir=args.checkpoints, minimize_options={"trials": 1})
-    shapes = [tuple(p.shape) for p in result.module.parameters()]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, shapes)
-    if rank == 0:
-        print(result.table())
-        print(f"ranks agree on the minimized shapes: {all(g == gathered[0] for g in gathered)}")
-        print(f"best cycle {result.best_cycle}: {fxmin.count_parameters(result.module):,} parameters "
-              f"({result.history[result.best_cycle].compression:.1f}x fewer), checkpoints in {args.checkpoints}/")
+    train, evaluate = make_callbacks(x[rank::world], y[rank::world], vx[rank::world], vy[rank::world])
+    squeeze_release_on_every_rank(train, evaluate, vx, args)
     dist.destroy_process_group()
 
 

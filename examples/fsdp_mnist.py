@@ -13,7 +13,6 @@ stands in (nothing is downloaded); there ``--lasso 1e-3`` empties units where th
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 
@@ -24,7 +23,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 
 import fxmin
-from examples.mnist_data import LeNet300, load_mnist
+from examples.distributed_mnist import accuracy_over_ranks, options, squeeze_release_on_every_rank
+from examples.mnist_data import load_mnist
 
 
 def shard_layers(model: nn.Module):
@@ -63,14 +63,7 @@ def make_callbacks(x, y, vx, vy, *, skip_rows=("fc3.weight",), lasso=1e-4, lr=1e
                         loss.backward()
                         optimizer.step()
 
-    def evaluate(model):
-        with torch.no_grad():
-            counts = torch.tensor([(model(vx).argmax(1) == vy).sum().item(), len(vy)], dtype=torch.float64)
-        counts = counts.to(device)  # NCCL reduces on the GPU
-        dist.all_reduce(counts)
-        return 100.0 * float(counts[0] / counts[1])
-
-    return train, evaluate
+    return train, lambda model: accuracy_over_ranks(model, vx, vy, device)
 
 
 def synthetic_digits(n, seed):
@@ -84,13 +77,8 @@ def synthetic_digits(n, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="4k training samples, 1 dense epoch, 2 cycles")
-    parser.add_argument("--cycles", type=int, default=6)
-    parser.add_argument("--amount", type=float, default=0.5)
-    parser.add_argument("--dense-epochs", type=int, default=4)
+    parser = options("runs/fsdp_mnist")
     parser.add_argument("--lasso", type=float, default=1e-4, help="group-lasso weight in every training")
-    parser.add_argument("--checkpoints", default="runs/fsdp_mnist")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -108,21 +96,7 @@ def main():
         x, y, vx, vy, args.cycles, args.dense_epochs = x[:4000], y[:4000], vx[:2000], vy[:2000], 2, 1
     train, evaluate = make_callbacks(x[rank::world], y[rank::world], vx[rank::world], vy[rank::world],
                                      lasso=args.lasso, device=device)
-    dense = LeNet300()
-    train(dense, args.dense_epochs)
-    result = fxmin.squeeze_release(dense.eval(), train=train, evaluate=evaluate, example_inputs=(vx[:32],),
-                                   calibration_batch=(vx[:256],), cycles=args.cycles, amount=args.amount,
-                                   criterion=fxmin.unit_scaled_magnitude, tolerance=1.0, backoff=0.5, patience=2,
-                                   checkpoint_dir=args.checkpoints, minimize_options={"trials": 1})
-    weights = [p.detach().clone() for p in result.module.parameters()]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, weights)
-    if rank == 0:
-        agree = all(len(g) == len(weights) and all(torch.equal(a, b) for a, b in zip(g, weights)) for g in gathered)
-        print(result.table())
-        print(f"ranks agree on the minimized weights: {agree}")
-        print(f"best cycle {result.best_cycle}: {fxmin.count_parameters(result.module):,} parameters "
-              f"({result.history[result.best_cycle].compression:.1f}x fewer), checkpoints in {args.checkpoints}/")
+    squeeze_release_on_every_rank(train, evaluate, vx, args)
     dist.destroy_process_group()
 
 

@@ -45,100 +45,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import fxmin
-from benchmarks.markdown import replace_section
 from examples.mnist_data import LeNet300, load_mnist
-from experiments.results import accuracy_axes, cached_dense, save_accuracy_plot, split_scores
-
-
-def correct(model, x, y, batch=5000):
-    model.eval()
-    with torch.no_grad():
-        return sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-
-
-def accuracy(model, x, y, batch=5000):
-    return 100.0 * correct(model, x, y, batch) / len(x)
-
-
-class Trainer:
-    """The user's training code: fxmin only calls train(model, step) and evaluate(model)."""
-
-    def __init__(self, data, args, teacher_logits=None, lasso=0.0, distill=0.0, seed=0):
-        (self.x, self.y), (self.vx, self.vy), (self.tx, self.ty) = data[:3]
-        self.holdout = data[3] if len(data) > 3 else None  # --finish-split train: images nothing trains on
-        self.args, self.teacher, self.lasso, self.distill = args, teacher_logits, lasso, distill
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epochs = 0
-
-    def loss(self, model, logits, index):
-        loss = F.cross_entropy(logits, self.y[index])
-        if self.distill and self.teacher is not None:
-            t = self.args.temperature
-            soft = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(self.teacher[index] / t, 1), reduction="batchmean")
-            loss = (1 - self.distill) * loss + self.distill * t * t * soft
-        if self.lasso:
-            last = [n for n, _ in model.named_parameters() if n.endswith("weight")][-1]
-            loss = loss + self.lasso * fxmin.group_lasso(model, skip_rows=[last], weighting=self.args.lasso_weighting)
-        return loss
-
-    def train(self, model, step):
-        epochs = step.epochs if isinstance(step, fxmin.TrainStep) else step  # may be fractional
-        finish = isinstance(step, fxmin.TrainStep) and step.phase == "finish"
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr)
-        model.train()
-        steps = math.ceil(epochs * len(self.x) / self.args.batch)
-        # the finishing phase: no group lasso, learning rate decayed to 0 (cosine); --release-schedule
-        phase = step.phase if isinstance(step, fxmin.TrainStep) else None
-        cosine = finish or (self.args.release_schedule == "cosine" and phase in ("release", "recover")) \
-            or (phase == "dense" and self.args.dense_schedule == "cosine")
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
-        lasso, self.lasso = self.lasso, (0.0 if finish else self.lasso)
-        # --lasso-fraction f: in the release phase only the first f of the steps carry the lasso; the
-        # rest recover from it (with the lr decayed to 0), so the accuracy fxmin judges is not the lasso's
-        release = isinstance(step, fxmin.TrainStep) and step.phase == "release" and self.args.lasso_fraction < 1
-        free_from = math.ceil(self.args.lasso_fraction * steps) if release else steps
-        order = torch.empty(0, dtype=torch.long)
-        for i in range(steps):
-            if i == free_from:
-                self.lasso = 0.0
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps - i, 1))
-            if len(order) < self.args.batch:
-                order = torch.cat([order, torch.randperm(len(self.x), generator=self.generator)])
-            index, order = order[:self.args.batch], order[self.args.batch:]
-            optimizer.zero_grad(set_to_none=True)
-            self.loss(model, model(self.x[index]), index).backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-        self.lasso = lasso
-        self.epochs += epochs
-        model.eval()
-
-    def _scores(self, model, judged):
-        return split_scores(correct, model, (self.vx, self.vy), (self.tx, self.ty), judged)
-
-    def evaluate(self, model):
-        """The search's judge: the first half of the validation split (all of it with --finish-split none
-        or train)."""
-        return self._scores(model, 0 if self.args.finish_split == "half" else None)
-
-    def finish_evaluate(self, model):
-        """The finishing phase's judge, on images the search never saw: the second half of the validation
-        split, or (--finish-split train) the training images held out from all training."""
-        if self.holdout is None:
-            return self._scores(model, 1)
-        return {**self._scores(model, None), "accuracy": accuracy(model, *self.holdout)}
+from experiments.mnist_report import plot, summarize, write_markdown
+from experiments.mnist_training import Trainer, accuracy
+from experiments.results import cached_dense
 
 
 def iterative_magnitude(dense, trainer, args, baseline):
@@ -299,60 +217,6 @@ def run_seed(seed, data, args, log):
     return out
 
 
-METHODS = [("dense", "dense LeNet-300-100"), ("squeeze-release", "Squeeze-Release (ours)"),
-           ("imp", "(a) iterative magnitude pruning + one minimization"), ("no-release", "(b) cycles without release"),
-           ("small-dense", "(c) dense MLP of the same size, from scratch (best of 3 shapes on val)"),
-           ("same-arch-reinit", "(c') our final architecture, re-initialized, from scratch")]
-
-
-def summarize(runs):
-    from tabulate import tabulate
-
-    def spread(values, fmt):
-        if len(values) == 1:
-            return format(values[0], fmt)
-        return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
-    rows = []
-    for key, label in METHODS:
-        entries = [r[key] for r in runs if key in r]
-        if not entries:
-            continue
-        dense = [r["dense"] for r in runs if key in r]
-        ratios = [d["params"] / e["params"] for d, e in zip(dense, entries)]
-        drops = [d["test"] - e["test"] for d, e in zip(dense, entries)]
-        rows.append([label, spread([e["params"] for e in entries], ",.0f"), spread(ratios, ".1f") + "x",
-                     spread([e["val"] for e in entries], ".2f"), spread([e["test"] for e in entries], ".2f"),
-                     spread(drops, ".2f"), spread([e["epochs"] for e in entries], ".0f"),
-                     spread([e["time_s"] for e in entries], ".0f"), f"{len(entries)}"])
-    return tabulate(rows, headers=["method", "params", "fewer", "val acc %", "test acc %", "test drop (pts)",
-                                   "epochs", "time s", "seeds"], tablefmt="github", disable_numparse=True)
-
-
-def plot(runs, path):
-    figure = accuracy_axes()
-    if figure is None:
-        return None
-    fig, ax = figure
-    for i, run in enumerate(runs):
-        for key, style in (("squeeze-release", "o-"), ("no-release", "s--")):
-            if key in run:
-                history = run[key]["history"]
-                color = f"C{0 if key == 'squeeze-release' else 1}"
-                ax.plot([h[1] for h in history], [h[3] for h in history], style, color=color,
-                        alpha=0.7, label=(dict(METHODS)[key] + ", cycles" if i == 0 else None), markersize=3)
-                ax.plot(run[key]["params"], run[key]["test"], "*" if key == "squeeze-release" else "P", color=color,
-                        markersize=13, markeredgecolor="black",
-                        label=(dict(METHODS)[key] + ", after finishing" if i == 0 else None))
-        for j, key in enumerate(("imp", "small-dense", "same-arch-reinit")):
-            if key in run:
-                ax.plot(run[key]["params"], run[key]["test"], "^v<"[j], color=f"C{j + 2}", markersize=8,
-                        label=dict(METHODS)[key] if i == 0 else None)
-    dense = runs[0]["dense"]
-    return save_accuracy_plot(fig, ax, path, "LeNet-300-100 on MNIST", dense["params"],
-                              statistics.mean(r["dense"]["test"] for r in runs), 50)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -469,94 +333,6 @@ def main(argv=None):
         command = ".venv/bin/python -m experiments.mnist_lenet300 " + " ".join(sys.argv[1:])
         write_markdown(args, runs, table, total, picture, [command], vars(args))
     return runs
-
-
-def write_markdown(args, runs, table, total, picture, commands, settings):
-    from tabulate import tabulate
-
-    dense_params = runs[0]["dense"]["params"]
-    per_seed = []
-    for run in runs:
-        for key, label in METHODS:
-            if key in run:
-                e = run[key]
-                per_seed.append([run["seed"], label, f"{e['params']:,}", f"{dense_params / e['params']:.1f}x",
-                                 f"{e['val']:.2f}", f"{e['test']:.2f}", f"{e['epochs']:g}", f"{e['time_s']:.0f}",
-                                 e.get("layers") or " x ".join("x".join(map(str, s)) for s in e.get("shape", []))])
-    cycles = []
-    for run in runs:
-        for cycle, params, val, test, amount, sigma, accepted in run.get("squeeze-release", {}).get("history", []):
-            cycles.append([run["seed"], cycle, f"{params:,}", f"{dense_params / params:.1f}x", f"{val:.2f}",
-                           f"{test:.2f}" if test is not None else "", f"{amount:.3f}", f"{sigma:.1e}",
-                           "" if accepted else "miss"])
-    finishing = []
-    for run in runs:
-        for key in ("squeeze-release", "no-release"):
-            for cycle, params, before, after, test, accepted in run.get(key, {}).get("finished", []):
-                finishing.append([run["seed"], dict(METHODS)[key], cycle, f"{params:,}", f"{dense_params / params:.1f}x",
-                                  f"{before:.2f}", f"{after:.2f}", f"{test:.2f}" if test is not None else "",
-                                  "chosen" if accepted else "over tol."])
-    shapes = [[run["seed"], e["family"], e["layers"], f"{e['params']:,}",
-               f"{e['val']:.2f}", f"{e['test']:.2f}"]
-              for run in runs for e in run.get("small-dense", {}).get("tried", [])]
-    splits = {"half": "the search (tolerances, backoff) judges on the first half of the validation split, the "
-                      "finishing phase on the second half, which the search never saw; the val columns are the "
-                      "whole split",
-              "train": f"the search (tolerances, backoff) judges on the validation split (10k), the finishing phase "
-                       f"on {settings.get('holdout')} training images drawn at random, which no phase trains on",
-              "none": "validation split (10k) for every choice"}[settings.get("finish_split", "none")]
-    halves, held_out = settings.get("finish_split") == "half", settings.get("finish_split", "none") != "none"
-    ours = [r for r in runs if "squeeze-release" in r]
-    fewer = [r["dense"]["params"] / r["squeeze-release"]["params"] for r in ours]
-    drops = [r["dense"]["test"] - r["squeeze-release"]["test"] for r in ours]
-    met = [f >= 50 and d <= 1 for f, d in zip(fewer, drops)]
-    mean_fewer, mean_drop = sum(fewer) / max(len(ours), 1), sum(drops) / max(len(ours), 1)
-    command = "\n".join(commands)
-    text = f"""## LeNet-300-100 on MNIST (experiments/mnist_lenet300.py)
-
-Commands (CPU, {args.threads} torch thread(s) per process, on a 2-core machine shared with other jobs, so
-times are wall-clock under load), then the merge that wrote this file:
-
-```
-{command}
-.venv/bin/python -m experiments.mnist_lenet300 --merge <the result files> --write {args.write}
-```
-
-Seeds {args.seeds}; wall time of the longest process {total:.0f} s. Choices: {splits}; the test split (10k)
-is only reported.
-Target: at least 50x fewer deployed parameters than dense at no more than 1 point below the dense
-test accuracy. Met for {sum(met)} of {len(met)} seeds; on average {mean_fewer:.1f}x at {mean_drop:.2f} test points
-below dense.
-
-Settings: `{json.dumps({k: v for k, v in settings.items() if k not in ("merge", "seeds", "json")})}`
-
-### Summary (mean ± standard deviation over seeds)
-
-{table}
-
-"fewer" is dense parameters / deployed parameters (the dense parameter count of the minimized
-GraphModule; an input-pixel selection costs no parameters). "test drop" is dense test accuracy minus
-the method's test accuracy, per seed.
-
-### Per seed
-
-{tabulate(per_seed, headers=["seed", "method", "params", "fewer", "val %", "test %", "epochs", "time s", "weight shapes"], tablefmt="github", disable_numparse=True)}
-
-### Finishing phase ({"finishing split" if held_out else "validation"} accuracy before and after the last training; test after)
-
-{tabulate(finishing, headers=["seed", "method", "cycle", "params", "fewer", "before", "after", "test after", ""], tablefmt="github", disable_numparse=True)}
-
-### Control (c): the shapes tried (the best on validation is reported above)
-
-{tabulate(shapes, headers=["seed", "shape", "layers", "params", "val %", "test %"], tablefmt="github", disable_numparse=True)}
-
-### Squeeze-Release cycles (accuracy before finishing; {"search split" if halves else "val"} = what the search judged)
-
-{tabulate(cycles, headers=["seed", "cycle", "params", "fewer", "search split %" if halves else "val %", "test %", "amount", "sigma (median)", ""], tablefmt="github", disable_numparse=True)}
-"""
-    if picture:
-        text += f"\n![accuracy vs parameters]({os.path.basename(picture)})\n"
-    replace_section(args.write, "mnist_lenet300.py", text)
 
 
 if __name__ == "__main__":

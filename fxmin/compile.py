@@ -3,7 +3,7 @@
 NOTE [Lifted parameters]
 Dynamo (torch >= 2.x with inlined built-in modules) and ``torch.export`` hand over graphs whose
 parameters and buffers are *inputs* (placeholders), not ``get_attr`` nodes. fxmin can only
-shrink what it owns, so :func:`fxmin.trace_export.lift` turns each such placeholder back into a ``get_attr`` of a
+shrink what it owns, so :func:`fxmin.canonical_export.lift` turns each such placeholder back into a ``get_attr`` of a
 module attribute with the parameter's qualified name (``layer1.0.conv1.weight``), which is
 also the name masks use. The values are frozen at compile time: the compiled function
 computes with the weights the model had then (inference, as with ``torch.compile`` freezing).
@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import FxminError, InputError
 from .minimize import MinimizeResult, minimize
-from .trace_export import STALE_META, calling_convention, canonical_graph, lift, split_inputs
+from .canonical_export import STALE_META, canonical_graph, lift
+from .trace_export import calling_convention, split_inputs
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def minimize_exported(program, masks: Mapping | None = None, example_inputs=None
     """Minimize a ``torch.export.ExportedProgram``; returns ``(new ExportedProgram, MinimizeResult)``.
 
     The program is brought to fxmin's canonical form (NOTE [Canonical export graph] in
-    :mod:`fxmin.trace_export`), minimized, and exported again with its calling convention.
+    :mod:`fxmin.canonical_export`), minimized, and exported again with its calling convention.
     ``example_inputs`` default to the program's own (``program.example_inputs``); give a tuple of
     positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair otherwise. ``masks``
     use the program's state-dict names (``layer1.0.conv1.weight``). Other ``options`` go to

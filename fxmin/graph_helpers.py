@@ -7,6 +7,7 @@ import itertools
 import torch
 import torch.fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 
 def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -14,6 +15,11 @@ def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def count_elements(value) -> int:
+    """Elements of every tensor in ``value`` (a tensor, or a tuple / list / dict of them)."""
+    return sum(leaf.numel() for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor))
 
 
 def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None) -> nn.Module:

@@ -111,7 +111,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
 # NOTE [Front ends]
 # ``frontend="fx"`` traces with torch.fx (the model's own modules stay call_module nodes);
 # ``"export"`` goes through torch.export to the canonical ATen graph (NOTE [Canonical export graph]
-# in fxmin/trace_export.py); ``"auto"`` (the default) tries torch.fx and, when it cannot trace the
+# in fxmin/canonical_export.py); ``"auto"`` (the default) tries torch.fx and, when it cannot trace the
 # model (a TraceError: data-dependent Python control flow, Hugging Face 5.x models), exports it.
 # A model FX traces stays on FX: its graph keeps module calls, which the rules know best. FX options
 # (tracer, leaf_modules, concrete_args) mean FX: with them "auto" does not fall back.

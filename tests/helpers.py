@@ -1,5 +1,5 @@
-"""The one shared check (minimize, verify in float64 independently, compare parameter counts) and the one
-maker of random masks, which the benchmarks use too."""
+"""The one shared check (minimize, verify in float64 independently, compare parameter counts); the one
+maker of random masks is ``fxmin.zoo.random_masks`` (imported here, where the tests have always found it)."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +7,7 @@ import copy
 import torch
 
 import fxmin
+from fxmin.zoo import random_masks  # noqa: F401
 
 
 def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
@@ -22,24 +23,6 @@ def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
             for name, mask in masks.items():
                 parameters[name].mul_(mask.to(parameters[name].dtype))
     return reference
-
-
-def random_masks(model: torch.nn.Module, sparsity: float | None = None, seed: int = 0, names=None) -> dict:
-    """Unstructured random masks on the parameters ``names`` (default: every parameter with 2+ axes), drawn
-    in that order from one seeded generator. ``sparsity``: each entry is masked with that probability;
-    None: each tensor first draws its own density (kept fraction) in [0.1, 0.5]."""
-    generator = torch.Generator().manual_seed(seed)
-    parameters = dict(model.named_parameters())
-    names = [name for name, p in parameters.items() if p.dim() >= 2] if names is None else list(names)
-    masks = {}
-    for name in names:
-        shape = parameters[name].shape
-        if sparsity is None:
-            density = 0.1 + 0.4 * float(torch.rand((), generator=generator))
-            masks[name] = torch.rand(shape, generator=generator) < density
-        else:
-            masks[name] = torch.rand(shape, generator=generator) >= sparsity
-    return masks
 
 
 def random_inputs_like(example_inputs: tuple, count: int = 3, seed: int = 0) -> list:

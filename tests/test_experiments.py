@@ -18,7 +18,7 @@ def _record(methods, command, dense_test=89.25):
 
 
 def test_convnext_merge_puts_both_processes_in_one_section(tmp_path):
-    from experiments.convnext_fashion import write_section
+    from experiments.fashion_report import write_section
 
     history = [[0, 1000, 90.3, 90.0, 89.25, 0.0, 0.0, 0.0, True], [1, 50, 89.5, 89.4, 88.9, 0.5, 1e-4, 5.0, True]]
     ours = {"params": 50, "val": 89.6, "test": 88.75, "epochs": 9.5, "time_s": 20.0, "best_cycle": 1,
@@ -42,14 +42,14 @@ def test_convnext_merge_puts_both_processes_in_one_section(tmp_path):
 
 
 def test_convnext_merge_refuses_processes_of_different_dense_models(tmp_path):
-    from experiments.convnext_fashion import write_section
+    from experiments.fashion_report import write_section
 
     with pytest.raises(SystemExit, match="another dense model"):
         write_section([_record({}, "a"), _record({}, "b", dense_test=88.0)], str(tmp_path / "r.md"))
 
 
 def test_convnext_tagged_run_writes_its_own_section_beside_the_default_one(tmp_path):
-    from experiments.convnext_fashion import write_section
+    from experiments.fashion_report import write_section
 
     path = tmp_path / "results.md"
     write_section([_record({}, "python -m experiments.convnext_fashion --methods sr")], str(path))
@@ -103,7 +103,7 @@ def _seed_records():
 
 
 def test_convnext_seeds_summary_gives_each_seed_and_the_spread_of_each_method():
-    from experiments.convnext_fashion import seeds_section
+    from experiments.fashion_report import seeds_section
 
     records = _seed_records()
     text = seeds_section(records)
@@ -138,7 +138,7 @@ def test_convnext_seeds_summary_writes_its_section_and_plot_from_the_raw_files(t
 
 
 def test_convnext_control_c_needs_only_ours_raw_results_and_c_prime_says_where_the_checkpoints_are(tmp_path):
-    from experiments.convnext_fashion import load_ours
+    from experiments.fashion_report import load_ours
 
     ours = {"params": 40, "val": 89.0, "test": 88.75, "epochs": 19, "time_s": 1.0, "best_cycle": 3}
     record = _record({"squeeze-release": ours}, "--methods sr")

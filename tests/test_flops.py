@@ -63,6 +63,53 @@ def test_sdpa_attention_block_counts_the_same_products():
     assert report.macs == 11840
 
 
+class Extras(nn.Module):
+    """One op of each cheap family: norms, pooling, softmax, pointwise, reductions, shape ops, addmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.pool = nn.MaxPool2d(2)
+        self.drop = nn.Dropout()
+        self.bias = nn.Parameter(torch.randn(5))
+        self.weight = nn.Parameter(torch.randn(36, 5))
+
+    def forward(self, x):                                    # x: (2, 4, 6, 6), 288 elements
+        y = torch.relu(self.gn(self.bn(x)))                  # 2 + 4 + 1 per element
+        y = self.drop(self.pool(y)) * 2.0                    # pooling reads 288, makes 72; dropout free
+        z = torch.addmm(self.bias, y.flatten(1), self.weight)   # (2, 5): 10 outputs x 36 + the bias add
+        w = nn.functional.layer_norm(z, (5,)).softmax(-1)    # 4 + 3 per element
+        return w.transpose(0, 1).contiguous().float().mean()   # shape ops and copies free; mean reads 10
+
+
+def test_cheap_families_counted_by_hand():
+    report = fxmin.flops(Extras().eval(), (torch.randn(2, 4, 6, 6),))
+    other = {n.target: n.other for n in report.nodes}
+    assert other["BatchNorm2d"] == 2 * 288 and other["GroupNorm"] == 4 * 288 and other["relu"] == 288
+    assert other["MaxPool2d"] == 288 and other["Dropout"] == 0 and other["mul"] == 72
+    assert other["layer_norm"] == 4 * 10 and other[".softmax()"] == 3 * 10 and other[".mean()"] == 10
+    assert other[".flatten()"] == other[".transpose()"] == other[".contiguous()"] == other[".float()"] == 0
+    assert report.macs == other["addmm"] * 36 == 10 * 36        # the one product; everything else is extra
+    assert report.other == 2 * 288 + 4 * 288 + 288 + 288 + 72 + 10 + 40 + 30 + 10
+
+
+def test_products_without_a_rule_are_counted_by_torch():
+    """``bmm`` and a transposed convolution have no fxmin rule: torch's counter gives their MACs."""
+    class Products(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 4, 3, bias=False)
+
+        def forward(self, x, a, b):
+            return self.up(x), torch.bmm(a, b)
+
+    report = fxmin.flops(Products(), (torch.randn(2, 3, 5, 5), torch.randn(2, 3, 7), torch.randn(2, 7, 4)))
+    by_target = report.by_target()
+    assert by_target["ConvTranspose2d"] == 2 * 3 * 5 * 5 * 4 * 9   # each input scatters out x kernel
+    assert by_target["bmm"] == 2 * 3 * 4 * 7
+
+
 def test_unknown_leaf_module_falls_back_to_torch_counter():
     class Leaf(nn.Module):
         def __init__(self):

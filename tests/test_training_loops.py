@@ -2,6 +2,7 @@
 DistributedDataParallel loop over two gloo processes (the examples' own callbacks, on synthetic data)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -22,6 +23,40 @@ def dense_mlp(train):
     net = mlp()
     train(net, 4)
     return net.eval()
+
+
+@contextlib.contextmanager
+def _gloo_group(rank, world, directory):
+    """This process as rank ``rank`` of a gloo group of ``world`` (one torch thread), for the block."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_callbacks(make_callbacks, rank, world):
+    """An example's ``make_callbacks`` on this rank's shard of the synthetic data: ``(x, train, evaluate)``."""
+    x, y = data(400)
+    vx, vy = data(200, seed=1)
+    train, evaluate = make_callbacks(x[rank::world], y[rank::world], vx[rank::world], vy[rank::world],
+                                     skip_rows=CLASSIFIER, lasso=1e-3, lr=1e-2, batch=25)
+    return x, train, evaluate
+
+
+def _two_ranks(target, directory, what: str) -> list:
+    """``target(rank, 2, directory)`` in two spawned processes, each saving ``rank{r}.pt``: the two records."""
+    context = mp.start_processes(target, args=(2, str(directory)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two {what} ranks did not finish in 240 s (a rank waiting on the other: they diverged?)")
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 # ------------------------------------------------------------------------------------- Lightning
@@ -55,17 +90,10 @@ def test_lightning_trainer_as_the_training_loop_holds_masks_and_shrinks(tmp_path
 
 # ------------------------------------------------------------------------------------------- DDP
 def _ddp_rank(rank, world, directory):
-    import torch.distributed as dist
-
     from examples.ddp_mnist import make_callbacks
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world)
-    try:
-        x, y = data(400)
-        vx, vy = data(200, seed=1)
-        train, evaluate = make_callbacks(x[rank::world], y[rank::world], vx[rank::world], vy[rank::world],
-                                         skip_rows=CLASSIFIER, lasso=1e-3, lr=1e-2, batch=25)
+    with _gloo_group(rank, world, directory):
+        x, train, evaluate = _rank_callbacks(make_callbacks, rank, world)
         net = dense_mlp(train)
         result = fxmin.squeeze_release(net, train=train, evaluate=evaluate, example_inputs=(x[:16],), cycles=3,
                                        amount=0.5, criterion=fxmin.unit_scaled_magnitude, tolerance=5.0,
@@ -73,19 +101,10 @@ def _ddp_rank(rank, world, directory):
         torch.save({"state": result.module.state_dict(), "dense": fxmin.count_parameters(net),
                     "history": [(r.params, r.accuracy) for r in result.history], "best": result.best_cycle},
                    f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_over_two_gloo_processes_agrees_on_every_cycle_and_shrinks(tmp_path):
-    context = mp.start_processes(_ddp_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two DDP ranks did not finish in 240 s (a rank waiting on the other: they diverged?)")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = _two_ranks(_ddp_rank, tmp_path, "DDP")
     assert ranks[0]["history"] == ranks[1]["history"]  # the same accuracy, decisions and sizes on both ranks
     assert ranks[0]["best"] == ranks[1]["best"]
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
@@ -97,19 +116,12 @@ def test_ddp_over_two_gloo_processes_agrees_on_every_cycle_and_shrinks(tmp_path)
 
 # ------------------------------------------------------------------------------------------ FSDP2
 def _fsdp_rank(rank, world, directory):
-    import torch.distributed as dist
-
     from examples.fsdp_mnist import make_callbacks
     from fxmin.cycle import gather_full_model, sharded
     from tests.helpers import assert_equivalent, masked_copy
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world)
-    try:
-        x, y = data(400)
-        vx, vy = data(200, seed=1)
-        train, evaluate = make_callbacks(x[rank::world], y[rank::world], vx[rank::world], vy[rank::world],
-                                         skip_rows=CLASSIFIER, lasso=1e-3, lr=1e-2, batch=25)
+    with _gloo_group(rank, world, directory):
+        x, train, evaluate = _rank_callbacks(make_callbacks, rank, world)
         squeezed, minimized = [], []
 
         def recording(model, step):  # what the cycle hands to train and gets back, untouched
@@ -148,8 +160,6 @@ def _fsdp_rank(rank, world, directory):
                     "held": [held for _, _, held, _ in squeezed], "trained": [moved for _, _, _, moved in squeezed],
                     "cycles": len(minimized), "worst": worst, "errors": errors, "one_process": one_process,
                     "running_mean": batch_norm[1].running_mean.clone()}, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _sharded_steps_against_one_process(rank, world):
@@ -184,14 +194,7 @@ def test_fsdp2_over_two_gloo_processes_trains_shards_minimizes_the_full_model_an
     trained weights back with the masks held (by the optimizer, on the shards); training sharded takes
     the steps one process takes on the whole batch (lasso and masks included); each minimization sees
     the full model and computes the masked model's function (float64, rank 0); the ranks end bitwise equal."""
-    context = mp.start_processes(_fsdp_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two FSDP2 ranks did not finish in 240 s (a rank waiting on the other: they diverged?)")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = _two_ranks(_fsdp_rank, tmp_path, "FSDP2")
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["best"] == ranks[1]["best"]
     assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])

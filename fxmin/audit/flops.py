@@ -3,16 +3,18 @@
 NOTE [What is counted]
 ``macs`` counts the multiply-accumulates of the dense products, the work that shrinks with the
 channels fxmin removes: Linear and ``F.linear`` (``out.numel() * in_features``), ConvNd and
-``F.convNd`` including groups (``out.numel() * in_channels / groups * prod(kernel)``),
-ConvTransposeNd, ``matmul`` / ``@`` / ``bmm`` / ``mm`` / ``addmm`` / ``baddbmm`` (``out.numel() * K``)
-and ``F.scaled_dot_product_attention`` (``B * L * S * (E + Ev)``, counted dense even when causal:
-the ideal ratio compares like with like). ``other`` counts the cheap extras, roughly one operation
-per output element: pointwise arithmetic and activations one, BatchNorm two (scale and shift),
-LayerNorm / GroupNorm / InstanceNorm four (mean, variance, normalize, affine), softmax three,
-pooling one per input element, a bias one per output element. Shape ops, indexing and embedding
-lookups cost nothing. The counters of ops fxmin has a rule for live on the rule (``Rule.macs``:
-layers, ``matmul``, attention); this module counts the others. A node neither knows (a custom leaf
-module, ``einsum``) is run under ``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs / 2 become its MACs, plus one ``other``
+``F.convNd`` including groups (``out.numel() * in_channels / groups * prod(kernel)``), ``matmul`` /
+``@`` / ``addmm`` (``out.numel() * K``) and ``F.scaled_dot_product_attention`` (``B * L * S * (E +
+Ev)``, counted dense even when causal: the ideal ratio compares like with like). ``other`` counts
+the cheap extras, roughly one operation per output element: pointwise arithmetic and activations
+one, BatchNorm two (scale and shift), LayerNorm / GroupNorm / RMSNorm four (mean, variance,
+normalize, affine), softmax three, pooling and reductions one per input element, a bias one per
+output element. Shape ops, indexing, copies, casts, dropout and embedding lookups cost nothing.
+
+Each count lives on the rule of its op (``Rule.macs``; the shared counters are in
+``fxmin.rules.kit.costs``): this module only walks the graph. A node whose rule has no counter, or
+that has no rule (a custom leaf module, ``einsum``, ``bmm``, a transposed convolution), is run under
+``torch.utils.flop_counter.FlopCounterMode``, whose FLOPs / 2 become its MACs, plus one ``other``
 per output element: nothing is silently counted as free.
 
 >>> import torch, fxmin
@@ -22,101 +24,20 @@ per output element: nothing is silently counted as free.
 """
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError
-from ..compensated.layer_norm import CompensatedLayerNorm
+from ..graph_helpers import count_elements
 from ..trace import trace
 
 __all__ = ["FlopReport", "NodeFlops", "flops", "mac_costs"]
-
-#: ``counter(module_or_target, args, kwargs, output) -> (macs, other)``
-Counter = Callable[..., tuple]
-
-_MODULES: dict[type, Counter] = {}
-_FUNCTIONS: dict[object, Counter] = {}  # call_function targets and call_method names
-
-
-def _numel(value) -> int:
-    return sum(leaf.numel() for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor))
-
-
-def _free(*_):
-    return 0, 0
-
-
-def _pointwise(times: int = 1) -> Counter:
-    return lambda _target, _args, _kwargs, out: (0, times * _numel(out))
-
-
-def _on_input(_target, args, _kwargs, _out):
-    return 0, _numel(args[0])
-
-
-def _transposed_conv_module(module, args, kwargs, out):
-    """Every input element scatters a (out/groups x kernel) patch."""
-    kernel = math.prod(module.kernel_size)
-    extra = out.numel() if module.bias is not None else 0
-    return args[0].numel() * (module.out_channels // module.groups) * kernel, extra
-
-
-def _dot_products(_target, args, _kwargs, out):
-    """Each output element is a dot product of length K (the first operand's last axis)."""
-    return out.numel() * args[0].shape[-1], 0
-
-
-def _add_matmul(_target, args, _kwargs, out):
-    """``addmm(input, a, b)`` / ``baddbmm``: the product plus the add."""
-    return out.numel() * args[1].shape[-1], out.numel()
-
-
-def _register(table: dict, keys, counter: Counter) -> None:
-    for key in keys:
-        table[key] = counter
-
-
-_register(_MODULES, [nn.modules.conv._ConvTransposeNd], _transposed_conv_module)
-_register(_MODULES, [nn.modules.batchnorm._BatchNorm], _pointwise(2))
-_register(_MODULES, [nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, CompensatedLayerNorm],
-          _pointwise(4))
-_register(_MODULES, [nn.Softmax, nn.LogSoftmax], _pointwise(3))
-_register(_MODULES, [nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd], _on_input)
-_register(_MODULES, [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                     nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU], _pointwise(1))
-_register(_MODULES, [nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, nn.Embedding], _free)
-
-_register(_FUNCTIONS, [torch.bmm, torch.mm, "bmm", "mm"], _dot_products)
-_register(_FUNCTIONS, [torch.addmm, torch.baddbmm, "addmm", "baddbmm"], _add_matmul)
-_register(_FUNCTIONS, [F.layer_norm, F.group_norm], _pointwise(4))
-_register(_FUNCTIONS, [F.batch_norm], _pointwise(2))
-_register(_FUNCTIONS, [F.softmax, torch.softmax, "softmax", F.log_softmax, "log_softmax"], _pointwise(3))
-_register(_FUNCTIONS, [F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, "mean", torch.mean, "sum", torch.sum],
-          _on_input)
-_register(_FUNCTIONS, [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub, torch.mul,
-    torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, F.relu, F.gelu, F.silu,
-    F.dropout, "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "sqrt", "rsqrt", "pow",
-    operator.pow, torch.pow, torch.where, torch.masked_fill, "masked_fill", "__add__", "__mul__",
-], _pointwise(1))
-_register(_FUNCTIONS, [
-    operator.getitem, getattr, torch.flatten, torch.reshape, torch.cat, torch.stack, torch.transpose,
-    torch.permute, torch.squeeze, torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.arange,
-    torch.zeros, torch.ones, torch.full, torch.tensor, F.embedding, F.pad, torch.narrow, torch.index_select,
-    "size", "dim", "view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as",
-    "split", "chunk", "unbind", "squeeze", "unsqueeze", "repeat", "narrow", "index_select", "to", "type",
-    "float", "double", "half", "type_as", "new_zeros", "new_ones", "clone", "detach", "t",
-], _free)
 
 
 @dataclass(frozen=True)
@@ -175,13 +96,6 @@ class FlopReport:
         return self.table(top=20)
 
 
-def _lookup_module(module: nn.Module):
-    for cls in type(module).__mro__:
-        if cls in _MODULES:
-            return _MODULES[cls]
-    return None
-
-
 def _describe(node: torch.fx.Node, module) -> str:
     if node.op == "call_module":
         return type(module).__name__
@@ -204,24 +118,13 @@ class _Counter(torch.fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         module = self.fetch_attr(node.target) if node.op == "call_module" else None
         rule = self.registry.lookup(node, self.module)
-        if rule is not None and rule.macs is not None:
-            counter = rule.macs  # NOTE [What is counted]: the rule's own count when it has one
-        elif node.op == "call_module":
-            counter = _lookup_module(module)
-        else:
-            try:
-                counter = _FUNCTIONS.get(node.target)
-            except TypeError:  # an unhashable target
-                counter = None
-        if counter is not None:
+        if rule is not None and rule.macs is not None:  # NOTE [What is counted]
             out = getattr(self, node.op)(node.target, args, kwargs)
-            macs, other = counter(module if module is not None else node.target, args, kwargs, out)
+            macs, other = rule.macs(module if module is not None else node.target, args, kwargs, out)
         else:
-            from torch.utils.flop_counter import FlopCounterMode
-
             with FlopCounterMode(display=False) as mode:
                 out = getattr(self, node.op)(node.target, args, kwargs)
-            macs, other = mode.get_total_flops() // 2, _numel(out)
+            macs, other = mode.get_total_flops() // 2, count_elements(out)
         self.counts.append(NodeFlops(node.name, _describe(node, module), int(macs), int(other)))
         return out
 

@@ -57,8 +57,8 @@ class Rule:
     #: docs/exactness.md (``docs/gen_rules_table.py``); rules of one name share it
     doc: tuple = ()
     #: ``macs(module_or_target, args, kwargs, out) -> (macs, other)``: the multiply-accumulates and the
-    #: cheap extras of one call on its real arguments, for ``fxmin.flops`` (NOTE [What is counted]);
-    #: ops whose rule has none are counted by fxmin.flops' own table or torch's FlopCounterMode
+    #: cheap extras of one call on its real arguments, for ``fxmin.flops`` (NOTE [What is counted]; shared
+    #: counters in ``fxmin.rules.kit.costs``); ops whose rule has none are counted by torch's FlopCounterMode
     macs: Callable | None = None
     #: backward reads the presence of its inputs too (e.g. grouped convs keep groups uniform)
     reads_input_presence: bool = False

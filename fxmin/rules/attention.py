@@ -27,7 +27,7 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import grouped_sdpa_backward, grouped_sdpa_forward, opaque_backward, opaque_forward
+from .kit import dot_products, grouped_sdpa_backward, grouped_sdpa_forward, opaque_backward, opaque_forward, per_output
 
 
 def _tracked(ctx, node):
@@ -71,7 +71,7 @@ rule("softmax", doc=(
          ),
      functions=(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax), modules=(nn.Softmax, nn.LogSoftmax),
      methods=("softmax", "log_softmax"), backward=_passthrough_backward, heads_aware=True,
-     sums_to_one=_sums_to_one)(_softmax_forward)
+     sums_to_one=_sums_to_one, macs=per_output(3))(_softmax_forward)
 
 
 # -- masks --------------------------------------------------------------------------------------------------------
@@ -119,13 +119,13 @@ rule("masked_fill", doc=(
          'Every channel when the mask varies along the channel axis.',
          ),
      methods=("masked_fill",), functions=(torch.masked_fill,), backward=_passthrough_backward,
-     heads_aware=True)(_masked_fill_forward)
+     heads_aware=True, macs=per_output(1))(_masked_fill_forward)
 rule("where", doc=(
          '`torch.where(mask, x, fill)` with a mask and fill the same for every channel.',
          'Nothing itself.',
          'Every channel otherwise.',
          ),
-     functions=(torch.where,), backward=_where_backward, heads_aware=True)(_where_forward)
+     functions=(torch.where,), backward=_where_backward, heads_aware=True, macs=per_output(1))(_where_forward)
 
 
 # -- the head structure -------------------------------------------------------------------------------------------
@@ -227,11 +227,6 @@ def _matmul_backward(ctx):
     ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
 
 
-def _matmul_macs(_target, args, _kwargs, out) -> tuple:
-    """``Rule.macs``: each output element is a dot product of length K (the first operand's last axis)."""
-    return out.numel() * args[0].shape[-1], 0
-
-
 def _sdpa_macs(_target, args, kwargs, out) -> tuple:
     """``Rule.macs``: ``B * L * S * (E + Ev)`` products (scores and mix, dense even when causal) and three
     operations per score (scale, softmax)."""
@@ -251,7 +246,7 @@ rule("matmul", doc=(
          'Every channel for other matrix products.',
          ),
      functions=(operator.matmul, torch.matmul), methods=("matmul",), backward=_matmul_backward,
-     reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=_matmul_macs)(_matmul_forward)
+     reads_input_presence=True, heads_aware=True, backward_untracked=True, macs=dot_products)(_matmul_forward)
 
 
 # -- scaled_dot_product_attention -----------------------------------------------------------------------------------

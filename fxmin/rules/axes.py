@@ -7,7 +7,7 @@ import torch
 from ..facts import ValueFact
 from ..graph_helpers import tensor_shape
 from .api import REGISTRY, rule
-from .kit import expand_heads_backward, expand_heads_forward, expand_heads_plan, opaque_forward
+from .kit import expand_heads_backward, expand_heads_forward, expand_heads_plan, no_cost, opaque_forward
 
 
 def _tracked(ctx, node):
@@ -120,27 +120,27 @@ rule("permute", doc=(
          '—',
          ),
      functions=(torch.permute,), methods=("permute",),
-     heads_aware=True, constant_view=_moved_constant_view)(_permute_forward)
+     heads_aware=True, constant_view=_moved_constant_view, macs=no_cost)(_permute_forward)
 rule("transpose", doc=(
          'Always: the channel axis swaps with another.',
          'Nothing itself.',
          '—',
          ),
      functions=(torch.transpose, torch.t, torch.swapaxes), methods=("transpose", "t", "swapaxes"),
-     heads_aware=True, constant_view=_moved_constant_view)(_transpose_forward)
+     heads_aware=True, constant_view=_moved_constant_view, macs=no_cost)(_transpose_forward)
 rule("unsqueeze", doc=(
          'Always: a new size-1 axis shifts the channel axis (every axis of attention heads).',
          'Nothing itself.',
          '—',
          ),
      functions=(torch.unsqueeze,), methods=("unsqueeze",), heads_aware=True,
-     constant_view=_moved_constant_view)(_unsqueeze_forward)
+     constant_view=_moved_constant_view, macs=no_cost)(_unsqueeze_forward)
 rule("squeeze", doc=(
          'Removing size-1 axes other than the channel axis.',
          'Nothing itself.',
          'Every channel when the channel axis itself could be squeezed.',
          ),
-     functions=(torch.squeeze,), methods=("squeeze",))(_squeeze_forward)
+     functions=(torch.squeeze,), methods=("squeeze",), macs=no_cost)(_squeeze_forward)
 
 
 # -- expand -------------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ rule("expand", doc=(
          'dims.',
          ),
      methods=("expand",), backward=_expand_backward, plan=_expand_plan, reads_input_presence=True,
-     heads_aware=True, constant_view=_expand_constant_view)(_expand_forward)
+     heads_aware=True, constant_view=_expand_constant_view, macs=no_cost)(_expand_forward)
 
 
 # ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py);

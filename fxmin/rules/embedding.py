@@ -9,7 +9,7 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_backward
+from .kit import no_cost, opaque_backward
 
 
 def _embedding_forward(ctx):
@@ -45,7 +45,7 @@ rule("embedding", doc=(
          '—',
          ),
      modules=(nn.Embedding,), plan=_embedding_plan,
-     edits_module=True)(_embedding_forward)
+     edits_module=True, macs=no_cost)(_embedding_forward)
 
 
 def _table_node(ctx):
@@ -81,7 +81,8 @@ rule("functional embedding", doc=(
          'Columns of the table.',
          'Every column when the table is computed or read elsewhere too (a tied unembedding).',
          ),
-     functions=(torch.ops.aten.embedding.default,), plan=_functional_embedding_plan)(_functional_embedding_forward)
+     functions=(torch.ops.aten.embedding.default,), plan=_functional_embedding_plan,
+     macs=no_cost)(_functional_embedding_forward)
 
 
 def _creation_forward(ctx):
@@ -102,7 +103,7 @@ rule("creation", doc=(
                             torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.tril,
                             torch.triu, torch.eye, torch.linspace),
      methods=("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "tril", "triu"),
-     backward=_creation_backward)(_creation_forward)
+     backward=_creation_backward, macs=no_cost)(_creation_forward)
 
 
 # ATen keys of the creation rule (they read sizes only); most of these fold to constants in the

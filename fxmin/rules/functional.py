@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import dense_macs, dense_view, layer_rule, new_weights, opaque_forward, pointwise_forward, register_pointwise
+from .kit import (dense_macs, dense_view, layer_rule, new_weights, no_cost, opaque_forward, per_output,
+                  pointwise_forward, register_pointwise)
 
 aten = torch.ops.aten
 
@@ -193,7 +194,8 @@ rule("functional batch_norm", doc=(
          'Slices the statistics and affine attributes.',
          'Every channel otherwise.',
          ),
-     functions=tuple(_BATCH_NORMS),  plan=_functional_batch_norm_plan)(_functional_batch_norm_forward)
+     functions=tuple(_BATCH_NORMS), plan=_functional_batch_norm_plan,
+     macs=per_output(2))(_functional_batch_norm_forward)
 
 # -- ATen elementwise, pooling and shape ops (torch.export graphs) ------------------------------------
 
@@ -217,7 +219,7 @@ rule("aten dropout", doc=(
          'Nothing itself.',
          'Every channel with `train=True`.',
          ),
-     functions=(aten.dropout.default,))(_aten_dropout_forward)
+     functions=(aten.dropout.default,), macs=no_cost)(_aten_dropout_forward)
 
 # NOTE [ATen aliases]: these ATen overloads compute what the rule's other targets compute, with the
 # same signature (an ``alpha`` other than the default makes the elementwise rule opaque); the

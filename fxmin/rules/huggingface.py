@@ -23,8 +23,8 @@ import torch
 import torch.fx
 
 from .api import REGISTRY, rule
-from .kit import (check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights, opaque_backward,
-                  opaque_forward, pointwise_forward, register_pointwise)
+from .kit import (add_dot_products, check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights,
+                  no_cost, opaque_backward, opaque_forward, pointwise_forward, register_pointwise)
 
 # -- scalars and guards ----------------------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ rule("cast", doc=(
          'Nothing itself.',
          'Any other operand (a tensor in `type_as`, a cast to an integer dtype read at run time).',
          ),
-     methods=("to", "type", "type_as"), heads_aware=True)(_cast_forward)
+     methods=("to", "type", "type_as"), heads_aware=True, macs=no_cost)(_cast_forward)
 
 # ``torch.pow(x, 3.0)`` in GELU-tanh: elementwise when the exponent is a number (a node operand
 # makes the pointwise rule opaque, which is exact).
@@ -162,7 +162,7 @@ layer_rule("addmm (Conv1D)", _addmm_view, _addmm_plan, doc=(
            channel_axis=-1, operand=lambda ctx: _MatrixOperand(ctx, 1),
            exact="Exact as nn.Linear with weight W.T (NOTE [Conv1D]) when W and the bias are model constants "
                  "read only here; otherwise every channel around it is kept.",
-           functions=(torch.addmm,))
+           functions=(torch.addmm,), macs=add_dot_products)
 
 
 # -- Conv1D kept as a leaf module -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch.fx
 
 from ..facts import TupleFact, ValueFact
 from .api import REGISTRY, rule
-from .kit import index_new_axes_forward, opaque_backward, opaque_forward
+from .kit import index_new_axes_forward, no_cost, opaque_backward, opaque_forward, per_input
 
 
 # -- indexing ---------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ rule("getitem", doc=(
          'axis but full slices and `None`).',
          ),
      functions=(operator.getitem,), backward=_getitem_backward, plan=_getitem_plan,
-     heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view)(_getitem_forward)
+     heads_aware=True, backward_untracked=True, constant_view=_getitem_constant_view, macs=no_cost)(_getitem_forward)
 
 
 # -- reductions ---------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ rule("reduction", doc=(
          'varying channels under a mean or sum over the channel axis.',
          ),
      functions=(torch.mean, torch.sum, torch.amax, torch.amin), methods=("mean", "sum", "amax", "amin"),
-     backward=_reduce_backward, plan=_reduce_plan, backward_untracked=True)(_reduce_forward)
+     backward=_reduce_backward, plan=_reduce_plan, backward_untracked=True, macs=per_input)(_reduce_forward)
 
 
 # -- index_select with a constant index (what minimize writes at the inputs) -----------------------------------
@@ -248,7 +248,7 @@ rule("index_select", doc=(
          ),
      functions=(torch.index_select,), methods=("index_select",), backward=_index_select_backward,
      backward_untracked=True,
-     plan=_index_select_plan)(_index_select_forward)
+     plan=_index_select_plan, macs=no_cost)(_index_select_forward)
 
 
 # ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)
@@ -278,7 +278,7 @@ rule("advanced index", doc=(
          'Nothing itself: channels pass through.',
          'Every channel when the channel axis (or an axis before it) is indexed or skipped.',
          ),
-     functions=(torch.ops.aten.index.Tensor,))(_advanced_index_forward)
+     functions=(torch.ops.aten.index.Tensor,), macs=no_cost)(_advanced_index_forward)
 
 
 def _argmax_forward(ctx):
@@ -323,4 +323,4 @@ rule("narrow", doc=(
          'Every channel when the channel axis itself is narrowed.',
          ),
      functions=(torch.narrow,), methods=("narrow",), heads_aware=True,
-     constant_view=_narrow_constant_view)(_narrow_forward)
+     constant_view=_narrow_constant_view, macs=no_cost)(_narrow_forward)

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import FxminError, describe_node
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_forward, pointwise_forward
+from .kit import no_cost, opaque_forward, pointwise_forward
 
 
 def _refuse_training(ctx, probability) -> None:
@@ -53,12 +53,13 @@ _DROP_DOC = (
 
 def _register_stochastic_depth(module) -> None:
     rule("stochastic_depth", doc=_DROP_DOC, functions=(module.stochastic_depth,), modules=(module.StochasticDepth,),
-         heads_aware=True, passes_axis=True, identity_in_eval=lambda node, root: True)(_random_depth_forward)
+         heads_aware=True, passes_axis=True, identity_in_eval=lambda node, root: True,
+         macs=no_cost)(_random_depth_forward)
 
 
 def _register_drop_path(module) -> None:
     rule("stochastic_depth", doc=_DROP_DOC, modules=(module.DropPath,), heads_aware=True, passes_axis=True,
-         identity_in_eval=lambda node, root: True)(_random_depth_forward)
+         identity_in_eval=lambda node, root: True, macs=no_cost)(_random_depth_forward)
 
 
 # -- torchvision's Swin Transformer ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_backward
+from .kit import opaque_backward, per_output
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -89,7 +89,7 @@ rule("batch_norm", doc=(
          ),
      modules=_BATCH_NORMS, backward=_batch_norm_backward, plan=_batch_norm_plan,
      input_axis=lambda node, root: 1, absorbs_shift=_absorbs_shift,
-     edits_module=True)(_batch_norm_forward)
+     edits_module=True, macs=per_output(2))(_batch_norm_forward)
 
 
 # -- LayerNorm, RMSNorm, GroupNorm(1, C): through CompensatedLayerNorm ------------------------------------------
@@ -376,7 +376,7 @@ rule("layer_norm", doc=(
      modules=(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _cln_type()),
      functions=(F.layer_norm, F.rms_norm, F.group_norm),
      backward=_norm_backward, plan=_norm_plan, edits_module=True, backward_untracked=True, input_axis=_norm_input_axis,
-     heads_aware=True)(_norm_forward)
+     heads_aware=True, macs=per_output(4))(_norm_forward)
 
 
 # ATen keys of the functional norms, with the signatures of F.layer_norm / F.group_norm / F.rms_norm

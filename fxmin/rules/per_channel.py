@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_forward
+from .kit import no_cost, opaque_forward
 
 
 def _norm_arguments(ctx):
@@ -124,7 +124,7 @@ rule("pad", doc=(
          'Nothing itself: channels pass through.',
          'Every channel when the channel axis is padded (or by amounts computed at run time).',
          ),
-     functions=(F.pad,), heads_aware=True)(_pad_forward)
+     functions=(F.pad,), heads_aware=True, macs=no_cost)(_pad_forward)
 
 
 def _rearrange_forward(ctx):
@@ -146,7 +146,7 @@ rule("roll/flip", doc=(
          'Nothing itself: channels pass through.',
          'Every channel when the channel axis moves (or for a roll of the flattened tensor).',
          ),
-     functions=(torch.roll, torch.flip), methods=("roll", "flip"), heads_aware=True)(_rearrange_forward)
+     functions=(torch.roll, torch.flip), methods=("roll", "flip"), heads_aware=True, macs=no_cost)(_rearrange_forward)
 
 
 # -- scans -------------------------------------------------------------------------------------------------------

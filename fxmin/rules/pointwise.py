@@ -16,8 +16,8 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import (BINARY_OPS, check_in_place, in_place_call, mutates, opaque_forward, pointwise_forward,  # noqa: F401
-                  register_pointwise)
+from .kit import (BINARY_OPS, check_in_place, in_place_call, mutates, no_cost, opaque_forward,  # noqa: F401
+                  per_input, per_output, pointwise_forward, register_pointwise)
 
 # -- unary pointwise -------------------------------------------------------------------------------
 
@@ -47,7 +47,8 @@ rule("dropout", doc=(
          'As `pointwise`.',
          ),
      functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
-     heads_aware=True, passes_axis=True, mutates=mutates, identity_in_eval=lambda node, root: True)(_dropout_forward)
+     heads_aware=True, passes_axis=True, mutates=mutates, identity_in_eval=lambda node, root: True,
+     macs=no_cost)(_dropout_forward)
 
 
 # -- binary elementwise ---------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ rule("elementwise", doc=(
          ),
      functions=[k for k in BINARY_OPS if not isinstance(k, (str, torch._ops.OpOverload))],
      methods=[k for k in BINARY_OPS if isinstance(k, str)], backward=_binary_backward, plan=_binary_plan,
-     heads_aware=True, passes_axis=True, mutates=mutates)(_binary_forward)
+     heads_aware=True, passes_axis=True, mutates=mutates, macs=per_output(1))(_binary_forward)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------
@@ -315,7 +316,7 @@ rule("pooling", doc=(
          '(all kept).',
          ),
      modules=[k for k in _POOL_DIMS if isinstance(k, type)],
-     functions=_POOL_TARGETS)(_pool_forward)
+     functions=_POOL_TARGETS, macs=per_input)(_pool_forward)
 
 
 # trigonometric functions (sin/cos positional encodings: EdgeNeXt, DETR-style models)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, opaque_forward,
+from .kit import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, no_cost, opaque_forward,
                   product_closure, uniform_digits, view_entries)
 
 
@@ -59,7 +59,7 @@ rule("flatten", doc=(
          "The block of every removed channel (the reader's columns follow).",
          'Every channel when the input is untracked.',
          ),
-     modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",),
+     modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",), macs=no_cost,
      )(_flatten_forward)
 
 
@@ -283,7 +283,7 @@ rule("reshape_as", doc=(
          'Follows the channels (the shape is read from `y` at run time).',
          'Every channel when `y` is untracked or its channels sit elsewhere.',
          ),
-     methods=("reshape_as", "view_as"))(_reshape_as_forward)
+     methods=("reshape_as", "view_as"), macs=no_cost)(_reshape_as_forward)
 
 
 rule("view/reshape", doc=(
@@ -297,7 +297,8 @@ rule("view/reshape", doc=(
          'positions (NOTE [Channel shuffle]).',
          ),
      functions=(torch.reshape,), methods=("view", "reshape"),
-     backward=_view_backward, plan=_view_plan, heads_aware=True, constant_view=_view_constant_view)(_view_forward)
+     backward=_view_backward, plan=_view_plan, heads_aware=True, constant_view=_view_constant_view,
+     macs=no_cost)(_view_forward)
 
 
 # ``_unsafe_view`` is ``view`` without the aliasing guarantee: the same values and sizes

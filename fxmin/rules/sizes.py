@@ -23,7 +23,7 @@ import torch.fx
 
 from ..errors import MissingRuleError, describe_node
 from .api import rule
-from .kit import BINARY_OPS, opaque_backward, opaque_forward, size_use_kinds
+from .kit import BINARY_OPS, no_cost, opaque_backward, opaque_forward, size_use_kinds
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
@@ -187,14 +187,14 @@ rule("size", doc=(
          'scales and follows coupled channels, pins its axis: every channel kept.',
          ),
      methods=("size", "dim"), backward=_size_backward, plan=_size_plan, heads_aware=True,
-     backward_untracked=True)(_size_forward)
+     backward_untracked=True, macs=no_cost)(_size_forward)
 rule("getattr", doc=(
          '`.shape`, `.dtype`, `.device`, `.ndim`... read no channel.',
          '—',
          'Reading the size of the tracked axis pins it; an unknown attribute is a `MissingRuleError`.',
          ),
      functions=(builtins.getattr,), backward=_size_backward, plan=_size_plan, backward_untracked=True,
-     heads_aware=True)(_getattr_forward)
+     heads_aware=True, macs=no_cost)(_getattr_forward)
 
 
 def _guard_forward(ctx):

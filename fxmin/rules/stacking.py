@@ -12,7 +12,7 @@ import torch.fx
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_forward
+from .kit import no_cost, opaque_forward
 
 
 def _stack_forward(ctx):
@@ -51,5 +51,5 @@ rule("stack", doc=(
          'A channel of the coupled group when it is removable in every input.',
          'Every channel when an input\'s channel axis cannot be followed or is split into heads.',
          ),
-     functions=(torch.stack,))(_stack_forward)
+     functions=(torch.stack,), macs=no_cost)(_stack_forward)
 REGISTRY.alias(torch.stack, torch.ops.aten.stack.default)

@@ -16,7 +16,7 @@ import torch.fx
 
 from ..facts import TupleFact, ValueFact
 from .api import REGISTRY, rule
-from .kit import opaque_forward
+from .kit import no_cost, opaque_forward
 
 
 def _tracked(ctx, node):
@@ -103,7 +103,7 @@ rule("cat", doc=(
          "Every channel when an input's channel axis cannot be followed.",
          ),
      functions=(torch.cat, torch.concat, torch.concatenate),
-     heads_aware=True)(_cat_forward)
+     heads_aware=True, macs=no_cost)(_cat_forward)
 
 
 # -- split / chunk --------------------------------------------------------------------------------------------
@@ -255,7 +255,8 @@ rule("split", doc=(
          'Every channel when the sizes cannot be patched.',
          ),
      functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
-     backward=_split_backward, plan=_split_plan, reads_input_presence=True, heads_aware=True)(_split_forward)
+     backward=_split_backward, plan=_split_plan, reads_input_presence=True, heads_aware=True,
+     macs=no_cost)(_split_forward)
 
 
 # ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py)

@@ -19,13 +19,14 @@ from .efficientnet import (EfficientNet, MBConv, MBConvConfig, SqueezeExcitation
                            efficientnet_block)
 from .gpt import GPT, CausalSelfAttention, gpt, gpt2_small
 from .llama import DecoderLayer, GroupedQueryAttention, Llama, SwiGLU, llama
+from .masks import random_masks
 from .layers import Conv2dNormActivation, LayerNorm2d, Permute, StochasticDepth, make_divisible
 from .mobilenet import InvertedResidual, MobileNetV2, mobilenet_v2
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from .vit import Attention, VisionTransformer, vit, vit_small
 
 __all__ = [
-    "MODELS", "images", "tokens",
+    "MODELS", "images", "random_masks", "tokens",
     "CNBlock", "ConvNeXt", "convnext_tiny",
     "DenseBlock", "DenseLayer", "DenseNet", "Transition", "densenet", "densenet121", "densenet_block",
     "EfficientNet", "MBConv", "MBConvConfig", "SqueezeExcitation", "efficientnet", "efficientnet_b0",

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...errors import FxminError, describe_node
 from ...facts import ValueFact
+from ...graph_helpers import count_elements
 from ..api import rule
 
 
@@ -117,7 +118,8 @@ def register_pointwise(*, modules=(), functions=(), methods=(), name="pointwise"
     >>> register_pointwise(functions=[torch.erf], methods=["erf"])  # doctest: +SKIP
     """
     rule(name, modules=modules, functions=functions, methods=methods, heads_aware=True, passes_axis=True,
-         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc, constant_view=_copy_constant_view)(pointwise_forward)
+         mutates=mutates, identity_in_eval=identity_in_eval, doc=doc, constant_view=_copy_constant_view,
+         macs=pointwise_macs)(pointwise_forward)
 
 
 def _copy_constant_view(node, root, axis):
@@ -137,6 +139,18 @@ def identity_in_eval(node, root) -> bool:
     if node.op == "call_module":
         return isinstance(root.get_submodule(node.target), _IDENTITY_MODULES)
     return node.op == "call_method" and node.target in _IDENTITY_METHODS
+
+
+_FREE_METHODS = (*_IDENTITY_METHODS, "bool", "long", "int")
+_FREE_FUNCTIONS = (torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default)
+
+
+def pointwise_macs(target, _args, _kwargs, out) -> tuple:
+    """``Rule.macs`` of the pointwise rules: one operation per output element; identity modules,
+    copies and casts cost nothing (NOTE [What is counted] in fxmin.audit.flops)."""
+    if isinstance(target, _IDENTITY_MODULES) or target in _FREE_METHODS or target in _FREE_FUNCTIONS:
+        return 0, 0
+    return 0, count_elements(out)
 
 
 BINARY_OPS = {
