@@ -6,9 +6,11 @@ an injected point: inside a training call (``train``), inside minimization (``re
 ``GraphModule.recompile``), or halfway through writing a checkpoint (``save``: the Nth ``torch.save``
 writes half its bytes, then the process dies). After each kill every checkpoint left must load, the
 work lost must be at most the cycle in progress, and the run resumed to its end must give the same
-history and weights as a run that was never killed.
+history and weights as a run that was never killed. Kills are drawn within the uninterrupted run (its
+number of training calls, recompiles and checkpoint writes, and its length), and runs are added until
+``--kills`` kills have taken effect (a later kill of a run may fall after its resumed process ended).
 
-    python -m benchmarks.cycle_kills --kills 50 --write docs/reliability.md
+    nice -n 10 timeout 3600 python -m benchmarks.cycle_kills --kills 50 --seed 0 --write docs/reliability.md
 
 ``tests/test_cycle_kills.py`` runs a few of the same kills in ``make test``.
 """
@@ -38,48 +40,53 @@ def _die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+POINTS = ("train", "rewrite", "save")
+
+
 def _inject(kill_at: str | None, log) -> None:
-    """Arm the injected kill ``point:count`` (``train:N``, ``rewrite:N``, ``save:N``)."""
-    if not kill_at:
-        return
-    point, count = kill_at.split(":")
+    """Log each kill point as the run passes it (``event train|rewrite|save``: the uninterrupted run's
+    counts bound the kills drawn) and arm the injected kill ``point:count`` (``train:N``, ``rewrite:N``,
+    ``save:N``: at the Nth time this process passes that point)."""
+    point, count = kill_at.split(":") if kill_at else ("", "0")
+    if point and point not in POINTS:
+        raise SystemExit(f"unknown kill point {point!r}: {', '.join(POINTS)}")
     countdown = [int(count)]
 
-    def due() -> bool:
+    def passing(here: str) -> bool:
+        """Log that the run passes ``here``; True when the armed kill is due there."""
+        log(f"event {here}")
+        if here != point:
+            return False
         countdown[0] -= 1
         return countdown[0] == 0
 
     import torch
     import torch.fx
 
-    if point == "rewrite":
-        recompile = torch.fx.GraphModule.recompile
+    recompile = torch.fx.GraphModule.recompile
 
-        def recompile_then_maybe_die(self, *args, **kwargs):
-            if due():
-                log("kill rewrite")
-                _die()
-            return recompile(self, *args, **kwargs)
-
-        torch.fx.GraphModule.recompile = recompile_then_maybe_die
-    elif point == "save":
-        save = torch.save
-
-        def save_half_then_maybe_die(obj, f, *args, **kwargs):
-            if not due() or not isinstance(f, (str, os.PathLike)):
-                return save(obj, f, *args, **kwargs)
-            buffer = io.BytesIO()
-            save(obj, buffer, *args, **kwargs)
-            with open(f, "wb") as handle:
-                handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                handle.flush()
-            log(f"kill save {os.path.basename(f)}")
+    def recompile_then_maybe_die(self, *args, **kwargs):
+        if passing("rewrite"):
+            log("kill rewrite")
             _die()
+        return recompile(self, *args, **kwargs)
 
-        torch.save = save_half_then_maybe_die
-    elif point != "train":
-        raise SystemExit(f"unknown kill point {point!r}: train, rewrite or save")
-    _inject.train_due = due if point == "train" else (lambda: False)
+    torch.fx.GraphModule.recompile = recompile_then_maybe_die
+    save = torch.save
+
+    def save_half_then_maybe_die(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)) or not passing("save"):
+            return save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as handle:
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            handle.flush()
+        log(f"kill save {os.path.basename(f)}")
+        _die()
+
+    torch.save = save_half_then_maybe_die
+    _inject.train_due = lambda: passing("train")
 
 
 def run_child(folder: str, kill_at: str | None) -> None:
@@ -95,7 +102,6 @@ def run_child(folder: str, kill_at: str | None) -> None:
         with open(log_path, "a") as handle:
             handle.write(line + "\n")
 
-    _inject.train_due = lambda: False
     _inject(kill_at, log)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 20, generator=g)
@@ -179,11 +185,25 @@ def cycle_in_progress(folder: str) -> int:
 
 
 def reference(work: str) -> dict:
+    """The result of the run never killed."""
+    return reference_run(work)[0]
+
+
+def reference_run(work: str) -> tuple[dict, dict]:
+    """``(result, reach)`` of the run never killed: ``reach`` counts the times it passed each kill point
+    and its length in seconds (the process's, from spawn to exit), the bounds of the kills drawn."""
     folder = os.path.join(work, "reference")
     os.makedirs(folder)
+    started = time.perf_counter()
     _finish(_spawn(folder))
+    reach = {"seconds": time.perf_counter() - started, **{point: 0 for point in POINTS}}
+    with open(os.path.join(folder, LOG)) as handle:
+        for line in handle:
+            parts = line.split()
+            if parts[0] == "event":
+                reach[parts[1]] += 1
     with open(os.path.join(folder, RESULT)) as handle:
-        return json.load(handle)
+        return json.load(handle), reach
 
 
 def killed_run(work: str, name: str, kills: list) -> dict:
@@ -214,20 +234,29 @@ def killed_run(work: str, name: str, kills: list) -> dict:
         return {"rows": rows, "result": json.load(handle)}
 
 
-def plan(kills: int, seed: int) -> list[list]:
-    """Runs of 1-3 kills each, injected points and random moments mixed, ``kills`` kills in all."""
+def draw_run(rng: random.Random, reach: dict, most: int) -> list:
+    """The kills of one run: 1 to ``most`` (at most 3), injected points and random moments mixed, each
+    drawn within what the uninterrupted run reaches (``reach``): the first one always takes effect; a
+    later one falls in the resumed process, which has less left to do, and may come after its end."""
+    run = []
+    for _ in range(min(rng.randint(1, 3), most)):
+        choice = rng.choice([*POINTS, "random"])
+        if choice == "random":
+            run.append(("random", round(rng.uniform(1.0, reach["seconds"]), 1)))
+        else:
+            run.append(f"{choice}:{rng.randint(1, reach[choice])}")
+    return run
+
+
+def kill_runs(work: str, kills: int, seed: int, reach: dict) -> list:
+    """Killed runs, drawn and run one after the other until ``kills`` kills have taken effect."""
     rng = random.Random(seed)
-    runs, planned = [], 0
-    while planned < kills:
-        run = []
-        for _ in range(min(rng.randint(1, 3), kills - planned)):
-            choice = rng.choice(["train", "rewrite", "save", "random"])
-            if choice == "random":
-                run.append(("random", round(rng.uniform(2.0, 12.0), 1)))
-            else:
-                run.append(f"{choice}:{rng.randint(1, {'train': 8, 'rewrite': 6, 'save': 5}[choice])}")
+    runs, effective = [], 0
+    while effective < kills:
+        run = killed_run(work, f"run{len(runs)}", draw_run(rng, reach, kills - effective))
         runs.append(run)
-        planned += len(run)
+        effective += sum(row["killed"] for row in run["rows"])
+        print(json.dumps({"run": len(runs) - 1, "kills so far": effective, **run}), file=sys.stderr, flush=True)
     return runs
 
 
@@ -244,14 +273,17 @@ def main(argv=None) -> None:
         return
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
-        expected = reference(work)
-        runs = [killed_run(work, f"run{i}", kills) for i, kills in enumerate(plan(args.kills, args.seed))]
+        expected, reach = reference_run(work)
+        runs = kill_runs(work, args.kills, args.seed, reach)
     rows = [row for run in runs for row in run["rows"] if row["killed"]]
+    late = sum(not row["killed"] for run in runs for row in run["rows"])
     same = sum(run["result"] == expected for run in runs)
     summary = {
-        "kills": len(rows), "runs": len(runs), "corrupt checkpoints": sum(len(r["corrupt"]) for r in rows),
+        "kills": len(rows), "kills after the end": late, "runs": len(runs),
+        "corrupt checkpoints": sum(len(r["corrupt"]) for r in rows),
         "max cycles lost": max((r["cycles_lost"] for r in rows), default=0),
         "runs equal to the uninterrupted run": f"{same} / {len(runs)}", "seconds": round(time.time() - started),
+        "reach": reach,
     }
     print(json.dumps(summary, indent=1))
     if args.write:
@@ -259,6 +291,7 @@ def main(argv=None) -> None:
 
 
 def _write(path: str, summary: dict, rows: list, args) -> None:
+    reach = summary["reach"]
     from tabulate import tabulate
 
     from benchmarks.markdown import replace_section
@@ -273,14 +306,17 @@ def _write(path: str, summary: dict, rows: list, args) -> None:
     text = "\n".join([
         "## Faults in the Squeeze-Release cycle",
         "",
-        f"`python -m benchmarks.cycle_kills --kills {args.kills} --seed {args.seed} --write {path}` "
-        f"({summary['seconds']} s): a small deterministic cycle (4 cycles and a 2-candidate finishing phase, "
-        "checkpoints on) killed with SIGKILL inside training, inside minimization, halfway through a "
-        "checkpoint write, or at a random moment; each time every checkpoint left is loaded, and the run "
-        "is resumed until it ends.",
+        f"`nice -n 10 timeout 3600 python -m benchmarks.cycle_kills --kills {args.kills} --seed {args.seed} "
+        f"--write {path}` ({summary['seconds']} s): a small deterministic cycle (4 cycles and a 2-candidate "
+        "finishing phase, checkpoints on) killed with SIGKILL inside training, inside minimization, halfway "
+        "through a checkpoint write, or at a random moment; each time every checkpoint left is loaded, and "
+        "the run is resumed until it ends. Each kill is drawn within the uninterrupted run (it passed "
+        f"{reach['train']} training calls, {reach['rewrite']} recompiles and {reach['save']} checkpoint writes "
+        f"in {reach['seconds']:.0f} s), and runs are added until {args.kills} kills have taken effect; "
+        "'kills after the end' counts the later kills of a run that fell after its resumed process ended.",
         "",
-        tabulate([[v for k, v in summary.items() if k != "seconds"]],
-                 headers=[k for k in summary if k != "seconds"], tablefmt="github"),
+        tabulate([[v for k, v in summary.items() if k not in ("seconds", "reach")]],
+                 headers=[k for k in summary if k not in ("seconds", "reach")], tablefmt="github"),
         "",
         tabulate([[kind, n, corrupt, lost] for kind, (n, corrupt, lost) in sorted(kinds.items())],
                  headers=["kill point", "kills", "corrupt checkpoints", "max cycles lost"], tablefmt="github"),

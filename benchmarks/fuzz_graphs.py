@@ -5,8 +5,8 @@ Linear/Conv/norm/attention/residual/cat/split ops with planted dead structure); 
 minimizes it and judges the result against the masked model in float64 and against the oracle of
 ``tests/fuzz_oracle.py`` (see docs/reliability.md). Reproduce one case with ``--start s --cases 1 -v``.
 
-    nice -n 10 python benchmarks/fuzz_graphs.py --cases 10000 --jobs 2 --write
-    python benchmarks/fuzz_graphs.py --merge run1.jsonl run2.jsonl --write   # runs logged with --log
+    nice -n 10 python -m benchmarks.fuzz_graphs --cases 10000 --jobs 2 --write
+    python -m benchmarks.fuzz_graphs --merge run1.jsonl run2.jsonl --write   # runs logged with --log
 """
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))  # this checkout's fxmin, not an installed one
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # the fuzzer's modules import each other as top-level modules
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
@@ -29,7 +27,8 @@ from tabulate import tabulate  # noqa: E402
 from fuzz_case import run_case  # noqa: E402
 from fuzz_descriptions import KINDS, RandomDraw, describe  # noqa: E402
 from fuzz_oracle import LIMITS  # noqa: E402
-from pass_speed import section, write_section  # noqa: E402
+from benchmarks.markdown import replace_section  # noqa: E402
+from benchmarks.pass_speed import section  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 TITLE = "Random graphs: exact or loud, and removal against the oracle"
@@ -137,8 +136,8 @@ def publish(records: list, seconds: float | None, write: bool, argv) -> None:
     text = table(records) + "\n\n" + notes(records, seconds)
     print(text)
     if write:
-        command = "nice -n 10 python benchmarks/fuzz_graphs.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(DOC, TITLE, section(command, text, TITLE))
+        command = "nice -n 10 python -m benchmarks.fuzz_graphs " + " ".join(argv if argv is not None else sys.argv[1:])
+        replace_section(DOC, "fuzz_graphs.py", section(command, text, TITLE), heading="# Reliability")
         print(f"wrote section '{TITLE}' to {DOC}")
 
 

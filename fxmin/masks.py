@@ -185,6 +185,40 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     return reference, {**from_prune, **applied}
 
 
+def require_read(graph_module: torch.fx.GraphModule, reference: nn.Module, masks, model_name: str) -> None:
+    """NOTE [Masks of unread parameters]: raise :class:`MaskError` for a mask in ``masks`` (the user's) that
+    removes entries of a parameter the traced forward (``graph_module``, traced from ``reference``) never
+    reads. Such a mask could change nothing, so fxmin would return the model unchanged there while the
+    user expects it smaller: a typo'd module path that still names a parameter, a branch the forward
+    skips on these inputs, or a module left over from another version of the model. An all-ones mask
+    removes nothing and passes."""
+    if not masks:
+        return
+    read = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            read.update(id(p) for p in graph_module.get_submodule(node.target).parameters())
+        elif node.op == "get_attr":
+            read.add(id(_fetch(graph_module, node.target)))
+    traced = dict(graph_module.named_parameters(remove_duplicate=False))
+    ours = dict(reference.named_parameters(remove_duplicate=False))
+    for name, mask in masks.items():
+        parameter = traced.get(name, ours.get(name))
+        if id(parameter) in read or bool(torch.as_tensor(mask).bool().all()):
+            continue
+        removed = int((~torch.as_tensor(mask).bool()).sum())
+        raise MaskError(
+            f"mask for '{name}' removes {removed} entries of a parameter that {model_name}'s forward never "
+            "reads (its traced graph has no use of it): it would change nothing, and nothing there would get "
+            "smaller. Drop it from the masks, or call the module that owns it in forward (squeeze_release: "
+            f"select={{'exclude': ['{name}']}}).")
+
+
+def _fetch(root: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
 def _require_finite(reference: nn.Module) -> None:
     for name, tensor in (*reference.named_parameters(), *reference.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .analysis import Analysis, analyze_graph
 from .errors import InputError, TraceError
-from .masks import masked_reference, model_device, to_device
+from .masks import masked_reference, model_device, require_read, to_device
 from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
@@ -96,9 +96,11 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
                 raise TraceError(f"neither front end could trace {type(model).__name__}.\n{fx_error}\n{error}") from error
             raise
         graph_module.eval()
+        require_read(graph_module, reference, masks, type(model).__name__)
         propagate_shapes(graph_module, example_inputs)
         return Prepared(graph_module, used_masks, example_inputs, "export", convention)
     graph_module.eval()
+    require_read(graph_module, reference, masks, type(model).__name__)
     if example_inputs is None:
         example_inputs = infer_example_inputs(graph_module)
     elif isinstance(example_inputs, Mapping):

@@ -20,6 +20,7 @@ Verification's float64 comparison runs the float64 build, where nothing was roun
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,17 +102,51 @@ def make_plan(analysis: Analysis) -> Plan:
 
 
 def _unread(graph_module, operands: dict, analysis) -> tuple:
-    """NOTE [Constant operands]: the nodes that nothing reads once each operand's edge is cut: every one
-    of their readers is cut or unread itself. Placeholders, in-place and side-effecting calls stay, and
-    so does anything nobody read to begin with (it is not the plan's to remove)."""
+    """NOTE [Constant operands]: the nodes that nothing reads once each operand's argument is replaced:
+    every read of them is a replaced argument or comes from an unread node. Placeholders, in-place and
+    side-effecting calls stay, and so does anything nobody read to begin with (it is not the plan's to
+    remove), except a size read (NOTE [Unused size reads])."""
     cut = {(operand.source, operand.node) for operand in operands.values()}
     unread: set = set()
     for node in reversed(graph_module.graph.nodes):
-        if not node.users or node.op in ("placeholder", "output") or _keeps_effects(node, graph_module, analysis):
+        if node.op in ("placeholder", "output") or _keeps_effects(node, graph_module, analysis):
             continue
-        if all((node.name, user.name) in cut or user.name in unread for user in node.users):
+        if not node.users:
+            if _reads_a_size(node):
+                unread.add(node.name)
+            continue
+        if all(user.name in unread or ((node.name, user.name) in cut and _reads(user, node) == 1)
+               for user in node.users):
             unread.add(node.name)
     return tuple(node.name for node in graph_module.graph.nodes if node.name in unread)
+
+
+# NOTE [Unused size reads]
+# `batch, _, tokens, _ = x.shape` (repeat_kv) leaves getitems nobody reads; each still reads `x.shape`,
+# so a branch whose value became a constant operand would stay for them alone, beside the constant
+# that replaced it, and the result would be larger than the model. A size read computes a Python
+# number from a tensor's metadata and has no effect, so one nobody reads is dropped with the rest.
+
+
+def _reads_a_size(node) -> bool:
+    """``x.shape``, ``x.shape[i]``, ``x.size()``, ``x.size(d)``, ``x.dim()``: a number from metadata."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in ("shape", "ndim")
+    if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return _reads_a_size(node.args[0])
+    return False
+
+
+def _reads(user, node) -> int:
+    """How many arguments of ``user`` are ``node`` (``c * c`` reads ``c`` twice; replacing one argument
+    leaves the other reading it)."""
+    reads = []
+    torch.fx.node.map_arg((user.args, user.kwargs), lambda arg: reads.append(arg is node))
+    return sum(reads)
 
 
 def _keeps_effects(node, graph_module, analysis) -> bool:

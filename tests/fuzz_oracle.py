@@ -44,6 +44,8 @@ LIMITS = {
                       "chunked tensor may stay",
     "coupled-constant-operand": "an operand constant in every channel still couples with the stream: its "
                                 "channels stay in the plan (its layers leave as 'read by nothing')",
+    "constant-operand-read-twice": "c + c (or c * c) with c constant in every channel stays as it is: "
+                                   "the other read would keep c, and gives the result its shape",
     "constant-branch-needs": "a branch that leaves as a constant operand still made its requirements during "
                              "the analysis (e.g. no-empty-conv keeps channel 0 of the input it read)",
     "constant-key-dim": "a q/k dim that is a nonzero constant in q or k stays (softmax's shift "
@@ -115,22 +117,25 @@ class Oracle:
         self.dropped = self._dropped()
 
     def _cut_operands(self) -> set:
-        """``(operand, node)`` edges of ``add``/``mul`` whose operand is constant in every channel: it becomes
-        a broadcast constant (the ideal cuts every such operand; fxmin the first one)."""
+        """``(operand, node, slot)`` reads of ``add``/``mul`` whose operand is constant in every channel: it
+        becomes a broadcast constant (the ideal cuts every such read; fxmin the first one, and none of
+        ``c + c``, where the other read keeps ``c``: ``constant-operand-read-twice``)."""
         cut = set()
         for i, node in enumerate(self.description["nodes"]):
             if node["op"] in ("add", "mul"):
-                full = [j for j in node["inputs"] if self._full(j)]
-                cut.update((j, i) for j in (full[:1] if self.limits else full))
+                full = [(j, i, slot) for slot, j in enumerate(node["inputs"]) if self._full(j)]
+                if self.limits:
+                    full = [] if len(set(node["inputs"])) < len(node["inputs"]) else full[:1]
+                cut.update(full)
         return cut
 
     def _dropped(self) -> set:
-        """Nodes that nothing reads once the cut edges are gone (their layers leave the model)."""
+        """Nodes that nothing reads once the cut reads are gone (their layers leave the model)."""
         nodes, outputs = self.description["nodes"], set(self.description["outputs"])
         dropped: set = set()
         for j in reversed(range(1, len(nodes))):
             users = [(k, slot) for k, n in enumerate(nodes) for slot, src in enumerate(n["inputs"]) if src == j]
-            if users and j not in outputs and all((j, k) in self.cut or k in dropped for k, _ in users):
+            if users and j not in outputs and all((j, k, slot) in self.cut or k in dropped for k, slot in users):
                 dropped.add(j)
         return dropped
 
@@ -224,7 +229,7 @@ class Oracle:
                 for ch in range(node["channels"]):
                     units.union((inputs[0], ch), (i, ch))
             elif op in ("add", "mul"):
-                joined = [j for j in inputs if self.limits or (j, i) not in self.cut]
+                joined = [j for slot, j in enumerate(inputs) if self.limits or (j, i, slot) not in self.cut]
                 for ch in range(node["channels"]):
                     units.union((i, ch), *[(j, ch) for j in joined])
             elif op == "cat":
@@ -273,6 +278,9 @@ class Oracle:
         nodes = self.description["nodes"]
         if self.limits and any(n["op"] in ("add", "mul") and any(self._full(j) for j in n["inputs"]) for n in nodes):
             fired.add("coupled-constant-operand")
+        if self.limits and any(n["op"] in ("add", "mul") and len(set(n["inputs"])) < len(n["inputs"])
+                               and self._full(n["inputs"][0]) for n in nodes):
+            fired.add("constant-operand-read-twice")
         for j in self.description["outputs"]:
             require(j, np.ones(len(self.facts[j][0]), bool))
         changed = True

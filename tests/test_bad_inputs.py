@@ -25,6 +25,18 @@ def meta_model():
         return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
+class WithUnusedHead(nn.Module):
+    """A model whose second head the forward never calls (a leftover of another version)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.old_head = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
 def with_value(value, index=(0, 0)):
     model = net()
     with torch.no_grad():
@@ -53,6 +65,10 @@ ROWS = [
     ("a mask for a buffer", lambda: fxmin.minimize(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)),
                                                    {"1.running_mean": torch.ones(8)}, X),
      fxmin.MaskError, ["'1.running_mean'", "a buffer", "fxmin masks parameters"]),
+    ("a mask for a parameter the forward never reads",
+     lambda: fxmin.minimize(WithUnusedHead(), {"old_head.weight": torch.zeros(2, 8)}, X),
+     fxmin.MaskError, ["'old_head.weight'", "removes 16 entries", "never reads", "Drop it from the masks",
+                       "select={'exclude': ['old_head.weight']}"]),
     ("a mask of integers other than 0/1", lambda: fxmin.minimize(net(), {"0.weight": torch.full((8, 4), 2)}, X),
      fxmin.MaskError, ["'0.weight'", "boolean or 0/1", "2"]),
     ("a mask that is not a tensor", lambda: fxmin.minimize(net(), {"0.weight": 1}, X),
@@ -86,3 +102,35 @@ def test_nan_in_a_weight_the_masks_remove_is_removed_with_it():
     assert torch.isnan(model[0].weight[5, 1])  # the user's model is untouched
     x = torch.randn(5, 4)
     torch.testing.assert_close(result.module(x), result.reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_all_ones_mask_for_a_parameter_the_forward_never_reads_is_accepted():
+    """It removes nothing, so there is nothing it could have been meant to shrink."""
+    result = fxmin.minimize(WithUnusedHead(), {"old_head.weight": torch.ones(2, 8)}, X)
+    assert "old_head" not in dict(result.module.named_modules())
+
+
+def test_resuming_from_a_checkpoint_directory_of_another_model_says_whose_it_is(tmp_path):
+    """A checkpoint directory written by a loop over another model: resume names the model it started
+    from, what differs, and what to do, instead of continuing from a foreign model."""
+    x = torch.randn(16, 4)
+
+    def train(model, step):
+        pass
+
+    def evaluate(model):
+        return 1.0
+
+    options = dict(train=train, evaluate=evaluate, example_inputs=(x,), cycles=1, amount=0.5,
+                   checkpoint_dir=str(tmp_path), progress=False)
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    fxmin.squeeze_release(other, **options)
+    with pytest.raises(fxmin.InputError) as caught:
+        fxmin.squeeze_release(net(), resume=True, **options)
+    message = str(caught.value)
+    for fragment in ["cycle_001.pt", "another model", "torch.nn.modules.container.Sequential",
+                     "parameter '0.weight' is (6, 4) there, (8, 4) here",
+                     "Pass the model that run started from", "another checkpoint_dir"]:
+        assert fragment in message, f"{fragment!r} missing from {message!r}"
+    resumed = fxmin.squeeze_release(other, resume=True, **options)  # its own model resumes (nothing left to run)
+    assert [r.cycle for r in resumed.history] == [0, 1]

@@ -94,11 +94,13 @@ def test_invalid_keywords_are_refused_before_anything_runs():
 
 
 def test_cycle_checkpoints_keep_the_version_1_format(tmp_path):
-    """Checkpoints written before the settings objects must resume: the payload keeps its keys."""
+    """Checkpoints written before the settings objects must resume: the payload keeps its keys (and adds
+    'model', the signature of the model the loop started from, which a resume checks when it is there)."""
     x, y = data(100)
     net = trained_mlp(x, y)
     _run(net, x, y, cycles=1, amount=0.3, tolerance=1.0, checkpoint_dir=str(tmp_path), progress=False)
     saved = fxmin.cycle.load_checkpoint(fxmin.cycle.latest_checkpoint(str(tmp_path)))
     assert saved["version"] == 1 and set(saved) == {
         "version", "cycle", "module", "history", "baseline", "best_cycle", "best_module", "best_masks",
-        "params_original", "misses", "stopped", "rng", "scale", "current_released", "finish_baseline", "candidates"}
+        "params_original", "misses", "stopped", "rng", "scale", "current_released", "finish_baseline", "candidates",
+        "model"}

@@ -13,7 +13,6 @@ the subset stays green until the fix, when the strict reproducer turns red and t
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import assume, given, settings
 from torch import nn
@@ -25,21 +24,13 @@ from fuzz_models import build, example_inputs
 from fuzz_oracle import Oracle, layer_kept
 from helpers import masked_copy
 
-#: error text of a known bug -> the reproducer test that pins it
-KNOWN_BUGS = {
-    "Tried to erase Node": "test_constant_operand_read_twice",
-}
+#: error text of a known bug -> the reproducer test that pins it (none open)
+KNOWN_BUGS: dict = {}
 
 
 def _known_bug(outcome) -> bool:
-    """A case that shows a bug pinned by a reproducer below: a known error text, or (pinned by
-    test_constant_branch_read_only_by_an_unused_shape_leaves) grouped-query k/v projections kept only
-    because repeat_kv reads their shape."""
-    if any(text in outcome.error for text in KNOWN_BUGS):
-        return True
-    beyond = [d.split(" ")[0] for d in outcome.differences if "beyond the oracle" in d]
-    return outcome.kind == "gqa" and outcome.removal == "keeps-more" and all(
-        path.endswith((".k", ".v")) for path in beyond)
+    """A case that shows a bug pinned by a strict-xfail reproducer below (its error text)."""
+    return any(text in outcome.error for text in KNOWN_BUGS)
 
 
 def _check(description: dict) -> None:
@@ -107,7 +98,7 @@ def test_oracle_on_a_residual_block_with_a_dead_unit():
     assert run_case(description).removal == "match"
 
 
-# -- reproducers of the bugs the fuzzer found (xfail strict: they turn red when fixed) -----------------------------
+# -- reproducers of the bugs the fuzzer found, fixed (an open one is marked xfail strict) ------------------------
 
 class SquaredConstant(nn.Module):
     def __init__(self):
@@ -120,17 +111,40 @@ class SquaredConstant(nn.Module):
         return self.out(c * c)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "NOTE [Constant operands] cuts operand 0 of c * c as an edge (c, mul); plan._unread then counts c "
-    "as read by nothing although argument 1 still reads it, and the rewrite's erase_node raises "
-    "'Tried to erase Node fc but it still had 1 users'"))
 def test_constant_operand_read_twice():
+    """Found by the fuzzer: in c * c with c constant in every channel, NOTE [Constant operands] replaced
+    argument 0 and the plan dropped c although argument 1 still read it ('Tried to erase Node fc but it
+    still had 1 users'). c * c is left as it is now, and the plan counts a reader's reads."""
     torch.manual_seed(0)
     model = SquaredConstant()
     x = torch.randn(3, 2)
     result = fxmin.minimize(model, {"fc.weight": torch.zeros(2, 2)}, (x,))
     reference = masked_copy(model, {"fc.weight": torch.zeros(2, 2)}).double()
-    assert compare(reference, result.module.double(), [(x.double(),)]) == ""
+    assert compare(reference, result.module.double(), [(x.double(),), (torch.randn(5, 2).double(),)]) == ""
+    assert result.plan.dropped == ()
+    # the product is a constant that `out` folds into its bias: `out` keeps its 2 biases and reads nothing
+    assert result.report.params_after == 2
+
+
+class ConstantSumAsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        c = self.fc(x)  # every weight masked: constant in every channel
+        return c + c  # the output: c stays to give it its shape (named limit constant-operand-read-twice)
+
+
+def test_constant_added_to_itself_at_the_output_stays_whole():
+    torch.manual_seed(0)
+    model = ConstantSumAsOutput()
+    masks = {"fc.weight": torch.zeros(3, 3)}
+    x = torch.randn(2, 3)
+    result = fxmin.minimize(model, masks, (x,))
+    assert compare(masked_copy(model, masks).double(), result.module.double(), [(torch.randn(4, 3).double(),)]) == ""
+    assert result.plan.operands == {} and result.plan.dropped == ()
+    assert result.report.params_after == 3  # fc reads nothing and keeps its 3 biases; no constant beside it
 
 
 class UnusedShapeRead(nn.Module):
@@ -144,11 +158,9 @@ class UnusedShapeRead(nn.Module):
         return x + h
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NOTE [Constant operands]: plan._unread skips nodes nobody reads to begin with, so the unused "
-    "getitem of h.shape keeps h's getattr, hence fc, alive: fc stays beside the new constant operand "
-    "and the result is larger than the model (12 -> 15 parameters); found by the fuzzer in gqa cases"))
 def test_constant_branch_read_only_by_an_unused_shape_leaves():
+    """Found by the fuzzer in gqa cases: the unused getitem of h.shape kept h's getattr, hence fc, alive
+    beside the constant operand that replaced it (12 -> 15 parameters). NOTE [Unused size reads]."""
     torch.manual_seed(0)
     model = UnusedShapeRead()
     masks = {"fc.weight": torch.zeros(3, 3)}
@@ -156,7 +168,7 @@ def test_constant_branch_read_only_by_an_unused_shape_leaves():
     result = fxmin.minimize(model, masks, (x,))
     assert compare(masked_copy(model, masks).double(), result.module.double(), [(x.double(),)]) == ""
     assert "fc.weight" not in dict(result.module.named_parameters())
-    assert result.report.params_after <= result.report.params_before
+    assert result.report.params_after == 3  # the constant operand: fc's 3 biases
 
 
 def test_group_norm_of_one_constant_channel():

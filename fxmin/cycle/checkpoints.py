@@ -8,6 +8,8 @@ import os
 import torch
 import torch.fx
 
+from ..errors import InputError
+
 CHECKPOINT_VERSION = 1
 FINISH_FILE = "finish.pt"
 
@@ -27,6 +29,38 @@ def _picklable(module):
         node.type = None
     module.recompile()
     return module
+
+
+def model_signature(model) -> dict:
+    """What a checkpoint records of the model its loop started from: its class and the name and shape
+    of each parameter (:func:`check_owner` compares them on resume)."""
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "parameters": {name: tuple(p.shape) for name, p in model.named_parameters()}}
+
+
+def check_owner(saved: dict, path: str, model) -> None:
+    """Raise :class:`fxmin.InputError` when the checkpoint ``saved`` (read from ``path``) was written by a
+    loop that started from another model than ``model`` (another class, or other parameter names or
+    shapes). A checkpoint written before checkpoints recorded their model is not checked."""
+    owner = saved.get("model")
+    if owner is None:
+        return
+    mine = model_signature(model)
+    if owner == mine:
+        return
+    theirs, ours = owner["parameters"], mine["parameters"]
+    differs = next((f"parameter '{name}' is {tuple(theirs[name])} there, {tuple(ours[name])} here"
+                    for name in theirs if name in ours and tuple(theirs[name]) != tuple(ours[name])), None)
+    missing = sorted(set(theirs) ^ set(ours))
+    if differs is None and missing:
+        name = missing[0]
+        differs = f"parameter '{name}' is only in {'that model' if name in theirs else 'this one'}"
+    detail = differs or "the classes differ"
+    raise InputError(
+        f"checkpoint {path} was written by a Squeeze-Release loop that started from another model: "
+        f"{owner['class']} with {len(theirs)} parameter tensors, not this {mine['class']} with {len(ours)} "
+        f"({detail}). Pass the model that run started from to resume it, or start afresh with another "
+        "checkpoint_dir (or resume=False, which overwrites that directory's checkpoints).")
 
 
 def latest_checkpoint(directory: str) -> str | None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..masks import model_device
-from .checkpoints import (CHECKPOINT_VERSION, barrier, finish_checkpoint, is_main_process, latest_checkpoint,
+from .checkpoints import (CHECKPOINT_VERSION, barrier, check_owner, finish_checkpoint, is_main_process, latest_checkpoint,
                           load_checkpoint, load_finished, save_checkpoint)
 from .finishing import finish_loop, offer
 from .phases import Job, LoopState, compact, evaluate_model, fine_tune, judge, measure, prune, release_zeros, squeeze
@@ -98,6 +98,8 @@ def squeeze_release(model: nn.Module, *, train: Callable, evaluate: Callable, ex
     main = is_main_process()
     path = settings.checkpoints.resume_path
     saved = load_checkpoint(path, map_location=model_device(model)) if path else None  # the device train feeds
+    if saved is not None:
+        check_owner(saved, path, model)
     state = LoopState.from_checkpoint(saved, model) if saved is not None else LoopState.start(model, job)
     finish_evaluate = settings.finish.evaluate
     if finish_evaluate is None:

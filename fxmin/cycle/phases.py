@@ -15,7 +15,7 @@ from ..audit.flops import flops
 from ..masks import model_device, to_device
 from ..minimize import minimize
 from ..report import count_parameters
-from .checkpoints import CHECKPOINT_VERSION, _picklable
+from .checkpoints import CHECKPOINT_VERSION, _picklable, model_signature
 from .criteria import global_magnitude, layer_magnitude, prunable, zero_masks
 from .records import CycleRecord, TrainStep
 from .release import release
@@ -93,6 +93,7 @@ class LoopState:
     current_released: int = 0  # zeros the last release refilled (NOTE [Amount after a release])
     candidates: list = field(default_factory=list)  # (cycle, module): the finishing pool
     finish_baseline: float | None = None
+    model: dict | None = None  # the signature of the model the loop started from (checkpoints.check_owner)
 
     @classmethod
     def start(cls, model: nn.Module, job: Job) -> LoopState:
@@ -103,7 +104,7 @@ class LoopState:
         baseline = job.settings.stop.baseline
         baseline = accuracy if baseline is None else float(baseline)
         history = [CycleRecord(0, params, 1.0, accuracy, 0.0, 0.0, 0, 0.0, True, metrics, macs=job.macs(current))]
-        return cls(current, history, baseline, params, best=current)
+        return cls(current, history, baseline, params, best=current, model=model_signature(model))
 
     @classmethod
     def from_checkpoint(cls, saved: dict, model: nn.Module) -> LoopState:
@@ -115,7 +116,8 @@ class LoopState:
         state = cls(current, [CycleRecord(**r) for r in saved["history"]], saved["baseline"], saved["params_original"],
                     best, best_cycle, saved.get("best_masks"), saved["misses"], saved.get("stopped", ""),
                     saved.get("scale", 1.0), saved.get("current_released", 0),
-                    [(c, m) for c, m in saved.get("candidates", [])], saved.get("finish_baseline"))
+                    [(c, m) for c, m in saved.get("candidates", [])], saved.get("finish_baseline"),
+                    model_signature(model))
         torch.set_rng_state(saved["rng"].cpu())  # loaded onto the model's device with the rest
         return state
 
@@ -128,7 +130,7 @@ class LoopState:
                 "params_original": self.params_original, "misses": self.misses, "stopped": self.stopped,
                 "rng": torch.get_rng_state(), "scale": self.scale,
                 "current_released": self.current_released, "finish_baseline": self.finish_baseline,
-                "candidates": [(c, _picklable(m)) for c, m in self.candidates]}
+                "candidates": [(c, _picklable(m)) for c, m in self.candidates], "model": self.model}
 
 
 def prune(job: Job, state: LoopState, working: nn.Module, fraction: float) -> dict | None:

@@ -213,6 +213,9 @@ def _binary_backward(ctx):
 # shaped (1, ..., C, ..., 1), broadcasts to the same values; the branch behind it is then read by
 # nothing and the rewrite drops it (its parameters leave the model). The constant is a parameter
 # when the model trains any, so that training the minimized model can still move that bias.
+# `c * c` (one node on both sides) is left as it is: replacing one argument would leave the other
+# reading `c`, so the branch would stay beside a new constant. The plan drops a node only when every
+# argument that reads it was replaced (plan._unread counts the reads).
 
 
 def _binary_plan(ctx):
@@ -225,7 +228,8 @@ def _binary_plan(ctx):
     kept = ctx.kept()
     for index in (0, 1):
         operand, other = node.args[index], node.args[1 - index]
-        if not isinstance(operand, torch.fx.Node) or not isinstance(other, torch.fx.Node) or operand.op == "get_attr":
+        if (not isinstance(operand, torch.fx.Node) or not isinstance(other, torch.fx.Node) or operand.op == "get_attr"
+                or other is operand):  # c * c: the other argument keeps reading c, so c stays either way
             continue
         operand_fact = ctx.fact(operand)
         if (operand_fact is None or not operand_fact.tracked or not operand_fact.simple
