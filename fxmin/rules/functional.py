@@ -224,7 +224,8 @@ rule("aten dropout", doc=(
 # NOTE [ATen aliases]: these ATen overloads compute what the rule's other targets compute, with the
 # same signature (an ``alpha`` other than the default makes the elementwise rule opaque); the
 # elementwise and pooling rules read their own tables, which list the ATen overloads too.
-REGISTRY.alias(operator.add, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+REGISTRY.alias(operator.add, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Scalar,
+               aten.rsub.Tensor)
 REGISTRY.alias(F.max_pool2d, aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
                aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default)
 REGISTRY.alias(torch.flatten, aten.flatten.using_ints)

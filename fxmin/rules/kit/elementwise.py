@@ -168,6 +168,7 @@ BINARY_OPS = {
     torch.remainder: torch.remainder, "remainder": torch.remainder,
     # the ATen overloads (torch.export graphs) compute the same; fxmin.rules.functional aliases them
     torch.ops.aten.add.Tensor: torch.add, torch.ops.aten.sub.Tensor: torch.sub, torch.ops.aten.mul.Tensor: torch.mul,
-    torch.ops.aten.div.Tensor: torch.div,
+    torch.ops.aten.div.Tensor: torch.div, torch.ops.aten.rsub.Scalar: lambda a, b: torch.sub(b, a),
+    torch.ops.aten.rsub.Tensor: lambda a, b: torch.sub(b, a),
 }
 
