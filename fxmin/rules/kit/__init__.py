@@ -5,6 +5,8 @@ base modules (errors, facts, units, graph_helpers, edits), never each other.
   :func:`register_pointwise`, in-place checks, the binary op table;
 - :mod:`.dense`: layers read through a dense (out, in) view of their weights (:func:`layer_rule`);
 - :mod:`.views`: shape arguments of views and the sizes they read, uniform heads, channel shuffles;
+- :mod:`.products`: products of tensors split into heads, the ``q . k`` scores and the
+  ``weights . v`` mix (``matmul``, ``einsum``);
 - :mod:`.heads`: repeated heads (NOTE [Grouped heads]): axes inserted by ``x[:, :, None]``, the
   ``repeat_kv`` expand, SDPA with ``enable_gqa``.
 """
@@ -14,6 +16,8 @@ from .elementwise import (BINARY_OPS, check_in_place, identity_in_eval, in_place
                           opaque_forward, pointwise_forward, register_pointwise)
 from .heads import (expand_heads_backward, expand_heads_forward, expand_heads_plan, grouped_sdpa_backward,
                     grouped_sdpa_forward, index_new_axes_forward)
+from .products import (first_per_head, head_mask, heads_on, mix_backward, mix_forward, qk_required, scores_backward,
+                       scores_forward, softmax_weights, tracked)
 from .views import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, product_closure,
                     size_use_kinds, uniform_digits, view_entries)
 
@@ -23,5 +27,6 @@ __all__ = [
     "expand_heads_plan", "grouped_sdpa_backward", "grouped_sdpa_forward", "identity_in_eval", "in_place_call",
     "index_new_axes_forward", "layer_rule", "may_change", "merge_order", "mutates", "new_parameter", "new_radix",
     "new_weights", "opaque_backward", "opaque_forward", "pointwise_forward", "product_closure", "size_use_kinds",
-    "register_pointwise", "uniform_digits", "view_entries",
+    "register_pointwise", "uniform_digits", "view_entries", "first_per_head", "head_mask", "heads_on", "mix_backward",
+    "mix_forward", "qk_required", "scores_backward", "scores_forward", "softmax_weights", "tracked",
 ]
