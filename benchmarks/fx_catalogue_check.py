@@ -35,6 +35,12 @@ MODELS = {
     "timm.swin_tiny_patch4_window7_224": ("timm", "swin_tiny_patch4_window7_224", (1, 3, 224, 224)),
     "timm.nf_resnet26": ("timm", "nf_resnet26", (1, 3, 64, 64)),
     "timm.maxvit_nano_rw_256": ("timm", "maxvit_nano_rw_256", (1, 3, 256, 256)),
+    "timm.efficientformerv2_s0": ("timm", "efficientformerv2_s0", (1, 3, 224, 224)),
+    "timm.hrnet_w18_small": ("timm", "hrnet_w18_small", (1, 3, 64, 64)),
+    "timm.xcit_nano_12_p16_224": ("timm", "xcit_nano_12_p16_224", (1, 3, 224, 224)),
+    "timm.tnt_s_patch16_224": ("timm", "tnt_s_patch16_224", (1, 3, 224, 224)),
+    "timm.dm_nfnet_f0": ("timm", "dm_nfnet_f0", (1, 3, 64, 64)),
+    "timm.resnetv2_50x1_bit": ("timm", "resnetv2_50x1_bit", (1, 3, 64, 64)),
 }
 
 

@@ -12,6 +12,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
 from .progress import phase
+from .rules.api import REGISTRY
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -34,6 +35,10 @@ class _LeafTracer(torch.fx.Tracer):
 
         if isinstance(module, CompensatedLayerNorm):
             return True  # its forward checks shapes: a leaf, handled by the layer_norm rule
+        REGISTRY.register_imported()
+        found = REGISTRY.lookup_module(module)
+        if found is not None and found.leaf:
+            return True  # a rule that reads the module whole (Rule.leaf)
         if self._leaves and (isinstance(module, tuple(t for t in self._leaves if isinstance(t, type)))
                              or qualified_name in {t for t in self._leaves if isinstance(t, str)}):
             return True

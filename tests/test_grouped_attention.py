@@ -256,3 +256,31 @@ def test_random_masks_exact(qk_norm, sparsity):
                     p.uniform_(0.5, 1.5)
         after[gqa] = check_minimize(layer, random_masks(layer, sparsity, seed=3), _inputs(tokens=16)).report.params_after
     assert after["repeat"] == after["sdpa"]
+
+
+class ShapeReadingRepeat(GroupedQueryAttention):
+    """Hugging Face's ``repeat_kv`` as written: the key/value head count and head size read from
+    ``x.shape``, the repeat count a literal."""
+
+    def _repeat_kv(self, x, batch, tokens):
+        b, kv_heads, length, head_dim = x.shape
+        rep = self.heads // self.kv_heads
+        x = x[:, :, None, :, :].expand(b, kv_heads, rep, length, head_dim)
+        return x.reshape(b, kv_heads * rep, length, head_dim)
+
+
+@pytest.mark.parametrize("kv_heads, dead, expected, expand", [
+    # groups of 2: heads 2 and 3 are group 1, whose key/value head leaves with them (3 kv heads, 2 copies)
+    (4, (2, 3), BEFORE - 2 * 16 * 64 - 16 * 64 - 16 * 64 - 64 * 2 * 16, "expand(getitem_6, 3, 2, getitem_8, 16)"),
+    # groups of 4: one dead head in each group, the repeat count goes from 4 to 3, both kv heads stay
+    (2, (1, 6), 128 * 64 + 2 * 32 * 64 + 64 * 128 - 2 * 16 * 64 - 64 * 2 * 16, "expand(getitem_6, 2, 3, getitem_8, 16)"),
+])
+def test_head_counts_read_from_the_shape_are_followed(kv_heads, dead, expected, expand):
+    """The sizes read from x.shape at the head axes of repeat_kv's expand are replaced by the kept
+    counts (as literals), as is the head count computed for the reshape."""
+    torch.manual_seed(0)
+    model = ShapeReadingRepeat(DIM, 8, kv_heads, head_dim=HD).eval()
+    masks = _all_kept(model)
+    _kill_query_heads(masks, dead)
+    result = check_minimize(model, masks, _inputs(), expected_params=expected)
+    assert expand in result.module.code

@@ -123,7 +123,23 @@ class ChannelsLast(nn.Module):
         return self.fc2(self.op(self.fc1(x)))
 
 
+class ChannelsFirst(nn.Module):
+    """A padding module (a leaf of the trace) applied to (B, C, H, W)."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        return self.pad(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 SPATIAL = {
+    "nn.ZeroPad2d (const(0))": (ChannelsFirst(nn.ZeroPad2d((1, 0, 0, 1))), False, 4),
+    "nn.ConstantPad2d 0.5 (const(b) varies)": (ChannelsFirst(nn.ConstantPad2d(1, 0.5)), True, 6),
+    "nn.ReflectionPad2d (const(b))": (ChannelsFirst(nn.ReflectionPad2d(1)), True, 4),
+    "nn.ReplicationPad2d (const(b))": (ChannelsFirst(nn.ReplicationPad2d((1, 2, 0, 1))), True, 4),
+    "nn.CircularPad2d (const(b))": (ChannelsFirst(nn.CircularPad2d(1)), True, 4),
     "F.pad of H, W (const(0))": (lambda x: F.pad(x, (0, 0, 0, 1, 0, 1)), False, 4),
     "F.pad of H, W (const(b) varies)": (lambda x: F.pad(x, (0, 0, 0, 1, 0, 1)), True, 6),
     "F.pad of nothing (const(b))": (lambda x: F.pad(x, (0, 0, 0, 0)), True, 4),
@@ -212,3 +228,4 @@ def test_reshape_as_follows_coupled_channels():
     model.bn.running_mean.uniform_(-1, 1)
     masks = {"fc1.weight": _dead_rows((6, 3), [2, 3])}  # constants through BN fold into fc2
     check_minimize(model, masks, (torch.randn(2, 5, 3),), expected_params=4 * 4 + 4 * 2 + 2 * 4 + 2)
+

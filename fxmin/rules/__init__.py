@@ -8,4 +8,4 @@ from . import attention, axes, embedding, indexing, linear, norm, pointwise, sha
 from .pointwise import register_pointwise  # noqa: F401,E402
 from . import functional  # noqa: F401,E402  (after the rules it extends)
 from . import huggingface, mha  # noqa: F401,E402  (HF-traced ops; nn.MultiheadAttention)
-from . import libraries, per_channel, recurrent, stacking, ternary  # noqa: F401,E402
+from . import einsum, libraries, per_channel, recurrent, resample, stacking, ternary  # noqa: F401,E402

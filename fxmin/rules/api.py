@@ -85,6 +85,9 @@ class Rule:
     identity_in_eval: Callable | None = None
     #: ``sums_to_one(node, root) -> bool``: the output sums to 1 along its last axis (a softmax)
     sums_to_one: Callable | None = None
+    #: the tracer records a call of a module of this rule as one node instead of following its forward
+    #: (a library layer that computes its weight from its parameters: timm's StdConv2d)
+    leaf: bool = False
     #: ``absorbs_shift(node, root) -> bool``: the plan can subtract a constant from the node's input
     #: (a BatchNorm's running mean), which its single writer hands over with ``PlanContext.shift_input``
     absorbs_shift: Callable | None = None

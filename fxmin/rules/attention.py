@@ -27,12 +27,9 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import dot_products, grouped_sdpa_backward, grouped_sdpa_forward, opaque_backward, opaque_forward, per_output
-
-
-def _tracked(ctx, node):
-    fact = ctx.fact(node)
-    return fact if isinstance(fact, ValueFact) and fact.tracked else None
+from .kit import (dot_products, first_per_head, grouped_sdpa_backward, grouped_sdpa_forward, head_mask, heads_on,
+                  mix_backward, mix_forward, opaque_backward, opaque_forward, per_output, qk_required, scores_backward,
+                  scores_forward, softmax_weights, tracked)
 
 
 def _passthrough_backward(ctx):
@@ -48,7 +45,7 @@ def _softmax_forward(ctx):
     """Exact: softmax along an axis the channels do not occupy works within each channel; a
     constant channel becomes ``const(1/n)`` (``log_softmax``: ``const(-log n)``)."""
     x = ctx.arg(0, "input")
-    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    fact, shape = tracked(ctx, x), ctx.shape(x)
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
         return opaque_forward(ctx)
@@ -89,7 +86,7 @@ def _broadcast_only(ctx, fact, other, rank) -> bool:
 def _masked_fill_forward(ctx):
     """Exact: a mask that is the same for every channel fills positions within each channel."""
     x = ctx.arg(0, "input")
-    fact, shape = _tracked(ctx, x), ctx.shape()
+    fact, shape = tracked(ctx, x), ctx.shape()
     if fact is None or shape is None:
         return opaque_forward(ctx)
     if not all(_broadcast_only(ctx, fact, other, len(shape)) for other in ctx.node.args[1:]):
@@ -100,7 +97,7 @@ def _masked_fill_forward(ctx):
 def _where_forward(ctx):
     """Exact: ``torch.where(mask, x, fill)`` with a mask and fill the same for every channel."""
     condition, x, other = (ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other"))
-    fact, shape = _tracked(ctx, x), ctx.shape()
+    fact, shape = tracked(ctx, x), ctx.shape()
     if fact is None or shape is None or ctx.shape(x) != shape:
         return opaque_forward(ctx)
     if not (_broadcast_only(ctx, fact, condition, len(shape)) and _broadcast_only(ctx, fact, other, len(shape))):
@@ -128,63 +125,18 @@ rule("where", doc=(
      functions=(torch.where,), backward=_where_backward, heads_aware=True, macs=per_output(1))(_where_forward)
 
 
-# -- the head structure -------------------------------------------------------------------------------------------
-
-def _heads(fact: ValueFact, rank: int, head_axis: int, dim_axis: int):
-    """(heads, dims) when the channels sit on (head_axis, dim_axis) of a rank-``rank`` tensor."""
-    if fact is None or len(fact.axes) != 2 or fact.axes != (head_axis % rank, dim_axis % rank):
-        return None
-    return fact.radix
-
-
-def _head_mask(fact: ValueFact, mask: np.ndarray) -> np.ndarray:
-    heads, dims = fact.radix
-    return mask.reshape(heads, dims).any(axis=1)
-
-
-def _first_per_head(heads_alive: np.ndarray, present: np.ndarray, dims: int) -> np.ndarray:
-    """Require one channel in every alive head that has none."""
-    grid = present.reshape(len(heads_alive), dims)
-    need = np.zeros_like(grid)
-    for head in np.nonzero(heads_alive & ~grid.any(axis=1))[0]:
-        need[head, 0] = True
-    return need.reshape(-1)
-
-
-def _qk_required(q: ValueFact, k: ValueFact, heads_alive: np.ndarray) -> np.ndarray:
-    heads, dims = q.radix
-    zero_q = q.const & (q.value == 0)
-    zero_k = k.const & (k.value == 0)
-    contributes = ~(zero_q | zero_k)
-    return contributes & np.repeat(heads_alive, dims)
-
-
-def _softmax_weights(ctx, node) -> bool:
-    """Whether ``node`` is a softmax over the last axis (through ops that are the identity in eval)."""
-    while isinstance(node, torch.fx.Node):
-        found = ctx.rule_of(node)
-        if found is None:
-            return False
-        if found.sums_to_one is not None:
-            return found.sums_to_one(node, ctx.root)
-        if found.identity_in_eval is None or not found.identity_in_eval(node, ctx.root):
-            return False
-        node = node.args[0]
-    return False
-
-
 # -- q @ k^T and weights @ v ---------------------------------------------------------------------------------------
 
 def _matmul_kind(ctx):
     a, b = ctx.node.args[0], ctx.node.args[1]
-    fa, fb = _tracked(ctx, a), _tracked(ctx, b)
+    fa, fb = tracked(ctx, a), tracked(ctx, b)
     sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape()
     if None in (sa, sb, out) or len(sa) < 3 or len(sa) != len(sb):
         return None
     rank = len(sa)
-    if _heads(fa, rank, -3, -1) and _heads(fb, rank, -3, -2) and fa.radix == fb.radix:
+    if heads_on(fa, rank, -3, -1) and heads_on(fb, rank, -3, -2) and fa.radix == fb.radix:
         return "scores", a, b, fa, fb
-    if fa is not None and fa.simple and fa.axis == rank - 3 and _heads(fb, rank, -3, -1) and fa.size == fb.radix[0]:
+    if fa is not None and fa.simple and fa.axis == rank - 3 and heads_on(fb, rank, -3, -1) and fa.size == fb.radix[0]:
         return "mix", a, b, fa, fb
     return None
 
@@ -197,15 +149,9 @@ def _matmul_forward(ctx):
     if kind is None:
         return opaque_forward(ctx)
     name, a, b, fa, fb = kind
-    rank = len(ctx.shape())
     if name == "scores":
-        ctx.unify(ctx.units(a), ctx.units(b))
-        heads = fa.radix[0]
-        return ValueFact.varying(rank - 3, heads), ctx.fresh(heads)
-    const = fb.const & (fb.value == 0)
-    if _softmax_weights(ctx, a):
-        const = fb.const
-    return fb.replaced(const, np.where(const, fb.value, 0.0)), ctx.units(b)
+        return scores_forward(ctx, a, b, fa, len(ctx.shape()) - 3)
+    return mix_forward(ctx, a, b, fb, fb.axes, softmax_weights(ctx, a))
 
 
 def _matmul_backward(ctx):
@@ -215,16 +161,9 @@ def _matmul_backward(ctx):
         return
     name, a, b, fa, fb = kind
     if name == "scores":
-        # a head q or k keeps (e.g. a repeated key head kept for its group) is computed: its scores stay
-        ctx.require(ctx.node, _head_mask(fa, ctx.present(a)) | _head_mask(fb, ctx.present(b)),
-                    "q and k keep this head")
-        alive = ctx.present()
-        ctx.require(a, _qk_required(fa, fb, alive), "read by a kept attention head (q.k)")
-        ctx.require(a, _first_per_head(alive, ctx.present(a), fa.radix[1]), "a kept head keeps a q/k dim")
-        return
-    alive = _head_mask(fb, ctx.present()) | ctx.present(a) | _head_mask(fb, ctx.present(b))
-    ctx.require(a, alive, "weights of a kept attention head")
-    ctx.require(b, _first_per_head(alive, ctx.present(b), fb.radix[1]), "a kept head keeps a value dim")
+        scores_backward(ctx, a, b, fa, fb)
+    else:
+        mix_backward(ctx, a, b, fb)
 
 
 def _sdpa_macs(_target, args, kwargs, out) -> tuple:
@@ -253,12 +192,12 @@ rule("matmul", doc=(
 
 def _sdpa_inputs(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
+    fq, fk, fv = tracked(ctx, q), tracked(ctx, k), tracked(ctx, v)
     shape = ctx.shape(q)
     if shape is None or len(shape) < 3 or _grouped(ctx):
         return None
     rank = len(shape)
-    if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
+    if not (heads_on(fq, rank, -3, -1) and heads_on(fk, rank, -3, -1) and heads_on(fv, rank, -3, -1)):
         return None
     if fq.radix != fk.radix or fq.radix[0] != fv.radix[0]:
         return None
@@ -277,12 +216,12 @@ def _grouped(ctx) -> bool:
 def _grouped_inputs(ctx):
     """(q, k, v, fq, fk, fv, rep) for ``enable_gqa=True`` with q/k/v split into heads, or None."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    fq, fk, fv = _tracked(ctx, q), _tracked(ctx, k), _tracked(ctx, v)
+    fq, fk, fv = tracked(ctx, q), tracked(ctx, k), tracked(ctx, v)
     shape = ctx.shape(q)
     if shape is None or len(shape) < 3:
         return None
     rank = len(shape)
-    if not (_heads(fq, rank, -3, -1) and _heads(fk, rank, -3, -1) and _heads(fv, rank, -3, -1)):
+    if not (heads_on(fq, rank, -3, -1) and heads_on(fk, rank, -3, -1) and heads_on(fv, rank, -3, -1)):
         return None
     if fq.radix[1] != fk.radix[1] or fk.radix[0] != fv.radix[0] or fq.radix[0] % fk.radix[0]:
         return None
@@ -316,10 +255,10 @@ def _sdpa_backward(ctx):
         opaque_backward(ctx)
         return
     q, k, v, fq, fk, fv = inputs
-    alive = _head_mask(fv, ctx.present()) | _head_mask(fq, ctx.present(q))
-    ctx.require(q, _qk_required(fq, fk, alive), "read by a kept attention head (q.k)")
-    ctx.require(q, _first_per_head(alive, ctx.present(q), fq.radix[1]), "a kept head keeps a q/k dim")
-    ctx.require(v, _first_per_head(alive, ctx.present(v), fv.radix[1]), "a kept head keeps a value dim")
+    alive = head_mask(fv, ctx.present()) | head_mask(fq, ctx.present(q))
+    ctx.require(q, qk_required(fq, fk, alive), "read by a kept attention head (q.k)")
+    ctx.require(q, first_per_head(alive, ctx.present(q), fq.radix[1]), "a kept head keeps a q/k dim")
+    ctx.require(v, first_per_head(alive, ctx.present(v), fv.radix[1]), "a kept head keeps a value dim")
     mask = ctx.arg(3, "attn_mask")
     if isinstance(mask, torch.fx.Node):
         ctx.require_all(mask)

@@ -1,4 +1,5 @@
-"""Ops of optional libraries (torchvision, timm) that ``torch.fx`` records as single calls.
+"""Ops of optional libraries (torchvision, timm) that ``torch.fx`` records as single calls, and timm's
+weight-standardized convs, which fxmin records as single calls (NOTE [Weight standardization]).
 
 torchvision marks some functions with ``torch.fx.wrap``, so a traced model calls them whole:
 ``torchvision.ops.stochastic_depth`` (ConvNeXt, EfficientNet, Swin, MaxViT). timm's ``DropPath`` is
@@ -15,12 +16,16 @@ so the rule refuses it and says to call ``model.eval()``.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..errors import FxminError, describe_node
 from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import no_cost, opaque_forward, pointwise_forward
+from .kit import dense_output, dense_view, new_parameter, no_cost, opaque_forward, pointwise_forward
 
 
 def _refuse_training(ctx, probability) -> None:
@@ -112,3 +117,86 @@ def _register_swin(module) -> None:
 REGISTRY.defer("torchvision.ops.stochastic_depth", _register_stochastic_depth)
 REGISTRY.defer("timm.layers.drop", _register_drop_path)
 REGISTRY.defer("torchvision.models.swin_transformer", _register_swin)
+
+
+# -- timm's weight-standardized convolutions --------------------------------------------------------------------------
+#
+# NOTE [Weight standardization]
+# timm's StdConv2d and ScaledStdConv2d (NF-ResNet, NF-RegNet, BiT ResNetV2) convolve with a weight computed
+# at every call: each output row standardized over its inputs and taps, ``(w[o] - mean w[o]) /
+# sqrt(var w[o] + eps)`` (times ``gain[o] * scale`` for ScaledStdConv2d). The rule reads the module
+# whole (a leaf, Rule.leaf) through that computed weight, from the masked one:
+# - a row of zeros standardizes to zeros, so a dead output row is ``const(bias)``, and the other rows
+#   do not depend on it: output channels leave with their weight row, bias and gain, exactly;
+# - a masked zero of a live row is ``-mean / std`` in the computed weight, and the statistics of
+#   every row run over all of its inputs: removing an input column would change every row. The
+#   layer keeps every input channel (a constant input is not folded into its bias either).
+# Grouped layers keep every channel (the groups of the rows and the inputs must stay uniform). The
+# *Same variants (DeepMind's NFNets) pad at run time from the input size, which torch.fx cannot
+# trace: they are not leaves, so those models go through torch.export.
+
+
+def _standardized_weight(ctx) -> torch.Tensor:
+    """The weight the layer computes with (float64, from its masked weight)."""
+    def compute():
+        module, weight, gain = ctx.module, ctx.param("weight"), ctx.param("gain")
+        affine = (gain * module.scale).reshape(-1) if gain is not None else None
+        return F.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, weight=affine, training=True,
+                            momentum=0.0, eps=module.eps).reshape_as(weight)
+    return ctx.memo("standardized weight", compute)
+
+
+def _std_conv_view(ctx):
+    module = ctx.module
+    padding = module.padding
+    padded = isinstance(padding, str) or any(p != 0 for p in padding) or module.padding_mode != "zeros"
+    return dense_view(_standardized_weight(ctx), ctx.param("bias"), module.groups, padded, channel_axis=1)
+
+
+def _std_conv_forward(ctx):
+    """Exact: NOTE [Weight standardization]; the output's constants come from the standardized
+    weight (a dead row: ``const(bias)``)."""
+    return dense_output(ctx, _std_conv_view(ctx))
+
+
+def _std_conv_backward(ctx):
+    ctx.require_all(ctx.arg(0, "input"), "weight standardization runs over every input column")
+    if ctx.module.groups > 1:
+        ctx.require_all(ctx.node, "a grouped weight-standardized conv keeps its groups")
+    elif not ctx.present().any():
+        keep_first = np.zeros(len(ctx.present()), bool)
+        keep_first[0] = True  # torch has no zero-channel convolution
+        ctx.require(ctx.node, keep_first, "torch convolutions cannot have zero channels: channel 0 stays")
+
+
+def _std_conv_plan(ctx):
+    kept = ctx.kept()
+    module = ctx.module
+    if kept is None or len(kept) == module.out_channels:
+        return
+    rows = torch.as_tensor(kept)
+    replacement = copy.deepcopy(module).to(torch.float64)
+    params = {}
+    for name in ("weight", "bias", "gain"):
+        value = ctx.param(name)
+        if value is None:
+            continue
+        setattr(replacement, name, new_parameter(value[rows], getattr(module, name)))
+        params[name] = (tuple(value.shape), (), (kept,))
+    replacement.out_channels = len(kept)
+    ctx.replace_module(replacement, params)
+
+
+def _register_std_conv(module) -> None:
+    rule("weight-standardized conv", doc=(
+             "timm's `StdConv2d`/`ScaledStdConv2d`, read whole through the weight it standardizes per output "
+             'row (NOTE [Weight standardization]).',
+             'Output channels (a dead row standardizes to zeros: `const(bias)`) with their weight row, bias '
+             'and gain.',
+             "Every input channel (a row's statistics run over all of its inputs); every channel of a grouped one.",
+             ),
+         modules=(module.StdConv2d, module.ScaledStdConv2d), backward=_std_conv_backward, plan=_std_conv_plan,
+         edits_module=True, leaf=True, input_axis=lambda node, root: 1, backward_untracked=True)(_std_conv_forward)
+
+
+REGISTRY.defer("timm.layers.std_conv", _register_std_conv)

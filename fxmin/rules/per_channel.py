@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..facts import ValueFact
 from .api import REGISTRY, rule
@@ -103,7 +104,11 @@ def _pad_forward(ctx):
     fill value; the other modes repeat values of the channel, so a constant stays constant."""
     x = ctx.arg(0, "input")
     fact, shape, out = ctx.fact(x), ctx.shape(x), ctx.shape()
-    pad, mode, fill = ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+    if ctx.module is not None:  # nn.ConstantPad2d, nn.ZeroPad2d, nn.ReflectionPad2d, ...
+        constant = isinstance(ctx.module, _CONSTANT_PADS)
+        pad, mode, fill = ctx.module.padding, "constant" if constant else "copies", getattr(ctx.module, "value", 0.0)
+    else:
+        pad, mode, fill = ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
     fill = 0.0 if fill is None else fill
     if fact is None or not fact.tracked or shape is None or out is None or not isinstance(pad, (tuple, list)) \
             or not isinstance(fill, (int, float)):
@@ -118,13 +123,19 @@ def _pad_forward(ctx):
     return fact.replaced(const, np.where(const, fact.value, 0.0)), ctx.units(x)
 
 
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)  # the ZeroPadNd are ConstantPadNd
+_PAD_MODULES = (*_CONSTANT_PADS, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d,
+                nn.CircularPad2d, nn.CircularPad3d)
+
 rule("pad", doc=(
-         '`F.pad` of axes other than the channel axis: with `mode="constant"` a constant stays constant '
-         'when nothing is padded or it equals the fill; other modes repeat the channel\'s values.',
+         '`F.pad` and the padding modules (`nn.ConstantPad2d`, `nn.ZeroPad2d`, `nn.ReflectionPad2d`...) of '
+         'axes other than the channel axis: with constant padding a constant stays constant when nothing '
+         'is padded or it equals the fill; other modes repeat the channel\'s values.',
          'Nothing itself: channels pass through.',
          'Every channel when the channel axis is padded (or by amounts computed at run time).',
          ),
-     functions=(F.pad,), heads_aware=True, macs=no_cost)(_pad_forward)
+     functions=(F.pad,), modules=_PAD_MODULES, heads_aware=True, macs=no_cost)(_pad_forward)
 
 
 def _rearrange_forward(ctx):

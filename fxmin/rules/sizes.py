@@ -8,7 +8,9 @@ uses, each of one kind:
   its run-time value is the new size by itself ("follows");
 - it shapes a view at a channel axis where the plan writes the kept count as a literal (NOTE
   [Computed sizes] in kit/views.py): its value does not matter ("patched");
-- anything else (a view's batch axis, ``torch.arange``, an ``expand``): it must not change.
+- it sizes a channel axis of an expand that repeats heads (``repeat_kv`` reading ``x.shape``): the
+  expand's plan writes the kept count there ("patched");
+- anything else (a view's batch axis, ``torch.arange``, another ``expand``): it must not change.
 Any "anything else", or scaling together with "follows", pins the axis (every channel kept). A read
 that scales tensors is otherwise replaced by its original value when its axis loses channels.
 """
@@ -23,7 +25,7 @@ import torch.fx
 
 from ..errors import MissingRuleError, describe_node
 from .api import rule
-from .kit import BINARY_OPS, no_cost, opaque_backward, opaque_forward, size_use_kinds
+from .kit import BINARY_OPS, no_cost, opaque_backward, opaque_forward, repeat_size_use, size_use_kinds
 
 
 # -- reading sizes --------------------------------------------------------------------------------------------
@@ -89,6 +91,8 @@ def _use_kinds(ctx, read) -> set:
                     kinds.add("scale")
                 elif user.op in ("call_method", "call_function") and key in ("view", "reshape", torch.reshape):
                     kinds |= size_use_kinds(ctx, user, cone)
+                elif user.op == "call_method" and key == "expand":
+                    kinds.add(repeat_size_use(ctx, user, cone))
                 else:
                     kinds.add("other")
         return kinds

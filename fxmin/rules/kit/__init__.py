@@ -6,6 +6,8 @@ base modules (errors, facts, units, graph_helpers, edits), never each other.
 - :mod:`.costs`: the ``Rule.macs`` counters several families share (NOTE [What is counted]);
 - :mod:`.dense`: layers read through a dense (out, in) view of their weights (:func:`layer_rule`);
 - :mod:`.views`: shape arguments of views and the sizes they read, uniform heads, channel shuffles;
+- :mod:`.products`: products of tensors split into heads, the ``q . k`` scores and the
+  ``weights . v`` mix (``matmul``, ``einsum``);
 - :mod:`.heads`: repeated heads (NOTE [Grouped heads]): axes inserted by ``x[:, :, None]``, the
   ``repeat_kv`` expand, SDPA with ``enable_gqa``.
 """
@@ -15,7 +17,9 @@ from .dense import (DenseView, dense_input, dense_macs, dense_output, dense_requ
 from .elementwise import (BINARY_OPS, check_in_place, identity_in_eval, in_place_call, mutates, opaque_backward,
                           opaque_forward, pointwise_forward, pointwise_macs, register_pointwise)
 from .heads import (expand_heads_backward, expand_heads_forward, expand_heads_plan, grouped_sdpa_backward,
-                    grouped_sdpa_forward, index_new_axes_forward)
+                    grouped_sdpa_forward, index_new_axes_forward, repeat_size_use)
+from .products import (first_per_head, head_mask, heads_on, mix_backward, mix_forward, qk_required, scores_backward,
+                       scores_forward, softmax_weights, tracked)
 from .views import (coupled_size, entry_node, entry_where, may_change, merge_order, new_radix, product_closure,
                     size_use_kinds, uniform_digits, view_entries)
 
@@ -26,5 +30,6 @@ __all__ = [
     "expand_heads_plan", "grouped_sdpa_backward", "grouped_sdpa_forward", "identity_in_eval", "in_place_call",
     "index_new_axes_forward", "layer_rule", "may_change", "merge_order", "mutates", "new_parameter", "new_radix",
     "new_weights", "opaque_backward", "opaque_forward", "pointwise_forward", "product_closure", "size_use_kinds",
-    "register_pointwise", "uniform_digits", "view_entries",
+    "register_pointwise", "repeat_size_use", "uniform_digits", "view_entries", "first_per_head", "head_mask", "heads_on", "mix_backward",
+    "mix_forward", "qk_required", "scores_backward", "scores_forward", "softmax_weights", "tracked",
 ]

@@ -29,6 +29,7 @@ exactly their key head's dims. The softmax scale stays ``1/sqrt(original head_di
 from __future__ import annotations
 
 import numpy as np
+import torch.fx
 
 from ...facts import ValueFact
 from .elementwise import opaque_backward, opaque_forward
@@ -76,7 +77,7 @@ def index_new_axes_forward(ctx):
 # -- expand: repeated heads ----------------------------------------------------------------------------------------
 
 def _expand_sizes(ctx):
-    node = ctx.node
+    node = ctx if isinstance(ctx, torch.fx.Node) else ctx.node
     rest = node.args[1:]
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         return list(rest[0])
@@ -156,9 +157,28 @@ def expand_heads_backward(ctx):
 
 
 def _literal_digits(ctx, fact) -> bool:
-    """Whether the expand writes every size at the channel axes as a literal (the plan patches them)."""
+    """Whether the expand writes every size at the channel axes as a literal or as a number read in
+    the graph (HF's ``repeat_kv`` reads ``num_key_value_heads, head_dim`` from ``x.shape``): the plan
+    writes the kept count at each of them (NOTE [Computed sizes] in views.py)."""
     sizes = _expand_sizes(ctx)
-    return len(sizes) == len(ctx.shape()) and all(isinstance(sizes[a], int) for a in fact.axes)
+    return len(sizes) == len(ctx.shape()) and all(
+        isinstance(sizes[a], int) or _is_number(sizes[a]) for a in fact.axes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, torch.fx.Node) and value.meta.get("type") is int and value.meta.get("tensor_meta") is None
+
+
+def repeat_size_use(ctx, expand, numbers) -> str:
+    """How an expand uses the numbers ``numbers`` (a size read and what is computed from it), as
+    NOTE [Size reads] in sizes.py classifies uses: "patched" when they only size channel axes of a
+    repeat of heads (its plan writes the kept counts there), else "other"."""
+    fact = _tracked(ctx, expand)
+    sizes = _expand_sizes(expand)
+    positions = [i for i, size in enumerate(sizes) if isinstance(size, torch.fx.Node) and size in numbers]
+    if fact is None or fact.simple or not positions or not all(i in fact.axes for i in positions):
+        return "other"
+    return "patched"
 
 
 def expand_heads_plan(ctx):
