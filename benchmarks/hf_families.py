@@ -140,21 +140,17 @@ def whisper():
 
 #: family -> (regular expression of the MLP up-projection weights, the axis of a hidden unit): zeroing a
 #: unit there kills it (its activation reads a constant, or the gated product is 0) in every family
+_UP_PROJ = (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0)  # Llama-style gated MLPs
+_CLIP_FC1 = (r"encoder\.layers\.\d+\.mlp\.fc1\.weight", 0)
 MLP_UNITS = {
     "gpt2": (r"transformer\.h\.\d+\.mlp\.c_fc\.weight", 1),  # Conv1D stores (in, out)
     "bert": (r"encoder\.layer\.\d+\.intermediate\.dense\.weight", 0),
-    "llama": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
-    "llama-gqa": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
-    "qwen2": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
-    "qwen3": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
-    "mistral": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
+    **dict.fromkeys(("llama", "llama-gqa", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"), _UP_PROJ),
     "phi3": (r"model\.layers\.\d+\.mlp\.gate_up_proj\.weight", 0),  # gate rows then up rows
-    "gemma2": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
-    "gemma3": (r"model\.layers\.\d+\.mlp\.up_proj\.weight", 0),
     "opt": (r"model\.decoder\.layers\.\d+\.fc1\.weight", 0),
     "vit": (r"layers\.\d+\.mlp\.fc1\.weight", 0),
-    "clip-text": (r"encoder\.layers\.\d+\.mlp\.fc1\.weight", 0),
-    "clip-vision": (r"encoder\.layers\.\d+\.mlp\.fc1\.weight", 0),
+    "clip-text": _CLIP_FC1,
+    "clip-vision": _CLIP_FC1,
     "t5": (r"(en|de)coder\.block\.\d+\.layer\.\d\.DenseReluDense\.wi\.weight", 0),
     "whisper": (r"(en|de)coder\.layers\.\d+\.fc1\.weight", 0),
     "mixtral": (r"model\.layers\.\d+\.mlp\.experts\.gate_up_proj", 1),

@@ -140,7 +140,7 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | o
                 safetensors.torch.save_file({}, str(final), metadata={"format": "pt"})
             return final
         count = len(written)
-        weight_map, total = {}, 0
+        weight_map = {}
         for number, (path, names) in enumerate(written, start=1):
             final_name = f"model-{number:05d}-of-{count:05d}.safetensors"
             os.replace(path, directory / final_name)

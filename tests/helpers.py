@@ -25,6 +25,17 @@ def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
     return reference
 
 
+class NoRuleModel(torch.nn.Module):
+    """A Linear, then ``torch.logcumsumexp``: an op fxmin has no rule for (a MissingRuleError, or a barrier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.logcumsumexp(self.fc(x), dim=1)
+
+
 def random_inputs_like(example_inputs: tuple, count: int = 3, seed: int = 0) -> list:
     generator = torch.Generator().manual_seed(seed)
     return [tuple(torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in example_inputs)

@@ -12,7 +12,7 @@ from torch import nn
 
 from examples.audit_resnet_like import build_masks, build_model
 from fxmin.cli import main
-from tests.helpers import masked_copy
+from tests.helpers import NoRuleModel, masked_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = ["--example-input-shape", "1,3,16,16"]
@@ -81,15 +81,6 @@ def test_rules(capsys):
     assert any(row["rule"] == "batch_norm" for row in json.loads(out))
 
 
-class Cumulative(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return torch.logcumsumexp(self.fc(x), dim=1)
-
-
 def test_exit_codes_and_messages(files, capsys, tmp_path):
     assert run(capsys, "minimize", tmp_path / "missing.pt")[0] == 2
     code, _, err = run(capsys, "minimize", FACTORY, "--masks", files / "masks.pt")  # no input shape for a conv net
@@ -100,7 +91,7 @@ def test_exit_codes_and_messages(files, capsys, tmp_path):
     torch.jit.save(torch.jit.script(nn.Linear(3, 2)), tmp_path / "scripted.pt")
     code, _, err = run(capsys, "minimize", tmp_path / "scripted.pt")
     assert code == 2 and "TorchScript" in err and "not support" in err
-    torch.save(Cumulative(), tmp_path / "logcumsumexp.pt")
+    torch.save(NoRuleModel(), tmp_path / "logcumsumexp.pt")
     code, _, err = run(capsys, "minimize", tmp_path / "logcumsumexp.pt")
     assert code == 3 and err.startswith("fxmin: error[missing-rule]:") and "logcumsumexp" in err
     assert run(capsys, "minimize", tmp_path / "logcumsumexp.pt", "--barrier", "logcumsumexp")[0] == 0

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxmin
 from examples.audit_resnet_like import build_masks, build_model
-from tests.helpers import masked_copy
+from tests.helpers import NoRuleModel, masked_copy
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -58,22 +58,13 @@ def test_graph_break_and_identity_matching():
     assert tuple(second.module.get_parameter("c.weight").shape) == (4, 5)
 
 
-class Cumulative(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return torch.logcumsumexp(self.fc(x), dim=1)
-
-
 def test_missing_rule_raises_or_falls_back(caplog):
     torch._dynamo.reset()
     x = torch.randn(2, 4)
     with pytest.raises(Exception, match="logcumsumexp"):
-        torch.compile(Cumulative(), backend=fxmin.backend(None, inner="eager"))(x)
+        torch.compile(NoRuleModel(), backend=fxmin.backend(None, inner="eager"))(x)
     torch._dynamo.reset()
-    model = Cumulative()
+    model = NoRuleModel()
     with torch.no_grad():
         out = torch.compile(model, backend=fxmin.backend(None, inner="eager", on_error="fallback"))(x)
         _close(out, model(x))

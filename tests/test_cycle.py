@@ -250,6 +250,22 @@ def test_a_minimized_module_minimizes_again_with_new_parameter_names():
 
 
 # ------------------------------------------------------------------------------------ the loop
+def fit(model, x, y, steps, batch=None):
+    """``steps`` Adam steps (lr 1e-2) on cross entropy: on all of ``(x, y)``, or on ``batch`` rows drawn
+    from torch's global RNG at each step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (batch,)) if batch else slice(None)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
 def make_callbacks(x, y, crash_at=None):
     calls = []
 
@@ -257,15 +273,10 @@ def make_callbacks(x, y, crash_at=None):
         calls.append((step.phase, step.cycle))
         if crash_at is not None and step.cycle == crash_at:
             raise RuntimeError("simulated crash")
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(step.epochs * 10):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        fit(model, x, y, step.epochs * 10)
 
     def evaluate(model):
-        with torch.no_grad():
-            return {"accuracy": float((model(x).argmax(1) == y).float().mean()), "loss": 0.0}
+        return {"accuracy": accuracy(model, x, y), "loss": 0.0}
 
     return train, evaluate, calls
 
@@ -392,18 +403,9 @@ def noisy_finish_callbacks(x, y, crash_in_finish=None):
         calls.append((step.phase, step.cycle))
         if step.phase == "finish" and sum(c[0] == "finish" for c in calls) == crash_in_finish:
             raise RuntimeError("simulated crash")
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(int(step.epochs * 5)):
-            batch = torch.randint(0, len(x), (64,))
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
+        fit(model, x, y, int(step.epochs * 5), batch=64)
 
-    def evaluate(model):
-        with torch.no_grad():
-            return float((model(x).argmax(1) == y).float().mean())
-
-    return train, evaluate, calls
+    return train, lambda model: accuracy(model, x, y), calls
 
 
 def test_a_crash_while_finishing_loses_only_that_candidate_and_resume_gives_the_uninterrupted_result(tmp_path):

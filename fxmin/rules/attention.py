@@ -29,7 +29,7 @@ from ..facts import ValueFact
 from .api import REGISTRY, rule
 from .kit import (dot_products, first_per_head, grouped_sdpa_backward, grouped_sdpa_forward, head_mask, heads_on,
                   mix_backward, mix_forward, opaque_backward, opaque_forward, per_output, qk_required, scores_backward,
-                  scores_forward, softmax_weights, tracked)
+                  scores_forward, softmax_weights, tracked_fact)
 
 
 def _passthrough_backward(ctx):
@@ -45,7 +45,7 @@ def _softmax_forward(ctx):
     """Exact: softmax along an axis the channels do not occupy works within each channel; a
     constant channel becomes ``const(1/n)`` (``log_softmax``: ``const(-log n)``)."""
     x = ctx.arg(0, "input")
-    fact, shape = tracked(ctx, x), ctx.shape(x)
+    fact, shape = tracked_fact(ctx, x), ctx.shape(x)
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if fact is None or shape is None or not isinstance(dim, int) or dim % len(shape) in fact.axes:
         return opaque_forward(ctx)
@@ -86,7 +86,7 @@ def _broadcast_only(ctx, fact, other, rank) -> bool:
 def _masked_fill_forward(ctx):
     """Exact: a mask that is the same for every channel fills positions within each channel."""
     x = ctx.arg(0, "input")
-    fact, shape = tracked(ctx, x), ctx.shape()
+    fact, shape = tracked_fact(ctx, x), ctx.shape()
     if fact is None or shape is None:
         return opaque_forward(ctx)
     if not all(_broadcast_only(ctx, fact, other, len(shape)) for other in ctx.node.args[1:]):
@@ -97,7 +97,7 @@ def _masked_fill_forward(ctx):
 def _where_forward(ctx):
     """Exact: ``torch.where(mask, x, fill)`` with a mask and fill the same for every channel."""
     condition, x, other = (ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other"))
-    fact, shape = tracked(ctx, x), ctx.shape()
+    fact, shape = tracked_fact(ctx, x), ctx.shape()
     if fact is None or shape is None or ctx.shape(x) != shape:
         return opaque_forward(ctx)
     if not (_broadcast_only(ctx, fact, condition, len(shape)) and _broadcast_only(ctx, fact, other, len(shape))):
@@ -129,7 +129,7 @@ rule("where", doc=(
 
 def _matmul_kind(ctx):
     a, b = ctx.node.args[0], ctx.node.args[1]
-    fa, fb = tracked(ctx, a), tracked(ctx, b)
+    fa, fb = tracked_fact(ctx, a), tracked_fact(ctx, b)
     sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape()
     if None in (sa, sb, out) or len(sa) < 3 or len(sa) != len(sb):
         return None
@@ -192,7 +192,7 @@ rule("matmul", doc=(
 
 def _sdpa_inputs(ctx):
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    fq, fk, fv = tracked(ctx, q), tracked(ctx, k), tracked(ctx, v)
+    fq, fk, fv = tracked_fact(ctx, q), tracked_fact(ctx, k), tracked_fact(ctx, v)
     shape = ctx.shape(q)
     if shape is None or len(shape) < 3 or _grouped(ctx):
         return None
@@ -216,7 +216,7 @@ def _grouped(ctx) -> bool:
 def _grouped_inputs(ctx):
     """(q, k, v, fq, fk, fv, rep) for ``enable_gqa=True`` with q/k/v split into heads, or None."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
-    fq, fk, fv = tracked(ctx, q), tracked(ctx, k), tracked(ctx, v)
+    fq, fk, fv = tracked_fact(ctx, q), tracked_fact(ctx, k), tracked_fact(ctx, v)
     shape = ctx.shape(q)
     if shape is None or len(shape) < 3:
         return None

@@ -23,7 +23,7 @@ import torch
 
 from .api import rule
 from .kit import (mix_backward, mix_forward, opaque_backward, opaque_forward, scores_backward, scores_forward,
-                  softmax_weights, tracked)
+                  softmax_weights, tracked_fact)
 
 
 def _operands(ctx) -> list:
@@ -57,7 +57,7 @@ def _kind(ctx):
         return None
     (la, lb), lo = parsed
     a, b = operands
-    fa, fb = tracked(ctx, a), tracked(ctx, b)
+    fa, fb = tracked_fact(ctx, a), tracked_fact(ctx, b)
     sa, sb = ctx.shape(a), ctx.shape(b)
     if fa is None or fb is None or sa is None or sb is None or (len(sa), len(sb)) != (len(la), len(lb)):
         return None

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

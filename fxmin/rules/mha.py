@@ -32,7 +32,6 @@ import operator
 import numpy as np
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..compensated.attention import SlicedMultiheadAttention

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..facts import ValueFact
 from .api import rule
-from .kit import opaque_forward, tracked
+from .kit import opaque_forward, tracked_fact
 
 
 # -- resizing ---------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def _resize_forward(ctx):
     """Exact: NOTE [Resampling]. Resizing works within each channel of axis 1; a constant channel
     keeps its value (checked in float64)."""
     x = ctx.arg(0, "input")
-    fact, shape, out = tracked(ctx, x), ctx.shape(x), ctx.shape()
+    fact, shape, out = tracked_fact(ctx, x), ctx.shape(x), ctx.shape()
     if fact is None or not fact.simple or shape is None or out is None or len(shape) < 3 or fact.axis != 1:
         return opaque_forward(ctx)
     const, value = _resized_constants(ctx, fact, shape)
@@ -106,7 +106,7 @@ def _repeat_forward(ctx):
     """Exact: NOTE [Resampling]. ``x.repeat(sizes)`` tiles channel ``c`` into each copy along the
     channel axis (the same unit in every copy); along other axes channels pass through."""
     x = ctx.node.args[0]
-    fact, shape, sizes = tracked(ctx, x), ctx.shape(x), _repeat_sizes(ctx)
+    fact, shape, sizes = tracked_fact(ctx, x), ctx.shape(x), _repeat_sizes(ctx)
     if fact is None or not fact.simple or shape is None or sizes is None or len(sizes) < len(shape):
         return opaque_forward(ctx)
     offset = len(sizes) - len(shape)
@@ -140,7 +140,7 @@ def _unfold_forward(ctx):
     """Exact: NOTE [Resampling]. Channel ``c`` becomes channels ``c·K .. c·K + K - 1`` (``K`` the
     kernel's positions); with zero padding only ``const(0)`` stays constant."""
     x = ctx.arg(0, "input")
-    fact, shape = tracked(ctx, x), ctx.shape(x)
+    fact, shape = tracked_fact(ctx, x), ctx.shape(x)
     if fact is None or not fact.simple or shape is None or len(shape) not in (3, 4) or fact.axis != len(shape) - 3:
         return opaque_forward(ctx)
     kernel, padding = _unfold_settings(ctx)

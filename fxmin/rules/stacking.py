@@ -6,13 +6,11 @@ channel axis shifts by one when the new axis comes before it. Model constants ar
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.fx
 
-from ..facts import ValueFact
 from .api import REGISTRY, rule
-from .kit import no_cost, opaque_forward
+from .kit import adopt_missing, coupled_join, no_cost, opaque_forward, tracked_fact
 
 
 def _stack_forward(ctx):
@@ -24,25 +22,14 @@ def _stack_forward(ctx):
             or not all(isinstance(t, torch.fx.Node) for t in tensors):
         return opaque_forward(ctx)
     dim = dim % len(shape)
-    facts = [ctx.fact(t) if isinstance(ctx.fact(t), ValueFact) and ctx.fact(t).tracked else None for t in tensors]
+    facts = [tracked_fact(ctx, t) for t in tensors]
     axes = {f.axis for f in facts if f is not None}
     if len(axes) != 1 or any(f is not None and not f.simple for f in facts):
         return opaque_forward(ctx)
     axis = axes.pop()
-    for index, tensor in enumerate(tensors):
-        if facts[index] is None:
-            facts[index] = ctx.adopt(tensor, axis)
-            if facts[index] is None:
-                return opaque_forward(ctx)
-    if len({f.size for f in facts}) != 1:
+    if not adopt_missing(ctx, tensors, facts, axis):
         return opaque_forward(ctx)
-    units = [ctx.units(t) for t in tensors]
-    for other in units[1:]:
-        ctx.unify(units[0], other)
-    const = np.logical_and.reduce([f.const for f in facts]) & np.logical_and.reduce(
-        [f.value == facts[0].value for f in facts])
-    out_axis = axis + 1 if dim <= axis else axis
-    return ValueFact.constants(out_axis, const, np.where(const, facts[0].value, 0.0)), units[0]
+    return coupled_join(ctx, tensors, facts, axis + 1 if dim <= axis else axis) or opaque_forward(ctx)
 
 
 rule("stack", doc=(

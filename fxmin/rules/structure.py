@@ -16,14 +16,7 @@ import torch.fx
 
 from ..facts import TupleFact, ValueFact
 from .api import REGISTRY, rule
-from .kit import no_cost, opaque_forward
-
-
-def _tracked(ctx, node):
-    fact = ctx.fact(node)
-    if isinstance(fact, ValueFact) and fact.tracked:
-        return fact
-    return None
+from .kit import adopt_missing, coupled_join, no_cost, opaque_forward, tracked_fact
 
 
 def _concat_facts(facts, axis):
@@ -43,7 +36,7 @@ def _cat_forward(ctx):
         return opaque_forward(ctx)
     rank = len(shape)
     dim = dim % rank
-    facts = [_tracked(ctx, t) for t in tensors]
+    facts = [tracked_fact(ctx, t) for t in tensors]
     if any(f is not None and not f.simple for f in facts):
         return _cat_heads(ctx, tensors, facts, dim)
     axes = {f.axis for f in facts if f is not None}
@@ -53,22 +46,11 @@ def _cat_forward(ctx):
             return opaque_forward(ctx)
     else:
         axis = axes.pop()
-    for index, tensor in enumerate(tensors):
-        if facts[index] is None:
-            facts[index] = ctx.adopt(tensor, axis)
-            if facts[index] is None:
-                return opaque_forward(ctx)
-    units = [ctx.units(t) for t in tensors]
-    if axis == dim:
-        return _concat_facts(facts, axis), np.concatenate(units)
-    if len({f.size for f in facts}) != 1:
+    if not adopt_missing(ctx, tensors, facts, axis):
         return opaque_forward(ctx)
-    for other in units[1:]:
-        ctx.unify(units[0], other)
-    const = np.logical_and.reduce([f.const for f in facts])
-    same = np.logical_and.reduce([f.value == facts[0].value for f in facts])
-    const &= same
-    return ValueFact.constants(axis, const, np.where(const, facts[0].value, 0.0)), units[0]
+    if axis == dim:
+        return _concat_facts(facts, axis), np.concatenate([ctx.units(t) for t in tensors])
+    return coupled_join(ctx, tensors, facts, axis) or opaque_forward(ctx)
 
 
 def _cat_heads(ctx, tensors, facts, dim):
@@ -140,7 +122,7 @@ def _split_forward(ctx):
     """Exact: cutting along the channel axis gives each piece its slice of the channels (sizes
     patched); cutting along another axis gives every piece all of them."""
     x = ctx.arg(0, "input")
-    fact = _tracked(ctx, x)
+    fact = tracked_fact(ctx, x)
     spec = _split_spec(ctx)
     if fact is None or spec is None:
         return None, None

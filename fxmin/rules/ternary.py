@@ -12,7 +12,7 @@ import torch.fx
 
 from ..facts import ValueFact
 from .api import rule
-from .kit import opaque_forward
+from .kit import opaque_forward, tracked_fact
 
 _OPS = {torch.addcmul: torch.mul, "addcmul": torch.mul, torch.addcdiv: torch.div, "addcdiv": torch.div}
 
@@ -24,7 +24,7 @@ def _ternary_forward(ctx):
     value, shape = ctx.arg(3, "value", 1), ctx.shape()
     if shape is None or not isinstance(value, (int, float)) or not all(isinstance(o, torch.fx.Node) for o in operands):
         return opaque_forward(ctx)
-    tracked = [ctx.fact(o) if isinstance(ctx.fact(o), ValueFact) and ctx.fact(o).tracked else None for o in operands]
+    tracked = [tracked_fact(ctx, o) for o in operands]
     anchor = next((f for f in tracked if f is not None), None)
     if anchor is None or not anchor.simple:
         return opaque_forward(ctx)

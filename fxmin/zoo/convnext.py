@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import Conv2dNormActivation, LayerNorm2d, Permute, StochasticDepth
+from .layers import Conv2dNormActivation, LayerNorm2d, Permute, StochasticDepth, init_trunc_normal
 
 
 class CNBlock(nn.Module):
@@ -93,11 +93,7 @@ class ConvNeXt(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(norm_layer(widths[-1]), nn.Flatten(1), nn.Linear(widths[-1], num_classes))
 
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_trunc_normal(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import Conv2dNormActivation, StochasticDepth, make_divisible
+from .layers import Conv2dNormActivation, StochasticDepth, init_conv_and_norm, make_divisible
 
 
 class SqueezeExcitation(nn.Module):
@@ -139,14 +139,7 @@ class EfficientNet(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_output, num_classes))
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if not init_conv_and_norm(m) and isinstance(m, nn.Linear):
                 init_range = 1.0 / math.sqrt(m.out_features)
                 nn.init.uniform_(m.weight, -init_range, init_range)
                 nn.init.zeros_(m.bias)

@@ -128,3 +128,27 @@ class StochasticDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode=row, ndim={self.ndim}"
+
+
+def init_conv_and_norm(module: nn.Module) -> bool:
+    """torchvision's init of a CNN's convs (Kaiming normal, fan out; bias 0) and norms (weight 1, bias 0);
+    False for any other module (the caller initializes its Linear layers its own way)."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    else:
+        return False
+    return True
+
+
+def init_trunc_normal(model: nn.Module) -> None:
+    """Every Conv2d and Linear of ``model``: weights truncated normal (std 0.02), biases 0 (ConvNeXt, ViT)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

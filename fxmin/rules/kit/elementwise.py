@@ -91,6 +91,12 @@ def pointwise_forward(ctx):
     return fact.replaced(fact.const, value), ctx.units(x)
 
 
+def tracked_fact(ctx, node):
+    """``node``'s fact when it is a tracked value (channels on an axis), else None."""
+    fact = ctx.fact(node)
+    return fact if isinstance(fact, ValueFact) and fact.tracked else None
+
+
 def opaque_forward(ctx):
     shape = ctx.shape()
     return (ValueFact.untracked() if shape is not None else None), None

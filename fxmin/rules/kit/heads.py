@@ -32,13 +32,8 @@ import numpy as np
 import torch.fx
 
 from ...facts import ValueFact
-from .elementwise import opaque_backward, opaque_forward
+from .elementwise import opaque_backward, opaque_forward, tracked_fact
 from .views import new_radix, uniform_digits
-
-
-def _tracked(ctx, node):
-    fact = ctx.fact(node)
-    return fact if isinstance(fact, ValueFact) and fact.tracked else None
 
 
 # -- inserting axes (``x[:, :, None]``, ``x.unsqueeze(2)``) -------------------------------------------------------
@@ -63,7 +58,7 @@ def _moved_axes(items, rank):
 def index_new_axes_forward(ctx):
     """Exact: ``x[:, :, None]`` (full slices and ``None``) moves the channel axes."""
     x, index = ctx.node.args
-    fact, shape = _tracked(ctx, x), ctx.shape(x)
+    fact, shape = tracked_fact(ctx, x), ctx.shape(x)
     items = index if isinstance(index, tuple) else (index,)
     if fact is None or shape is None or not any(item is None for item in items):
         return None
@@ -88,7 +83,7 @@ def repeat_spec(ctx):
     """(source, source fact, offset, repeat axis, repeat digit position, copies) when an expand
     repeats split channels along an axis between their digits, or None."""
     x = ctx.node.args[0]
-    fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
+    fact, shape, out = tracked_fact(ctx, x), ctx.shape(x), ctx.shape()
     if fact is None or fact.simple or shape is None or out is None or list(fact.axes) != sorted(fact.axes):
         return None
     offset = len(out) - len(shape)
@@ -106,7 +101,7 @@ def expand_heads_forward(ctx):
     that axis a digit: copy ``r`` of channel ``(g, e)`` is channel ``(g, r, e)``, a new unit, with
     the source's value. Expanding other axes keeps the channels (NOTE [Grouped heads])."""
     x = ctx.node.args[0]
-    fact, shape, out = _tracked(ctx, x), ctx.shape(x), ctx.shape()
+    fact, shape, out = tracked_fact(ctx, x), ctx.shape(x), ctx.shape()
     spec = repeat_spec(ctx)
     if spec is None:
         if fact is None or shape is None or out is None:
@@ -131,14 +126,14 @@ def expand_heads_forward(ctx):
 def expand_heads_backward(ctx):
     spec = repeat_spec(ctx)
     if spec is None:
-        fact = _tracked(ctx, ctx.node)
+        fact = tracked_fact(ctx, ctx.node)
         if fact is None:
             opaque_backward(ctx)
         elif not _literal_digits(ctx, fact):
             ctx.require_all(ctx.node, "a size computed at run time shapes it")
         return
     x, fact, offset, axis, position, copies = spec
-    out = _tracked(ctx, ctx.node)
+    out = tracked_fact(ctx, ctx.node)
     if not _literal_digits(ctx, out):
         ctx.require_all(ctx.node, "a size computed at run time shapes it")
         ctx.require_all(x)
@@ -182,7 +177,7 @@ def repeat_size_use(ctx, expand, numbers) -> str:
 
 
 def expand_heads_plan(ctx):
-    fact = _tracked(ctx, ctx.node)
+    fact = tracked_fact(ctx, ctx.node)
     kept = ctx.kept()
     if fact is None or len(kept) == fact.size:
         return

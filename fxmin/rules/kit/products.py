@@ -13,12 +13,6 @@ import torch.fx
 from ...facts import ValueFact
 
 
-def tracked(ctx, node):
-    """The fact of ``node`` when it is a tracked tensor, else None."""
-    fact = ctx.fact(node)
-    return fact if isinstance(fact, ValueFact) and fact.tracked else None
-
-
 def heads_on(fact: ValueFact, rank: int, head_axis: int, dim_axis: int):
     """(heads, dims) when the channels sit on (head_axis, dim_axis) of a rank-``rank`` tensor."""
     if fact is None or len(fact.axes) != 2 or fact.axes != (head_axis % rank, dim_axis % rank):
