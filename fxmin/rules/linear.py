@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..facts import ValueFact
 from .api import rule
 from .kit import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
                   new_parameter, new_weights)

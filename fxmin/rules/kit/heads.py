@@ -168,7 +168,7 @@ def repeat_size_use(ctx, expand, numbers) -> str:
     """How an expand uses the numbers ``numbers`` (a size read and what is computed from it), as
     NOTE [Size reads] in sizes.py classifies uses: "patched" when they only size channel axes of a
     repeat of heads (its plan writes the kept counts there), else "other"."""
-    fact = _tracked(ctx, expand)
+    fact = tracked_fact(ctx, expand)
     sizes = _expand_sizes(expand)
     positions = [i for i, size in enumerate(sizes) if isinstance(size, torch.fx.Node) and size in numbers]
     if fact is None or fact.simple or not positions or not all(i in fact.axes for i in positions):
