@@ -315,11 +315,10 @@ class Engine:
 
     def _owners(self, units: np.ndarray):
         start = np.searchsorted(self._owner_units, units, "left")
-        end = np.searchsorted(self._owner_units, units, "right")
-        indices = set()
-        for s, e in zip(start.tolist(), end.tolist()):
-            indices.update(self._owner_nodes[s:e].tolist())
-        return [self._owner_list[i] for i in indices]
+        lengths = np.searchsorted(self._owner_units, units, "right") - start
+        # every position of every run [start, start + length) of the sorted index, in one array
+        positions = np.arange(int(lengths.sum())) + np.repeat(start - np.cumsum(lengths) + lengths, lengths)
+        return [self._owner_list[i] for i in np.unique(self._owner_nodes[positions]).tolist()]
 
     def _push(self, node) -> None:
         if node not in self._queued and (node in self.rules or node.op == "output"):

@@ -60,7 +60,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in attributes:
             attributes[node.target] = _attribute(plan, source, node.target, dtype)
-    _retie(source, attributes)
+    _retie(source, attributes, plan.modules)
     graph.lint()
     result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
     result.eval()
@@ -90,8 +90,9 @@ def _attribute(plan: Plan, source, target: str, dtype):
     return copy.deepcopy(value)
 
 
-def _retie(source, attributes: dict) -> None:
-    """Parameters shared in the model (tied embeddings) stay one Parameter when they still agree."""
+def _retie(source, attributes: dict, edited: dict) -> None:
+    """Parameters shared in the model (tied embeddings) stay one Parameter when they still agree: when no
+    module holding one was edited (copies of one tensor, cast alike, agree), or when the edited ones compare equal."""
     owners: dict = {}
     for target, value in attributes.items():
         if not isinstance(value, nn.Module):
@@ -101,13 +102,14 @@ def _retie(source, attributes: dict) -> None:
         except AttributeError:
             continue
         for name, parameter in original.named_parameters(recurse=False):
-            owners.setdefault(id(parameter), []).append((value, name))
+            owners.setdefault(id(parameter), []).append((value, name, target in edited))
     for members in owners.values():
         if len(members) < 2:
             continue
-        first_module, first_name = members[0]
+        first_module, first_name, _ = members[0]
         shared = getattr(first_module, first_name)
-        if all(getattr(m, n) is not None and getattr(m, n).shape == shared.shape and torch.equal(getattr(m, n), shared)
-               for m, n in members[1:]):
-            for module, name in members[1:]:
+        if not any(was_edited for _, _, was_edited in members) or all(
+                getattr(m, n) is not None and getattr(m, n).shape == shared.shape and torch.equal(getattr(m, n), shared)
+                for m, n, _ in members[1:]):
+            for module, name, _ in members[1:]:
                 setattr(module, name, shared)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from typing import Iterable
 
@@ -50,12 +51,20 @@ _FXMIN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _user_stack_trace() -> str | None:
-    """The frames from the first ``forward`` on, without torch's and fxmin's own (as torch.fx does)."""
-    frames = traceback.extract_stack()
+    """The frames from the first ``forward`` on, without torch's and fxmin's own (as torch.fx does).
+
+    The same text as filtering ``traceback.extract_stack()``, but only the user's frames have their
+    source lines looked up (the stack under a trace is deep: torch.fx's and the model's calls)."""
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()  # outermost first, as extract_stack lists them
     for index, frame in enumerate(frames):
-        if frame.name == "forward":
-            user = [f for f in frames[index:] if not f.filename.startswith((_TORCH_DIR, _FXMIN_DIR))]
-            return "".join(traceback.StackSummary.from_list(user).format()).strip() or None
+        if frame.f_code.co_name == "forward":
+            user = [(f, f.f_lineno) for f in frames[index:] if not f.f_code.co_filename.startswith((_TORCH_DIR, _FXMIN_DIR))]
+            return "".join(traceback.StackSummary.extract(user).format()).strip() or None
     return None
 
 
