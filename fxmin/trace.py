@@ -36,8 +36,7 @@ class _LeafTracer(torch.fx.Tracer):
 
         if isinstance(module, CompensatedLayerNorm):
             return True  # its forward checks shapes: a leaf, handled by the layer_norm rule
-        REGISTRY.register_imported()
-        found = REGISTRY.lookup_module(module)
+        found = REGISTRY.lookup_module(module)  # library rules are registered before tracing (trace())
         if found is not None and found.leaf:
             return True  # a rule that reads the module whole (Rule.leaf)
         if self._leaves and (isinstance(module, tuple(t for t in self._leaves if isinstance(t, type)))
@@ -94,6 +93,9 @@ def trace(model: nn.Module, *, tracer: torch.fx.Tracer | None = None, leaf_modul
             raise TraceError(f"the tracer {tracer!r} returned a {type(traced).__name__}, not a torch.fx.GraphModule")
         return traced
     tracer = tracer if tracer is not None else _LeafTracer(tuple(leaf_modules))
+    # NOTE [Register before tracing]: the rules of a loaded library (REGISTRY.defer) read its functions
+    # now: while FX traces, it swaps the functions marked with torch.fx.wrap for wrappers in their modules
+    REGISTRY.register_imported()
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:  # FX raises TraceError, TypeError, RuntimeError, AttributeError...

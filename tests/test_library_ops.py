@@ -177,3 +177,26 @@ def test_window_attention_keeps_every_channel_around_it():
     model = WindowAttentionBlock().eval()
     check_minimize(model, {"fc1.weight": mask}, (torch.randn(2, 4, 4, 3),),
                    expected_params=sum(p.numel() for p in model.parameters()) - 6 - 18)  # qkv.bias, proj.bias unused
+
+
+def test_a_library_loaded_before_minimize_has_its_wrapped_functions_registered(monkeypatch):
+    """NOTE [Register before tracing] in fxmin/trace.py: a deferred registration reads the library's
+    functions before FX traces, not while FX has swapped its torch.fx.wrap'ed functions for wrappers."""
+    library = types.ModuleType("fake_wrapping_library_for_fxmin")
+    exec("import torch, torch.fx\n"
+         "def scale_by_two(x):\n    return x * 2\n"
+         "torch.fx.wrap('scale_by_two')\n", library.__dict__)
+    fxmin.REGISTRY.defer(library.__name__, lambda module: fxmin.register_pointwise(functions=(module.scale_by_two,)))
+    monkeypatch.setitem(sys.modules, library.__name__, library)  # imported after fxmin, as users do
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(library.scale_by_two(self.a(x)))
+
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1] = False  # const(bias), doubled, folded into b
+    check_minimize(Model().eval(), {"a.weight": mask}, (torch.randn(2, 3),), expected_params=3 * 4 + 2 * 3 + 2)

@@ -229,3 +229,25 @@ def test_reshape_as_follows_coupled_channels():
     masks = {"fc1.weight": _dead_rows((6, 3), [2, 3])}  # constants through BN fold into fc2
     check_minimize(model, masks, (torch.randn(2, 5, 3),), expected_params=4 * 4 + 4 * 2 + 2 * 4 + 2)
 
+
+class EfficientChannelGate(nn.Module):
+    """a -> x * gate(x).expand_as(x) -> b, the gate a per-channel sigmoid of the spatial mean (ECA and
+    SE shapes: (B, C, 1, 1) expanded to x's shape)."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1, bias=bias), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        gate = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True))
+        return self.b(x * gate.expand_as(x))
+
+
+@pytest.mark.parametrize("bias, kept", [(False, 4), (True, 4)], ids=["const(0)", "const(b): folded"])
+def test_expand_as_couples_with_the_tensor_it_reads_its_size_from(bias, kept):
+    """Rows 1 and 4 of a are dead: x there is const (0 or b), the gate const(sigmoid(.)), the product
+    const, folded into b's bias: the channels leave a and b."""
+    masks = {"a.weight": _dead_rows((6, 3, 1, 1), [1, 4])}
+    check_minimize(EfficientChannelGate(bias).eval(), masks, (torch.randn(2, 3, 4, 4),),
+                   expected_params=kept * (3 + bias) + 4 * kept + 4)

@@ -202,6 +202,40 @@ rule("expand", doc=(
      heads_aware=True, constant_view=_expand_constant_view, macs=no_cost)(_expand_forward)
 
 
+def _expand_as_spec(ctx):
+    """(x, other) when ``x.expand_as(other)`` keeps x's channels on an axis where ``other`` holds the same
+    channels (ECA's ``x * y.expand_as(x)``), or None."""
+    x, other = ctx.node.args[0], ctx.node.args[1]
+    fact, other_fact, shape, out = _tracked(ctx, x), _tracked(ctx, other), ctx.shape(x), ctx.shape()
+    if fact is None or other_fact is None or not fact.simple or not other_fact.simple or shape is None or out is None:
+        return None
+    axis = fact.axis + len(out) - len(shape)
+    if other_fact.axis != axis or other_fact.size != fact.size:
+        return None
+    return x, other
+
+
+def _expand_as_forward(ctx):
+    """Exact: ``x.expand_as(other)`` repeats x along size-1 axes; when ``other`` holds channels on
+    x's channel axis, the two couple (the size there is ``other``'s, so they keep the same channels)."""
+    spec = _expand_as_spec(ctx)
+    if spec is None:
+        return opaque_forward(ctx)
+    x, other = spec
+    ctx.unify(ctx.units(x), ctx.units(other))
+    fact = _tracked(ctx, x)
+    return fact.moved(fact.axis + len(ctx.shape()) - len(ctx.shape(x))), ctx.units(x)
+
+
+rule("expand_as", doc=(
+         '`x.expand_as(other)`: values repeat along size-1 axes; x\'s channels couple with the channels '
+         '`other` holds on the same axis (its size is read from `other`).',
+         'Nothing itself: channels pass through, coupled with `other`\'s.',
+         'Every channel of both when `other` is not tracked on x\'s channel axis.',
+         ),
+     methods=("expand_as",))(_expand_as_forward)
+
+
 # ATen keys of these rules, with the torch-level signature (NOTE [ATen aliases] in functional.py);
 # ``aten.expand`` takes its sizes as one list (the plan patches the list)
 _aten = torch.ops.aten
