@@ -1,4 +1,4 @@
-"""Layers fxmin keeps whole (recurrent layers) and ATen forms of ops the torch.fx front end knows (``rsub``),
+"""Layers fxmin keeps whole (recurrent layers), `repeat_interleave`, and ATen forms of ops the torch.fx front end knows
 through both front ends: float64 equivalence and parameter counts by hand."""
 import pytest
 import torch
@@ -55,3 +55,29 @@ def test_one_minus_x_folds_dead_units_through_both_front_ends(frontend):
     result = fxmin.minimize(model, masks, (x,), frontend=frontend)
     assert fxmin.count_parameters(result.module) == (4 * 4 + 4) + (2 * 4 + 2)
     assert assert_equivalent(masked_copy(model, masks), result.module, (x,)) <= 1e-12
+
+
+class GlobalQuery(nn.Module):
+    """GCViT's pattern: a query computed once per image batch, repeated for every window with
+    ``repeat_interleave(B // q.shape[0], dim=0)``; and channels repeated in place (``dim=1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(24, 3)
+
+    def forward(self, windows, image):
+        q = self.q(image).repeat_interleave(windows.shape[0] // image.shape[0], dim=0)
+        both = torch.cat([q * self.k(windows), self.v(windows)], dim=-1)
+        return self.out(both.repeat_interleave(2, dim=-1))  # channel c -> 2c, 2c + 1
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_repeat_interleave_along_windows_passes_channels_through(frontend):
+    torch.manual_seed(0)
+    model = GlobalQuery().double().eval()
+    masks = {"out.weight": torch.ones(3, 24, dtype=torch.bool)}
+    masks["out.weight"][:, :4] = False  # both copies of q * k's first two units: q and k lose them
+    windows, image = torch.randn(6, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    result = fxmin.minimize(model, masks, (windows, image), frontend=frontend)
+    assert fxmin.count_parameters(result.module) == fxmin.count_parameters(model) - 2 * (2 * 5) - 3 * 4
+    assert assert_equivalent(masked_copy(model, masks), result.module, (windows, image)) <= 1e-12

@@ -1,5 +1,5 @@
 """Ops that move or copy positions within each channel: resizing (``F.interpolate``, ``nn.Upsample``:
-EfficientFormerV2, HRNet), ``Tensor.repeat`` (XCiT's positional encoding) and im2col (``F.unfold``,
+EfficientFormerV2, HRNet), ``Tensor.repeat`` (XCiT's positional encoding), ``repeat_interleave`` (GCViT's global query) and im2col (``F.unfold``,
 ``nn.Unfold``: TNT's inner patches).
 
 NOTE [Resampling]
@@ -122,6 +122,37 @@ rule("repeat", doc=(
          'Sizes computed at run time, or channels split over several axes: opaque (all kept).',
          ),
      methods=("repeat",), functions=(_aten.repeat.default,))(_repeat_forward)
+
+
+# -- repeat_interleave --------------------------------------------------------------------------------------------
+
+def _repeat_interleave_forward(ctx):
+    """Exact: NOTE [Resampling]. ``x.repeat_interleave(k, dim)`` along an axis that holds no channel
+    copies whole slices (channels pass through, whatever ``k`` is: computed at run time, a tensor of counts); along the
+    channel axis with a literal ``k`` channel ``c`` becomes ``k`` consecutive copies of one unit (a
+    tensor of counts there repeats channels unevenly: opaque)."""
+    x = ctx.node.args[0]
+    fact, shape = tracked_fact(ctx, x), ctx.shape(x)
+    repeats, dim = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    if fact is None or shape is None or not isinstance(dim, int):
+        return opaque_forward(ctx)  # dim=None flattens
+    dim %= len(shape)
+    if dim not in fact.axes:
+        return fact, ctx.units(x)
+    if not fact.simple or not isinstance(repeats, int):
+        return opaque_forward(ctx)
+    return (ValueFact(fact.axis, fact.size * repeats, np.repeat(fact.const, repeats), np.repeat(fact.value, repeats)),
+            np.repeat(ctx.units(x), repeats))
+
+
+rule("repeat_interleave", doc=(
+         '`x.repeat_interleave(k, dim)` (NOTE [Resampling]): along an axis without channels it copies '
+         'whole slices; along the channel axis (literal `k`) channel `c` becomes `k` copies of one unit.',
+         'Channel `c` with all its copies at once (one unit); along other axes channels pass through.',
+         'A tensor of counts, `dim=None` (flattening), or a count computed at run time along the channel axis: opaque.',
+         ),
+     methods=("repeat_interleave",), functions=(torch.repeat_interleave, _aten.repeat_interleave.self_int))(
+    _repeat_interleave_forward)
 
 
 # -- im2col -------------------------------------------------------------------------------------------------------
