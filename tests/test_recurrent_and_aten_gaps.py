@@ -1,4 +1,4 @@
-"""Layers fxmin keeps whole (recurrent layers), `repeat_interleave`, and ATen forms of ops the torch.fx front end knows
+"""Recurrent layers (kept whole), `repeat_interleave`, and ATen forms of ops the torch.fx front end knows (`rsub`),
 through both front ends: float64 equivalence and parameter counts by hand."""
 import pytest
 import torch
