@@ -26,7 +26,7 @@ from .kit import no_cost, opaque_forward
 def _norm_arguments(ctx):
     """(order, dims, keepdim) of a vector norm call, or None when it is not a vector norm over named axes."""
     node = ctx.node
-    if node.target is torch.linalg.vector_norm:
+    if node.target in (torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default):
         order, dims, keepdim = ctx.arg(1, "ord", 2), ctx.arg(2, "dim"), ctx.arg(3, "keepdim", False)
     else:  # torch.norm(x, p, dim, keepdim) and x.norm(p, dim, keepdim)
         order, dims, keepdim = ctx.arg(1, "p", "fro"), ctx.arg(2, "dim"), ctx.arg(3, "keepdim", False)
@@ -185,3 +185,4 @@ rule("scan", doc=(
          ),
      functions=(torch.cumsum, torch.cumprod), methods=("cumsum", "cumprod"), heads_aware=True)(_scan_forward)
 REGISTRY.alias(F.pad, torch.ops.aten.pad.default)  # the export front end keeps F.pad whole (same arguments)
+REGISTRY.alias(torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default)  # x.norm(...) under torch.export

@@ -14,7 +14,8 @@ from ..facts import ValueFact
 from .api import rule
 from .kit import opaque_forward, tracked_fact
 
-_OPS = {torch.addcmul: torch.mul, "addcmul": torch.mul, torch.addcdiv: torch.div, "addcdiv": torch.div}
+_OPS = {torch.addcmul: torch.mul, "addcmul": torch.mul, torch.addcdiv: torch.div, "addcdiv": torch.div,
+        torch.ops.aten.addcmul.default: torch.mul, torch.ops.aten.addcdiv.default: torch.div}
 
 
 def _ternary_forward(ctx):
