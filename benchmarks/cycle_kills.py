@@ -10,7 +10,7 @@ history and weights as a run that was never killed. Kills are drawn within the u
 number of training calls, recompiles and checkpoint writes, and its length), and runs are added until
 ``--kills`` kills have taken effect (a later kill of a run may fall after its resumed process ended).
 
-    nice -n 10 timeout 3600 python -m benchmarks.cycle_kills --kills 50 --seed 0 --write docs/reliability.md
+    nice -n 10 timeout 3700 python -m benchmarks.cycle_kills --kills 50 --seed 0 --write docs/reliability.md
 
 ``tests/test_cycle_kills.py`` runs a few of the same kills in ``make test``.
 """
@@ -306,7 +306,7 @@ def _write(path: str, summary: dict, rows: list, args) -> None:
     text = "\n".join([
         "## Faults in the Squeeze-Release cycle",
         "",
-        f"`nice -n 10 timeout 3600 python -m benchmarks.cycle_kills --kills {args.kills} --seed {args.seed} "
+        f"`nice -n 10 timeout 3700 python -m benchmarks.cycle_kills --kills {args.kills} --seed {args.seed} "
         f"--write {path}` ({summary['seconds']} s): a small deterministic cycle (4 cycles and a 2-candidate "
         "finishing phase, checkpoints on) killed with SIGKILL inside training, inside minimization, halfway "
         "through a checkpoint write, or at a random moment; each time every checkpoint left is loaded, and "

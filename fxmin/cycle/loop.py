@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..masks import model_device
-from .checkpoints import (CHECKPOINT_VERSION, barrier, check_owner, finish_checkpoint, is_main_process, latest_checkpoint,
-                          load_checkpoint, load_finished, save_checkpoint)
+from .checkpoints import (CHECKPOINT_VERSION, barrier, check_owner, finish_checkpoint, is_main_process,
+                          latest_checkpoint, load_checkpoint, load_finished, save_checkpoint)
 from .finishing import finish_loop, offer
 from .phases import Job, LoopState, compact, evaluate_model, fine_tune, judge, measure, prune, release_zeros, squeeze
 from .records import CycleRecord, FinishRecord, SqueezeReleaseResult, TrainStep
