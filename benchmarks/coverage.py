@@ -34,8 +34,8 @@ from benchmarks.coverage_catalogues import CATALOGUES, Unavailable, known_size
 from fxmin.minimize import prepare
 from fxmin.trace_export import canonical_graph
 
-OUTCOMES = ("exact-shrunk", "exact-same", "refused", "crashed", "wrong", "not-exportable", "timeout", "no-model",
-            "skipped")
+OUTCOMES = ("exact-shrunk", "exact-same", "refused", "crashed", "wrong", "not-exportable", "timeout", "killed",
+            "no-model", "skipped")
 #: the float64 check: max |minimized - masked reference| <= TOLERANCE * max(1, max |reference|). The
 #: minimized module stores folded constants in float32, so it is checked against rounding at float32's
 #: scale, far below what a wrong channel gives.
@@ -315,7 +315,7 @@ def _serve(connection, threads: int) -> None:
 
 class Worker:
     """One process that runs models one at a time, sending a row per front end; a front end past its time
-    limit (or a dead process) ends the model's remaining rows as timeout (or crashed), and a new process
+    limit (or a dead process) ends the model's remaining rows as timeout (killed, crashed), and a new process
     starts for the next model."""
 
     def __init__(self, threads: int = 1):
@@ -340,7 +340,11 @@ class Worker:
                     continue
                 failure = {"outcome": "timeout", "detail": f"no result within {timeout:.0f} s"}
             except EOFError:
-                failure = {"outcome": "crashed", "detail": f"the worker process died (exit code {self.process.exitcode})"}
+                self.process.join()
+                code = self.process.exitcode
+                failure = ({"outcome": "killed", "detail": "the worker process was killed (SIGKILL: the kernel's "
+                                                           "out-of-memory killer, or by hand)"} if code == -9 else
+                           {"outcome": "crashed", "detail": f"the worker process died (exit code {code})"})
             self.stop()
             yield from ({"catalogue": catalogue, "model": name, "frontend": rest, **failure} for rest in frontends[index:])
             return

@@ -128,6 +128,7 @@ def render(rows: list[dict], command: str, notes: dict, remark: str = "") -> str
         "Outcomes: **exact-shrunk** (fewer parameters, passes), **exact-same** (passes, nothing removed), **refused** "
         "(an fxmin error: the op it names), **crashed** (an exception that is not an fxmin error: a bug), **wrong** "
         "(the float64 check fails), **not-exportable** (torch.export itself fails: not fxmin's), **timeout**, "
+        "**killed** (the worker got SIGKILL: on this shared machine, the kernel's out-of-memory killer), "
         "**no-model** (the catalogue could not build it at any of the input sizes tried), **skipped** (more "
         "parameters than the sweep's `--max-params`).",
         "",
