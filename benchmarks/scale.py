@@ -197,8 +197,6 @@ def child_torch_pruning(name: str, tokens: int) -> dict:
 
 def child(name: str, tokens: int) -> dict:
     """Build ``name``, minimize it with verification, return the measurements."""
-    import torch
-
     import fxmin
     pipeline = sys.modules["fxmin.minimize"]  # the module (fxmin.minimize is also the function)
 
