@@ -32,6 +32,7 @@ from .graph_helpers import tensor_shape
 from .progress import phase, tick
 from .rules.api import REGISTRY, Context, Registry, Rule
 from .units import UnitTable
+from .weights import weights_of
 
 
 #: why a model output's channels stay (``Analysis.reasons``); not a rule blocking removal
@@ -87,6 +88,7 @@ class Analysis:
 class Engine:
     def __init__(self, root: torch.fx.GraphModule, registry: Registry, barriers):
         self.root = root
+        self.weights = weights_of(root)
         self.registry = registry
         self.barriers = barriers
         self.table = UnitTable()
@@ -104,18 +106,21 @@ class Engine:
         self._queued: set = set()
         self._order: dict = {}
 
-    # -- tensors of the model ---------------------------------------------------
-    def module_tensor(self, target: str, name: str) -> torch.Tensor | None:
+    # -- tensors of the model: NOTE [Weights on demand] (fxmin/weights.py) -----------
+    def module_tensor(self, target: str, name: str, dtype=torch.float64) -> torch.Tensor | None:
+        """Masked, a float64 copy (``dtype=None``: own dtype, read-only); only vectors are kept."""
         key = f"{target}.{name}" if target else name
-        if key not in self.tensors:
-            module = self.root.get_submodule(target)
-            value = getattr(module, name, None)
-            self.tensors[key] = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else None
-        return self.tensors[key]
+        if key in self.tensors and dtype is not None:
+            return self.tensors[key]
+        value = self.weights.load(key)
+        if value is not None and dtype is not None:
+            value = value.to(dtype, copy=True)
+            self.tensors.update({key: value} if value.dim() <= 1 else {})
+        return value
 
-    def attr_tensor(self, target: str) -> torch.Tensor | None:
+    def attr_tensor(self, target: str, dtype=torch.float64) -> torch.Tensor | None:
         module_path, _, name = target.rpartition(".")
-        return self.module_tensor(module_path, name)
+        return self.module_tensor(module_path, name, dtype)
 
     # -- what the contexts read and write (fxmin.rules.contexts.EngineView) ------
     def fact(self, node):

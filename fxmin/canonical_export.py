@@ -73,8 +73,9 @@ def lift(graph_module: torch.fx.GraphModule, constants: Mapping[str, tuple], *,
     """A GraphModule where each placeholder named in ``constants`` reads a module attribute instead.
 
     ``constants`` maps placeholder name -> (qualified attribute name, tensor, is_parameter). The
-    tensors are detached copies held as parameters/buffers of nested modules, so
-    ``named_parameters()`` gives the qualified names. Other placeholders stay inputs, in order.
+    tensors (detached, sharing the program's storage: never written to) are held as parameters/buffers
+    of nested modules, so ``named_parameters()`` gives the qualified names. Other placeholders stay
+    inputs, in order.
     ``keep_meta=False`` drops the compiler's metadata (FakeTensors) from the copied nodes.
     """
     root = nn.Module()
@@ -93,7 +94,7 @@ def lift(graph_module: torch.fx.GraphModule, constants: Mapping[str, tuple], *,
             if not hasattr(owner, leaf):
                 value = made.get(id(tensor))
                 if value is None:
-                    value = tensor.detach().clone()
+                    value = tensor.detach()  # shared, never written (NOTE [Weights on demand] in fxmin/weights.py)
                     if is_parameter:
                         value = nn.Parameter(value, requires_grad=tensor.requires_grad)
                     made[id(tensor)] = value

@@ -5,9 +5,10 @@ and :mod:`fxmin.rewrite` installs them; the report lists the :class:`ParamEdit` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,56 @@ class ParamEdit:
 class ModuleEdit:
     target: str
     module_type: str
-    module: torch.nn.Module  # float64 replacement
+    module: torch.nn.Module  # the replacement, its tensors in ``dtype`` (rounded once, NOTE [Fold precision])
     dtype: torch.dtype
     device: torch.device
     params: tuple
+    exact: dict = field(default_factory=dict)  # name in ``module`` -> float64 value where the rounding changed it
 
 
 @dataclass(frozen=True)
 class AttrEdit:
     target: str
-    value: torch.Tensor  # float64
+    value: torch.Tensor  # in ``dtype`` (rounded once)
     dtype: torch.dtype
     requires_grad: bool
     is_parameter: bool
     edit: ParamEdit
+    exact: torch.Tensor | None = None  # the float64 value where the rounding changed it
+
+
+def rounded(value: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """``(value in dtype, the float64 value or None)``: NOTE [Fold precision]'s one rounding, keeping the
+    exact float64 value only where the rounding changed something (a folded constant; a sliced weight
+    is exact in its own dtype)."""
+    value = value.detach()
+    if value.dtype == dtype:
+        return value, None
+    stored = value.to(dtype)
+    exact = value.dtype == torch.float64 and dtype.is_floating_point and not torch.equal(stored.to(torch.float64), value)
+    return stored, value if exact else None
+
+
+def store_rounded(module: nn.Module, dtype: torch.dtype) -> dict:
+    """Cast ``module``'s floating parameters and buffers to ``dtype`` in place (tied ones stay tied);
+    return ``{name: float64 value}`` for those the rounding changed."""
+    exact, done = {}, {}
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                qualified = f"{prefix}.{name}" if prefix else name
+                if id(tensor) not in done:
+                    stored, value = rounded(tensor, dtype)
+                    if isinstance(tensor, nn.Parameter):
+                        stored = nn.Parameter(stored, requires_grad=tensor.requires_grad)
+                    done[id(tensor)] = (stored, value)
+                stored, value = done[id(tensor)]
+                table[name] = stored
+                if value is not None:
+                    exact[qualified] = value
+    return exact
 
 
 @dataclass(frozen=True)

@@ -22,23 +22,37 @@ def count_elements(value) -> int:
     return sum(leaf.numel() for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor))
 
 
-def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None, load=None) -> nn.Module:
     """``copy.deepcopy(module).to(device, dtype)`` with each tensor copied once, straight to its target.
+
+    ``load(name)``: where the value of the tensor ``name`` (as in ``module.named_parameters()``) comes
+    from, e.g. a :class:`fxmin.weights.ModuleWeights`' masked load (default: the tensor itself).
 
     NOTE [One copy per tensor]
     The deep copy and the cast each copy every weight; the memo hands deepcopy tensors already on
     ``device`` in ``dtype`` (floating point ones; others keep their dtype, as ``Module.to`` does), so
     the final ``.to`` has nothing left to do. Shared tensors stay shared; ``requires_grad`` is kept.
+    A loaded value that is already a fresh tensor of the right dtype is used as it is.
     """
     memo: dict = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
+    named = itertools.chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
         if id(tensor) in memo:
             continue
+        source = load(name) if load is not None else tensor.detach()
+        fresh = source.numel() > 0 and source.data_ptr() != tensor.data_ptr()
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        value = tensor.detach().to(device=device if device is not None else tensor.device, dtype=target, copy=True)
+        value = source.to(device=device if device is not None else tensor.device, dtype=target,
+                          copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
     copied = copy.deepcopy(module, memo)
     return copied.to(device=device, dtype=dtype) if dtype is not None else copied.to(device=device)
+
+
+def share_module(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure that holds the same tensor objects (copies none)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def free_name(root: torch.fx.GraphModule, name: str, taken=()) -> str:

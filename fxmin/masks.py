@@ -1,4 +1,5 @@
-"""Masks from dicts, torch.nn.utils.prune, or exact zeros; validation; the masked reference copy."""
+"""Masks from dicts, torch.nn.utils.prune, or exact zeros; validation; the reference the pass reads (sharing the
+model's tensors, masks applied on load: NOTE [Weights on demand] in fxmin/weights.py) and the masked copy."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ from torch.nn.utils import prune
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .errors import InputError, MaskError
+from .weights import ModuleWeights, all_finite, storage_key
 
 
 def _pruned_tensors(model: nn.Module):
@@ -144,7 +146,7 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
 
     Returns ``(reference, masks)`` where ``masks`` are the validated bool masks actually applied
     (the torch.nn.utils.prune masks when ``masks`` is None, else those given). The model and the
-    masks passed in are not modified.
+    masks passed in are not modified. :func:`shared_reference` is the same function without the copy.
 
     >>> ref, used = masked_reference(nn.Linear(3, 2), {"weight": torch.tensor([[1, 0, 1], [0, 0, 1]])})
     >>> int((ref.weight == 0).sum()) >= 3
@@ -159,9 +161,65 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     for _, module, name in _pruned_tensors(reference):
         prune.remove(module, name)  # weight = weight_orig * weight_mask, as a plain parameter
     reference.eval()
+    applied = _validated(model, reference, masks)
+    parameters = dict(reference.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, mask in applied.items():
+            parameters[name].masked_fill_(~mask, 0)
+    _require_finite(ModuleWeights(reference))
+    return reference, {**from_prune, **applied}
+
+
+def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False):
+    """What :func:`masked_reference` computes, without copying a weight: ``(reference, masks, by
+    storage)``. ``reference`` is a copy of ``model``'s modules in eval mode that shares its parameters
+    (NOTE [Weights on demand]; buffers, which a forward may update in place, are copied); the masks
+    are not applied to it but returned by :func:`fxmin.weights.storage_key` of the tensor they mask,
+    for a :class:`fxmin.weights.ModuleWeights` to apply on load. A ``torch.nn.utils.prune``
+    reparametrization becomes the parameter ``weight_orig`` under the name ``weight``, its mask among
+    the masks. ``host=True``: the copy's tensors are on the CPU (copied there). Same checks and
+    errors as :func:`masked_reference`; the model and the masks are not modified.
+
+    >>> linear = nn.Linear(3, 2)
+    >>> ref, used, by_storage = shared_reference(linear, {"weight": torch.tensor([[1, 0, 1], [0, 0, 1]])})
+    >>> ref.weight is linear.weight, len(by_storage)
+    (True, 1)
+    """
+    require_module(model)
+    from_prune = prune_masks(model)
+    if host:
+        memo = host_memo(model)
+    else:
+        memo = {id(p): p for p in model.parameters()}
+        memo.update({key: value.detach() for key, value in pruned_memo(model).items()})  # replaced below
+    reference = copy.deepcopy(model, memo)
+    if host:
+        reference.cpu()  # tensors held outside parameters and buffers
+        from_prune = {name: mask.cpu() for name, mask in from_prune.items()}
+    for _, module, name in _pruned_tensors(reference):
+        # weight_orig stays the model's tensor under the name `weight` (prune.remove would write into it)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+                del module._forward_pre_hooks[key]
+        original = module._parameters.pop(f"{name}_orig")
+        module._buffers.pop(f"{name}_mask")
+        module.__dict__.pop(name, None)
+        module.register_parameter(name, original)
+    reference.eval()
+    applied = _validated(model, reference, masks)
+    parameters = dict(reference.named_parameters(remove_duplicate=False))
+    by_storage: dict = {}
+    for name, mask in (*from_prune.items(), *applied.items()):  # a tied tensor or a pruned one masked again: both
+        key = storage_key(parameters[name])
+        by_storage[key] = by_storage[key] & mask if key in by_storage else mask
+    _require_finite(ModuleWeights(reference, by_storage))
+    return reference, {**from_prune, **applied}, by_storage
+
+
+def _validated(model: nn.Module, reference: nn.Module, masks) -> dict:
+    """``masks`` as bool tensors on their parameters' devices, each name checked against ``reference``."""
     if masks is None:
-        _require_finite(reference)
-        return reference, from_prune
+        return {}
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping from parameter names to tensors, got {type(masks).__name__}")
     parameters = dict(reference.named_parameters(remove_duplicate=False))
@@ -178,11 +236,7 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
                 f"Names come from model.named_parameters(), e.g. {list(parameters)[:3]}."
             )
         applied[name] = _as_bool(name, mask, parameters[name])
-    with torch.no_grad():
-        for name, mask in applied.items():
-            parameters[name].masked_fill_(~mask, 0)
-    _require_finite(reference)
-    return reference, {**from_prune, **applied}
+    return applied
 
 
 def require_read(graph_module: torch.fx.GraphModule, reference: nn.Module, masks, model_name: str) -> None:
@@ -219,10 +273,16 @@ def _fetch(root: nn.Module, target: str):
     return getattr(root.get_submodule(owner) if owner else root, name)
 
 
-def _require_finite(reference: nn.Module) -> None:
-    for name, tensor in (*reference.named_parameters(), *reference.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
+def _require_finite(weights: ModuleWeights) -> None:
+    """Each parameter and buffer as the masks leave it, one at a time: finite, or :class:`InputError`."""
+    seen = set()
+    for name, tensor in (*weights.root.named_parameters(), *weights.root.named_buffers()):
+        if not tensor.is_floating_point() or storage_key(tensor) in seen:
+            continue
+        seen.add(storage_key(tensor))
+        value = weights.load(name)
+        if not all_finite(value):
+            count = int((~torch.isfinite(value)).sum())
             raise InputError(f"'{name}' holds {count} NaN or inf value(s) that the masks keep: the masked model itself "
                              "computes non-finite outputs, so there is nothing exact to preserve. Fix those values "
                              "or mask them out")

@@ -10,7 +10,8 @@ from torch import nn
 
 from .analysis import Analysis, analyze_graph
 from .errors import InputError, TraceError
-from .masks import masked_reference, model_device, require_read, to_device
+from .graph_helpers import copy_module
+from .masks import model_device, require_read, shared_reference, to_device
 from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
@@ -18,6 +19,7 @@ from .rewrite import rewrite
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
 from .trace_export import CallingConvention, export_trace, reexport
 from .verify import verify as verify_equivalence
+from .weights import META_KEY, attach, weights_of
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -27,7 +29,10 @@ class MinimizeResult:
     """``module``: the smaller GraphModule; ``report``: what changed and the errors measured;
     ``plan``: what each parameter keeps and where constants were folded; ``analysis``: the facts;
     ``frontend``: the front end that made the graph (``"fx"`` or ``"export"``); ``program``: the
-    smaller model as a ``torch.export.ExportedProgram`` (exported on first use).
+    smaller model as a ``torch.export.ExportedProgram`` (exported on first use); ``graph``: the traced
+    model the pass read, sharing the model's tensors, the masks applied where its weights are read
+    (NOTE [Weights on demand] in fxmin/weights.py; for a model on an accelerator, a masked copy there); ``reference``: the masked model as a GraphModule
+    (a copy of ``graph`` with the masks applied, made on first use: it costs the model's size again).
 
     Through the export front end ``module`` takes the model's tensor inputs in call order (keyword
     inputs by name) and returns its outputs as a flat tuple; ``program`` is called as the model was
@@ -37,11 +42,17 @@ class MinimizeResult:
     report: Report
     plan: Plan
     analysis: Analysis
-    reference: torch.fx.GraphModule
+    graph: torch.fx.GraphModule
     masks: dict
     example_inputs: tuple
     frontend: str = "fx"
     convention: CallingConvention | None = None
+
+    @property
+    def reference(self) -> torch.fx.GraphModule:
+        if "_reference" not in self.__dict__:
+            self._reference = masked_graph(self.graph)
+        return self._reference
 
     @property
     def program(self) -> torch.export.ExportedProgram:
@@ -61,11 +72,25 @@ class Prepared(NamedTuple):
     convention: CallingConvention | None
 
 
+def masked_graph(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``graph_module`` holding its weights as the pass reads them (masked), in their own dtypes."""
+    source = graph_module.meta.pop(META_KEY, None)  # the copy must not carry masks keyed by the original's storage
+    try:
+        copied = copy_module(graph_module, load=weights_of(graph_module).load if source is None else source.load)
+    finally:
+        if source is not None:
+            graph_module.meta[META_KEY] = source
+    return copied.eval()
+
+
 def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
             leaf_modules: Iterable = (), concrete_args=None, frontend: str = "fx"):
-    """Masked reference copy, traced with shapes: :class:`Prepared` ``(graph_module, masks applied, example
-    inputs, front end that ran, calling convention or None)``; on the CPU, where the analysis reads parameter
-    values (whatever device ``model`` is on). ``frontend``: NOTE [Front ends]."""
+    """The model traced with shapes: :class:`Prepared` ``(graph_module, masks applied, example inputs, front
+    end that ran, calling convention or None)``; on the CPU, where the analysis reads parameter values
+    (whatever device ``model`` is on). ``graph_module`` shares the model's parameters (a CPU copy of them
+    for a model elsewhere) and reads them masked through its weight source (NOTE [Weights on demand] in
+    fxmin/weights.py: ``fxmin.weights.weights_of(graph_module)``); :func:`masked_graph` copies it with
+    the masks applied. ``frontend``: NOTE [Front ends]."""
     if frontend not in FRONTENDS:
         raise InputError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     fx_options = [name for name, value in (("tracer", tracer), ("leaf_modules", tuple(leaf_modules)),
@@ -74,7 +99,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
         raise InputError(f"{', '.join(fx_options)} are options of the torch.fx front end; frontend='export' "
                          "takes none of them (use frontend='fx' or 'auto')")
     host = model_device(model).type != "cpu"
-    reference, used_masks = masked_reference(model, masks, host=host)
+    reference, used_masks, by_storage = shared_reference(model, masks, host=host)
     graph_module = None
     if frontend in ("auto", "fx"):
         try:
@@ -97,6 +122,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
             raise
         graph_module.eval()
         require_read(graph_module, reference, masks, type(model).__name__)
+        attach(graph_module, by_storage)
         propagate_shapes(graph_module, example_inputs)
         return Prepared(graph_module, used_masks, example_inputs, "export", convention)
     graph_module.eval()
@@ -106,6 +132,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     elif isinstance(example_inputs, Mapping):
         example_inputs = arrange_inputs(graph_module, example_inputs)
     example_inputs = to_device(example_inputs, "cpu")  # a bare tensor becomes a 1-tuple
+    attach(graph_module, by_storage)
     propagate_shapes(graph_module, example_inputs)
     return Prepared(graph_module, used_masks, example_inputs, "fx", None)
 
@@ -152,13 +179,13 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     plan = make_plan(analysis)
     module = rewrite(plan)
     verification = None
-    if verify:
-        verification = verify_equivalence(graph_module, module, example_inputs, exact_result=rewrite(plan, torch.float64),
-                                          plan=plan, trials=trials, seed=seed, tolerances=tolerances)
+    if verify:  # NOTE [Streamed runs]: no copy of either model
+        verification = verify_equivalence(graph_module, module, example_inputs, plan=plan, trials=trials, seed=seed,
+                                          tolerances=tolerances)
     report = build_report(plan, graph_module, module, verification)
     report.frontend = frontend
     device = model_device(model)
     if device.type != "cpu":
-        module, graph_module = module.to(device), graph_module.to(device)
+        module, graph_module = module.to(device), masked_graph(graph_module).to(device)  # masks keyed by host storage
         example_inputs = to_device(example_inputs, device)
     return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs, frontend, convention)

@@ -3,20 +3,23 @@
 Each rule's ``plan`` records its edits (:mod:`fxmin.edits`) through a
 :class:`fxmin.rules.api.PlanContext`; this module collects them into a :class:`Plan`.
 
-The plan is data: the rewrite installs it without deciding anything. Replacement
-modules are built here in float64 (exact folded constants); the rewrite casts
-them back to the model's dtype, and verification uses them as they are.
+The plan is data: the rewrite installs it without deciding anything. Rules build
+replacement modules with their weights sliced in the model's dtype and folded constants
+in float64; the plan stores them in the model's dtype, keeping the float64 value of each
+constant the rounding changed (``ModuleEdit.exact``), which the float64 build and
+verification use.
 
 NOTE [Fold precision]
 Every folded constant (a bias, a BatchNorm's running mean, a constant operand, the constants of a
-CompensatedLayerNorm) is computed in float64 from the model's own values and rounded once, by the
-rewrite, to the model's dtype: rules read parameters as exact float64 copies (``Context.param``),
-value facts are float64, rules run ops on constants in float64, and edits hold float64 tensors.
-Nothing on the way computes in the model's dtype. The stored constant is then the nearest value that
+CompensatedLayerNorm) is computed in float64 from the model's own values and rounded once to the
+model's dtype, when the plan records it (``fxmin.edits.rounded``; a constant operand by the rewrite):
+rules read parameters as exact float64 copies (``Context.param``, one tensor at a time), value facts
+are float64, rules run ops on constants in float64. Nothing on the way computes in the model's dtype. The stored constant is then the nearest value that
 dtype holds, not the exact one: read back in float64 (``result.module.double()``) the result differs
 from the masked model in float64 by that rounding (docs/concepts.md, "Precision and tolerances").
-Verification's float64 comparison runs the float64 build, where nothing was rounded
-(tests/test_precision.py checks the folds bit for bit).
+Verification's float64 comparison runs the float64 build, where nothing was rounded: the plan keeps
+the float64 value of every constant the rounding changed (tests/test_precision.py checks the folds
+bit for bit).
 """
 from __future__ import annotations
 
@@ -69,6 +72,14 @@ class Plan:
             if edit.name == name:
                 return edit.kept
         return ()
+
+    def exact_values(self) -> dict:
+        """``{name in the result: float64 value}`` of every tensor the result holds rounded (folded
+        constants, NOTE [Fold precision]): what the float64 build holds instead."""
+        values = {f"{target}.{name}": value for target, edit in self.modules.items() for name, value in edit.exact.items()}
+        values.update({target: attr.exact for target, attr in self.attrs.items() if attr.exact is not None})
+        values.update({operand.target: operand.value for operand in self.operands.values()})
+        return values
 
     def param_edits(self) -> list:
         edits = [edit for module in self.modules.values() for edit in module.params]
@@ -173,7 +184,7 @@ def _slice_constant(analysis: Analysis, plan: Plan, node, fact) -> None:
         return
     module_path, _, name = node.target.rpartition(".")
     original = getattr(analysis.graph_module.get_submodule(module_path), name)
-    value = original.detach().to(torch.float64).index_select(fact.axis, torch.from_numpy(kept))
+    value = analysis.engine.weights.load(node.target).index_select(fact.axis, torch.from_numpy(kept))  # own dtype
     edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape))
     plan.attrs[node.target] = AttrEdit(node.target, value, original.dtype, original.requires_grad,
                                        isinstance(original, torch.nn.Parameter), edit)

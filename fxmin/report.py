@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 import torch
 from tabulate import tabulate
 
+from .weights import weights_of
+
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def count_nonzero(module: torch.nn.Module) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in module.parameters())
+    """Nonzero entries of the parameters as the pass reads them (masked: NOTE [Weights on demand])."""
+    weights = weights_of(module)
+    return sum(int(torch.count_nonzero(weights.load(name))) for name, _ in module.named_parameters())
 
 
 @dataclass(frozen=True)

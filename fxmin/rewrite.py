@@ -7,9 +7,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .graph_helpers import copy_module, free_name
+from .graph_helpers import copy_module, free_name, share_module
 from .plan import Plan
 from .progress import phase
+from .weights import storage_key, weights_of
 
 
 @phase("rewrite")
@@ -17,7 +18,10 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     """Build the minimized GraphModule.
 
     ``dtype=None`` gives each replaced module its original dtype; ``dtype=torch.float64`` builds the
-    exact float64 version that verification compares against the reference.
+    exact float64 version (folded constants not rounded). Every other weight is copied once from the
+    analysed graph's weights, masked (NOTE [Weights on demand] in fxmin/weights.py). With ``dtype=None``
+    the replaced modules hold the plan's own tensors (the plan stores them in the model's dtype, so
+    the result holds them once, not twice).
     """
     source = plan.graph_module
     graph = torch.fx.Graph()
@@ -54,12 +58,13 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # e.g. the affine parameters of a norm replaced by a module
+    load = _copies(source)
     for node in graph.nodes:
         if node.op == "call_module" and node.target not in attributes:
-            attributes[node.target] = _module(plan, source, node.target, dtype)
+            attributes[node.target] = _module(plan, source, node.target, dtype, load)
     for node in graph.nodes:
         if node.op == "get_attr" and node.target not in attributes:
-            attributes[node.target] = _attribute(plan, source, node.target, dtype)
+            attributes[node.target] = _attribute(plan, source, node.target, dtype, load)
     _retie(source, attributes, plan.modules)
     graph.lint()
     result = torch.fx.GraphModule(attributes, graph, class_name=f"Minimized{type(source).__name__}")
@@ -67,23 +72,44 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     return result
 
 
-def _module(plan: Plan, source, target: str, dtype):
+def _copies(source):
+    """``load(name)``: a copy of the (masked) tensor ``name`` of ``source``, one per tensor: a tied table read
+    by two unchanged modules is copied once (NOTE [Weights on demand] in fxmin/weights.py)."""
+    weights, made = weights_of(source), {}
+
+    def load(name: str) -> torch.Tensor:
+        key = storage_key(weights.tensor(name))
+        if key not in made:
+            value = weights.load(name)
+            fresh = value.numel() > 0 and value.data_ptr() != weights.tensor(name).data_ptr()
+            made[key] = value if fresh else value.clone()
+        return made[key]
+
+    return load
+
+
+def _module(plan: Plan, source, target: str, dtype, load):
     edit = plan.modules.get(target)
     if edit is not None:
-        return copy_module(edit.module, dtype if dtype is not None else edit.dtype, edit.device)
-    return copy_module(source.get_submodule(target), dtype)
+        if dtype is None:
+            return share_module(edit.module).to(edit.device)
+        values = dict(edit.module.named_parameters(remove_duplicate=False))
+        values.update(edit.module.named_buffers(remove_duplicate=False))
+        return copy_module(edit.module, dtype, edit.device, load=lambda name: edit.exact.get(name, values[name]))
+    return copy_module(source.get_submodule(target), dtype, load=lambda name: load(f"{target}.{name}"))
 
 
-def _attribute(plan: Plan, source, target: str, dtype):
+def _attribute(plan: Plan, source, target: str, dtype, load):
     edit = plan.attrs.get(target)
     if edit is not None:
         floating = edit.dtype.is_floating_point or edit.dtype.is_complex
-        value = edit.value.to(dtype if dtype is not None and floating else edit.dtype)
+        value = edit.exact if edit.exact is not None and dtype is not None else edit.value
+        value = value.to(dtype if dtype is not None and floating else edit.dtype)
         return nn.Parameter(value, requires_grad=edit.requires_grad) if edit.is_parameter else value
     module_path, _, name = target.rpartition(".")
     value = getattr(source.get_submodule(module_path), name)
     if isinstance(value, torch.Tensor):
-        copied = value.detach().clone()
+        copied = load(target)
         if dtype is not None and copied.is_floating_point():
             copied = copied.to(dtype)
         return nn.Parameter(copied, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else copied

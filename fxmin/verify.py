@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import EquivalenceError, InputError
 from .graph_helpers import copy_module
 from .progress import phase
+from .weights import weights_of
 
 # NOTE [Tolerances]
 # A comparison passes when max |reference - result| <= tolerance x max(1, max |reference|) over
@@ -75,6 +78,7 @@ class VerifyReport:
 
     comparisons: list = field(default_factory=list)
     exact_float64: bool = False
+    streamed: bool = False  # NOTE [Streamed runs]: each layer's weights cast at its call, no model copied
 
     @property
     def ok(self) -> bool:
@@ -110,6 +114,8 @@ class VerifyReport:
             if dtype == torch.float64:
                 what = ("the result built in float64 (folded constants not rounded)" if self.exact_float64
                         else "the result cast to float64")
+                if self.streamed:
+                    what += ", end to end, one layer's weights in float64 at a time"
             else:
                 what = f"the result as returned (folded constants rounded once to {name})"
             status = "ok" if all(c.ok for c in self.comparisons if c.dtype == dtype) else "FAILED"
@@ -208,24 +214,89 @@ def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, to
     return Comparison(dtype, label, error, scale, tolerance_for(dtype) if tolerance is None else tolerance)
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, module):
-        super().__init__(module)
-        self.values = {}
+# NOTE [Streamed runs]
+# Verification never builds a second model: no masked copy of the reference and no float64 twin of
+# either model. A :class:`StreamedRun` runs a GraphModule node by node and hands each module call
+# (and each ``get_attr``) its tensors as ``load(name)`` gives them, cast to the run's dtype, just for
+# that call: the reference's masked weights (NOTE [Weights on demand] in fxmin/weights.py), or the
+# result's float64 build (its own tensors, with the plan's exact float64 values where it holds a
+# folded constant rounded). One layer's weights exist in float64 at a time; the comparison is the
+# same end-to-end comparison a float64 copy of the whole model would give.
+
+
+class StreamedRun:
+    """Calls ``module`` (a GraphModule) with every tensor it reads loaded by ``load(name)`` (default: its
+    own) and cast to ``dtype`` (floating ones; None: as loaded) at the node that reads it.
+    ``record=True`` keeps each node's value in ``values`` (by node name)."""
+
+    def __init__(self, module: torch.fx.GraphModule, load=None, dtype: torch.dtype | None = None, record: bool = False):
+        self.module, self.load, self.dtype, self.record = module, load or weights_of(module).load, dtype, record
+        self.values: dict = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        value = self.load(name)
+        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
+
+    def __call__(self, *inputs):
+        return _Streamed(self).run(*inputs)
+
+
+class _Streamed(torch.fx.Interpreter):
+    def __init__(self, run: StreamedRun):
+        super().__init__(run.module, garbage_collect_values=not run.record)
+        self.stream = run
 
     def run_node(self, node):
         value = super().run_node(node)
-        self.values[node.name] = value
+        if self.stream.record:
+            self.stream.values[node.name] = value
         return value
 
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self.stream.tensor(target) if isinstance(value, torch.Tensor) else value
 
-def first_divergent_node(reference: torch.fx.GraphModule, result: torch.fx.GraphModule, plan, inputs: tuple,
-                         tolerance: float) -> str | None:
-    """The first node (in the reference's order) whose kept channels differ between the two modules."""
-    reference_run, result_run = _Recorder(reference), _Recorder(result)
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        if not named:
+            return module(*args, **kwargs)
+        if self.stream.dtype is not None and type(module) in (nn.Linear, nn.Embedding) and len(args) == 1 \
+                and not kwargs and getattr(module, "max_norm", None) is None:  # max_norm writes to the table
+            return _cast_by_rows(module, target, args[0], self.stream)
+        tensors = {name: self.stream.tensor(f"{target}.{name}") for name, _ in named}
+        return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), tie_weights=False)
+
+
+#: rows of a weight cast to the run's dtype at a time (NOTE [Streamed runs]): a float64 copy of a whole
+#: vocabulary table would be several times the largest tensor of the model
+_CAST_ELEMENTS = 1 << 22
+
+
+def _cast_by_rows(module: nn.Module, target: str, x: torch.Tensor, run: StreamedRun) -> torch.Tensor:
+    """``module(x)`` (a Linear or an Embedding) in the run's dtype, its weight cast a block of rows at a time."""
+    weight = run.load(f"{target}.weight")
+    if isinstance(module, nn.Embedding):  # the rows looked up, then cast: the same values
+        picked = F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type,
+                             module.scale_grad_by_freq, module.sparse)
+        return picked.to(run.dtype) if picked.is_floating_point() else picked
+    bias = run.tensor(f"{target}.bias") if module.bias is not None else None
+    step = max(1, _CAST_ELEMENTS // max(1, weight.shape[1]))
+    blocks = [F.linear(x, weight[start:start + step].to(run.dtype), None if bias is None else bias[start:start + step])
+              for start in range(0, max(weight.shape[0], 1), step)]  # a Linear with no output: one empty block
+    return torch.cat(blocks, dim=-1) if len(blocks) != 1 else blocks[0]
+
+
+def first_divergent_node(reference, result, plan, inputs: tuple, tolerance: float) -> str | None:
+    """The first node (in the reference's order) whose kept channels differ between the two modules
+    (GraphModules or :class:`StreamedRun` s of them)."""
+    runs = [StreamedRun(m.module, m.load, m.dtype, True) if isinstance(m, StreamedRun) else StreamedRun(m, record=True)
+            for m in (reference, result)]
+    reference_run, result_run = runs
+    reference = reference_run.module
     with torch.no_grad(), default_dtype(torch.float64), full_precision():
-        reference_run.run(*inputs)
-        result_run.run(*inputs)
+        reference_run(*inputs)
+        result_run(*inputs)
     for node in reference.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -249,9 +320,12 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
     """Check that ``result`` computes what ``reference`` computes.
 
     Both run on the example inputs and on ``trials`` random inputs of the same shapes, in float64
-    (``exact_result`` if given: the float64 build of the result) and in the model's dtype, each held
-    to its dtype's tolerance (:data:`TOLERANCES`, which ``tolerances`` overrides per dtype; NOTE
-    [Tolerances]). Raises :class:`EquivalenceError` naming the first divergent node (when ``plan`` is given).
+    and in the model's dtype, each held to its dtype's tolerance (:data:`TOLERANCES`, which ``tolerances``
+    overrides per dtype; NOTE [Tolerances]). In float64 the result runs as ``exact_result`` if given,
+    else as its float64 build when ``plan`` is given (its folded constants not rounded), else cast.
+    GraphModules run streamed (NOTE [Streamed runs]): the reference with the masks its weight source
+    applies, no copy of either model. Raises :class:`EquivalenceError` naming the first divergent node
+    (when ``plan`` is given).
 
     >>> import torch
     >>> m = torch.nn.Linear(3, 2)
@@ -264,17 +338,25 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
     input_sets += [(f"random #{k + 1}", random_like(tuple(example_inputs), generator)) for k in range(trials)]
     model_dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
     model_tolerance = tolerance_for(model_dtype, tolerances)
-    report = VerifyReport(exact_float64=exact_result is not None)
-    reference64 = _double(reference)
-    result64 = exact_result if exact_result is not None else _double(result)
+    exact = exact_result is not None or (plan is not None and isinstance(result, torch.fx.GraphModule))
+    report = VerifyReport(exact_float64=exact, streamed=isinstance(reference, torch.fx.GraphModule))
+    reference_run = _streamed(reference, None)
+    reference64 = _streamed(reference, torch.float64)
+    if exact_result is not None:
+        result64 = exact_result
+    elif plan is not None and isinstance(result, torch.fx.GraphModule):
+        result64 = StreamedRun(result, _exact_load(result, plan), torch.float64)
+    else:
+        result64 = _streamed(result, torch.float64)
     for label, inputs in input_sets:
         report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
         if model_dtype != torch.float64:
-            report.comparisons.append(compare(reference, result, inputs, model_dtype, label, model_tolerance))
+            report.comparisons.append(compare(reference_run, result, inputs, model_dtype, label, model_tolerance))
     if not report.ok and raise_on_failure:
         failure = report.failures()[0]
         node = None
-        if plan is not None and isinstance(reference64, torch.fx.GraphModule) and isinstance(result64, torch.fx.GraphModule):
+        graphs = [r.module if isinstance(r, StreamedRun) else r for r in (reference64, result64)]
+        if plan is not None and all(isinstance(g, torch.fx.GraphModule) for g in graphs):
             inputs = _cast_inputs(dict(input_sets)[failure.inputs], torch.float64)
             node = first_divergent_node(reference64, result64, plan, inputs, tolerances[torch.float64] * 10)
         where = f"; first divergent node: '{node}'" if node else ""
@@ -286,5 +368,16 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
     return report
 
 
-def _double(module: torch.nn.Module) -> torch.nn.Module:
-    return copy_module(module, torch.float64).eval()
+def _streamed(module: torch.nn.Module, dtype: torch.dtype | None):
+    """``module`` run with its weights streamed in ``dtype`` (a GraphModule), else as it is (``dtype``
+    None) or as a copy cast to ``dtype``."""
+    if isinstance(module, torch.fx.GraphModule):
+        return StreamedRun(module, dtype=dtype)
+    return module if dtype is None else copy_module(module, dtype).eval()
+
+
+def _exact_load(result: torch.fx.GraphModule, plan):
+    """``load`` of the result's float64 build: its own tensors, the plan's float64 value where it holds a
+    folded constant rounded (NOTE [Fold precision] in fxmin/plan.py)."""
+    exact, own = plan.exact_values(), weights_of(result)
+    return lambda name: exact[name] if name in exact else own.load(name)

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..edits import ArgEdit, AttrEdit, ConstantOperand, ModuleEdit, ParamEdit
+from ..edits import ArgEdit, AttrEdit, ConstantOperand, ModuleEdit, ParamEdit, rounded, store_rounded
 from ..errors import describe_node
 from ..facts import TupleFact, ValueFact
-from ..graph_helpers import free_name, tensor_shape
+from ..graph_helpers import copy_module, free_name, tensor_shape
 
 
 class EngineView(Protocol):
@@ -28,8 +28,8 @@ class EngineView(Protocol):
     def units_of(self, node): ...
     def rule_of(self, node): ...
     def order(self, node) -> int: ...
-    def module_tensor(self, target: str, name: str): ...
-    def attr_tensor(self, target: str): ...
+    def module_tensor(self, target: str, name: str, dtype=torch.float64): ...
+    def attr_tensor(self, target: str, dtype=torch.float64): ...
     def fresh(self, size: int) -> np.ndarray: ...
     def unify(self, first, second) -> None: ...
     def adopt(self, node, axis: int): ...
@@ -94,6 +94,25 @@ class Context:
         """The float64 (masked) value of a ``get_attr`` node, or None if ``node`` is not one."""
         if isinstance(node, torch.fx.Node) and node.op == "get_attr":
             return self._engine.attr_tensor(node.target)
+        return None
+
+    def weight(self, name: str) -> torch.Tensor | None:
+        """As :meth:`param`, in the tensor's own dtype: for reading a large weight without a float64 copy
+        (NOTE [Weights on demand] in fxmin/weights.py). Read-only: it may be the model's own tensor."""
+        path, _, leaf = name.rpartition(".")
+        target = ".".join(p for p in (self.node.target, path) if p)
+        return self._engine.module_tensor(target, leaf, None)
+
+    def masked_module(self) -> torch.nn.Module:
+        """A copy of this node's module holding its tensors as the pass reads them (masked), in their own
+        dtypes: for a rule that builds from a small module's values (a norm). ``self.module`` is the
+        model's own module, whose tensors are not masked (NOTE [Weights on demand])."""
+        return copy_module(self.module, load=lambda name: self._engine.module_tensor(self.node.target, name, None))
+
+    def attr_weight(self, node) -> torch.Tensor | None:
+        """As :meth:`attr_value`, in the tensor's own dtype (read-only, as :meth:`weight`)."""
+        if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+            return self._engine.attr_tensor(node.target, None)
         return None
 
     def order(self, node) -> int:
@@ -197,7 +216,8 @@ class PlanContext(Context):
         return fact.const & ~self._analysis.present(node)
 
     def replace_module(self, module: torch.nn.Module, params: dict, *, report: tuple | None = None) -> None:
-        """Install ``module`` (float64) for this call_module node; ``params`` maps name -> (shape before,
+        """Install ``module`` (float64, or weights sliced in the model's dtype) for this call_module node; it is
+        stored in the model's dtype, rounded once (NOTE [Fold precision]). ``params`` maps name -> (shape before,
         folded from[, kept per axis]). ``report``: the :class:`ParamEdit` records the report lists
         instead (a replacement whose parameters are named differently from the original's)."""
         original = self.module
@@ -205,16 +225,18 @@ class PlanContext(Context):
         dtype = reference.dtype if reference is not None else torch.float32
         device = reference.device if reference is not None else torch.device("cpu")
         edits = tuple(report) if report is not None else _edits(self.node.target, module, params)
+        exact = store_rounded(module, dtype)  # NOTE [Fold precision]: rounded once, here
         self._plan.modules[self.node.target] = ModuleEdit(self.node.target, type(original).__qualname__, module,
-                                                          dtype, device, edits)
+                                                          dtype, device, edits, exact)
 
     def add_module(self, target: str, module: torch.nn.Module, params: dict, like: torch.Tensor | None) -> None:
         """Install a new module (float64) at ``target`` (the node must be patched to call it);
         ``params`` maps its parameter names to (shape before, folded from); ``like`` gives dtype/device."""
         dtype = like.dtype if like is not None else torch.float32
         device = like.device if like is not None else torch.device("cpu")
-        self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device,
-                                                _edits(target, module, params))
+        edits = _edits(target, module, params)
+        self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device, edits,
+                                                store_rounded(module, dtype))
 
     def select_input_here(self, placeholder) -> None:
         """This node selects the channels of input ``placeholder`` itself: no input selection before it."""
@@ -243,11 +265,13 @@ class PlanContext(Context):
         return getattr(self.root.get_submodule(module_path), name)
 
     def replace_attr(self, node, value: torch.Tensor, folded_from=()) -> None:
-        """Replace the tensor a ``get_attr`` node reads by ``value`` (float64)."""
+        """Replace the tensor a ``get_attr`` node reads by ``value`` (float64 or the model's dtype; stored in the
+        model's dtype, rounded once)."""
         original = self.original(node)
         edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape), tuple(folded_from))
-        self._plan.attrs[node.target] = AttrEdit(node.target, value, original.dtype, original.requires_grad,
-                                                 isinstance(original, torch.nn.Parameter), edit)
+        stored, exact = rounded(value, original.dtype)
+        self._plan.attrs[node.target] = AttrEdit(node.target, stored, original.dtype, original.requires_grad,
+                                                 isinstance(original, torch.nn.Parameter), edit, exact)
 
     def constant_operand(self, index: int, value: torch.Tensor, dtype: torch.dtype) -> None:
         """NOTE [Constant operands]: call this node with positional argument ``index`` replaced by the

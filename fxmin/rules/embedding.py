@@ -17,12 +17,12 @@ def _embedding_forward(ctx):
     there; removed columns are dropped from the table. A tied unembedding (a Linear sharing
     the table) loses the same columns: its input couples with the embedding's output."""
     module = ctx.module
-    weight = ctx.param("weight")
+    weight = ctx.weight("weight")  # own dtype: equality is the same in float64
     shape = ctx.shape()
     if shape is None or module.max_norm is not None:
         return ValueFact.untracked(), None
     column_const = (weight == weight[:1]).all(dim=0).numpy()
-    fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].numpy())
+    fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].to(torch.float64).numpy())
     return fact, ctx.fresh(fact.size)
 
 
@@ -31,8 +31,8 @@ def _embedding_plan(ctx):
     module = ctx.module
     if kept is None or len(kept) == module.embedding_dim:
         return
-    replacement = copy.deepcopy(module).to(torch.float64)
-    replacement.weight = nn.Parameter(ctx.param("weight")[:, torch.from_numpy(kept)].clone(),
+    replacement = copy.deepcopy(module, {id(module.weight): None})
+    replacement.weight = nn.Parameter(ctx.weight("weight")[:, torch.from_numpy(kept)],
                                       requires_grad=module.weight.requires_grad)
     replacement.embedding_dim = len(kept)
     ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
@@ -63,17 +63,17 @@ def _functional_embedding_forward(ctx):
     table, shape = _table_node(ctx), ctx.shape()
     if table is None or shape is None:
         return ValueFact.untracked(), None
-    weight = ctx.attr_value(table)
+    weight = ctx.attr_weight(table)
     column_const = (weight == weight[:1]).all(dim=0).numpy()
-    fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].numpy())
+    fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].to(torch.float64).numpy())
     return fact, ctx.fresh(fact.size)
 
 
 def _functional_embedding_plan(ctx):
     kept, table = ctx.kept(), _table_node(ctx)
-    if kept is None or table is None or len(kept) == ctx.attr_value(table).shape[1]:
+    if kept is None or table is None or len(kept) == ctx.attr_weight(table).shape[1]:
         return
-    ctx.replace_attr(table, ctx.attr_value(table)[:, torch.from_numpy(kept)].clone())
+    ctx.replace_attr(table, ctx.attr_weight(table)[:, torch.from_numpy(kept)])
 
 
 rule("functional embedding", doc=(

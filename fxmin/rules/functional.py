@@ -57,7 +57,7 @@ def _conv_view(ctx):
     def compute():
         node = ctx.node
         weight_node, bias_node = _conv_setting(node, "weight", None), _conv_setting(node, "bias", None)
-        weight = ctx.attr_value(weight_node)
+        weight = ctx.attr_weight(weight_node)
         bias = ctx.attr_value(bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return None
@@ -66,7 +66,8 @@ def _conv_view(ctx):
         groups = _conv_setting(node, "groups", 1)
         if not isinstance(groups, int):
             return None
-        return dense_view(weight, bias, groups, _conv_padded(node, weight), 1, can_fold=bias is not None)
+        return dense_view(lambda: ctx.attr_weight(weight_node), bias, groups, _conv_padded(node, weight), 1,
+                          can_fold=bias is not None)
 
     return ctx.memo("view", compute)
 
@@ -77,7 +78,7 @@ def _conv_plan(ctx):
         return
     node = ctx.node
     weight_node, bias_node = _conv_setting(node, "weight", None), _conv_setting(node, "bias", None)
-    weight = ctx.attr_value(weight_node)
+    weight = ctx.attr_weight(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
     new_weight, new_bias, folded_from, _, _, groups = new_weights(ctx, view, weight, bias)
     if new_weight.shape != weight.shape:

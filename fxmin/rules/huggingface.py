@@ -15,7 +15,6 @@ whose argument 0 is the matrix operand, and store the result transposed back.
 """
 from __future__ import annotations
 
-import copy
 import operator
 import sys
 
@@ -23,8 +22,8 @@ import torch
 import torch.fx
 
 from .api import REGISTRY, rule
-from .kit import (add_dot_products, check_in_place, dense_view, layer_rule, mutates, new_parameter, new_weights,
-                  no_cost, opaque_backward, opaque_forward, pointwise_forward, register_pointwise)
+from .kit import (add_dot_products, check_in_place, dense_view, layer_rule, module_shell, mutates, new_parameter,
+                  new_weights, no_cost, opaque_backward, opaque_forward, pointwise_forward, register_pointwise)
 
 # -- scalars and guards ----------------------------------------------------------------------------------------
 
@@ -128,13 +127,13 @@ def _addmm_view(ctx):
         if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
             return None
         bias_node, x, weight_node = node.args
-        weight, bias = ctx.attr_value(weight_node), ctx.attr_value(bias_node)
+        weight, bias = ctx.attr_weight(weight_node), ctx.attr_value(bias_node)
         shape = ctx.shape(x)
         if weight is None or bias is None or shape is None or len(shape) != 2 or bias.dim() != 1:
             return None
         if len(weight_node.users) > 1 or len(bias_node.users) > 1:
             return None  # a shared weight must keep one shape
-        return dense_view(weight.t(), bias, 1, False, -1)
+        return dense_view(lambda: ctx.attr_weight(weight_node).t(), bias, 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -144,7 +143,7 @@ def _addmm_plan(ctx):
     if view is None:
         return
     bias_node, _, weight_node = ctx.node.args
-    weight, bias = ctx.attr_value(weight_node), ctx.attr_value(bias_node)
+    weight, bias = ctx.attr_weight(weight_node), ctx.attr_value(bias_node)
     new_weight, new_bias, folded_from, *_ = new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
@@ -173,7 +172,7 @@ def _conv1d_view(ctx):
         shape = ctx.shape(x)
         if shape is None or len(shape) < 1:
             return None
-        return dense_view(ctx.param("weight").t(), ctx.param("bias"), 1, False, -1)
+        return dense_view(lambda: ctx.weight("weight").t(), ctx.param("bias"), 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -183,11 +182,11 @@ def _conv1d_plan(ctx):
     if view is None:
         return
     module = ctx.module
-    weight, bias = ctx.param("weight"), ctx.param("bias")
+    weight, bias = ctx.weight("weight"), ctx.param("bias")
     new_weight, new_bias, folded_from, cols, rows, _ = new_weights(ctx, view, weight.t(), bias)
     if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
         return
-    replacement = copy.deepcopy(module).to(torch.float64)
+    replacement = module_shell(module)
     replacement.weight = new_parameter(new_weight.t().contiguous(), module.weight)
     replacement.bias = new_parameter(new_bias, module.bias)
     replacement.nf, replacement.nx = len(rows), len(cols)

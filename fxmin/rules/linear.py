@@ -4,7 +4,6 @@ The dense-view machinery they share (NOTE [Dense view]) is :mod:`fxmin.rules.kit
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from .api import rule
 from .kit import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
-                  new_parameter, new_weights)
+                  module_shell, new_parameter, new_weights)
 
 
 def _zero_padded(module) -> bool:
@@ -28,7 +27,7 @@ def _zero_padded(module) -> bool:
 def _module_view(ctx) -> DenseView:
     def compute():
         module = ctx.module
-        weight, bias = ctx.param("weight"), ctx.param("bias")
+        weight, bias = (lambda: ctx.weight("weight")), ctx.param("bias")
         if isinstance(module, nn.Linear):
             return dense_view(weight, bias, 1, False, -1)
         return dense_view(weight, bias, module.groups, _zero_padded(module), 1)
@@ -39,7 +38,7 @@ def _module_view(ctx) -> DenseView:
 def _plan_module(ctx) -> None:
     view = _module_view(ctx)
     module = ctx.module
-    weight, bias = ctx.param("weight"), ctx.param("bias")
+    weight, bias = ctx.weight("weight"), ctx.param("bias")
     new_weight, new_bias, folded_from, cols, rows, groups = new_weights(ctx, view, weight, bias)
     absorber = _batch_norm_absorber(ctx) if bias is None and new_bias is not None else None
     if absorber is not None:
@@ -52,7 +51,7 @@ def _plan_module(ctx) -> None:
         bias is None or torch.equal(new_bias, bias)
     ):
         return  # nothing changes
-    replacement = copy.deepcopy(module).to(torch.float64)
+    replacement = module_shell(module)
     replacement.weight = new_parameter(new_weight, module.weight)
     replacement.bias = new_parameter(new_bias, module.bias) if new_bias is not None else None
     if isinstance(module, nn.Linear):
@@ -149,13 +148,13 @@ rule(
 def _functional_view(ctx) -> DenseView | None:
     def compute():
         weight_node, bias_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
-        weight = ctx.attr_value(weight_node)
+        weight = ctx.attr_weight(weight_node)
         bias = ctx.attr_value(bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             return None
         if len(weight_node.users) > 1 or (bias_node is not None and len(bias_node.users) > 1):
             return None  # a shared weight must keep one shape
-        return dense_view(weight, bias, 1, False, -1, can_fold=bias is not None)
+        return dense_view(lambda: ctx.attr_weight(weight_node), bias, 1, False, -1, can_fold=bias is not None)
 
     return ctx.memo("view", compute)
 
@@ -165,7 +164,7 @@ def _plan_functional_linear(ctx):
     if view is None:
         return
     weight_node, bias_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
-    weight = ctx.attr_value(weight_node)
+    weight = ctx.attr_weight(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
     new_weight, new_bias, folded_from, *_ = new_weights(ctx, view, weight, bias)
     if new_weight.shape != weight.shape:

@@ -105,11 +105,11 @@ def _norm_view(ctx):
     from ..compensated.layer_norm import CompensatedLayerNorm
 
     def compute():
-        module = ctx.module
         x = ctx.arg(0, "input")
         shape = ctx.shape(x)
         if shape is None:
             return None
+        module = ctx.masked_module() if ctx.module is not None else None
         if module is not None:
             if isinstance(module, CompensatedLayerNorm):
                 norm = copy.deepcopy(module).to(torch.float64)

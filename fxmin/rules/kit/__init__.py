@@ -14,7 +14,7 @@ base modules (errors, facts, units, graph_helpers, edits), never each other.
 """
 from .costs import add_dot_products, dot_products, no_cost, per_input, per_output
 from .dense import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
-                    new_parameter, new_weights)
+                    module_shell, new_parameter, new_weights)
 from .elementwise import (BINARY_OPS, check_in_place, identity_in_eval, in_place_call, mutates, opaque_backward,
                           opaque_forward, pointwise_forward, pointwise_macs, register_pointwise, tracked_fact)
 from .joins import adopt_missing, coupled_join
@@ -30,7 +30,7 @@ __all__ = [
     "dense_output", "dot_products", "no_cost", "per_input", "per_output", "pointwise_macs",
     "dense_required_inputs", "dense_view", "entry_node", "entry_where", "expand_heads_backward", "expand_heads_forward",
     "expand_heads_plan", "grouped_sdpa_backward", "grouped_sdpa_forward", "identity_in_eval", "in_place_call",
-    "index_new_axes_forward", "layer_rule", "may_change", "merge_order", "mutates", "new_parameter", "new_radix",
+    "index_new_axes_forward", "layer_rule", "may_change", "merge_order", "module_shell", "mutates", "new_parameter", "new_radix",
     "new_weights", "opaque_backward", "opaque_forward", "pointwise_forward", "product_closure", "size_use_kinds",
     "register_pointwise", "repeat_size_use", "tracked_fact", "uniform_digits", "view_entries", "first_per_head",
     "head_mask", "heads_on", "mix_backward", "mix_forward", "qk_required", "scores_backward", "scores_forward",

@@ -16,9 +16,8 @@ all of them:
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
@@ -27,39 +26,87 @@ from ...facts import ValueFact
 from ..api import rule
 
 
-@dataclass(frozen=True)
 class DenseView:
-    nonzero: np.ndarray  # bool (out, in)
-    tap_sum: np.ndarray  # float64 (out, in)
-    bias: np.ndarray  # float64 (out,), zeros when absent
-    padded: bool  # zero padding: a nonzero constant input varies at the borders
-    groups: int
-    in_per_group: int
-    out_per_group: int
-    channel_axis: int  # the axis the layer reads (-1 for Linear, 1 for conv)
-    can_fold: bool = True  # False: no bias to fold into, so nonzero constant inputs stay
+    """NOTE [Dense view] of one layer, read from its weight on demand: ``load()`` gives the weight
+    (``(out, in per group, *taps)``, masked, in its own dtype), read again for each question (NOTE
+    [Weights on demand] in fxmin/weights.py: the view holds vectors, never a matrix of the size of the
+    weight). A grouped conv's dense view is built once (its weight is small next to it).
+    ``bias``: float64 ``(out,)``, zeros when absent."""
+
+    def __init__(self, load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
+                 can_fold: bool = True):
+        weight = load()
+        out_channels, self.in_per_group = weight.shape[:2]
+        self.taps = tuple(range(2, weight.dim()))
+        self.groups, self.padded, self.channel_axis, self.can_fold = groups, padded, channel_axis, can_fold
+        self.out_per_group = out_channels // groups
+        self.shape = (out_channels, self.in_per_group * groups)
+        self.bias = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
+        self._load = load
+        self._dense = None
+        nonzero = self._nonzero(weight)
+        if groups > 1:
+            self._dense = _grouped(nonzero.numpy(), self._sums(weight).numpy(), groups, self.shape)
+            self.row_any, self.col_any = self._dense[0].any(axis=1), self._dense[0].any(axis=0)
+        else:
+            self.row_any, self.col_any = nonzero.any(dim=1).numpy(), nonzero.any(dim=0).numpy()
+
+    def _nonzero(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight != 0).any(dim=self.taps) if self.taps else weight != 0
+
+    def _sums(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.to(torch.float64)
+        return weight.sum(dim=self.taps) if self.taps else weight
+
+    def reads(self, columns: np.ndarray) -> np.ndarray:
+        """bool ``(out,)``: which outputs read one of ``columns`` (bool ``(in,)``) through a nonzero tap."""
+        if columns.all():
+            return self.row_any
+        if not columns.any():
+            return np.zeros(self.shape[0], bool)
+        if self._dense is not None:
+            return self._dense[0][:, columns].any(axis=1)
+        return self._nonzero(self._load().index_select(1, _index(columns))).any(dim=1).numpy()
+
+    def read_by(self, rows: np.ndarray) -> np.ndarray:
+        """bool ``(in,)``: which inputs one of ``rows`` (bool ``(out,)``) reads through a nonzero tap."""
+        if rows.all():
+            return self.col_any
+        if not rows.any():
+            return np.zeros(self.shape[1], bool)
+        if self._dense is not None:
+            return self._dense[0][rows].any(axis=0)
+        return self._nonzero(self._load().index_select(0, _index(rows))).any(dim=0).numpy()
+
+    def tap_sum(self, columns: np.ndarray) -> np.ndarray:
+        """float64 ``(out, len(columns))``: the sums of the taps from those inputs (``columns`` bool ``(in,)``)."""
+        if self._dense is not None:
+            return self._dense[1][:, columns]
+        return self._sums(self._load().index_select(1, _index(columns))).numpy()
 
 
-def dense_view(weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
-                can_fold: bool = True) -> DenseView:
-    out_channels, in_per_group = weight.shape[:2]
-    taps = tuple(range(2, weight.dim()))
-    grouped_nonzero = (weight != 0).any(dim=taps) if taps else weight != 0
-    grouped_sum = weight.sum(dim=taps) if taps else weight
-    out_per_group = out_channels // groups
-    in_channels = in_per_group * groups
-    bias_values = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
-    if groups == 1:
-        return DenseView(grouped_nonzero.numpy(), grouped_sum.numpy(), bias_values, padded, groups, in_per_group,
-                         out_per_group, channel_axis, can_fold)
-    nonzero = np.zeros((out_channels, in_channels), bool)
-    tap_sum = np.zeros((out_channels, in_channels))
+def _index(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.nonzero(mask)[0])
+
+
+def _grouped(grouped_nonzero: np.ndarray, grouped_sum: np.ndarray, groups: int, shape) -> tuple:
+    """``(nonzero, tap_sum)`` of a grouped conv as dense ``(out, in)`` matrices, zero outside the groups."""
+    out_per_group, in_per_group = shape[0] // groups, shape[1] // groups
+    nonzero = np.zeros(shape, bool)
+    tap_sum = np.zeros(shape)
     for group in range(groups):
         rows = slice(group * out_per_group, (group + 1) * out_per_group)
         cols = slice(group * in_per_group, (group + 1) * in_per_group)
-        nonzero[rows, cols] = grouped_nonzero[rows].numpy()
-        tap_sum[rows, cols] = grouped_sum[rows].numpy()
-    return DenseView(nonzero, tap_sum, bias_values, padded, groups, in_per_group, out_per_group, channel_axis, can_fold)
+        nonzero[rows, cols] = grouped_nonzero[rows]
+        tap_sum[rows, cols] = grouped_sum[rows]
+    return nonzero, tap_sum
+
+
+def dense_view(load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
+               can_fold: bool = True) -> DenseView:
+    """The :class:`DenseView` of a layer whose (masked) weight ``load()`` gives in its own dtype (a
+    tensor is taken as its own loader), with float64 ``bias`` (or None)."""
+    return DenseView(load if callable(load) else (lambda: load), bias, groups, padded, channel_axis, can_fold)
 
 
 def dense_input(ctx, view: DenseView):
@@ -70,7 +117,7 @@ def dense_input(ctx, view: DenseView):
     if fact is None or not fact.tracked or shape is None:
         return x, None
     axis = view.channel_axis % len(shape)
-    if fact.axis != axis or fact.size != view.nonzero.shape[1]:
+    if fact.axis != axis or fact.size != view.shape[1]:
         return x, None
     return x, fact
 
@@ -83,15 +130,15 @@ def dense_output(ctx, view: DenseView):
     x, fact = dense_input(ctx, view)
     shape = ctx.shape()
     axis = view.channel_axis % len(shape)
-    out_channels = view.nonzero.shape[0]
+    out_channels = view.shape[0]
+    value = view.bias
     if fact is None:  # the input is tracked on another axis (or not at all): every column varies
-        reads_varying = view.nonzero.any(axis=1)
-        const_value = np.zeros(view.nonzero.shape[1])
+        reads_varying = view.row_any
     else:
         inexact = fact.const & (fact.value != 0) if view.padded else np.zeros(fact.size, bool)
-        reads_varying = (view.nonzero & (fact.varying_mask | inexact)).any(axis=1)
-        const_value = fact.value
-    value = view.bias + view.tap_sum @ const_value
+        reads_varying = view.reads(fact.varying_mask | inexact)
+        if np.any(fact.value != 0):
+            value = view.bias + view.tap_sum(np.ones(fact.size, bool)) @ fact.value
     out_fact = ValueFact.constants(axis, ~reads_varying, value)
     if fact is not None and _depthwise(view):
         units = np.repeat(ctx.units(x), view.out_per_group)  # NOTE: in/out channels of a depthwise conv couple
@@ -110,7 +157,7 @@ def dense_required_inputs(ctx, view: DenseView) -> None:
             ctx.require_all(ctx.node)  # groups cannot shrink when the input cannot
         return
     present = ctx.present()
-    reads = view.nonzero[present].any(axis=0)
+    reads = view.read_by(present)
     required = reads & fact.varying_mask
     pinned = np.zeros_like(required)
     if view.padded or not view.can_fold:
@@ -162,19 +209,21 @@ def _uniform_groups(inputs: np.ndarray, outputs: np.ndarray, groups: int):
 
 
 def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(new weight, new bias or None, folded-from labels, kept inputs, kept outputs, new groups)."""
+    """(new weight, new bias or None, folded-from labels, kept inputs, kept outputs, new groups): the weight
+    sliced in its own dtype, the bias (float64 ``bias`` plus what folds into it) in float64."""
     x, fact = dense_input(ctx, view)
     rows = ctx.kept()
-    in_channels = view.nonzero.shape[1]
+    in_channels = view.shape[1]
     cols = ctx.kept(x) if fact is not None else np.arange(in_channels)
-    delta = np.zeros(view.nonzero.shape[0])
+    delta = np.zeros(view.shape[0])
     folded_from = ()
     if fact is not None:
         fold = ctx.folded(x)
         if fold.any():
-            delta = view.tap_sum[:, fold] @ fact.value[fold]
+            tap_sum = view.tap_sum(fold)
+            delta = tap_sum @ fact.value[fold]
             contributes = fold.copy()
-            contributes[fold] = (view.tap_sum[np.ix_(rows, np.nonzero(fold)[0])] * fact.value[fold] != 0).any(axis=0)
+            contributes[fold] = (tap_sum[rows] * fact.value[fold] != 0).any(axis=0)
             folded_from = tuple(f"{x.name}[{j}]" for j in np.nonzero(contributes)[0])
     groups = view.groups
     if groups == 1:
@@ -199,17 +248,26 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _rows_and_columns(weight: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-    """``weight[rows][:, cols]`` as a new tensor, gathering only along the axes that lose entries."""
+    """``weight[rows][:, cols]``, gathering only along the axes that lose entries (``weight`` itself when none does)."""
     all_rows, all_cols = len(rows) == weight.shape[0], len(cols) == weight.shape[1]  # kept indices are sorted
     if all_rows and all_cols:
-        return weight.clone()
+        return weight  # read-only: new_parameter copies it if it is installed
     if not all_rows:
         weight = weight.index_select(0, torch.from_numpy(np.asarray(rows, np.int64)))
     return weight if all_cols else weight.index_select(1, torch.from_numpy(np.asarray(cols, np.int64)))
 
 
 def new_parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
-    return nn.Parameter(value.clone(), requires_grad=like.requires_grad if like is not None else True)
+    """``value`` as a new parameter (copied when it shares storage with ``like``, the model's own)."""
+    shared = like is not None and value.untyped_storage().data_ptr() == like.untyped_storage().data_ptr()
+    return nn.Parameter(value.clone() if shared or value._base is not None else value,
+                        requires_grad=like.requires_grad if like is not None else True)
+
+
+def module_shell(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its parameters (each left ``None``), for a rule that sets every one:
+    copying the weights it replaces anyway would hold them twice."""
+    return copy.deepcopy(module, {id(p): None for p in module.parameters(recurse=False)})
 
 
 def dense_macs(_target, args, kwargs, out) -> tuple:

@@ -1,0 +1,124 @@
+"""Where the pass reads weights: one tensor at a time, by name, with the masks applied on load (a base module).
+
+NOTE [Weights on demand]
+The pass holds nothing beyond what the user holds: no masked copy of the model, no float64 copy
+of its weights. The traced graph shares the model's tensors (unmasked); every reader of weight
+values (the analysis, the plan, the rewrite, verification) asks a :class:`WeightSource` for one
+tensor by its qualified name and gets it with its mask applied, in its own dtype, and lets it go.
+A masked tensor is a fresh ``masked_fill`` of that one tensor; an unmasked one is the model's own
+tensor (read-only: nothing the pass does writes to it). Masks are matched to tensors by storage, so
+a tied table (``wte.weight`` read again as ``lm_head.weight``) is masked under either name, and a
+graph that re-registers the model's tensors under other module paths (the export front end) still
+finds them. The narrow interface (``shape``, ``dtype``, ``load``) is what a source backed by
+files (safetensors shards) implements as well.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+import torch
+from torch import nn
+
+#: ``GraphModule.meta`` key of the :class:`WeightSource` a traced graph reads its weights from
+META_KEY = "fxmin.weights"
+
+
+class WeightSource(Protocol):
+    """Tensors by qualified name (``"blocks.0.mlp.fc.weight"``): shape and dtype without loading, and
+    ``load`` for the value as the pass must see it (masked, own dtype; never written to)."""
+
+    def shape(self, name: str) -> torch.Size: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def load(self, name: str) -> torch.Tensor | None: ...
+
+
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """What identifies a tensor's values across ``detach()`` and ``nn.Parameter`` wrappers."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device)
+
+
+class ModuleWeights:
+    """The tensors of ``root`` by qualified name, each masked by the bool mask ``masks`` holds for its
+    storage (:func:`storage_key`) when it holds one.
+
+    >>> linear = nn.Linear(3, 2)
+    >>> weights = ModuleWeights(linear, {storage_key(linear.weight): torch.zeros(2, 3, dtype=torch.bool)})
+    >>> bool((weights.load("weight") == 0).all()), weights.load("bias") is not None
+    (True, True)
+    """
+
+    def __init__(self, root: nn.Module, masks: Mapping[tuple, torch.Tensor] | None = None):
+        self.root = root
+        self.masks = dict(masks or {})
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The tensor itself (unmasked), or None when ``name`` is not a tensor of ``root``."""
+        path, _, leaf = name.rpartition(".")
+        try:
+            owner = self.root.get_submodule(path)
+        except AttributeError:
+            return None
+        value = getattr(owner, leaf, None)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def mask(self, name: str) -> torch.Tensor | None:
+        tensor = self.tensor(name)
+        return None if tensor is None or not self.masks else self.masks.get(storage_key(tensor))
+
+    def shape(self, name: str) -> torch.Size:
+        return self.tensor(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensor(name).dtype
+
+    def load(self, name: str) -> torch.Tensor | None:
+        tensor = self.tensor(name)
+        if tensor is None:
+            return None
+        mask = self.masks.get(storage_key(tensor)) if self.masks else None
+        tensor = tensor.detach()
+        return tensor if mask is None else tensor.masked_fill(~mask, 0)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, without a temporary of the tensor's size: a sum is finite when every
+    entry is (NaN and inf propagate); only an overflowing sum is checked again, a block at a time."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    step = 1 << 22
+    return all(bool(torch.isfinite(flat[start:start + step]).all()) for start in range(0, flat.numel(), step))
+
+
+def weights_of(root: nn.Module) -> ModuleWeights:
+    """The source ``root`` reads its weights from: the one :func:`attach` gave it, else its own
+    tensors as they are."""
+    meta = getattr(root, "meta", None)
+    source = meta.get(META_KEY) if isinstance(meta, dict) else None
+    return source if source is not None and source.root is root else ModuleWeights(root)
+
+
+def attach(root: torch.fx.GraphModule, masks: Mapping[tuple, torch.Tensor]) -> ModuleWeights:
+    """Make ``root`` read its weights masked by ``masks`` (by storage) wherever the pass reads them."""
+    source = ModuleWeights(root, masks)
+    root.meta[META_KEY] = source
+    return source
+
+
+def materialize(root: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """``{qualified name: tensor}`` of every parameter and buffer of ``root``, each loaded through
+    :func:`weights_of` (masked) and cast to ``dtype`` (floating ones; None: their own), one copy each;
+    tied tensors stay one tensor."""
+    source = weights_of(root)
+    loaded: dict = {}
+    out = {}
+    for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        key = storage_key(tensor)
+        if key not in loaded:
+            value = source.load(name)
+            target = dtype if dtype is not None and value.is_floating_point() else value.dtype
+            copied = value.to(target) if value is not tensor and value.data_ptr() != tensor.data_ptr() else None
+            loaded[key] = copied if copied is not None else value.to(target, copy=True)
+        out[name] = loaded[key]
+    return out

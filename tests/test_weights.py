@@ -1,0 +1,93 @@
+"""NOTE [Weights on demand] (fxmin/weights.py) and NOTE [Streamed runs] (fxmin/verify.py): the pass reads
+the model's own tensors with the masks applied on load, holds no float64 copy of a weight matrix, and
+verifies without a copy of either model; the results are what the masked model computes."""
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import fxmin
+from fxmin import zoo
+from fxmin.verify import StreamedRun
+
+from helpers import masked_copy
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 10), nn.LayerNorm(10), nn.Linear(10, 4)).to(dtype)
+    with torch.no_grad():
+        model[0].bias.uniform_(-1, 1)
+    mask = torch.ones(32, 12, dtype=torch.bool)
+    mask[::2] = False  # 16 dead hidden units: GELU(bias) folds into the next bias
+    return model.eval(), {"0.weight": mask}
+
+
+def test_the_pass_shares_the_models_tensors_and_masks_them_where_it_reads_them():
+    model, masks = _mlp()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = fxmin.minimize(model, masks, (torch.randn(3, 12),))
+    assert result.graph.get_submodule("0").weight is model[0].weight  # not copied, not masked in place
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    analysis_tensors = result.analysis.tensors.values()
+    assert all(t is None or t.dim() <= 1 for t in analysis_tensors)  # no float64 copy of a weight matrix is kept
+    assert all(p.dtype == torch.float32 for edit in result.plan.modules.values() for p in edit.module.parameters())
+    assert result.module.get_submodule("0").out_features == 16 and result.report.verification.ok
+    x = torch.randn(5, 12, dtype=torch.float64)
+    reference = masked_copy(model, masks).double()
+    torch.testing.assert_close(fxmin.rewrite(result.plan, torch.float64)(x), reference(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(result.reference(x.float()), reference(x).float(), rtol=0, atol=1e-6)
+    assert torch.count_nonzero(result.reference.get_submodule("0").weight) == 16 * 12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_folds_keep_their_float64_value_for_the_float64_check(dtype):
+    model, masks = _mlp(dtype)
+    result = fxmin.minimize(model, masks, (torch.randn(3, 12, dtype=dtype),))
+    exact = result.plan.exact_values()
+    assert "2.bias" in exact and exact["2.bias"].dtype == torch.float64  # GELU(bias) of the dead units, unrounded
+    assert result.module.get_submodule("2").bias.dtype == dtype
+    assert torch.equal(result.module.get_submodule("2").bias, exact["2.bias"].to(dtype))  # rounded once
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(fxmin.rewrite(result.plan, torch.float64)(x), masked_copy(model, masks).double()(x),
+                               rtol=0, atol=1e-12)
+
+
+def test_a_pruned_model_keeps_its_reparametrization_and_weight_orig():
+    model, _ = _mlp()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    orig = model[0].weight_orig.detach().clone()
+    result = fxmin.minimize(model, None, (torch.randn(3, 12),))
+    assert torch.equal(model[0].weight_orig, orig) and hasattr(model[0], "weight_mask")
+    assert any(isinstance(h, prune.BasePruningMethod) for h in model[0]._forward_pre_hooks.values())
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tied_table_masked_under_one_name_is_masked_for_both_readers():
+    torch.manual_seed(0)
+    model = zoo.gpt().eval()
+    mask = torch.ones_like(model.lm_head.weight, dtype=torch.bool)
+    mask[:, :8] = False  # 8 embedding columns: the residual stream's first channels start at zero
+    result = fxmin.minimize(model, {"lm_head.weight": mask}, (torch.randint(0, 128, (1, 16)),))
+    ids = torch.randint(0, 128, (2, 16))
+    reference = masked_copy(model, {"transformer.wte.weight": mask})
+    torch.testing.assert_close(result.module(ids), reference(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_float64_runs_cast_large_weights_a_block_of_rows_at_a_time(monkeypatch):
+    monkeypatch.setattr(sys.modules["fxmin.verify"], "_CAST_ELEMENTS", 16)  # a few rows per block
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 12), nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 7)).eval()
+    graph = fxmin.trace(model)
+    ids = torch.randint(0, 50, (3, 5))
+    expected = copy.deepcopy(model).double()(ids)
+    with torch.no_grad():
+        streamed = StreamedRun(graph, dtype=torch.float64)(ids)
+    assert streamed.dtype == torch.float64
+    torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-13)
