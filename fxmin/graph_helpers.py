@@ -42,7 +42,8 @@ def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None
         source = load(name) if load is not None else tensor.detach()
         fresh = source.numel() > 0 and source.data_ptr() != tensor.data_ptr()
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        value = source.to(device=device if device is not None else tensor.device, dtype=target,
+        place = device if device is not None else source.device if tensor.is_meta else tensor.device  # meta: loaded
+        value = source.to(device=place, dtype=target,
                           copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
     copied = copy.deepcopy(module, memo)

@@ -67,18 +67,21 @@ def require_module(model) -> None:
     raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module, *, files: bool = False) -> torch.device:
     """The one device of ``model``'s parameters and buffers (CPU for a model with none).
 
     fxmin reasons about parameter values on the host, so :func:`fxmin.minimize` works on a CPU copy
     and puts the result back here; a model spread over several devices has no such place; a model
-    on the meta device has no values to reason about."""
+    on the meta device has no values to reason about unless ``files`` (``minimize(weights=...)``) hold
+    them (NOTE [Weights from files]), and its result lives on the CPU."""
     require_module(model)
     on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
-    if on_meta:
+    if on_meta and not files:
         raise InputError(f"the model's tensors are on the meta device ({len(on_meta)} of them, e.g. {on_meta[0]!r}): "
                          "they hold no values, and fxmin reads weight values to prove what the masks made dead. "
-                         "Materialize the weights first (model.to_empty(device='cpu') then load_state_dict(...))")
+                         "Pass the checkpoint that holds them (minimize(..., weights='checkpoint/'), safetensors "
+                         "files), or materialize the weights first (model.to_empty(device='cpu') then "
+                         "load_state_dict(...))")
     devices = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
     if len(devices) > 1:
         raise InputError(f"the model's parameters and buffers are on several devices ({', '.join(sorted(map(str, devices)))}); "
@@ -135,7 +138,7 @@ def _as_bool(name: str, mask, parameter: torch.Tensor) -> torch.Tensor:
                     f"{mask[bad].flatten()[0].item()!r}"
                 )
         mask = mask != 0
-    return mask.to(parameter.device)
+    return mask if parameter.is_meta else mask.to(parameter.device)  # a meta tensor's values come from files
 
 
 def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False):
@@ -170,15 +173,17 @@ def masked_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     return reference, {**from_prune, **applied}
 
 
-def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False):
+def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None, *, host: bool = False,
+                     files: Mapping[str, torch.Tensor] | None = None):
     """What :func:`masked_reference` computes, without copying a weight: ``(reference, masks, by
     storage)``. ``reference`` is a copy of ``model``'s modules in eval mode that shares its parameters
     (NOTE [Weights on demand]; buffers, which a forward may update in place, are copied); the masks
     are not applied to it but returned by :func:`fxmin.weights.storage_key` of the tensor they mask,
     for a :class:`fxmin.weights.ModuleWeights` to apply on load. A ``torch.nn.utils.prune``
     reparametrization becomes the parameter ``weight_orig`` under the name ``weight``, its mask among
-    the masks. ``host=True``: the copy's tensors are on the CPU (copied there). Same checks and
-    errors as :func:`masked_reference`; the model and the masks are not modified.
+    the masks. ``host=True``: the copy's tensors are on the CPU (copied there). ``files``: where tensors
+    on the meta device are read from (NOTE [Weights from files]). Same checks and errors as
+    :func:`masked_reference`; the model and the masks are not modified.
 
     >>> linear = nn.Linear(3, 2)
     >>> ref, used, by_storage = shared_reference(linear, {"weight": torch.tensor([[1, 0, 1], [0, 0, 1]])})
@@ -212,7 +217,7 @@ def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     for name, mask in (*from_prune.items(), *applied.items()):  # a tied tensor or a pruned one masked again: both
         key = storage_key(parameters[name])
         by_storage[key] = by_storage[key] & mask if key in by_storage else mask
-    _require_finite(ModuleWeights(reference, by_storage))
+    _require_finite(ModuleWeights(reference, by_storage, files))
     return reference, {**from_prune, **applied}, by_storage
 
 

@@ -1,6 +1,7 @@
 """``minimize``: trace -> analyze -> plan -> rewrite -> verify."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple
 
@@ -16,6 +17,7 @@ from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
 from .rewrite import rewrite
+from .shards import ShardedWeights
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
 from .trace_export import CallingConvention, export_trace, reexport
 from .verify import verify as verify_equivalence
@@ -84,7 +86,7 @@ def masked_graph(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, tracer=None,
-            leaf_modules: Iterable = (), concrete_args=None, frontend: str = "fx"):
+            leaf_modules: Iterable = (), concrete_args=None, frontend: str = "fx", weights=None):
     """The model traced with shapes: :class:`Prepared` ``(graph_module, masks applied, example inputs, front
     end that ran, calling convention or None)``; on the CPU, where the analysis reads parameter values
     (whatever device ``model`` is on). ``graph_module`` shares the model's parameters (a CPU copy of them
@@ -98,9 +100,10 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     if frontend == "export" and fx_options:
         raise InputError(f"{', '.join(fx_options)} are options of the torch.fx front end; frontend='export' "
                          "takes none of them (use frontend='fx' or 'auto')")
-    host = model_device(model).type != "cpu"
-    reference, used_masks, by_storage = shared_reference(model, masks, host=host)
-    graph_module = None
+    files = open_weights(weights)
+    host = model_device(model, files=files is not None).type != "cpu"
+    reference, used_masks, by_storage = shared_reference(model, masks, host=host, files=files)
+    graph_module, fx_error = None, None
     if frontend in ("auto", "fx"):
         try:
             graph_module = trace(reference, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
@@ -109,6 +112,14 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
                 raise
             fx_error = error
     if graph_module is None:
+        if files is not None:
+            raise InputError(
+                f"{type(model).__name__} is built on the meta device and torch.fx could not trace it; the torch.export "
+                "front end does not take such a model: export bakes the meta device into the tensors the model "
+                "creates as it runs (causal masks, position ids), so the exported program would compute on no values. "
+                "Make the model traceable by torch.fx (leaf_modules=[...], concrete_args={...}), or build it with its "
+                "weights (load_shards(model.to_empty(device='cpu'), 'checkpoint/')) and minimize that"
+                + (f".\n{fx_error}" if fx_error is not None else ""))
         inputs = example_inputs
         if isinstance(inputs, Mapping):
             inputs = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -122,7 +133,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
             raise
         graph_module.eval()
         require_read(graph_module, reference, masks, type(model).__name__)
-        attach(graph_module, by_storage)
+        attach(graph_module, by_storage, files)
         propagate_shapes(graph_module, example_inputs)
         return Prepared(graph_module, used_masks, example_inputs, "export", convention)
     graph_module.eval()
@@ -132,9 +143,20 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     elif isinstance(example_inputs, Mapping):
         example_inputs = arrange_inputs(graph_module, example_inputs)
     example_inputs = to_device(example_inputs, "cpu")  # a bare tensor becomes a 1-tuple
-    attach(graph_module, by_storage)
+    attach(graph_module, by_storage, files)
     propagate_shapes(graph_module, example_inputs)
     return Prepared(graph_module, used_masks, example_inputs, "fx", None)
+
+
+def open_weights(weights) -> Mapping | None:
+    """``weights`` as a mapping from names to tensors: a checkpoint directory or ``.safetensors`` file
+    (read lazily by :class:`fxmin.shards.ShardedWeights`), a mapping as it is, or None."""
+    if weights is None or isinstance(weights, Mapping):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        return ShardedWeights(weights)
+    raise InputError(f"weights must be a checkpoint directory, a .safetensors file or a mapping from names to "
+                     f"tensors, got {type(weights).__name__}")
 
 
 # NOTE [Front ends]
@@ -150,7 +172,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
              tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
              verify: bool = True, trials: int = 2, tolerances: dict | None = None, seed: int = 0,
-             progress: bool | None = None) -> MinimizeResult:
+             progress: bool | None = None, weights=None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
@@ -163,7 +185,10 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
     the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
-    seconds (``None``: when stderr is a terminal).
+    seconds (``None``: when stderr is a terminal). ``weights``: for a model built on the meta device
+    (``torch.device("meta")``, ``accelerate.init_empty_weights``), where its weights are: a checkpoint
+    directory of safetensors shards (the Hugging Face layout) or a mapping; each is read when the pass
+    needs it (NOTE [Weights from files] in fxmin/weights.py) and the result is on the CPU.
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -174,7 +199,7 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     """
     graph_module, used_masks, example_inputs, frontend, convention = prepare(
         model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,
-        frontend=frontend)
+        frontend=frontend, weights=weights)
     analysis = analyze_graph(graph_module, barriers)
     plan = make_plan(analysis)
     module = rewrite(plan)
@@ -184,7 +209,7 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
                                           tolerances=tolerances)
     report = build_report(plan, graph_module, module, verification)
     report.frontend = frontend
-    device = model_device(model)
+    device = model_device(model, files=weights is not None)
     if device.type != "cpu":
         module, graph_module = module.to(device), masked_graph(graph_module).to(device)  # masks keyed by host storage
         example_inputs = to_device(example_inputs, device)

@@ -103,7 +103,9 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | o
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``(name, tensor)`` pairs into ``directory`` as safetensors shards of at most ``max_shard_bytes``
     (a larger tensor gets a shard of its own) and the index; returns the index's path (or the single file's,
-    when one shard holds everything). Only one shard's tensors are held at a time, so ``tensors`` may be a
+    when one shard holds everything). A tensor given again under another name (tied weights, as in a
+    ``state_dict()``) is stored once, under its first name, as ``save_pretrained`` does; :func:`load_shards`
+    ties it again. Only one shard's tensors are held at a time, so ``tensors`` may be a
     generator that slices one weight after another. Files appear only when complete: each shard is written
     under a temporary name and renamed, the index last (an interrupted write leaves no index)."""
     safetensors = _safetensors()
@@ -123,9 +125,15 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | o
         batch, size = {}, 0
 
     try:
+        seen: set = set()
         for name, tensor in tensors:
             if name in batch or any(name in names for _, names in written):
                 raise InputError(f"write_shards got the tensor {name!r} twice")
+            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                        tuple(tensor.stride()), tensor.dtype)
+            if identity in seen:
+                continue  # a tied tensor (lm_head.weight is wte.weight): stored once, under its first name
+            seen.add(identity)
             tensor = tensor.detach().to("cpu").contiguous()
             if batch and size + tensor.nbytes > max_shard_bytes:
                 flush()

@@ -121,6 +121,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             f"{len(example_inputs)} example input(s) were given; pass example_inputs=(x, ...) with one tensor per input."
         )
     recorder = _ShapeRecorder(gm)
+    if any(t.is_meta for t in (*gm.parameters(), *gm.buffers())):  # NOTE [Weights from files]: shapes only
+        example_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
     try:
         with torch.no_grad():
             recorder.run(*example_inputs)

@@ -19,6 +19,8 @@ from typing import Mapping, Protocol
 import torch
 from torch import nn
 
+from .errors import InputError
+
 #: ``GraphModule.meta`` key of the :class:`WeightSource` a traced graph reads its weights from
 META_KEY = "fxmin.weights"
 
@@ -33,9 +35,11 @@ class WeightSource(Protocol):
 
 
 def storage_key(tensor: torch.Tensor) -> tuple:
-    """What identifies a tensor's values across ``detach()`` and ``nn.Parameter`` wrappers."""
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-            tensor.dtype, tensor.device)
+    """What identifies a tensor's values across ``detach()`` and ``nn.Parameter`` wrappers (on the meta
+    device, where every storage is at address 0, the storage itself)."""
+    storage = tensor.untyped_storage()
+    where = storage._cdata if tensor.is_meta else storage.data_ptr()
+    return (where, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
 
 
 class ModuleWeights:
@@ -48,9 +52,16 @@ class ModuleWeights:
     (True, True)
     """
 
-    def __init__(self, root: nn.Module, masks: Mapping[tuple, torch.Tensor] | None = None):
+    def __init__(self, root: nn.Module, masks: Mapping[tuple, torch.Tensor] | None = None,
+                 files: Mapping[str, torch.Tensor] | None = None):
         self.root = root
         self.masks = dict(masks or {})
+        self.files = files
+        self._file_names: dict = {}  # NOTE [Weights from files]: storage key of a meta tensor -> its name in files
+        if files is not None:
+            for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+                if tensor.is_meta and name in files:
+                    self._file_names.setdefault(storage_key(tensor), name)
 
     def tensor(self, name: str) -> torch.Tensor | None:
         """The tensor itself (unmasked), or None when ``name`` is not a tensor of ``root``."""
@@ -77,8 +88,23 @@ class ModuleWeights:
         if tensor is None:
             return None
         mask = self.masks.get(storage_key(tensor)) if self.masks else None
-        tensor = tensor.detach()
+        tensor = self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
         return tensor if mask is None else tensor.masked_fill(~mask, 0)
+
+    def _from_files(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """NOTE [Weights from files]: a tensor the model holds on the meta device is read from ``files``
+        (e.g. :class:`fxmin.shards.ShardedWeights`) under its own name or a name it is tied to."""
+        stored = self._file_names.get(storage_key(tensor))
+        if stored is None:
+            where = "no weights= were given" if self.files is None else "the weights given hold no tensor of that name"
+            raise InputError(f"'{name}' is on the meta device (a model built without its weights) and {where}: pass "
+                             "weights=fxmin.shards.ShardedWeights('checkpoint/') (safetensors files, the Hugging Face "
+                             "layout), or build the model with its weights")
+        value = self.files[stored]
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise InputError(f"'{stored}' in the weights has shape {tuple(value.shape)}; the model's is "
+                             f"{tuple(tensor.shape)}: the checkpoint is not this model's")
+        return value.to(tensor.dtype)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -99,9 +125,11 @@ def weights_of(root: nn.Module) -> ModuleWeights:
     return source if source is not None and source.root is root else ModuleWeights(root)
 
 
-def attach(root: torch.fx.GraphModule, masks: Mapping[tuple, torch.Tensor]) -> ModuleWeights:
-    """Make ``root`` read its weights masked by ``masks`` (by storage) wherever the pass reads them."""
-    source = ModuleWeights(root, masks)
+def attach(root: torch.fx.GraphModule, masks: Mapping[tuple, torch.Tensor],
+           files: Mapping[str, torch.Tensor] | None = None) -> ModuleWeights:
+    """Make ``root`` read its weights masked by ``masks`` (by storage) wherever the pass reads them, its
+    meta-device tensors from ``files`` (NOTE [Weights from files])."""
+    source = ModuleWeights(root, masks, files)
     root.meta[META_KEY] = source
     return source
 
@@ -122,3 +150,13 @@ def materialize(root: nn.Module, dtype: torch.dtype | None = None) -> dict:
             loaded[key] = copied if copied is not None else value.to(target, copy=True)
         out[name] = loaded[key]
     return out
+
+
+# NOTE [Weights from files]
+# A model built on the meta device (``with torch.device("meta")`` or ``accelerate.init_empty_weights``)
+# holds shapes, not values; its values lie in files (safetensors shards, read one tensor at a time by
+# fxmin.shards.ShardedWeights). The pass reads every weight through its source anyway, so such a tensor
+# is read from the files when a reader asks for it, and let go: the analysis, the rewrite (which copies
+# what it keeps into the result) and the streamed verification never hold the model's weights at once.
+# A tied tensor (one meta tensor under two names) is found under whichever name the files hold;
+# buffers the files do not hold stay the model's own (accelerate keeps buffers real by default).

@@ -25,8 +25,8 @@ class Tied(nn.Module):
         return self.head(self.norm(self.body(self.embed(ids)).transpose(1, 2)).transpose(1, 2))
 
 
-def _state(model):  # one entry per tensor, as save_pretrained writes tied weights
-    return [(name, tensor) for name, tensor in model.state_dict().items() if name != "head.weight"]
+def _state(model):  # every entry: head.weight is embed.weight, stored once
+    return list(model.state_dict().items())
 
 
 def test_shards_hold_at_most_their_budget_and_read_back_exactly(tmp_path):
@@ -38,10 +38,13 @@ def test_shards_hold_at_most_their_budget_and_read_back_exactly(tmp_path):
     files = sorted(set(weight_map.values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     weights = ShardedWeights(tmp_path)
-    for name, tensor in _state(model):
+    assert "head.weight" not in weights  # tied to embed.weight, stored once as save_pretrained does
+    unique = [(name, tensor) for name, tensor in _state(model) if name != "head.weight"]
+    assert sorted(weights) == sorted(name for name, _ in unique)
+    for name, tensor in unique:
         assert weights.shape(name) == tuple(tensor.shape)
         assert torch.equal(weights[name], tensor)
-    assert weights.nbytes() == sum(t.nbytes for _, t in _state(model))
+    assert weights.nbytes() == sum(t.nbytes for _, t in unique)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

@@ -223,7 +223,7 @@ class PlanContext(Context):
         original = self.module
         reference = next((t for t in list(original.parameters()) + list(original.buffers()) if t.is_floating_point()), None)
         dtype = reference.dtype if reference is not None else torch.float32
-        device = reference.device if reference is not None else torch.device("cpu")
+        device = _home(reference)
         edits = tuple(report) if report is not None else _edits(self.node.target, module, params)
         exact = store_rounded(module, dtype)  # NOTE [Fold precision]: rounded once, here
         self._plan.modules[self.node.target] = ModuleEdit(self.node.target, type(original).__qualname__, module,
@@ -233,7 +233,7 @@ class PlanContext(Context):
         """Install a new module (float64) at ``target`` (the node must be patched to call it);
         ``params`` maps its parameter names to (shape before, folded from); ``like`` gives dtype/device."""
         dtype = like.dtype if like is not None else torch.float32
-        device = like.device if like is not None else torch.device("cpu")
+        device = _home(like)
         edits = _edits(target, module, params)
         self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device, edits,
                                                 store_rounded(module, dtype))
@@ -290,3 +290,9 @@ class PlanContext(Context):
     def patch_node(self, node, args: tuple, kwargs: dict, *, op: str | None = None, target=None) -> None:
         """Like :meth:`patch`, for another node this rule owns the meaning of (a size read's user)."""
         self._plan.args[node.name] = ArgEdit(node.name, tuple(args), dict(kwargs), op, target)
+
+
+def _home(tensor) -> torch.device:
+    """Where a replacement of ``tensor``'s module lives: its device, the CPU for a tensor on the meta device
+    (its values were read from files: NOTE [Weights from files] in fxmin/weights.py) or for none."""
+    return torch.device("cpu") if tensor is None or tensor.is_meta else tensor.device

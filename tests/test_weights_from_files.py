@@ -1,0 +1,76 @@
+"""A model built on the meta device, its weights in safetensors shards (the Hugging Face layout): minimized
+with ``weights=``, each weight read from the files when the pass needs it (NOTE [Weights from files]).
+The result equals the in-memory pass's, is exact in float64, lives on the CPU, and the user's meta model
+is untouched."""
+import pytest
+import torch
+
+import fxmin
+from fxmin.shards import load_shards, write_shards
+from fxmin.zoo import MODELS
+from tests.helpers import masked_copy
+
+pytest.importorskip("safetensors")
+
+
+def _gpt_with_half_mlp_dead():
+    factory, make_inputs = MODELS["gpt"]
+    torch.manual_seed(0)
+    model = factory().eval()
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()
+             if name.endswith("mlp.c_fc.weight")}
+    for mask in masks.values():
+        mask[::2] = False  # half of every MLP's hidden units have no input: they fold and leave
+    return factory, model, masks, make_inputs()
+
+
+def test_a_meta_model_minimized_from_shards_equals_the_in_memory_pass(tmp_path):
+    factory, model, masks, inputs = _gpt_with_half_mlp_dead()
+    write_shards(model.state_dict().items(), tmp_path, max_shard_bytes=64_000)
+    with torch.device("meta"):
+        empty = factory().eval()
+    result = fxmin.minimize(empty, masks, inputs, weights=tmp_path)
+    in_memory = fxmin.minimize(model, masks, inputs)
+    assert fxmin.count_parameters(result.module) == fxmin.count_parameters(in_memory.module) < fxmin.count_parameters(model)
+    assert not any(t.is_meta for t in (*result.module.parameters(), *result.module.buffers()))
+    assert all(p.is_meta for p in empty.parameters())  # the user's model is untouched
+    for name, tensor in in_memory.module.state_dict().items():
+        assert torch.equal(result.module.state_dict()[name], tensor), name
+    torch.testing.assert_close(result.module(*inputs), masked_copy(model, masks)(*inputs), rtol=1e-5, atol=1e-6)
+    float64_line = next(line for line in str(result.report).splitlines() if line.strip().startswith("float64"))
+    assert "ok" in float64_line  # verification ran the reference from the files, one layer at a time
+
+
+def test_a_checkpoint_that_lacks_a_weight_or_does_not_fit_says_so(tmp_path):
+    factory, model, masks, inputs = _gpt_with_half_mlp_dead()
+    state = model.state_dict()
+    missing = next(name for name in state if name.endswith("c_proj.weight"))
+    write_shards([(n, t) for n, t in state.items() if n != missing], tmp_path / "partial")
+    with torch.device("meta"):
+        empty = factory().eval()
+    with pytest.raises(fxmin.InputError, match=f"'{missing}' is on the meta device .* hold no tensor of that name"):
+        fxmin.minimize(empty, masks, inputs, weights=tmp_path / "partial")
+    with pytest.raises(fxmin.InputError, match="on the meta device .* weights="):
+        fxmin.minimize(empty, masks, inputs)
+    with pytest.raises(fxmin.InputError, match="weights must be a checkpoint directory"):
+        fxmin.minimize(empty, masks, inputs, weights=3)
+
+
+def test_the_minimized_weights_go_back_to_shards_and_load(tmp_path):
+    factory, model, masks, inputs = _gpt_with_half_mlp_dead()
+    write_shards(model.state_dict().items(), tmp_path / "in", max_shard_bytes=64_000)
+    with torch.device("meta"):
+        empty = factory().eval()
+    result = fxmin.minimize(empty, masks, inputs, weights=tmp_path / "in")
+    write_shards(result.module.state_dict().items(), tmp_path / "out", max_shard_bytes=64_000)
+    again = load_shards(result.module.to_empty(device="cpu"), tmp_path / "out")
+    torch.testing.assert_close(again(*inputs), masked_copy(model, masks)(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_meta_model_that_only_torch_export_takes_is_refused_with_the_way_out(tmp_path):
+    factory, model, masks, inputs = _gpt_with_half_mlp_dead()
+    write_shards(model.state_dict().items(), tmp_path)
+    with torch.device("meta"):
+        empty = factory().eval()
+    with pytest.raises(fxmin.InputError, match="meta device and torch.fx could not trace it.*load_shards"):
+        fxmin.minimize(empty, masks, inputs, weights=tmp_path, frontend="export")
