@@ -1,0 +1,189 @@
+"""Minimizing from safetensors shards (issue #20, item 3): a model built without its weights, its weights in
+files, each read when the pass needs it. Peak RSS against the result plus one shard, in a fresh process.
+
+    python -m benchmarks.scale_shards --models gpt2-124m llama-1b llama-3b --write
+
+For each model of ``benchmarks.scale.MODELS``: synthetic weights (random, in the model's dtype, generated
+and written one tensor at a time: the full model is never in memory) go to shards of ``--shard-gib`` in the
+Hugging Face layout (``fxmin.shards.write_shards``); then a fresh ``nice`` process builds the model with
+``accelerate.init_empty_weights`` (parameters on the meta device, buffers real), kills half of every MLP's
+hidden units as ``benchmarks.scale`` does, and calls ``fxmin.minimize(model, masks, inputs,
+weights=directory)`` with verification on. Its peak RSS is ``ru_maxrss`` from ``os.wait4``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm
+
+SECTION = "Minimized from safetensors shards"
+
+
+def _empty(name: str):
+    """The model of ``name`` with its parameters on the meta device (buffers real), in its dtype; tied
+    weights tied as the family ties them."""
+    import accelerate
+    import torch
+
+    from fxmin import zoo
+
+    family, config, dtype_name, _ = MODELS[name]
+    with accelerate.init_empty_weights():
+        model = (zoo.gpt if family == "gpt" else zoo.llama)(**config)
+    if family == "gpt":
+        model.lm_head.weight = model.transformer.wte.weight  # init_empty_weights unties what zoo.gpt ties
+    return model.to(getattr(torch, dtype_name)).eval().requires_grad_(False)
+
+
+def write_synthetic(name: str, directory: Path, shard_bytes: int) -> None:
+    """Random weights for ``name`` in safetensors shards, generated one tensor at a time."""
+    import torch
+
+    from fxmin.shards import write_shards
+
+    model = _empty(name)
+    generator = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for path, tensor in model.state_dict().items():
+            if not tensor.is_meta:
+                continue  # buffers the model computes itself (rotary tables)
+            value = torch.empty(tensor.shape, dtype=tensor.dtype)
+            if tensor.dim() >= 2:
+                value.normal_(0.0, 0.02, generator=generator)
+            else:
+                value.fill_(1.0 if path.endswith("weight") else 0.0)
+            yield path, value
+
+    write_shards(tensors(), directory, max_shard_bytes=shard_bytes)
+
+
+def _masks(model, family: str) -> dict:
+    """Half of every MLP's hidden units dead, as ``benchmarks.scale._build`` plants them (views: no memory)."""
+    import torch
+
+    masks = {}
+    generator = torch.Generator().manual_seed(0)
+    for path, module in model.named_modules():
+        if path.endswith(("mlp.c_fc", "mlp.gate_proj")):
+            alive = torch.ones(module.out_features, dtype=torch.bool)
+            alive[torch.randperm(module.out_features, generator=generator)[: module.out_features // 2]] = False
+            for owner in [path] if family == "gpt" else [path, path.replace("gate_proj", "up_proj")]:
+                masks[f"{owner}.weight"] = alive[:, None].expand(model.get_submodule(owner).weight.shape)
+    return masks
+
+
+def child(name: str, directory: str, tokens: int) -> dict:
+    import torch
+
+    import fxmin
+    from fxmin.shards import ShardedWeights
+
+    interpreter = _warm(name, "fxmin")
+    family, config, dtype_name, _ = MODELS[name]
+    model = _empty(name)
+    masks = _masks(model, family)
+    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0)),)
+    weights = ShardedWeights(directory)
+    start = time.perf_counter()
+    result = fxmin.minimize(model, masks, inputs, weights=weights, progress=False)
+    seconds = time.perf_counter() - start
+    result_bytes, _ = _tensor_bytes(result.module)
+    verification = result.report.verification
+    shards = sorted(Path(directory).glob("*.safetensors"))
+    return {"name": name, "dtype": dtype_name, "interpreter": interpreter, "checkpoint_bytes": weights.nbytes(),
+            "shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards),
+            "result_bytes": result_bytes, "params_before": result.report.params_before,
+            "params_after": result.report.params_after, "total_s": seconds, "verified": bool(verification.ok),
+            "errors": {str(d).replace("torch.", ""): [verification.max_error(d), verification.tolerance(d)]
+                       for d in verification.dtypes}, "after_pass_rss": _rss("VmRSS")}
+
+
+def run(name: str, tokens: int, shard_bytes: int, keep: Path | None) -> dict:
+    directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=f"fxmin-shards-{name}-"))
+    try:
+        started = time.perf_counter()
+        write_synthetic(name, directory, shard_bytes)
+        written = time.perf_counter() - started
+        command = [sys.executable, "-m", "benchmarks.scale_shards", "--child", name, "--directory", str(directory),
+                   "--tokens", str(tokens)]
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            process = subprocess.Popen(command, stdout=out, stderr=err, cwd=Path(__file__).resolve().parent.parent,
+                                       preexec_fn=lambda: os.nice(10))
+            _, status, usage = os.wait4(process.pid, 0)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if os.waitstatus_to_exitcode(status) != 0:
+            last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+            return {"name": name, "error": f"exit {os.waitstatus_to_exitcode(status)}: {last}"}
+        record = json.loads(stdout.strip().splitlines()[-1])
+        record.update(peak=usage.ru_maxrss * 1024, write_s=written)
+        return record
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def table(records: list) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for r in records:
+        what = MODELS[r["name"]][3]
+        if "error" in r or "skipped" in r:
+            rows.append([what, MODELS[r["name"]][2], r.get("error") or r.get("skipped")] + [""] * 7)
+            continue
+        budget = r["result_bytes"] + r["largest_shard"]
+        errors = ", ".join(f"{d} {e:.1e} (tol {t:.0e})" for d, (e, t) in r["errors"].items())
+        rows.append([what, r["dtype"], f"{r['params_before'] / 1e6:,.0f}M -> {r['params_after'] / 1e6:,.0f}M",
+                     f"{_gib(r['checkpoint_bytes'])} in {r['shards']} / {_gib(r['largest_shard'])}",
+                     _gib(r["result_bytes"]), _gib(r["interpreter"]), _gib(r["peak"]),
+                     f"{(r['peak'] - r['interpreter']) / budget:.2f}", f"{r['total_s']:.0f}",
+                     ("ok: " if r["verified"] else "FAILED: ") + errors])
+    headers = ["model", "dtype", "parameters", "checkpoint GiB in shards / largest shard GiB", "result GiB",
+               "interpreter GiB", "peak RSS GiB", "(peak - interpreter) / (result + largest shard)", "pass s",
+               "verification (max abs error)"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["gpt2-124m", "llama-1b"])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--shard-gib", type=float, default=1.0, help="the shards' size (transformers writes 5 GB)")
+    parser.add_argument("--keep", type=Path, help="write the shards under this directory and keep them")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(child(args.child, args.directory, args.tokens)), flush=True)
+        return
+    records = []
+    for name in args.models:
+        record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    text = table(records)
+    print(text)
+    if args.write:
+        from benchmarks.markdown import replace_section
+        from benchmarks.pass_speed import section
+
+        command = "python -m benchmarks.scale_shards " + " ".join(argv if argv is not None else sys.argv[1:])
+        replace_section(DOC, SECTION, section(command.strip(), text, SECTION), heading="# fxmin at scale")
+
+
+if __name__ == "__main__":
+    main()
