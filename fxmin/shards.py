@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -125,15 +126,15 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | o
         batch, size = {}, 0
 
     try:
-        seen: set = set()
+        seen: dict = {}  # where a tensor's values live -> a weak reference to the tensor stored from there
         for name, tensor in tensors:
             if name in batch or any(name in names for _, names in written):
                 raise InputError(f"write_shards got the tensor {name!r} twice")
             identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                         tuple(tensor.stride()), tensor.dtype)
-            if identity in seen:
+            if identity in seen and seen[identity]() is not None:
                 continue  # a tied tensor (lm_head.weight is wte.weight): stored once, under its first name
-            seen.add(identity)
+            seen[identity] = weakref.ref(tensor)  # a freed tensor's address may be reused by the next one
             tensor = tensor.detach().to("cpu").contiguous()
             if batch and size + tensor.nbytes > max_shard_bytes:
                 flush()

@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .errors import InputError, TraceError
 from .progress import phase
 from .rules.api import REGISTRY
+from .weights import weights_of
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -121,8 +122,6 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             f"{len(example_inputs)} example input(s) were given; pass example_inputs=(x, ...) with one tensor per input."
         )
     recorder = _ShapeRecorder(gm)
-    if any(t.is_meta for t in (*gm.parameters(), *gm.buffers())):  # NOTE [Weights from files]: shapes only
-        example_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
     try:
         with torch.no_grad():
             recorder.run(*example_inputs)
@@ -143,6 +142,24 @@ class _ShapeRecorder(torch.fx.Interpreter):
     which costs seconds in every fresh process: records ``tensor_meta`` and ``type`` the same way."""
 
     current = None
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.files = weights_of(gm) if any(t.is_meta for t in (*gm.parameters(), *gm.buffers())) else None
+
+    # NOTE [Weights from files] (fxmin/weights.py): a model built on the meta device runs with each
+    # weight read from its files at the node that reads it, and let go (what the streamed verification does).
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self.files.load(target) if self.files is not None and getattr(value, "is_meta", False) else value
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        if self.files is None or not any(t.is_meta for _, t in named):
+            return super().call_module(target, args, kwargs)
+        tensors = {name: self.files.load(f"{target}.{name}") for name, _ in named}
+        return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), tie_weights=False)
 
     def run_node(self, node):
         self.current = node

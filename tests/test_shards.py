@@ -102,3 +102,16 @@ def test_mismatches_are_fxmin_errors_that_say_what_to_do(tmp_path):
         ShardedWeights(tmp_path / "nowhere")
     with pytest.raises(InputError, match="twice"):
         write_shards([("w", torch.ones(1)), ("w", torch.ones(1))], tmp_path / "twice")
+
+
+def test_tensors_made_one_at_a_time_are_all_stored(tmp_path):
+    """A generator that frees each tensor after it is written: the next one may reuse its address, and is
+    still a tensor of its own (only a tensor given again while alive is a tied one)."""
+    def tensors():
+        for index in range(6):
+            yield f"t{index}", torch.full((64,), float(index))
+
+    write_shards(tensors(), tmp_path, max_shard_bytes=256)
+    weights = ShardedWeights(tmp_path)
+    assert sorted(weights) == [f"t{index}" for index in range(6)]
+    assert all(float(weights[f"t{index}"][0]) == index for index in range(6))

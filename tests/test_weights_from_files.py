@@ -74,3 +74,24 @@ def test_a_meta_model_that_only_torch_export_takes_is_refused_with_the_way_out(t
         empty = factory().eval()
     with pytest.raises(fxmin.InputError, match="meta device and torch.fx could not trace it.*load_shards"):
         fxmin.minimize(empty, masks, inputs, weights=tmp_path, frontend="export")
+
+
+def test_a_llama_with_real_rotary_buffers_runs_from_shards(tmp_path):
+    """accelerate.init_empty_weights keeps buffers real (the rotary tables) and parameters on meta: the pass
+    runs each module with its weights read from the files, shape propagation included."""
+    accelerate = pytest.importorskip("accelerate")
+    from fxmin.zoo import llama
+
+    torch.manual_seed(0)
+    model = llama(n_layer=2).eval()
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()
+             if name.endswith(("gate_proj.weight", "up_proj.weight"))}
+    for mask in masks.values():
+        mask[::2] = False  # half of every MLP's units: gate and up both dead
+    write_shards(model.state_dict().items(), tmp_path, max_shard_bytes=20_000)
+    with accelerate.init_empty_weights():
+        empty = llama(n_layer=2).eval()
+    inputs = (torch.randint(0, 128, (1, 8)),)
+    result = fxmin.minimize(empty, masks, inputs, weights=tmp_path)
+    assert fxmin.count_parameters(result.module) == fxmin.count_parameters(fxmin.minimize(model, masks, inputs).module)
+    torch.testing.assert_close(result.module(*inputs), masked_copy(model, masks)(*inputs), rtol=1e-5, atol=1e-6)
