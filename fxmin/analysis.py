@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .errors import MissingRuleError, describe_node
+from .barriers import BARRIER, make_barrier_test, missing_rule_error
 from .facts import TupleFact, ValueFact
 from .graph_helpers import tensor_shape
 from .progress import phase, tick
@@ -37,19 +37,6 @@ from .weights import weights_of
 
 #: why a model output's channels stay (``Analysis.reasons``); not a rule blocking removal
 OUTPUT_REASON = "a model output (outputs never shrink)"
-
-
-def _barrier_forward(ctx):
-    return ValueFact.untracked(), None
-
-
-def _barrier_backward(ctx):
-    for node in ctx.input_nodes():
-        ctx.require_all(node)
-
-
-BARRIER = Rule("barrier", _barrier_forward, _barrier_backward, None, "always exact: keeps every channel around it",
-               backward_untracked=True)
 
 
 @dataclass
@@ -185,7 +172,7 @@ class Engine:
                 fact, units = rule.forward(Context(self, node, rule))
                 self._set(node, fact, units)
         if missing:
-            raise _missing_rule_error(missing, self.root)
+            raise missing_rule_error(missing, self.root)
         self.present_units = np.zeros(len(self.table), bool)
         self.reason_of_unit = np.full(len(self.table), -1, np.int64)
         for node, units in self.units.items():
@@ -350,65 +337,12 @@ class Engine:
                 if rule.backward is not None:
                     rule.backward(Context(self, node, rule))
             else:  # NOTE [Untracked output]: nothing to follow back, every input channel stays
-                _barrier_backward(Context(self, node, rule))
+                BARRIER.backward(Context(self, node, rule))
             self._current = None
 
     def _tracked_output(self, node) -> bool:
         fact = self.facts.get(node)
         return isinstance(fact, TupleFact) or (isinstance(fact, ValueFact) and fact.tracked)
-
-
-def _missing_rule_error(missing, root) -> MissingRuleError:
-    first = missing[0]
-    lines = [
-        f"fxmin has no rule for {describe_node(first, root)}.",
-        "fxmin never guesses what an op computes. Ways out:",
-        "  - register a rule for it (a one-line family helper such as fxmin.register_pointwise(...),",
-        "    fxmin.REGISTRY.alias(known_target, new_target), or a full fxmin.rule; see fxmin.rules.api), or",
-        f"  - pass barriers=[{_target_text(first.target)}] (or the node name {first.name!r}) to keep every channel "
-        "around it.",
-    ]
-    if len(missing) > 1:
-        others = ", ".join(f"'{n.name}'" for n in missing[1:6])
-        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        lines.append(f"Other nodes without a rule: {others}{more}.")
-    return MissingRuleError("\n".join(lines), node_name=first.name)
-
-
-def _target_text(target) -> str:
-    """How to write ``target`` in Python: ``torch.ops.aten.embedding.default`` for an ATen op, else its repr."""
-    return f"torch.ops.{target}" if isinstance(target, torch._ops.OpOverload) else repr(target)
-
-
-def make_barrier_test(barriers, root):
-    """A predicate over nodes from user barriers: module paths, node names, module types or callables."""
-    names, types, callables = set(), [], []
-    for barrier in barriers or ():
-        if isinstance(barrier, str):
-            names.add(barrier)
-        elif isinstance(barrier, type):
-            types.append(barrier)
-        else:
-            callables.append(barrier)
-
-    def is_barrier(node) -> bool:
-        if node.name in names:
-            return True
-        if node.op == "call_module":
-            if node.target in names or any(node.target.startswith(name + ".") for name in names):
-                return True
-            if types and isinstance(root.get_submodule(node.target), tuple(types)):
-                return True
-        if node.op == "call_method" and node.target in names:
-            return True
-        if node.op == "call_function":
-            if any(node.target is fn for fn in callables):
-                return True
-            if getattr(node.target, "__name__", None) in names:
-                return True
-        return False
-
-    return is_barrier
 
 
 @phase("analysis")
