@@ -180,3 +180,21 @@ def test_group_norm_of_one_constant_channel():
     x = torch.randn(2, 1, 4, 4)
     result = fxmin.minimize(model, masks, (x,))
     assert compare(masked_copy(model, masks).double(), result.module.double(), [(x.double(),)]) == ""
+
+
+def test_copies_of_a_repeated_value_head_keep_the_same_dims():
+    """Found by the fuzzer (seed 948 of benchmarks/fuzz_graphs.py; 12 of 11,532 cases): repeat_kv's
+    expand evened out its copies by adding a copy at dim 0, so two copies of one value head held
+    different dims, their source kept the union and every value dim stayed. Here (4 query heads, 2
+    key/value heads, head_dim 3) the output projection reads dims {2}, {1, 2}, none, {2} of the query
+    heads: value head 0 keeps its dims {1, 2} and value head 1 as many, 2 ({0, 2}), 4 value rows of 6."""
+    description = describe(RandomDraw(948))
+    attention = description["nodes"][2]
+    assert (attention["op"], attention["heads"], attention["kv_heads"], attention["head_dim"]) == ("attention", 4, 2, 3)
+    outcome = run_case(description)
+    assert (outcome.status, outcome.perturbation) == ("exact", "ok")
+    assert outcome.removal in ("match", "limits"), outcome.differences
+    model, masks = build(description)
+    result = fxmin.minimize(model, masks, example_inputs(description))
+    rows, _ = result.plan.keeps("n2.v.weight")
+    assert sorted(int(r) for r in rows) == [1, 2, 3, 5]

@@ -13,7 +13,8 @@ With ``heads`` query heads and ``groups`` key/value heads, query head ``h`` read
   merges the ``(g, r)`` digits into one head axis. The expand requires ``(g, e)`` of its source
   when any copy ``(g, r, e)`` is present; it makes every present copy keep all of its source's
   present dims and every present source head keep a copy (an expand copies whole heads), and
-  keeps its digits uniform (equal copies per head, equal dims per copy, NOTE [Heads]).
+  keeps its digits uniform (equal copies per head, equal dims per copy, NOTE [Heads]); a copy added
+  to even out the copies holds its source's dims, so the copies of one head never disagree.
 - ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``: the rule maps query head ``h`` to
   group ``h // rep`` itself, with the same requirements between q and k, and between v and the
   output.
@@ -148,7 +149,23 @@ def expand_heads_backward(ctx):
         copy_alive[o, 0] = True  # a kept source head is copied whole: one copy at least
     need = copy_alive[:, :, None] & source[:, None, :]
     ctx.require(ctx.node, need.reshape(-1), "a copy of a head keeps its source's dims")
+    ctx.require(ctx.node, _even_copies(ctx.present().reshape(outer, copies, inner), source),
+                "keeps repeated heads uniform")
     ctx.require(ctx.node, uniform_digits(ctx.present(), out.radix), "keeps repeated heads uniform")
+
+
+def _even_copies(grid: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Every kept head of ``grid`` (head, copy, dim) grown to as many copies as the fullest, each new
+    copy holding its source's dims ``source`` (head, dim): copies of one head then hold the same dims,
+    so evening out their dims later adds the same ones to each (added at dim 0, copies would disagree
+    and their source would keep the union, up to every dim)."""
+    grid = grid.copy()
+    alive = grid.any(axis=2)
+    target = int(alive.sum(axis=1).max()) if alive.size else 0
+    for head in np.nonzero(alive.any(axis=1))[0]:
+        for copy in np.nonzero(~alive[head])[0][: target - int(alive[head].sum())]:
+            grid[head, copy] = source[head]
+    return grid.reshape(-1)
 
 
 def _literal_digits(ctx, fact) -> bool:
