@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 from typing import Mapping
 
 import torch
@@ -245,32 +246,51 @@ def _validated(model: nn.Module, reference: nn.Module, masks) -> dict:
 
 
 def require_read(graph_module: torch.fx.GraphModule, reference: nn.Module, masks, model_name: str) -> None:
-    """NOTE [Masks of unread parameters]: raise :class:`MaskError` for a mask in ``masks`` (the user's) that
-    removes entries of a parameter the traced forward (``graph_module``, traced from ``reference``) never
-    reads. Such a mask could change nothing, so fxmin would return the model unchanged there while the
-    user expects it smaller: a typo'd module path that still names a parameter, a branch the forward
-    skips on these inputs, or a module left over from another version of the model. An all-ones mask
-    removes nothing and passes."""
+    """NOTE [Masks of unread parameters]: a mask in ``masks`` (the user's) that removes entries of a parameter
+    the traced forward (``graph_module``, traced from ``reference``) never reads could change nothing, so
+    fxmin would return the model unchanged there while the user expects it smaller.
+
+    - Its module is called but does not read it (a layer that does not read that parameter): a typo'd
+      path or a mistaken mask. :class:`MaskError`, naming it and what to do.
+    - Its module is never called on these inputs (an inactive branch: torchvision GoogLeNet's and
+      Inception's auxiliary heads in eval mode, a head left over from another version of the model):
+      its weights are masked as they would be in training, which is no mistake; the mask is ignored
+      with a warning naming the modules (they are not part of the traced forward, nor of the result).
+
+    An all-ones mask removes nothing and passes."""
     if not masks:
         return
-    read = set()
+    read, active = set(), set()
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             read.update(id(p) for p in graph_module.get_submodule(node.target).parameters())
+            active.add(node.target)
         elif node.op == "get_attr":
             read.add(id(_fetch(graph_module, node.target)))
+            active.add(node.target.rpartition(".")[0])
     traced = dict(graph_module.named_parameters(remove_duplicate=False))
     ours = dict(reference.named_parameters(remove_duplicate=False))
+    inactive = []
     for name, mask in masks.items():
         parameter = traced.get(name, ours.get(name))
         if id(parameter) in read or bool(torch.as_tensor(mask).bool().all()):
             continue
+        owner = name.rpartition(".")[0]
+        if not any(path == owner or path.startswith(owner + ".") or owner.startswith(path + ".") or not owner
+                   for path in active):
+            inactive.append(owner)
+            continue
         removed = int((~torch.as_tensor(mask).bool()).sum())
         raise MaskError(
             f"mask for '{name}' removes {removed} entries of a parameter that {model_name}'s forward never "
-            "reads (its traced graph has no use of it): it would change nothing, and nothing there would get "
-            "smaller. Drop it from the masks, or call the module that owns it in forward (squeeze_release: "
-            f"select={{'exclude': ['{name}']}}).")
+            f"reads, although it calls '{owner}' (its traced graph has no use of that parameter): the mask would "
+            "change nothing, and nothing there would get smaller. Drop it from the masks, or check the name "
+            f"(squeeze_release: select={{'exclude': ['{name}']}}).")
+    if inactive:
+        warnings.warn(f"{model_name}'s forward never calls {', '.join(sorted(set(inactive))[:6])}"
+                      f"{' and more' if len(set(inactive)) > 6 else ''} on these inputs: their masks change nothing "
+                      "and these modules are not in the result (an inactive branch, e.g. an auxiliary head in eval "
+                      "mode)", stacklevel=4)
 
 
 def _fetch(root: nn.Module, target: str):

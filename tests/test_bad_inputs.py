@@ -37,6 +37,18 @@ class WithUnusedHead(nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
+class WithUnreadScale(nn.Module):
+    """A layer with a parameter its forward does not read."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear, self.scale = nn.Linear(4, 2), nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
 def with_value(value, index=(0, 0)):
     model = net()
     with torch.no_grad():
@@ -65,10 +77,10 @@ ROWS = [
     ("a mask for a buffer", lambda: fxmin.minimize(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)),
                                                    {"1.running_mean": torch.ones(8)}, X),
      fxmin.MaskError, ["'1.running_mean'", "a buffer", "fxmin masks parameters"]),
-    ("a mask for a parameter the forward never reads",
-     lambda: fxmin.minimize(WithUnusedHead(), {"old_head.weight": torch.zeros(2, 8)}, X),
-     fxmin.MaskError, ["'old_head.weight'", "removes 16 entries", "never reads", "Drop it from the masks",
-                       "select={'exclude': ['old_head.weight']}"]),
+    ("a mask for a parameter a layer does not read",
+     lambda: fxmin.minimize(nn.Sequential(WithUnreadScale()), {"0.scale": torch.zeros(2)}, X),
+     fxmin.MaskError, ["'0.scale'", "removes 2 entries", "never reads, although it calls '0'", "Drop it from the masks",
+                       "select={'exclude': ['0.scale']}"]),
     ("a mask of integers other than 0/1", lambda: fxmin.minimize(net(), {"0.weight": torch.full((8, 4), 2)}, X),
      fxmin.MaskError, ["'0.weight'", "boolean or 0/1", "2"]),
     ("a mask that is not a tensor", lambda: fxmin.minimize(net(), {"0.weight": 1}, X),
@@ -134,3 +146,15 @@ def test_resuming_from_a_checkpoint_directory_of_another_model_says_whose_it_is(
         assert fragment in message, f"{fragment!r} missing from {message!r}"
     resumed = fxmin.squeeze_release(other, resume=True, **options)  # its own model resumes (nothing left to run)
     assert [r.cycle for r in resumed.history] == [0, 1]
+
+
+def test_masks_of_a_module_the_forward_never_calls_are_ignored_with_a_warning():
+    """An inactive branch (an auxiliary head in eval mode, a leftover head) is masked as in training: no
+    mistake. The masks change nothing, the module is not in the result, and a warning names it."""
+    model = WithUnusedHead().eval()
+    masks = {"old_head.weight": torch.zeros(2, 8), "body.weight": torch.ones(8, 4, dtype=torch.bool)}
+    masks["body.weight"][:3] = False
+    with pytest.warns(UserWarning, match="never calls old_head on these inputs"):
+        result = fxmin.minimize(model, masks, X)
+    assert not hasattr(result.module, "old_head")
+    assert fxmin.count_parameters(result.module) == (5 * 4 + 5) + (2 * 5 + 2)
