@@ -110,9 +110,14 @@ def _repeat_forward(ctx):
     if fact is None or not fact.simple or shape is None or sizes is None or len(sizes) < len(shape):
         return opaque_forward(ctx)
     offset = len(sizes) - len(shape)
-    axis, copies = fact.axis + offset, sizes[fact.axis + offset]
-    return (ValueFact(axis, fact.size * copies, np.tile(fact.const, copies), np.tile(fact.value, copies)),
-            np.tile(ctx.units(x), copies))
+    return _copied(fact, ctx.units(x), fact.axis + offset, sizes[fact.axis + offset], np.tile)
+
+
+def _copied(fact, units, axis: int, count: int, spread):
+    """The fact and units of ``count`` copies of each channel along ``axis``: ``np.tile`` (whole copies one
+    after another, ``repeat``) or ``np.repeat`` (each channel's copies together, ``repeat_interleave``)."""
+    return (ValueFact(axis, fact.size * count, spread(fact.const, count), spread(fact.value, count)),
+            spread(units, count))
 
 
 rule("repeat", doc=(
@@ -141,8 +146,7 @@ def _repeat_interleave_forward(ctx):
         return fact, ctx.units(x)
     if not fact.simple or not isinstance(repeats, int):
         return opaque_forward(ctx)
-    return (ValueFact(fact.axis, fact.size * repeats, np.repeat(fact.const, repeats), np.repeat(fact.value, repeats)),
-            np.repeat(ctx.units(x), repeats))
+    return _copied(fact, ctx.units(x), fact.axis, repeats, np.repeat)
 
 
 rule("repeat_interleave", doc=(
