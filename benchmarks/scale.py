@@ -115,9 +115,19 @@ def _build(name: str, tokens: int):
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
-    vocab = config["vocab_size"]
-    masks = {}
     generator = torch.Generator().manual_seed(0)
+    masks = mlp_masks(model, family, generator)
+    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=generator),)
+    return model, masks, inputs
+
+
+def mlp_masks(model, family: str, generator) -> dict:
+    """Half of every MLP's hidden units dead (their rows of ``c_fc``, or of ``gate_proj`` and ``up_proj``),
+    as expanded views of one row mask each (no memory); from the modules' shapes, so a model on the
+    meta device gets them too."""
+    import torch
+
+    masks = {}
     for path, module in model.named_modules():
         if path.endswith(("mlp.c_fc", "mlp.gate_proj")):
             hidden = module.out_features
@@ -127,8 +137,7 @@ def _build(name: str, tokens: int):
             for owner in owners:
                 weight = model.get_submodule(owner).weight
                 masks[f"{owner}.weight"] = alive[:, None].expand(weight.shape)  # a view: no memory
-    inputs = (torch.randint(0, vocab, (1, tokens), generator=generator),)
-    return model, masks, inputs
+    return masks
 
 
 def _warm(name: str, tool: str) -> int:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm
+from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks
 
 SECTION = "Minimized from safetensors shards"
 
@@ -66,21 +66,6 @@ def write_synthetic(name: str, directory: Path, shard_bytes: int) -> None:
     write_shards(tensors(), directory, max_shard_bytes=shard_bytes)
 
 
-def _masks(model, family: str) -> dict:
-    """Half of every MLP's hidden units dead, as ``benchmarks.scale._build`` plants them (views: no memory)."""
-    import torch
-
-    masks = {}
-    generator = torch.Generator().manual_seed(0)
-    for path, module in model.named_modules():
-        if path.endswith(("mlp.c_fc", "mlp.gate_proj")):
-            alive = torch.ones(module.out_features, dtype=torch.bool)
-            alive[torch.randperm(module.out_features, generator=generator)[: module.out_features // 2]] = False
-            for owner in [path] if family == "gpt" else [path, path.replace("gate_proj", "up_proj")]:
-                masks[f"{owner}.weight"] = alive[:, None].expand(model.get_submodule(owner).weight.shape)
-    return masks
-
-
 def child(name: str, directory: str, tokens: int) -> dict:
     import torch
 
@@ -90,8 +75,9 @@ def child(name: str, directory: str, tokens: int) -> dict:
     interpreter = _warm(name, "fxmin")
     family, config, dtype_name, _ = MODELS[name]
     model = _empty(name)
-    masks = _masks(model, family)
-    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0)),)
+    generator = torch.Generator().manual_seed(0)
+    masks = mlp_masks(model, family, generator)  # the same masks and inputs as benchmarks.scale
+    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=generator),)
     weights = ShardedWeights(directory)
     start = time.perf_counter()
     result = fxmin.minimize(model, masks, inputs, weights=weights, progress=False)

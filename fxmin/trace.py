@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .errors import InputError, TraceError
 from .progress import phase
 from .rules.api import REGISTRY
-from .weights import weights_of
+from .weights import call_loaded, weights_of
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -158,8 +158,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         if self.files is None or not any(t.is_meta for _, t in named):
             return super().call_module(target, args, kwargs)
-        tensors = {name: self.files.load(f"{target}.{name}") for name, _ in named}
-        return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), tie_weights=False)
+        return call_loaded(module, target, self.files.load, args, kwargs)
 
     def run_node(self, node):
         self.current = node

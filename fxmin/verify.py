@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from .errors import EquivalenceError, InputError
 from .graph_helpers import copy_module
 from .progress import phase
-from .weights import weights_of
+from .weights import call_loaded, weights_of
 
 # NOTE [Tolerances]
 # A comparison passes when max |reference - result| <= tolerance x max(1, max |reference|) over
@@ -264,8 +264,7 @@ class _Streamed(torch.fx.Interpreter):
         if self.stream.dtype is not None and type(module) in (nn.Linear, nn.Embedding) and len(args) == 1 \
                 and not kwargs and getattr(module, "max_norm", None) is None:  # max_norm writes to the table
             return _cast_by_rows(module, target, args[0], self.stream)
-        tensors = {name: self.stream.tensor(f"{target}.{name}") for name, _ in named}
-        return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), tie_weights=False)
+        return call_loaded(module, target, self.stream.tensor, args, kwargs)
 
 
 #: rows of a weight cast to the run's dtype at a time (NOTE [Streamed runs]): a float64 copy of a whole

@@ -107,6 +107,15 @@ class ModuleWeights:
         return value.to(tensor.dtype)
 
 
+def call_loaded(module: nn.Module, target: str, load, args, kwargs):
+    """``module(*args, **kwargs)`` with each of its parameters and buffers replaced, for this call only, by
+    ``load(f"{target}.{name}")`` (a streamed run: NOTE [Streamed runs] in fxmin/verify.py; a model whose
+    weights are read from files: NOTE [Weights from files])."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    tensors = {name: load(f"{target}.{name}") for name, _ in named}
+    return torch.func.functional_call(module, tensors, tuple(args), dict(kwargs), tie_weights=False)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every entry is finite, without a temporary of the tensor's size: a sum is finite when every
     entry is (NaN and inf propagate); only an overflowing sum is checked again, a block at a time."""
