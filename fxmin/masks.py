@@ -305,6 +305,8 @@ def _require_finite(weights: ModuleWeights) -> None:
         if not tensor.is_floating_point() or storage_key(tensor) in seen:
             continue
         seen.add(storage_key(tensor))
+        if all_finite(weights.raw(name)):
+            continue  # finite before masking, so after (no masked copy needed)
         value = weights.load(name)
         if not all_finite(value):
             count = int((~torch.isfinite(value)).sum())

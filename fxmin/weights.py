@@ -5,8 +5,10 @@ The pass holds nothing beyond what the user holds: no masked copy of the model, 
 of its weights. The traced graph shares the model's tensors (unmasked); every reader of weight
 values (the analysis, the plan, the rewrite, verification) asks a :class:`WeightSource` for one
 tensor by its qualified name and gets it with its mask applied, in its own dtype, and lets it go.
-A masked tensor is a fresh ``masked_fill`` of that one tensor; an unmasked one is the model's own
-tensor (read-only: nothing the pass does writes to it). Masks are matched to tensors by storage, so
+A masked tensor is a fresh copy of that one tensor (``torch.where(mask, tensor, 0)``); an unmasked
+one is the model's own tensor (read-only: nothing the pass does writes to it). Where only the
+nonzero pattern matters (most of the analysis), ``nonzero`` gives it without a copy of the values,
+and the plan loads only the rows and columns it keeps. Masks are matched to tensors by storage, so
 a tied table (``wte.weight`` read again as ``lm_head.weight``) is masked under either name, and a
 graph that re-registers the model's tensors under other module paths (the export front end) still
 finds them. The narrow interface (``shape``, ``dtype``, ``load``) is what a source backed by
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .memory import LARGE_BYTES, release_freed
 
 #: ``GraphModule.meta`` key of the :class:`WeightSource` a traced graph reads its weights from
 META_KEY = "fxmin.weights"
@@ -27,11 +30,15 @@ META_KEY = "fxmin.weights"
 
 class WeightSource(Protocol):
     """Tensors by qualified name (``"blocks.0.mlp.fc.weight"``): shape and dtype without loading, and
-    ``load`` for the value as the pass must see it (masked, own dtype; never written to)."""
+    ``load`` for the value as the pass must see it (masked, own dtype; never written to), whole or some
+    rows and columns of it; ``nonzero`` for where that value is nonzero (what most of the analysis asks);
+    ``raw`` for the value without its mask."""
 
     def shape(self, name: str) -> torch.Size: ...
     def dtype(self, name: str) -> torch.dtype: ...
-    def load(self, name: str) -> torch.Tensor | None: ...
+    def load(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor | None: ...
+    def nonzero(self, name: str) -> torch.Tensor | None: ...
+    def raw(self, name: str) -> torch.Tensor: ...
 
 
 def storage_key(tensor: torch.Tensor) -> tuple:
@@ -83,13 +90,38 @@ class ModuleWeights:
     def dtype(self, name: str) -> torch.dtype:
         return self.tensor(name).dtype
 
-    def load(self, name: str) -> torch.Tensor | None:
+    def load(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The tensor as the pass reads it (masked, own dtype), or None when ``name`` is not a tensor of
+        ``root``. ``rows`` / ``cols`` (int64 indices, or None for all): only those entries of dims 0 and 1
+        (the kept rows are copied whole, then the columns taken)."""
         tensor = self.tensor(name)
         if tensor is None:
             return None
         mask = self.masks.get(storage_key(tensor)) if self.masks else None
-        tensor = self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
-        return tensor if mask is None else tensor.masked_fill(~mask, 0)
+        tensor = self.raw(name, tensor)
+        if mask is None:
+            return sliced(tensor, rows, cols)
+        # rows first (whole rows copy fast), the mask where only rows were taken, then the columns
+        return sliced(torch.where(sliced(mask, rows), sliced(tensor, rows), 0), None, cols)
+
+    def raw(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's values without its mask (read-only: it may be the model's own tensor). Every read
+        goes through here: before a large tensor is read, freed memory goes back to the system (NOTE
+        [Freed memory] in fxmin/memory.py), so what a reader copies from it can reuse those pages."""
+        tensor = self.tensor(name) if tensor is None else tensor
+        if tensor.numel() * tensor.element_size() >= LARGE_BYTES:
+            release_freed()
+        return self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
+
+    def nonzero(self, name: str) -> torch.Tensor | None:
+        """bool, the tensor's shape: where the value the pass reads (:meth:`load`) is nonzero, computed
+        without a masked copy of the values (None when ``name`` is not a tensor of ``root``)."""
+        tensor = self.tensor(name)
+        if tensor is None:
+            return None
+        mask = self.masks.get(storage_key(tensor)) if self.masks else None
+        pattern = self.raw(name, tensor) != 0
+        return pattern if mask is None else pattern.logical_and_(mask)
 
     def _from_files(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """NOTE [Weights from files]: a tensor the model holds on the meta device is read from ``files``
@@ -105,6 +137,13 @@ class ModuleWeights:
             raise InputError(f"'{stored}' in the weights has shape {tuple(value.shape)}; the model's is "
                              f"{tuple(tensor.shape)}: the checkpoint is not this model's")
         return value.to(tensor.dtype)
+
+
+def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` with only the ``rows`` of dim 0 and the ``cols`` of dim 1 (int64 indices; None: all)."""
+    if rows is not None:
+        tensor = tensor.index_select(0, rows)
+    return tensor if cols is None else tensor.index_select(1, cols)
 
 
 def call_loaded(module: nn.Module, target: str, load, args, kwargs):

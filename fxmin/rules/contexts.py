@@ -16,6 +16,7 @@ from ..edits import ArgEdit, AttrEdit, ConstantOperand, ModuleEdit, ParamEdit, r
 from ..errors import describe_node
 from ..facts import TupleFact, ValueFact
 from ..graph_helpers import copy_module, free_name, tensor_shape
+from ..weights import WeightSource
 
 
 class EngineView(Protocol):
@@ -23,6 +24,7 @@ class EngineView(Protocol):
 
     root: torch.fx.GraphModule
     memo: dict
+    weights: WeightSource
 
     def fact(self, node): ...
     def units_of(self, node): ...
@@ -96,12 +98,18 @@ class Context:
             return self._engine.attr_tensor(node.target)
         return None
 
-    def weight(self, name: str) -> torch.Tensor | None:
+    def weight(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor | None:
         """As :meth:`param`, in the tensor's own dtype: for reading a large weight without a float64 copy
-        (NOTE [Weights on demand] in fxmin/weights.py). Read-only: it may be the model's own tensor."""
-        path, _, leaf = name.rpartition(".")
-        target = ".".join(p for p in (self.node.target, path) if p)
-        return self._engine.module_tensor(target, leaf, None)
+        (NOTE [Weights on demand] in fxmin/weights.py), whole or only its ``rows`` / ``cols`` (int64
+        indices into dims 0 / 1). Read-only: it may be the model's own tensor."""
+        return self._engine.weights.load(self._module_key(name), rows, cols)
+
+    def weight_nonzero(self, name: str) -> torch.Tensor | None:
+        """bool: where :meth:`weight` is nonzero, without a copy of its values (None when not a tensor)."""
+        return self._engine.weights.nonzero(self._module_key(name))
+
+    def _module_key(self, name: str) -> str:
+        return ".".join(p for p in (self.node.target, name) if p)
 
     def masked_module(self) -> torch.nn.Module:
         """A copy of this node's module holding its tensors as the pass reads them (masked), in their own

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..facts import ValueFact
 from .api import REGISTRY, rule
 from .kit import (dense_macs, dense_view, layer_rule, new_weights, no_cost, opaque_forward, per_output,
-                  pointwise_forward, register_pointwise)
+                  pointwise_forward, register_pointwise, whole_then_sliced)
 
 aten = torch.ops.aten
 
@@ -66,8 +66,8 @@ def _conv_view(ctx):
         groups = _conv_setting(node, "groups", 1)
         if not isinstance(groups, int):
             return None
-        return dense_view(lambda: ctx.attr_weight(weight_node), bias, groups, _conv_padded(node, weight), 1,
-                          can_fold=bias is not None)
+        return dense_view(whole_then_sliced(lambda: ctx.attr_weight(weight_node)), bias, groups,
+                          _conv_padded(node, weight), 1, can_fold=bias is not None)
 
     return ctx.memo("view", compute)
 
@@ -78,10 +78,9 @@ def _conv_plan(ctx):
         return
     node = ctx.node
     weight_node, bias_node = _conv_setting(node, "weight", None), _conv_setting(node, "bias", None)
-    weight = ctx.attr_weight(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
-    new_weight, new_bias, folded_from, _, _, groups = new_weights(ctx, view, weight, bias)
-    if new_weight.shape != weight.shape:
+    new_weight, new_bias, folded_from, _, _, groups = new_weights(ctx, view, bias)
+    if tuple(new_weight.shape) != view.weight_shape:
         ctx.replace_attr(weight_node, new_weight)
     if bias_node is not None and (new_bias.shape != bias.shape or not torch.equal(new_bias, bias)):
         ctx.replace_attr(bias_node, new_bias, folded_from)

@@ -23,7 +23,8 @@ import torch.fx
 
 from .api import REGISTRY, rule
 from .kit import (add_dot_products, check_in_place, dense_view, layer_rule, module_shell, mutates, new_parameter,
-                  new_weights, no_cost, opaque_backward, opaque_forward, pointwise_forward, register_pointwise)
+                  new_weights, no_cost, opaque_backward, opaque_forward, pointwise_forward, register_pointwise,
+                  whole_then_sliced)
 
 # -- scalars and guards ----------------------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ def _addmm_view(ctx):
             return None
         if len(weight_node.users) > 1 or len(bias_node.users) > 1:
             return None  # a shared weight must keep one shape
-        return dense_view(lambda: ctx.attr_weight(weight_node).t(), bias, 1, False, -1)
+        return dense_view(whole_then_sliced(lambda: ctx.attr_weight(weight_node).t()), bias, 1, False, -1)
 
     return ctx.memo("view", compute)
 
@@ -143,9 +144,9 @@ def _addmm_plan(ctx):
     if view is None:
         return
     bias_node, _, weight_node = ctx.node.args
-    weight, bias = ctx.attr_weight(weight_node), ctx.attr_value(bias_node)
-    new_weight, new_bias, folded_from, *_ = new_weights(_MatrixOperand(ctx, 1), view, weight.t(), bias)
-    if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
+    bias = ctx.attr_value(bias_node)
+    new_weight, new_bias, folded_from, *_ = new_weights(_MatrixOperand(ctx, 1), view, bias)
+    if tuple(new_weight.shape) == view.weight_shape and torch.equal(new_bias, bias):
         return
     ctx.replace_attr(weight_node, new_weight.t().contiguous())
     ctx.replace_attr(bias_node, new_bias, folded_from)
@@ -172,7 +173,9 @@ def _conv1d_view(ctx):
         shape = ctx.shape(x)
         if shape is None or len(shape) < 1:
             return None
-        return dense_view(lambda: ctx.weight("weight").t(), ctx.param("bias"), 1, False, -1)
+        # Conv1D stores (in, out): the view's rows are its columns
+        return dense_view(lambda rows=None, cols=None: ctx.weight("weight", cols, rows).t(), ctx.param("bias"), 1,
+                          False, -1, nonzero=lambda: ctx.weight_nonzero("weight").t())
 
     return ctx.memo("view", compute)
 
@@ -182,15 +185,15 @@ def _conv1d_plan(ctx):
     if view is None:
         return
     module = ctx.module
-    weight, bias = ctx.weight("weight"), ctx.param("bias")
-    new_weight, new_bias, folded_from, cols, rows, _ = new_weights(ctx, view, weight.t(), bias)
-    if new_weight.shape == weight.t().shape and torch.equal(new_bias, bias):
+    bias = ctx.param("bias")
+    new_weight, new_bias, folded_from, cols, rows, _ = new_weights(ctx, view, bias)
+    if tuple(new_weight.shape) == view.weight_shape and torch.equal(new_bias, bias):
         return
     replacement = module_shell(module)
     replacement.weight = new_parameter(new_weight.t().contiguous(), module.weight)
     replacement.bias = new_parameter(new_bias, module.bias)
     replacement.nf, replacement.nx = len(rows), len(cols)
-    ctx.replace_module(replacement, {"weight": (tuple(weight.shape), ()), "bias": (tuple(bias.shape), folded_from)})
+    ctx.replace_module(replacement, {"weight": (view.weight_shape[::-1], ()), "bias": (tuple(bias.shape), folded_from)})
 
 
 def register_conv1d() -> bool:

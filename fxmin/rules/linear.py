@@ -12,7 +12,7 @@ from torch import nn
 
 from .api import rule
 from .kit import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
-                  module_shell, new_parameter, new_weights)
+                  module_shell, new_parameter, new_weights, whole_then_sliced)
 
 
 def _zero_padded(module) -> bool:
@@ -27,10 +27,11 @@ def _zero_padded(module) -> bool:
 def _module_view(ctx) -> DenseView:
     def compute():
         module = ctx.module
-        weight, bias = (lambda: ctx.weight("weight")), ctx.param("bias")
+        weight, bias = (lambda rows=None, cols=None: ctx.weight("weight", rows, cols)), ctx.param("bias")
+        nonzero = lambda: ctx.weight_nonzero("weight")  # noqa: E731
         if isinstance(module, nn.Linear):
-            return dense_view(weight, bias, 1, False, -1)
-        return dense_view(weight, bias, module.groups, _zero_padded(module), 1)
+            return dense_view(weight, bias, 1, False, -1, nonzero=nonzero)
+        return dense_view(weight, bias, module.groups, _zero_padded(module), 1, nonzero=nonzero)
 
     return ctx.memo("view", compute)
 
@@ -38,8 +39,8 @@ def _module_view(ctx) -> DenseView:
 def _plan_module(ctx) -> None:
     view = _module_view(ctx)
     module = ctx.module
-    weight, bias = ctx.weight("weight"), ctx.param("bias")
-    new_weight, new_bias, folded_from, cols, rows, groups = new_weights(ctx, view, weight, bias)
+    bias = ctx.param("bias")
+    new_weight, new_bias, folded_from, cols, rows, groups = new_weights(ctx, view, bias)
     absorber = _batch_norm_absorber(ctx) if bias is None and new_bias is not None else None
     if absorber is not None:
         # NOTE [BatchNorm absorbs]: a bias-less layer read only by an eval BatchNorm: the folded
@@ -47,7 +48,7 @@ def _plan_module(ctx) -> None:
         # train mode the batch mean absorbs it anyway).
         ctx.shift_input(absorber, new_bias, folded_from)
         new_bias = None
-    if new_weight.shape == weight.shape and (new_bias is None) == (bias is None) and (
+    if tuple(new_weight.shape) == view.weight_shape and (new_bias is None) == (bias is None) and (
         bias is None or torch.equal(new_bias, bias)
     ):
         return  # nothing changes
@@ -58,7 +59,7 @@ def _plan_module(ctx) -> None:
         replacement.in_features, replacement.out_features = len(cols), len(rows)
     else:
         replacement.in_channels, replacement.out_channels, replacement.groups = len(cols), len(rows), max(groups, 1)
-    params = {"weight": (tuple(weight.shape), (), (rows, cols))}
+    params = {"weight": (view.weight_shape, (), (rows, cols))}
     if bias is not None or new_bias is not None:
         params["bias"] = (tuple(bias.shape) if bias is not None else (0,), folded_from, (rows,))
     ctx.replace_module(replacement, params)
@@ -154,7 +155,8 @@ def _functional_view(ctx) -> DenseView | None:
             return None
         if len(weight_node.users) > 1 or (bias_node is not None and len(bias_node.users) > 1):
             return None  # a shared weight must keep one shape
-        return dense_view(lambda: ctx.attr_weight(weight_node), bias, 1, False, -1, can_fold=bias is not None)
+        return dense_view(whole_then_sliced(lambda: ctx.attr_weight(weight_node)), bias, 1, False, -1,
+                          can_fold=bias is not None)
 
     return ctx.memo("view", compute)
 
@@ -164,10 +166,9 @@ def _plan_functional_linear(ctx):
     if view is None:
         return
     weight_node, bias_node = ctx.arg(1, "weight"), ctx.arg(2, "bias")
-    weight = ctx.attr_weight(weight_node)
     bias = ctx.attr_value(bias_node) if bias_node is not None else None
-    new_weight, new_bias, folded_from, *_ = new_weights(ctx, view, weight, bias)
-    if new_weight.shape != weight.shape:
+    new_weight, new_bias, folded_from, *_ = new_weights(ctx, view, bias)
+    if tuple(new_weight.shape) != view.weight_shape:
         ctx.replace_attr(weight_node, new_weight)
     if bias_node is not None and not torch.equal(new_bias, bias):
         ctx.replace_attr(bias_node, new_bias, folded_from)

@@ -14,7 +14,7 @@ base modules (errors, facts, units, graph_helpers, edits), never each other.
 """
 from .costs import add_dot_products, dot_products, no_cost, per_input, per_output
 from .dense import (DenseView, dense_input, dense_macs, dense_output, dense_required_inputs, dense_view, layer_rule,
-                    module_shell, new_parameter, new_weights)
+                    module_shell, new_parameter, new_weights, whole_then_sliced)
 from .elementwise import (BINARY_OPS, check_in_place, identity_in_eval, in_place_call, mutates, opaque_backward,
                           opaque_forward, pointwise_forward, pointwise_macs, register_pointwise, tracked_fact)
 from .joins import adopt_missing, coupled_join
@@ -34,5 +34,5 @@ __all__ = [
     "new_weights", "opaque_backward", "opaque_forward", "pointwise_forward", "product_closure", "size_use_kinds",
     "register_pointwise", "repeat_size_use", "tracked_fact", "uniform_digits", "view_entries", "first_per_head",
     "head_mask", "heads_on", "mix_backward", "mix_forward", "qk_required", "scores_backward", "scores_forward",
-    "softmax_weights", "adopt_missing", "coupled_join",
+    "softmax_weights", "adopt_missing", "coupled_join", "whole_then_sliced",
 ]

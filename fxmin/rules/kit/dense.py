@@ -23,36 +23,48 @@ import torch
 from torch import nn
 
 from ...facts import ValueFact
+from ...weights import sliced
 from ..api import rule
 
 
 class DenseView:
-    """NOTE [Dense view] of one layer, read from its weight on demand: ``load()`` gives the weight
-    (``(out, in per group, *taps)``, masked, in its own dtype), read again for each question (NOTE
-    [Weights on demand] in fxmin/weights.py: the view holds vectors, never a matrix of the size of the
-    weight). A grouped conv's dense view is built once (its weight is small next to it).
-    ``bias``: float64 ``(out,)``, zeros when absent."""
+    """NOTE [Dense view] of one layer, read from its weight on demand (NOTE [Weights on demand] in
+    fxmin/weights.py). ``load(rows=None, cols=None)`` gives the weight (``(out, in per group, *taps)``,
+    masked, in its own dtype), or only some of its rows and columns (int64 indices); ``nonzero()``, where
+    it is nonzero (by default ``load() != 0``). The view keeps which input each output reads as packed
+    bits (an eighth of a byte per weight row and column, the taps reduced) and reads the weight's values
+    again only for the sums of the columns whose constants fold. A grouped conv's dense tap sums are
+    built once (its weight is small next to them). ``bias``: float64 ``(out,)``, zeros when absent."""
 
     def __init__(self, load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
-                 can_fold: bool = True):
-        weight = load()
-        out_channels, self.in_per_group = weight.shape[:2]
-        self.taps = tuple(range(2, weight.dim()))
+                 can_fold: bool = True, nonzero=None):
+        pattern = nonzero() if nonzero is not None else load() != 0
+        self.weight_shape = tuple(pattern.shape)
+        out_channels, self.in_per_group = self.weight_shape[:2]
+        self.taps = tuple(range(2, pattern.dim()))
         self.groups, self.padded, self.channel_axis, self.can_fold = groups, padded, channel_axis, can_fold
         self.out_per_group = out_channels // groups
         self.shape = (out_channels, self.in_per_group * groups)
         self.bias = bias.numpy().copy() if bias is not None else np.zeros(out_channels)
         self._load = load
-        self._dense = None
-        nonzero = self._nonzero(weight)
+        self._grouped_sums = None
+        self._added = None  # (columns, their values, what they add): the last constant_output
+        reads = (pattern.any(dim=self.taps) if self.taps else pattern).numpy()
+        del pattern
         if groups > 1:
-            self._dense = _grouped(nonzero.numpy(), self._sums(weight).numpy(), groups, self.shape)
-            self.row_any, self.col_any = self._dense[0].any(axis=1), self._dense[0].any(axis=0)
-        else:
-            self.row_any, self.col_any = nonzero.any(dim=1).numpy(), nonzero.any(dim=0).numpy()
+            reads, self._grouped_sums = _grouped(reads, self._sums(load()).numpy(), groups, self.shape)
+        self._bits = np.packbits(reads, axis=1)  # (out, ceil(in / 8)): output k reads input j
+        self.row_any = self._bits.any(axis=1)
+        self.col_any = self._unpacked(np.bitwise_or.reduce(self._bits, axis=0))
 
-    def _nonzero(self, weight: torch.Tensor) -> torch.Tensor:
-        return (weight != 0).any(dim=self.taps) if self.taps else weight != 0
+    def kept_weight(self, rows: np.ndarray | None, cols: np.ndarray | None) -> torch.Tensor:
+        """The weight's entries in ``rows`` and ``cols`` (sorted indices; None or all of them: every one), loaded
+        (masked) in its own dtype; the whole weight when nothing is left out (read-only: it may be the
+        model's own tensor; :func:`new_parameter` copies it)."""
+        return self._load(_unless_all(rows, self.shape[0]), _unless_all(cols, self.weight_shape[1]))
+
+    def _unpacked(self, bits: np.ndarray) -> np.ndarray:
+        return np.unpackbits(bits, count=self.shape[1]).astype(bool)
 
     def _sums(self, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.to(torch.float64)
@@ -62,11 +74,7 @@ class DenseView:
         """bool ``(out,)``: which outputs read one of ``columns`` (bool ``(in,)``) through a nonzero tap."""
         if columns.all():
             return self.row_any
-        if not columns.any():
-            return np.zeros(self.shape[0], bool)
-        if self._dense is not None:
-            return self._dense[0][:, columns].any(axis=1)
-        return self._nonzero(self._load().index_select(1, _index(columns))).any(dim=1).numpy()
+        return (self._bits & np.packbits(columns)).any(axis=1)
 
     def read_by(self, rows: np.ndarray) -> np.ndarray:
         """bool ``(in,)``: which inputs one of ``rows`` (bool ``(out,)``) reads through a nonzero tap."""
@@ -74,39 +82,67 @@ class DenseView:
             return self.col_any
         if not rows.any():
             return np.zeros(self.shape[1], bool)
-        if self._dense is not None:
-            return self._dense[0][rows].any(axis=0)
-        return self._nonzero(self._load().index_select(0, _index(rows))).any(dim=0).numpy()
+        return self._unpacked(np.bitwise_or.reduce(self._bits[rows], axis=0))
 
     def tap_sum(self, columns: np.ndarray) -> np.ndarray:
         """float64 ``(out, len(columns))``: the sums of the taps from those inputs (``columns`` bool ``(in,)``)."""
-        if self._dense is not None:
-            return self._dense[1][:, columns]
-        return self._sums(self._load().index_select(1, _index(columns))).numpy()
+        if self._grouped_sums is not None:
+            return self._grouped_sums[:, columns]
+        return self._sums(self._load(cols=_index(columns))).numpy()
+
+    def constant_output(self, value: np.ndarray) -> np.ndarray:
+        """float64 ``(out,)``: the bias plus what constant inputs ``value`` (float64 ``(in,)``) add."""
+        nonzero = value != 0
+        if not nonzero.any():
+            return self.bias
+        self._added = (nonzero, value[nonzero], self.tap_sum(nonzero) @ value[nonzero])
+        return self.bias + self._added[2]
+
+    def added(self, columns: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """float64 ``(out,)``: what the constants ``value`` of the inputs ``columns`` (bool ``(in,)``) add to
+        each output; the sum :meth:`constant_output` computed when those are the same inputs and values."""
+        if self._added is not None and np.array_equal(self._added[0], columns) and np.array_equal(self._added[1],
+                                                                                                  value[columns]):
+            return self._added[2]
+        return self.tap_sum(columns) @ value[columns]
 
 
 def _index(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.nonzero(mask)[0])
 
 
-def _grouped(grouped_nonzero: np.ndarray, grouped_sum: np.ndarray, groups: int, shape) -> tuple:
-    """``(nonzero, tap_sum)`` of a grouped conv as dense ``(out, in)`` matrices, zero outside the groups."""
+def _unless_all(kept: np.ndarray | None, size: int) -> torch.Tensor | None:
+    """``kept`` (sorted indices) as int64 indices, or None when it keeps all ``size`` of them."""
+    return None if kept is None or len(kept) == size else torch.from_numpy(np.asarray(kept, np.int64))
+
+
+def _grouped(grouped_reads: np.ndarray, grouped_sum: np.ndarray, groups: int, shape) -> tuple:
+    """``(reads, tap_sum)`` of a grouped conv as dense ``(out, in)`` matrices, zero outside the groups."""
     out_per_group, in_per_group = shape[0] // groups, shape[1] // groups
-    nonzero = np.zeros(shape, bool)
+    reads = np.zeros(shape, bool)
     tap_sum = np.zeros(shape)
     for group in range(groups):
         rows = slice(group * out_per_group, (group + 1) * out_per_group)
         cols = slice(group * in_per_group, (group + 1) * in_per_group)
-        nonzero[rows, cols] = grouped_nonzero[rows]
+        reads[rows, cols] = grouped_reads[rows]
         tap_sum[rows, cols] = grouped_sum[rows]
-    return nonzero, tap_sum
+    return reads, tap_sum
 
 
 def dense_view(load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
-               can_fold: bool = True) -> DenseView:
-    """The :class:`DenseView` of a layer whose (masked) weight ``load()`` gives in its own dtype (a
-    tensor is taken as its own loader), with float64 ``bias`` (or None)."""
-    return DenseView(load if callable(load) else (lambda: load), bias, groups, padded, channel_axis, can_fold)
+               can_fold: bool = True, nonzero=None) -> DenseView:
+    """The :class:`DenseView` of a layer: ``load(rows=None, cols=None)`` gives its (masked) weight in its own
+    dtype, or some rows and columns of it (:func:`whole_then_sliced` makes one from a loader of the whole
+    tensor; a tensor is taken as its own); ``nonzero()`` optionally where it is nonzero, without a copy
+    of its values; ``bias`` float64 (or None)."""
+    if isinstance(load, torch.Tensor):
+        load = whole_then_sliced(lambda tensor=load: tensor)
+    return DenseView(load, bias, groups, padded, channel_axis, can_fold, nonzero)
+
+
+def whole_then_sliced(fetch):
+    """A :class:`DenseView` loader from ``fetch()``, which gives the whole weight: sliced after fetching."""
+    return lambda rows=None, cols=None: sliced(fetch(), rows, cols)
 
 
 def dense_input(ctx, view: DenseView):
@@ -137,8 +173,7 @@ def dense_output(ctx, view: DenseView):
     else:
         inexact = fact.const & (fact.value != 0) if view.padded else np.zeros(fact.size, bool)
         reads_varying = view.reads(fact.varying_mask | inexact)
-        if np.any(fact.value != 0):
-            value = view.bias + view.tap_sum(np.ones(fact.size, bool)) @ fact.value
+        value = view.constant_output(fact.value)
     out_fact = ValueFact.constants(axis, ~reads_varying, value)
     if fact is not None and _depthwise(view):
         units = np.repeat(ctx.units(x), view.out_per_group)  # NOTE: in/out channels of a depthwise conv couple
@@ -208,9 +243,10 @@ def _uniform_groups(inputs: np.ndarray, outputs: np.ndarray, groups: int):
     return inputs.reshape(-1), outputs.reshape(-1)
 
 
-def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor | None):
-    """(new weight, new bias or None, folded-from labels, kept inputs, kept outputs, new groups): the weight
-    sliced in its own dtype, the bias (float64 ``bias`` plus what folds into it) in float64."""
+def new_weights(ctx, view: DenseView, bias: torch.Tensor | None):
+    """(new weight, new bias or None, folded-from labels, kept inputs, kept outputs, new groups): the
+    weight's kept rows and columns loaded (masked) in its own dtype, the bias (float64 ``bias`` plus what
+    folds into it) in float64. Compare ``view.weight_shape`` to see whether the weight shrank."""
     x, fact = dense_input(ctx, view)
     rows = ctx.kept()
     in_channels = view.shape[1]
@@ -218,20 +254,21 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
     delta = np.zeros(view.shape[0])
     folded_from = ()
     if fact is not None:
-        fold = ctx.folded(x)
+        fold = ctx.folded(x) & (fact.value != 0)  # a zero constant folds to nothing
         if fold.any():
-            tap_sum = view.tap_sum(fold)
-            delta = tap_sum @ fact.value[fold]
-            contributes = fold.copy()
-            contributes[fold] = (tap_sum[rows] * fact.value[fold] != 0).any(axis=0)
-            folded_from = tuple(f"{x.name}[{j}]" for j in np.nonzero(contributes)[0])
+            delta = view.added(fold, fact.value)
+            kept = np.zeros(view.shape[0], bool)
+            kept[rows] = True
+            folded_from = tuple(f"{x.name}[{j}]" for j in np.nonzero(view.read_by(kept) & fold)[0])
     groups = view.groups
     if groups == 1:
-        new_weight = _rows_and_columns(weight, rows, cols)
+        new_weight = view.kept_weight(rows, cols)
     elif _depthwise(view):
         groups = len(cols)
-        new_weight = weight[rows] if len(cols) else weight[rows][:, :0]
+        new_weight = view.kept_weight(rows, None)
+        new_weight = new_weight if len(cols) else new_weight[:, :0]
     else:
+        weight = view.kept_weight(None, None)
         alive = np.unique(np.concatenate([cols // view.in_per_group, rows // view.out_per_group]))
         groups = len(alive)
         local = (cols.reshape(groups, -1) - (alive * view.in_per_group)[:, None]) if groups else np.zeros((0, 0), int)
@@ -245,16 +282,6 @@ def new_weights(ctx, view: DenseView, weight: torch.Tensor, bias: torch.Tensor |
         base = bias[rows] if bias is not None else torch.zeros(len(rows), dtype=torch.float64)
         new_bias = base + torch.from_numpy(delta[rows])
     return new_weight, new_bias, folded_from, cols, rows, groups
-
-
-def _rows_and_columns(weight: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-    """``weight[rows][:, cols]``, gathering only along the axes that lose entries (``weight`` itself when none does)."""
-    all_rows, all_cols = len(rows) == weight.shape[0], len(cols) == weight.shape[1]  # kept indices are sorted
-    if all_rows and all_cols:
-        return weight  # read-only: new_parameter copies it if it is installed
-    if not all_rows:
-        weight = weight.index_select(0, torch.from_numpy(np.asarray(rows, np.int64)))
-    return weight if all_cols else weight.index_select(1, torch.from_numpy(np.asarray(cols, np.int64)))
 
 
 def new_parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Parameter:
