@@ -16,7 +16,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 def count_nonzero(module: torch.nn.Module) -> int:
     """Nonzero entries of the parameters as the pass reads them (masked: NOTE [Weights on demand])."""
     weights = weights_of(module)
-    return sum(int(torch.count_nonzero(weights.nonzero(name))) for name, _ in module.named_parameters())
+    return sum(weights.count_nonzero(name) for name, _ in module.named_parameters())
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class ModuleWeights:
         self.root = root
         self.masks = dict(masks or {})
         self.files = files
+        self._nonzero_counts: dict = {}  # storage key -> nonzero entries, from nonzero()
         self._file_names: dict = {}  # NOTE [Weights from files]: storage key of a meta tensor -> its name in files
         if files is not None:
             for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
@@ -119,9 +120,19 @@ class ModuleWeights:
         tensor = self.tensor(name)
         if tensor is None:
             return None
-        mask = self.masks.get(storage_key(tensor)) if self.masks else None
+        key = storage_key(tensor)
+        mask = self.masks.get(key) if self.masks else None
         pattern = self.raw(name, tensor) != 0
-        return pattern if mask is None else pattern.logical_and_(mask)
+        pattern = pattern if mask is None else pattern.logical_and_(mask)
+        self._nonzero_counts[key] = int(torch.count_nonzero(pattern))
+        return pattern
+
+    def count_nonzero(self, name: str) -> int:
+        """How many entries of :meth:`load` are nonzero (remembered from the last :meth:`nonzero` of that tensor)."""
+        key = storage_key(self.tensor(name))
+        if key not in self._nonzero_counts:
+            self.nonzero(name)
+        return self._nonzero_counts[key]
 
     def _from_files(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """NOTE [Weights from files]: a tensor the model holds on the meta device is read from ``files``
