@@ -91,3 +91,24 @@ def test_streamed_float64_runs_cast_large_weights_a_block_of_rows_at_a_time(monk
         streamed = StreamedRun(graph, dtype=torch.float64)(ids)
     assert streamed.dtype == torch.float64
     torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-13)
+
+
+def test_a_weight_source_reads_rows_columns_and_the_nonzero_pattern_as_the_masked_tensor_gives_them():
+    from fxmin.weights import ModuleWeights, storage_key
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5)
+    with torch.no_grad():
+        layer.weight[1, 2] = 0.0  # a zero of the weight's own
+        layer.weight[3, 4] = float("nan")  # masked out below: read as 0
+    mask = torch.rand(5, 7) > 0.4
+    mask[3, 4] = False
+    weights = ModuleWeights(layer, {storage_key(layer.weight): mask})
+    masked = torch.where(mask, layer.weight.detach(), 0)
+    rows, cols = torch.tensor([0, 3, 4]), torch.tensor([1, 4, 6])
+    assert torch.equal(weights.load("weight"), masked)
+    assert torch.equal(weights.load("weight", rows, cols), masked[rows][:, cols])
+    assert torch.equal(weights.load("weight", None, cols), masked[:, cols])
+    assert torch.equal(weights.nonzero("weight"), masked != 0)
+    assert weights.count_nonzero("weight") == int((masked != 0).sum()) == int(mask.sum()) - int(mask[1, 2])
+    assert weights.load("bias") is not None and weights.count_nonzero("bias") == 5
+    assert weights.load("nothing") is None and weights.nonzero("nothing") is None
