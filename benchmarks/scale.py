@@ -48,6 +48,12 @@ MODELS = {
                                block_size=64), "bfloat16", "Llama, Llama-3.2-1B shape (16 x 2048, GQA 32/8), untied"),
     "llama-3b": ("llama", dict(vocab_size=128256, dim=3072, n_layer=28, heads=24, kv_heads=8, hidden=8192,
                                block_size=64), "bfloat16", "Llama, Llama-3.2-3B shape (28 x 3072, GQA 24/8), untied"),
+    # Llama-3-70B's width with 1 and 2 of its 80 decoder layers: what one more layer costs, from shards
+    # (benchmarks.scale_shards), extrapolated to 80 layers in docs/scale.md
+    "llama-70b-1l": ("llama", dict(vocab_size=128256, dim=8192, n_layer=1, heads=64, kv_heads=8, hidden=28672,
+                                   block_size=64), "bfloat16", "Llama, Llama-3-70B shape cut to 1 of its 80 layers"),
+    "llama-70b-2l": ("llama", dict(vocab_size=128256, dim=8192, n_layer=2, heads=64, kv_heads=8, hidden=28672,
+                                   block_size=64), "bfloat16", "Llama, Llama-3-70B shape cut to 2 of its 80 layers"),
     "llama-8b": ("llama", dict(vocab_size=128256, dim=4096, n_layer=32, heads=32, kv_heads=8, hidden=14336,
                                block_size=64), "bfloat16", "Llama, Llama-3-8B shape (32 x 4096, GQA 32/8)"),
 }

@@ -65,6 +65,11 @@ class Analysis:
         mask = self.present(node)
         return None if mask is None else np.nonzero(mask)[0]
 
+    def forget_weight_reads(self) -> None:
+        """Drop what the rules cached from the weights (their dense views, copies of norms), a fraction of the
+        model's size: once the plan is made nothing needs it, and a rule that asks again recomputes it."""
+        self.engine.memo.clear()
+
     def node(self, name: str) -> torch.fx.Node:
         for node in self.graph_module.graph.nodes:
             if node.name == name:

@@ -202,6 +202,7 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
         frontend=frontend, weights=weights)
     analysis = analyze_graph(graph_module, barriers)
     plan = make_plan(analysis)
+    analysis.forget_weight_reads()
     module = rewrite(plan)
     verification = None
     if verify:  # NOTE [Streamed runs]: no copy of either model
