@@ -210,17 +210,9 @@ def child_torch_pruning(name: str, tokens: int) -> dict:
             "params_after": sum(p.numel() for p in model.parameters())}
 
 
-def child(name: str, tokens: int) -> dict:
-    """Build ``name``, minimize it with verification, return the measurements."""
-    import fxmin
+def time_phases() -> tuple[dict, dict]:
+    """``(seconds, peak RSS)`` by phase of every later ``fxmin.minimize`` in this process, filled as they run."""
     pipeline = sys.modules["fxmin.minimize"]  # the module (fxmin.minimize is also the function)
-
-    interpreter = _warm(name, "fxmin")
-    dtype_name = MODELS[name][2]
-    model, masks, inputs = _build(name, tokens)
-    model_bytes, largest = _tensor_bytes(model)
-    built = _rss("VmRSS")
-
     phases, peaks = {}, {}
 
     def timed(label, function):
@@ -236,6 +228,20 @@ def child(name: str, tokens: int) -> dict:
     for attribute, label in (("prepare", "trace"), ("analyze_graph", "analysis"), ("make_plan", "plan"),
                              ("rewrite", "rewrite"), ("verify_equivalence", "verify")):
         setattr(pipeline, attribute, timed(label, getattr(pipeline, attribute)))
+    return phases, peaks
+
+
+def child(name: str, tokens: int) -> dict:
+    """Build ``name``, minimize it with verification, return the measurements."""
+    import fxmin
+
+    interpreter = _warm(name, "fxmin")
+    dtype_name = MODELS[name][2]
+    model, masks, inputs = _build(name, tokens)
+    model_bytes, largest = _tensor_bytes(model)
+    built = _rss("VmRSS")
+
+    phases, peaks = time_phases()
     start = time.perf_counter()
     result = fxmin.minimize(model, masks, inputs, progress=False)
     total = time.perf_counter() - start

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks
+from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks, time_phases
 
 SECTION = "Minimized from safetensors shards"
 
@@ -79,6 +79,7 @@ def child(name: str, directory: str, tokens: int) -> dict:
     masks = mlp_masks(model, family, generator)  # the same masks and inputs as benchmarks.scale
     inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=generator),)
     weights = ShardedWeights(directory)
+    phases, peaks = time_phases()
     start = time.perf_counter()
     result = fxmin.minimize(model, masks, inputs, weights=weights, progress=False)
     seconds = time.perf_counter() - start
@@ -90,7 +91,8 @@ def child(name: str, directory: str, tokens: int) -> dict:
             "result_bytes": result_bytes, "params_before": result.report.params_before,
             "params_after": result.report.params_after, "total_s": seconds, "verified": bool(verification.ok),
             "errors": {str(d).replace("torch.", ""): [verification.max_error(d), verification.tolerance(d)]
-                       for d in verification.dtypes}, "after_pass_rss": _rss("VmRSS")}
+                       for d in verification.dtypes}, "after_pass_rss": _rss("VmRSS"), "phases": phases,
+            "phase_peaks": peaks}
 
 
 def run(name: str, tokens: int, shard_bytes: int, keep: Path | None) -> dict:
@@ -147,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shard-gib", type=float, default=1.0, help="the shards' size (transformers writes 5 GB)")
     parser.add_argument("--keep", type=Path, help="write the shards under this directory and keep them")
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
+    parser.add_argument("--from-json", type=Path, help="make the table from the records an earlier run printed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,7 +160,9 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.child, args.directory, args.tokens)), flush=True)
         return
     records = []
-    for name in args.models:
+    if args.from_json:
+        records = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.startswith("{")]
+    for name in [] if args.from_json else args.models:
         record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep)
         records.append(record)
         print(json.dumps(record), flush=True)
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
         from benchmarks.pass_speed import section
 
         command = "python -m benchmarks.scale_shards " + " ".join(argv if argv is not None else sys.argv[1:])
+        if args.from_json:  # the run that printed the records
+            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}"
         replace_section(DOC, SECTION, section(command.strip(), text, SECTION), heading="# fxmin at scale")
 
 
