@@ -119,13 +119,12 @@ def _unless_all(kept: np.ndarray | None, size: int) -> torch.Tensor | None:
 def _grouped(grouped_reads: np.ndarray, grouped_sum: np.ndarray, groups: int, shape) -> tuple:
     """``(reads, tap_sum)`` of a grouped conv as dense ``(out, in)`` matrices, zero outside the groups."""
     out_per_group, in_per_group = shape[0] // groups, shape[1] // groups
+    rows = np.arange(shape[0])[:, None]
+    cols = (rows // out_per_group) * in_per_group + np.arange(in_per_group)  # output k's group's inputs
     reads = np.zeros(shape, bool)
     tap_sum = np.zeros(shape)
-    for group in range(groups):
-        rows = slice(group * out_per_group, (group + 1) * out_per_group)
-        cols = slice(group * in_per_group, (group + 1) * in_per_group)
-        reads[rows, cols] = grouped_reads[rows]
-        tap_sum[rows, cols] = grouped_sum[rows]
+    reads[rows, cols] = grouped_reads
+    tap_sum[rows, cols] = grouped_sum
     return reads, tap_sum
 
 
