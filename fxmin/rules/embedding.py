@@ -32,7 +32,7 @@ def _embedding_plan(ctx):
     if kept is None or len(kept) == module.embedding_dim:
         return
     replacement = copy.deepcopy(module, {id(module.weight): None})
-    replacement.weight = nn.Parameter(ctx.weight("weight")[:, torch.from_numpy(kept)],
+    replacement.weight = nn.Parameter(ctx.weight("weight", cols=torch.from_numpy(kept)),
                                       requires_grad=module.weight.requires_grad)
     replacement.embedding_dim = len(kept)
     ctx.replace_module(replacement, {"weight": (tuple(module.weight.shape), (), (None, kept))})
