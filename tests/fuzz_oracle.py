@@ -316,14 +316,18 @@ class Oracle:
         return lambda key, wanted, limit=None: require(key, wanted, limit or "constant-branch-needs")
 
     def _uniform_chunks(self, mask, require) -> bool:
-        """Pieces of a chunk keep equally many channels. Which channels fill a smaller piece depends on the
-        order in which fxmin's analysis meets them (a piece grown early keeps what it was grown with), so
-        the oracle allows any: every channel of a chunked tensor of which anything is kept may stay."""
+        """Pieces of a chunk keep equally many channels: a smaller piece keeps its first missing ones too."""
         changed = False
-        for src in sorted({n["inputs"][0] for n in self.description["nodes"] if n["op"] == "piece" and n["how"] == "chunk"}):
+        chunks = {(n["inputs"][0], tuple(n["sizes"])) for n in self.description["nodes"]
+                  if n["op"] == "piece" and n["how"] == "chunk"}
+        for src, sizes in sorted(chunks):
             present = mask(src)
-            if present.any():
-                changed |= require(src, np.ones_like(present), "uniform-chunks")
+            bounds = np.cumsum((0,) + sizes)
+            target = max(int(present[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+            grow = np.zeros_like(present)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                grow[a + np.nonzero(~present[a:b])[0][:target - int(present[a:b].sum())]] = True
+            changed |= require(src, grow, "uniform-chunks")
         return changed
 
     def _layer_needs(self, layer, mask, require) -> bool:
