@@ -39,9 +39,8 @@ LIMITS = {
                      "zero-channel convolution)",
     "no-empty-batchnorm": "a BatchNorm keeps channel 0 when all would go (torch has no zero-feature BatchNorm)",
     "uniform-groups": "a grouped conv keeps every surviving group as full as the fullest one",
-    "uniform-chunks": "the pieces of a chunk keep equally many channels (chunk makes equal pieces); which "
-                      "channels fill a smaller piece depends on the analysis' order, so any channel of a "
-                      "chunked tensor may stay",
+    "uniform-chunks": "the pieces of a chunk keep equally many channels (chunk makes equal pieces): a "
+                      "smaller piece keeps its first missing channels too",
     "coupled-constant-operand": "an operand constant in every channel still couples with the stream: its "
                                 "channels stay in the plan (its layers leave as 'read by nothing')",
     "constant-operand-read-twice": "c + c (or c * c) with c constant in every channel stays as it is: "

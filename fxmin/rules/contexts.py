@@ -180,9 +180,9 @@ class Context:
         self._engine.require(node, mask, why)
 
     def copied_present(self, node) -> np.ndarray:
-        """Which channels of ``node`` hold copies of present channels (:meth:`copies`), present or not:
-        where a rule chooses a channel (:meth:`choose`), one of these costs the fewest rows. All False
-        when ``node`` is untracked."""
+        """Which channels of ``node`` are present or hold a copy of a present channel (:meth:`copies`):
+        where a rule chooses a channel (:meth:`choose`), such a copy adds no row to its source. All
+        False when ``node`` is untracked."""
         units = self._engine.units_of(node)
         if units is None:
             return np.zeros(len(self.present(node)), bool)

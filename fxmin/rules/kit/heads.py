@@ -14,7 +14,10 @@ With ``heads`` query heads and ``groups`` key/value heads, query head ``h`` read
   when any copy ``(g, r, e)`` is present; it makes every present copy keep all of its source's
   present dims and every present source head keep a copy (an expand copies whole heads), and
   keeps its digits uniform (equal copies per head, equal dims per copy, NOTE [Heads]); a copy added
-  to even out the copies holds its source's dims, so the copies of one head never disagree.
+  to even out the copies holds its source's dims, so the copies of one head never disagree. It
+  declares its copies (``Context.copies``): a kept query head that has no q/k dim yet (it reads
+  only ``const(0)`` ones) takes a dim its key head holds rather than dim 0, which would add that dim
+  to the key head and to every copy of it (NOTE [Choices at the fixed point] in fxmin/choices.py).
 - ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``: the rule maps query head ``h`` to
   group ``h // rep`` itself, with the same requirements between q and k, and between v and the
   output.
