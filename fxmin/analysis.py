@@ -6,7 +6,9 @@ pass in graph order computes them. Presence depends on every reader of every
 member of a coupling group, so it is a work queue: when a unit becomes present,
 every node that owns it is processed again, and its rule may require more of its
 inputs. Requirements only grow, so the queue empties. Nodes are popped in
-reverse graph order, which processes a chain once.
+reverse graph order, which processes a chain once. Requirements that pick channels
+arbitrarily wait until the queue is empty: NOTE [Choices at the fixed point] in
+``fxmin/choices.py``.
 
 The analysis never edits the graph; :mod:`fxmin.plan` turns it into edits. It knows no op: it
 asks the rules of a :class:`fxmin.rules.api.Registry` (a parameter; ``fxmin.REGISTRY`` by default),
@@ -27,6 +29,7 @@ import torch
 import torch.fx
 
 from .barriers import BARRIER, make_barrier_test, missing_rule_error
+from .choices import Choices
 from .facts import TupleFact, ValueFact
 from .graph_helpers import tensor_shape
 from .progress import phase, tick
@@ -97,6 +100,7 @@ class Engine:
         self.reasons: list = []
         self._queued: set = set()
         self._order: dict = {}
+        self.choices = Choices(self.table, self._order)  # NOTE [Choices at the fixed point]
 
     # -- tensors of the model: NOTE [Weights on demand] (fxmin/weights.py) -----------
     def module_tensor(self, target: str, name: str, dtype=torch.float64) -> torch.Tensor | None:
@@ -139,6 +143,12 @@ class Engine:
     def present_of(self, units) -> np.ndarray:
         return self.present_units[self.table.find(np.asarray(units, np.int64))]
 
+    def copies(self, units, sources) -> None:
+        self.choices.copies(units, sources)
+
+    def source_present(self, units) -> np.ndarray:
+        return self.present_units[self.choices.source_of(self.table.find(np.asarray(units, np.int64)))]
+
     # -- rules ------------------------------------------------------------------
     def rule_for(self, node) -> Rule | None:
         if self.barriers(node):
@@ -180,6 +190,7 @@ class Engine:
             raise missing_rule_error(missing, self.root)
         self.present_units = np.zeros(len(self.table), bool)
         self.reason_of_unit = np.full(len(self.table), -1, np.int64)
+        self.choices.freeze()
         for node, units in self.units.items():
             self.units[node] = self.table.find(units)
 
@@ -254,6 +265,25 @@ class Engine:
     def require_units(self, units, why=None) -> None:
         self._require_units(self.table.find(np.asarray(units, np.int64)), None, why)
 
+    def choose(self, node, mask, why: str | None = None) -> None:
+        """Like :meth:`require`, for a choice (NOTE [Choices at the fixed point])."""
+        units = self._masked_units(node, mask)
+        if units is not None:
+            self._choose(units, node, why)
+
+    def choose_units(self, units, why=None) -> None:
+        self._choose(self.table.find(np.asarray(units, np.int64)), None, why)
+
+    def _choose(self, units, node, why) -> None:
+        new = np.unique(units[~self.present_units[units]])
+        if new.size == 0:
+            return
+        if self._current is None or self._current is self.choices.chooser:
+            self.choices.chooser = None  # one choice per run: the node's next ones wait again
+            self._require_units(new, node, why)
+        else:
+            self.choices.wait(self._current, new)
+
     def _set(self, node, fact, units) -> None:
         self.facts[node] = fact
         if isinstance(fact, ValueFact) and fact.tracked:
@@ -271,13 +301,18 @@ class Engine:
         return self.present_units[units]
 
     def require(self, node, mask, why: str | None = None) -> None:
+        units = self._masked_units(node, mask)
+        if units is not None:
+            self._require_units(units, node, why)
+
+    def _masked_units(self, node, mask) -> np.ndarray | None:
         units = self.units.get(node)
         if units is None:
-            return  # untracked: everything stays anyway
+            return None  # untracked: everything stays anyway
         mask = np.asarray(mask, bool)
         if mask.shape != units.shape:
             raise AssertionError(f"requirement on {node.name} has shape {mask.shape}, expected {units.shape}")
-        self._require_units(units[mask], node, why)
+        return units[mask]
 
     def _require_units(self, new, node, why) -> None:
         new = new[~self.present_units[new]]
@@ -332,18 +367,31 @@ class Engine:
                         self.require(value, np.ones(fact.size, bool), OUTPUT_REASON)
             elif node in self.rules:
                 self._push(node)
+        self._drain()
+        chooser = self.choices.next()
+        while chooser is not None:  # NOTE [Choices at the fixed point] in fxmin/choices.py
+            self.choices.chooser = chooser
+            self._run(chooser)
+            self.choices.chooser = None
+            self._drain()
+            chooser = self.choices.next()
+
+    def _drain(self) -> None:
         while self._queue:
             _, _, node = heapq.heappop(self._queue)
-            tick()
             self._queued.discard(node)
-            rule = self.rules[node]
-            self._current = node
-            if rule.backward_untracked or self._tracked_output(node):
-                if rule.backward is not None:
-                    rule.backward(Context(self, node, rule))
-            else:  # NOTE [Untracked output]: nothing to follow back, every input channel stays
-                BARRIER.backward(Context(self, node, rule))
-            self._current = None
+            self._run(node)
+
+    def _run(self, node) -> None:
+        tick()
+        rule = self.rules[node]
+        self._current = node
+        if rule.backward_untracked or self._tracked_output(node):
+            if rule.backward is not None:
+                rule.backward(Context(self, node, rule))
+        else:  # NOTE [Untracked output]: nothing to follow back, every input channel stays
+            BARRIER.backward(Context(self, node, rule))
+        self._current = None
 
     def _tracked_output(self, node) -> bool:
         fact = self.facts.get(node)

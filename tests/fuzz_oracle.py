@@ -39,9 +39,8 @@ LIMITS = {
                      "zero-channel convolution)",
     "no-empty-batchnorm": "a BatchNorm keeps channel 0 when all would go (torch has no zero-feature BatchNorm)",
     "uniform-groups": "a grouped conv keeps every surviving group as full as the fullest one",
-    "uniform-chunks": "the pieces of a chunk keep equally many channels (chunk makes equal pieces); which "
-                      "channels fill a smaller piece depends on the analysis' order, so any channel of a "
-                      "chunked tensor may stay",
+    "uniform-chunks": "the pieces of a chunk keep equally many channels (chunk makes equal pieces): a "
+                      "smaller piece keeps its first missing channels too",
     "coupled-constant-operand": "an operand constant in every channel still couples with the stream: its "
                                 "channels stay in the plan (its layers leave as 'read by nothing')",
     "constant-operand-read-twice": "c + c (or c * c) with c constant in every channel stays as it is: "
@@ -316,14 +315,18 @@ class Oracle:
         return lambda key, wanted, limit=None: require(key, wanted, limit or "constant-branch-needs")
 
     def _uniform_chunks(self, mask, require) -> bool:
-        """Pieces of a chunk keep equally many channels. Which channels fill a smaller piece depends on the
-        order in which fxmin's analysis meets them (a piece grown early keeps what it was grown with), so
-        the oracle allows any: every channel of a chunked tensor of which anything is kept may stay."""
+        """Pieces of a chunk keep equally many channels: a smaller piece keeps its first missing ones too."""
         changed = False
-        for src in sorted({n["inputs"][0] for n in self.description["nodes"] if n["op"] == "piece" and n["how"] == "chunk"}):
+        chunks = {(n["inputs"][0], tuple(n["sizes"])) for n in self.description["nodes"]
+                  if n["op"] == "piece" and n["how"] == "chunk"}
+        for src, sizes in sorted(chunks):
             present = mask(src)
-            if present.any():
-                changed |= require(src, np.ones_like(present), "uniform-chunks")
+            bounds = np.cumsum((0,) + sizes)
+            target = max(int(present[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:]))
+            grow = np.zeros_like(present)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                grow[a + np.nonzero(~present[a:b])[0][:target - int(present[a:b].sum())]] = True
+            changed |= require(src, grow, "uniform-chunks")
         return changed
 
     def _layer_needs(self, layer, mask, require) -> bool:

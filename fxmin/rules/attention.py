@@ -257,8 +257,8 @@ def _sdpa_backward(ctx):
     q, k, v, fq, fk, fv = inputs
     alive = head_mask(fv, ctx.present()) | head_mask(fq, ctx.present(q))
     ctx.require(q, qk_required(fq, fk, alive), "read by a kept attention head (q.k)")
-    ctx.require(q, first_per_head(alive, ctx.present(q), fq.radix[1]), "a kept head keeps a q/k dim")
-    ctx.require(v, first_per_head(alive, ctx.present(v), fv.radix[1]), "a kept head keeps a value dim")
+    ctx.choose(q, first_per_head(alive, ctx.present(q), fq.radix[1], ctx.copied_present(q)), "a kept head keeps a q/k dim")
+    ctx.choose(v, first_per_head(alive, ctx.present(v), fv.radix[1], ctx.copied_present(v)), "a kept head keeps a value dim")
     mask = ctx.arg(3, "attn_mask")
     if isinstance(mask, torch.fx.Node):
         ctx.require_all(mask)

@@ -36,10 +36,14 @@ class EngineView(Protocol):
     def unify(self, first, second) -> None: ...
     def adopt(self, node, axis: int): ...
     def watch(self, node, units) -> None: ...
+    def copies(self, units, sources) -> None: ...
+    def source_present(self, units) -> np.ndarray: ...
     def present(self, node) -> np.ndarray: ...
     def present_of(self, units) -> np.ndarray: ...
     def require(self, node, mask, why) -> None: ...
     def require_units(self, units, why) -> None: ...
+    def choose(self, node, mask, why) -> None: ...
+    def choose_units(self, units, why) -> None: ...
 
 
 class PlanRecords(Protocol):
@@ -168,6 +172,12 @@ class Context:
         output is a tuple of fresh pieces (their units belong to the ``getitem`` nodes)."""
         self._engine.watch(self.node, units)
 
+    def copies(self, units, sources) -> None:
+        """Channels ``units`` hold copies of the channels ``sources`` (a repeat of heads, NOTE [Grouped
+        heads]): a kept copy keeps its source, so a choice among channels prefers copies of kept ones
+        (:meth:`copied_present`)."""
+        self._engine.copies(units, sources)
+
     # -- backward ------------------------------------------------------------
     def present(self, node=None) -> np.ndarray:
         """Which channels of ``node`` (default: this node) are present; all True if untracked."""
@@ -177,12 +187,34 @@ class Context:
         """Channels ``mask`` of ``node`` must stay; ``why`` says so for ``Analysis.explain``."""
         self._engine.require(node, mask, why)
 
+    def copied_present(self, node) -> np.ndarray:
+        """Which channels of ``node`` are present or hold a copy of a present channel (:meth:`copies`):
+        where a rule chooses a channel (:meth:`choose`), such a copy adds no row to its source. All
+        False when ``node`` is untracked."""
+        units = self._engine.units_of(node)
+        if units is None:
+            return np.zeros(len(self.present(node)), bool)
+        return self._engine.source_present(units)
+
     def present_units(self, units) -> np.ndarray:
         """Presence of raw unit ids (e.g. the pieces of a TupleFact)."""
         return self._engine.present_of(units)
 
     def require_units(self, units, why: str | None = None) -> None:
         self._engine.require_units(units, why)
+
+    def choose(self, node, mask, why: str | None = None) -> None:
+        """Channels ``mask`` of ``node`` stay, as this rule's *choice*: how many must stay is forced,
+        which ones is not (channel 0 of a conv that would be empty, a dim of a kept head, the fillers
+        of a group). Made only once the mandatory requirements are met, when other readers may have
+        met it already; until then this node runs again later (NOTE [Choices at the fixed point] in
+        fxmin/choices.py). Compute ``mask`` from ``present()`` as it is; the rule runs again after
+        a choice is made, so what it requires from the choice's channels can wait for that run."""
+        self._engine.choose(node, mask, why)
+
+    def choose_units(self, units, why: str | None = None) -> None:
+        """:meth:`choose` for raw unit ids (e.g. the pieces of a TupleFact)."""
+        self._engine.choose_units(units, why)
 
     def require_all(self, node, why: str | None = None) -> None:
         """Every channel of ``node`` stays (every piece of a tuple)."""

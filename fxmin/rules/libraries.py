@@ -166,7 +166,7 @@ def _std_conv_backward(ctx):
     elif not ctx.present().any():
         keep_first = np.zeros(len(ctx.present()), bool)
         keep_first[0] = True  # torch has no zero-channel convolution
-        ctx.require(ctx.node, keep_first, "torch convolutions cannot have zero channels: channel 0 stays")
+        ctx.choose(ctx.node, keep_first, "torch convolutions cannot have zero channels: channel 0 stays")
 
 
 def _std_conv_plan(ctx):

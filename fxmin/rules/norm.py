@@ -48,10 +48,10 @@ def _absorbs_shift(node, root) -> bool:
 def _batch_norm_backward(ctx):
     present = ctx.present()
     if present.size and not present.any():
-        # torch has no zero-feature BatchNorm (NOTE [No empty convs] in linear.py): keep channel 0
+        # torch has no zero-feature BatchNorm (NOTE [No empty convs] in kit/dense.py): keep channel 0
         first = np.zeros(present.size, bool)
         first[0] = True
-        ctx.require(ctx.node, first, "torch BatchNorm cannot have zero features: channel 0 stays")
+        ctx.choose(ctx.node, first, "torch BatchNorm cannot have zero features: channel 0 stays")
 
 
 def _batch_norm_plan(ctx):

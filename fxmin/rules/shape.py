@@ -195,7 +195,7 @@ def _view_backward(ctx):
     source = ctx.fact(ctx.arg(0, "input"))
     if not fact.simple and len(source.axes) <= len(fact.axes):
         present = ctx.present()
-        ctx.require(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
+        ctx.choose(ctx.node, uniform_digits(present, fact.radix), "keeps heads uniform (equal dims per head)")
     # a merge of finer digits ((g, r) -> h, NOTE [Grouped heads]): the rule that made them keeps
     # them uniform, which keeps the merged ones uniform; growing heads here, before the repeat has
     # given every copy its group's dims, would pick dims the group does not need

@@ -198,7 +198,7 @@ def _split_backward(ctx):
             if missing:
                 grow = np.zeros_like(mask)
                 grow[np.nonzero(~mask)[0][:missing]] = True
-                ctx.require_units(units[grow], "chunk keeps its pieces equal")
+                ctx.choose_units(units[grow], "chunk keeps its pieces equal")
 
 
 def _split_plan(ctx):

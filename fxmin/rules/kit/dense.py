@@ -184,7 +184,7 @@ def dense_output(ctx, view: DenseView):
 def dense_required_inputs(ctx, view: DenseView) -> None:
     x, fact = dense_input(ctx, view)
     if _is_conv(view) and not ctx.present().any():
-        ctx.require(ctx.node, _first_only(len(ctx.present())), _NO_EMPTY_CONV)
+        ctx.choose(ctx.node, _first_only(len(ctx.present())), _NO_EMPTY_CONV)
     if fact is None:
         ctx.require_all(x)
         if view.groups > 1:
@@ -197,20 +197,22 @@ def dense_required_inputs(ctx, view: DenseView) -> None:
     if view.padded or not view.can_fold:
         pinned = reads & fact.const & (fact.value != 0) & ~required
     if view.groups > 1 and not _depthwise(view):
-        grown, present = _uniform_groups(required | pinned | ctx.present(x), present, view.groups)
-        ctx.require(ctx.node, present, "keeps the groups of a grouped conv uniform")
-        ctx.require(x, grown & ~(required | pinned), "keeps the groups of a grouped conv uniform")
+        # NOTE [Choices at the fixed point]: which channels fill a group is a choice
+        grown, filled = _uniform_groups(required | pinned | ctx.present(x), present, view.groups)
+        ctx.choose(ctx.node, filled, "keeps the groups of a grouped conv uniform")
+        ctx.choose(x, grown & ~(required | pinned), "keeps the groups of a grouped conv uniform")
     ctx.require(x, required)
     if pinned.any():
         where = "zero-padded conv" if view.padded else "layer without a bias to fold into"
         ctx.require(x, pinned, f"nonzero constant into {where} {ctx.node.target}")
     if _is_conv(view) and not (required | pinned | ctx.present(x)).any():
-        ctx.require(x, _first_only(fact.size), _NO_EMPTY_CONV)
+        ctx.choose(x, _first_only(fact.size), _NO_EMPTY_CONV)
 
 
 # NOTE [No empty convs]: torch has no zero-channel convolution (no output channel: an error; no
 # input channel: a wrong output shape), unlike nn.Linear. A conv whose every input (or output)
-# channel would go keeps channel 0 instead; exact, since a kept channel is computed as before.
+# channel would go keeps channel 0 instead; exact, since a kept channel is computed as before. A
+# choice, made once the other requirements are met (NOTE [Choices at the fixed point] in fxmin/choices.py).
 _NO_EMPTY_CONV = "torch convolutions cannot have zero channels: channel 0 stays"
 
 

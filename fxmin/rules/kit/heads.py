@@ -14,7 +14,10 @@ With ``heads`` query heads and ``groups`` key/value heads, query head ``h`` read
   when any copy ``(g, r, e)`` is present; it makes every present copy keep all of its source's
   present dims and every present source head keep a copy (an expand copies whole heads), and
   keeps its digits uniform (equal copies per head, equal dims per copy, NOTE [Heads]); a copy added
-  to even out the copies holds its source's dims, so the copies of one head never disagree.
+  to even out the copies holds its source's dims, so the copies of one head never disagree. It
+  declares its copies (``Context.copies``): a kept query head that has no q/k dim yet (it reads
+  only ``const(0)`` ones) takes a dim its key head holds rather than dim 0, which would add that dim
+  to the key head and to every copy of it (NOTE [Choices at the fixed point] in fxmin/choices.py).
 - ``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``: the rule maps query head ``h`` to
   group ``h // rep`` itself, with the same requirements between q and k, and between v and the
   output.
@@ -34,6 +37,7 @@ import torch.fx
 
 from ...facts import ValueFact
 from .elementwise import opaque_backward, opaque_forward, tracked_fact
+from .products import first_per_head
 from .views import new_radix, uniform_digits
 
 
@@ -120,8 +124,9 @@ def expand_heads_forward(ctx):
     axes.insert(position, axis + offset)
     sizes = list(radix)
     sizes.insert(position, copies)
-    return ValueFact(axes[0], fact.size * copies, const, value, tuple(zip(axes[1:], sizes[1:]))), \
-        ctx.fresh(fact.size * copies)
+    units = ctx.fresh(fact.size * copies)
+    ctx.copies(units, np.repeat(ctx.units(x).reshape(outer, 1, inner), copies, axis=1).reshape(-1))
+    return ValueFact(axes[0], fact.size * copies, const, value, tuple(zip(axes[1:], sizes[1:]))), units
 
 
 def expand_heads_backward(ctx):
@@ -145,13 +150,16 @@ def expand_heads_backward(ctx):
     ctx.require(x, grid.any(axis=1).reshape(-1), "read by a kept copy of a repeated head")
     source = ctx.present(x).reshape(outer, inner)
     copy_alive = grid.any(axis=2)  # (outer, copies)
-    for o in np.nonzero(source.any(axis=1) & ~copy_alive.any(axis=1))[0]:
-        copy_alive[o, 0] = True  # a kept source head is copied whole: one copy at least
-    need = copy_alive[:, :, None] & source[:, None, :]
-    ctx.require(ctx.node, need.reshape(-1), "a copy of a head keeps its source's dims")
-    ctx.require(ctx.node, _even_copies(ctx.present().reshape(outer, copies, inner), source),
-                "keeps repeated heads uniform")
-    ctx.require(ctx.node, uniform_digits(ctx.present(), out.radix), "keeps repeated heads uniform")
+    ctx.require(ctx.node, (copy_alive[:, :, None] & source[:, None, :]).reshape(-1),
+                "a copy of a head keeps its source's dims")
+    # the choices (NOTE [Choices at the fixed point]): a kept source head is copied whole, so one copy
+    # at least; then as many copies per head and dims per copy as the fullest
+    first = np.zeros((outer, copies, inner), bool)
+    first[:, 0] = source & ~copy_alive.any(axis=1, keepdims=True)
+    ctx.choose(ctx.node, first.reshape(-1), "a kept head is copied: one copy at least")
+    ctx.choose(ctx.node, _even_copies(ctx.present().reshape(outer, copies, inner), source),
+               "keeps repeated heads uniform")
+    ctx.choose(ctx.node, uniform_digits(ctx.present(), out.radix), "keeps repeated heads uniform")
 
 
 def _even_copies(grid: np.ndarray, source: np.ndarray) -> np.ndarray:
@@ -245,27 +253,28 @@ def grouped_sdpa_backward(ctx, inputs):
     out_grid = ctx.present().reshape(heads, v_dims)
     alive = out_grid.any(axis=1) | ctx.present(q).reshape(heads, qk_dims).any(axis=1)
     groups_alive = ctx.present(k).reshape(groups, qk_dims).any(axis=1) | ctx.present(v).reshape(groups, v_dims).any(axis=1)
-    alive = _grow_groups(alive, groups_alive, rep)
-    group_alive = alive.reshape(groups, rep).any(axis=1)
+    group_alive = alive.reshape(groups, rep).any(axis=1) | groups_alive
     # q.k: a key dim stays when a kept query head of its group reads it; its query heads keep exactly its dims
     zero_q = (fq.const & (fq.value == 0)).reshape(groups, rep, qk_dims)
     zero_k = (fk.const & (fk.value == 0)).reshape(groups, qk_dims)
     reads = (~zero_q & alive.reshape(groups, rep, 1)).any(axis=1) & ~zero_k & group_alive[:, None]
     reads |= (ctx.present(q).reshape(groups, rep, qk_dims) & alive.reshape(groups, rep, 1)).any(axis=1)
     ctx.require(k, reads.reshape(-1), "read by a kept query head of its group (q.k)")
-    k_grid = ctx.present(k).reshape(groups, qk_dims).copy()
-    for group in np.nonzero(group_alive & ~k_grid.any(axis=1))[0]:
-        k_grid[group, 0] = True
-    ctx.require(k, k_grid.reshape(-1), "a kept key head keeps a q/k dim")
-    q_need = alive.reshape(groups, rep, 1) & k_grid[:, None, :]
-    ctx.require(q, q_need.reshape(-1), "a kept query head keeps its key head's dims")
+    # the choices (NOTE [Choices at the fixed point]): a dim of a kept key or value head, and query
+    # heads added to a group so that every kept group has as many as the fullest (each new one holding
+    # its key head's dims, as every query head of the group)
+    ctx.choose(k, first_per_head(group_alive, ctx.present(k), qk_dims), "a kept key head keeps a q/k dim")
+    k_grid = ctx.present(k).reshape(groups, qk_dims)
+    ctx.require(q, (alive.reshape(groups, rep, 1) & k_grid[:, None, :]).reshape(-1),
+                "a kept query head keeps its key head's dims")
+    added = _grow_groups(alive, groups_alive, rep) & ~alive
+    ctx.choose(q, (added.reshape(groups, rep, 1) & k_grid[:, None, :]).reshape(-1),
+               "as many query heads in every kept group as in the fullest")
     # values: a value dim stays when a kept output channel of its group reads it; kept heads output all of it
     ctx.require(v, (out_grid.reshape(groups, rep, v_dims) & alive.reshape(groups, rep, 1)).any(axis=1).reshape(-1),
                 "read by a kept output channel of its group")
-    v_grid = ctx.present(v).reshape(groups, v_dims).copy()
-    for group in np.nonzero(group_alive & ~v_grid.any(axis=1))[0]:
-        v_grid[group, 0] = True
-    ctx.require(v, v_grid.reshape(-1), "a kept value head keeps a value dim")
+    ctx.choose(v, first_per_head(group_alive, ctx.present(v), v_dims), "a kept value head keeps a value dim")
+    v_grid = ctx.present(v).reshape(groups, v_dims)
     ctx.require(ctx.node, (alive.reshape(groups, rep, 1) & v_grid[:, None, :]).reshape(-1),
                 "a kept query head outputs its value head's dims")
     mask = ctx.arg(3, "attn_mask")

@@ -26,12 +26,14 @@ def head_mask(fact: ValueFact, mask: np.ndarray) -> np.ndarray:
     return mask.reshape(heads, dims).any(axis=1)
 
 
-def first_per_head(heads_alive: np.ndarray, present: np.ndarray, dims: int) -> np.ndarray:
-    """Require one channel in every alive head that has none."""
+def first_per_head(heads_alive: np.ndarray, present: np.ndarray, dims: int, prefer: np.ndarray | None = None) -> np.ndarray:
+    """One channel in every alive head that has none (a choice, NOTE [Choices at the fixed point]): the
+    first of ``prefer`` in that head (``Context.copied_present``: a copy of a kept channel), else dim 0."""
     grid = present.reshape(len(heads_alive), dims)
+    prefer = np.zeros_like(grid) if prefer is None else prefer.reshape(grid.shape)
     need = np.zeros_like(grid)
     for head in np.nonzero(heads_alive & ~grid.any(axis=1))[0]:
-        need[head, 0] = True
+        need[head, int(np.argmax(prefer[head]))] = True  # argmax: the first preferred dim, else 0
     return need.reshape(-1)
 
 
@@ -71,7 +73,7 @@ def scores_backward(ctx, q, k, fq: ValueFact, fk: ValueFact) -> None:
     ctx.require(ctx.node, head_mask(fq, ctx.present(q)) | head_mask(fk, ctx.present(k)), "q and k keep this head")
     alive = ctx.present()
     ctx.require(q, qk_required(fq, fk, alive), "read by a kept attention head (q.k)")
-    ctx.require(q, first_per_head(alive, ctx.present(q), fq.radix[1]), "a kept head keeps a q/k dim")
+    ctx.choose(q, first_per_head(alive, ctx.present(q), fq.radix[1], ctx.copied_present(q)), "a kept head keeps a q/k dim")
 
 
 def mix_forward(ctx, weights, v, fv: ValueFact, axes, sums_to_one: bool):
@@ -85,4 +87,4 @@ def mix_forward(ctx, weights, v, fv: ValueFact, axes, sums_to_one: bool):
 def mix_backward(ctx, weights, v, fv: ValueFact) -> None:
     alive = head_mask(fv, ctx.present()) | ctx.present(weights) | head_mask(fv, ctx.present(v))
     ctx.require(weights, alive, "weights of a kept attention head")
-    ctx.require(v, first_per_head(alive, ctx.present(v), fv.radix[1]), "a kept head keeps a value dim")
+    ctx.choose(v, first_per_head(alive, ctx.present(v), fv.radix[1], ctx.copied_present(v)), "a kept head keeps a value dim")
