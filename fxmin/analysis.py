@@ -34,7 +34,7 @@ from .facts import TupleFact, ValueFact
 from .graph_helpers import tensor_shape
 from .progress import phase, tick
 from .rules.api import REGISTRY, Context, Registry, Rule
-from .units import UnitTable
+from .units import OwnerIndex, UnitTable
 from .weights import weights_of
 
 
@@ -322,35 +322,12 @@ class Engine:
         self.present_units[new] = True
         self.reason_of_unit[new] = len(self.reasons)
         self.reasons.append((self._current, node, why))
-        for owner in self._owners(new):
+        for owner in self._owner_index.owners(new):
             self._push(owner)
             for user in owner.users:
                 rule = self.rules.get(user)
                 if rule is not None and rule.reads_input_presence:
                     self._push(user)
-
-    def _build_owner_index(self) -> None:
-        watched = {node: self.table.find(units) for node, units in self.watched.items()}
-        nodes = list(self.units) + list(watched)
-        if not nodes:
-            self._owner_units = np.zeros(0, np.int64)
-            self._owner_nodes = np.zeros(0, np.int64)
-            self._owner_list = []
-            return
-        owned = [self.units[n] for n in self.units] + list(watched.values())
-        sizes = [len(units) for units in owned]
-        all_units = np.concatenate(owned)
-        all_nodes = np.repeat(np.arange(len(nodes)), sizes)
-        order = np.argsort(all_units, kind="stable")  # _owners reads a set of nodes: duplicates are harmless
-        self._owner_units, self._owner_nodes = all_units[order], all_nodes[order]
-        self._owner_list = nodes
-
-    def _owners(self, units: np.ndarray):
-        start = np.searchsorted(self._owner_units, units, "left")
-        lengths = np.searchsorted(self._owner_units, units, "right") - start
-        # every position of every run [start, start + length) of the sorted index, in one array
-        positions = np.arange(int(lengths.sum())) + np.repeat(start - np.cumsum(lengths) + lengths, lengths)
-        return [self._owner_list[i] for i in np.unique(self._owner_nodes[positions]).tolist()]
 
     def _push(self, node) -> None:
         if node not in self._queued and (node in self.rules or node.op == "output"):
@@ -358,7 +335,8 @@ class Engine:
             heapq.heappush(self._queue, (-self._order[node], id(node), node))
 
     def backward(self) -> None:
-        self._build_owner_index()
+        watched = {node: self.table.find(units) for node, units in self.watched.items()}
+        self._owner_index = OwnerIndex([*self.units.items(), *watched.items()])
         for node in reversed(self.root.graph.nodes):
             if node.op == "output":
                 for value in node.all_input_nodes:

@@ -67,3 +67,29 @@ class UnitTable:
                 return
             a, b = a[differ], b[differ]
             np.minimum.at(self._parent, np.maximum(a, b), np.minimum(a, b))
+
+
+class OwnerIndex:
+    """Which nodes own which units: built once from ``(node, unit ids)`` pairs (a node may appear twice),
+    then :meth:`owners` answers for many units at once.
+
+    >>> index = OwnerIndex([("a", np.array([0, 1])), ("b", np.array([1, 2]))])
+    >>> index.owners(np.array([1])), index.owners(np.array([2, 3]))
+    (['a', 'b'], ['b'])
+    """
+
+    def __init__(self, owned):
+        nodes = [node for node, _ in owned]
+        sizes = [len(units) for _, units in owned]
+        units = np.concatenate([units for _, units in owned]) if owned else np.zeros(0, np.int64)
+        order = np.argsort(units, kind="stable")  # owners() reads a set of nodes: duplicates are harmless
+        self._units, self._nodes = units[order], np.repeat(np.arange(len(nodes)), sizes)[order]
+        self._node_list = nodes
+
+    def owners(self, units: np.ndarray) -> list:
+        """The nodes that own any of ``units``, each once, in the order they were given."""
+        start = np.searchsorted(self._units, units, "left")
+        lengths = np.searchsorted(self._units, units, "right") - start
+        # every position of every run [start, start + length) of the sorted index, in one array
+        positions = np.arange(int(lengths.sum())) + np.repeat(start - np.cumsum(lengths) + lengths, lengths)
+        return [self._node_list[i] for i in np.unique(self._nodes[positions]).tolist()]
