@@ -83,7 +83,10 @@ class ModuleWeights:
 
     def mask(self, name: str) -> torch.Tensor | None:
         tensor = self.tensor(name)
-        return None if tensor is None or not self.masks else self.masks.get(storage_key(tensor))
+        return None if tensor is None else self._mask_of(tensor)
+
+    def _mask_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        return self.masks.get(storage_key(tensor)) if self.masks else None
 
     def shape(self, name: str) -> torch.Size:
         return self.tensor(name).shape
@@ -98,7 +101,7 @@ class ModuleWeights:
         tensor = self.tensor(name)
         if tensor is None:
             return None
-        mask = self.masks.get(storage_key(tensor)) if self.masks else None
+        mask = self._mask_of(tensor)
         tensor = self.raw(name, tensor)
         if mask is None:
             return sliced(tensor, rows, cols)
@@ -120,11 +123,10 @@ class ModuleWeights:
         tensor = self.tensor(name)
         if tensor is None:
             return None
-        key = storage_key(tensor)
-        mask = self.masks.get(key) if self.masks else None
+        mask = self._mask_of(tensor)
         pattern = self.raw(name, tensor) != 0
         pattern = pattern if mask is None else pattern.logical_and_(mask)
-        self._nonzero_counts[key] = int(torch.count_nonzero(pattern))
+        self._nonzero_counts[storage_key(tensor)] = int(torch.count_nonzero(pattern))
         return pattern
 
     def count_nonzero(self, name: str) -> int:
