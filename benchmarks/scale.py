@@ -293,6 +293,15 @@ def _peer(record: dict | None) -> str:
     return f"{_gib(record['peak'])}, {record['total_s']:.1f}, {record['max_error']:.1e}"
 
 
+def parameters_text(record: dict) -> str:
+    return f"{record['params_before'] / 1e6:,.0f}M -> {record['params_after'] / 1e6:,.0f}M"
+
+
+def verification_text(record: dict) -> str:
+    errors = ", ".join(f"{d} {e:.1e} (tol {t:.0e})" for d, (e, t) in record["errors"].items())
+    return ("ok: " if record["verified"] else "FAILED: ") + errors
+
+
 def table(records: list) -> str:
     from tabulate import tabulate
 
@@ -304,14 +313,13 @@ def table(records: list) -> str:
             continue
         budget = r["model_bytes"] + r["result_bytes"] + r["largest"]
         phases = " / ".join(f"{r['phases'].get(p, 0):.1f}" for p in ("trace", "analysis", "plan", "rewrite", "verify"))
-        errors = ", ".join(f"{d} {e:.1e} (tol {t:.0e})" for d, (e, t) in r["errors"].items())
         rows.append([
-            what, r["dtype"], f"{r['params_before'] / 1e6:,.0f}M -> {r['params_after'] / 1e6:,.0f}M",
+            what, r["dtype"], parameters_text(r),
             f"{_gib(r['model_bytes'])} / {_gib(r['result_bytes'])} / {_gib(r['largest'])}",
             _gib(r["interpreter"]), _gib(r["peak"]),
             f"{(r['peak'] - r['interpreter']) / budget:.2f}",
             "yes" if r["peak"] <= budget + r["interpreter"] else "NO",
-            phases, f"{r['total_s']:.0f}", ("ok: " if r["verified"] else "FAILED: ") + errors,
+            phases, f"{r['total_s']:.0f}", verification_text(r),
             _peer(r.get("torch_pruning"))])
     headers = ["model", "dtype", "parameters", "model / result / largest tensor GiB", "interpreter GiB",
                "peak RSS GiB", "(peak - interpreter) / (model + result + largest)", "within budget",

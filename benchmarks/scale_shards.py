@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.scale import DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks, time_phases
+from benchmarks.scale import (DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks, parameters_text,
+                              time_phases, verification_text)
 
 SECTION = "Minimized from safetensors shards"
 
@@ -130,12 +131,11 @@ def table(records: list) -> str:
             rows.append([what, MODELS[r["name"]][2], r.get("error") or r.get("skipped")] + [""] * 7)
             continue
         budget = r["result_bytes"] + r["largest_shard"]
-        errors = ", ".join(f"{d} {e:.1e} (tol {t:.0e})" for d, (e, t) in r["errors"].items())
-        rows.append([what, r["dtype"], f"{r['params_before'] / 1e6:,.0f}M -> {r['params_after'] / 1e6:,.0f}M",
+        rows.append([what, r["dtype"], parameters_text(r),
                      f"{_gib(r['checkpoint_bytes'])} in {r['shards']} / {_gib(r['largest_shard'])}",
                      _gib(r["result_bytes"]), _gib(r["interpreter"]), _gib(r["peak"]),
                      f"{(r['peak'] - r['interpreter']) / budget:.2f}", f"{r['total_s']:.0f}",
-                     ("ok: " if r["verified"] else "FAILED: ") + errors])
+                     verification_text(r)])
     headers = ["model", "dtype", "parameters", "checkpoint GiB in shards / largest shard GiB", "result GiB",
                "interpreter GiB", "peak RSS GiB", "(peak - interpreter) / (result + largest shard)", "pass s",
                "verification (max abs error)"]
