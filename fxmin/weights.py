@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import arrays
 from .errors import InputError
 from .memory import LARGE_BYTES, release_freed
 
@@ -37,7 +39,7 @@ class WeightSource(Protocol):
     def shape(self, name: str) -> torch.Size: ...
     def dtype(self, name: str) -> torch.dtype: ...
     def load(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor | None: ...
-    def nonzero(self, name: str) -> torch.Tensor | None: ...
+    def nonzero(self, name: str) -> np.ndarray | None: ...
     def raw(self, name: str) -> torch.Tensor: ...
 
 
@@ -65,6 +67,7 @@ class ModuleWeights:
         self.masks = dict(masks or {})
         self.files = files
         self._nonzero_counts: dict = {}  # storage key -> nonzero entries, from nonzero()
+        self._masks = _MaskedLoads()
         self._file_names: dict = {}  # NOTE [Weights from files]: storage key of a meta tensor -> its name in files
         if files is not None:
             for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
@@ -97,7 +100,7 @@ class ModuleWeights:
     def load(self, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor | None:
         """The tensor as the pass reads it (masked, own dtype), or None when ``name`` is not a tensor of
         ``root``. ``rows`` / ``cols`` (int64 indices, or None for all): only those entries of dims 0 and 1
-        (the kept rows are copied whole, then the columns taken)."""
+        (the tensor and its mask sliced alike, then masked)."""
         tensor = self.tensor(name)
         if tensor is None:
             return None
@@ -105,8 +108,7 @@ class ModuleWeights:
         tensor = self.raw(name, tensor)
         if mask is None:
             return sliced(tensor, rows, cols)
-        # rows first (whole rows copy fast), the mask where only rows were taken, then the columns
-        return sliced(torch.where(sliced(mask, rows), sliced(tensor, rows), 0), None, cols)
+        return self._masks.get(storage_key(tensor), mask).load(tensor, rows, cols)
 
     def raw(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's values without its mask (read-only: it may be the model's own tensor). Every read
@@ -117,16 +119,18 @@ class ModuleWeights:
             release_freed()
         return self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
 
-    def nonzero(self, name: str) -> torch.Tensor | None:
-        """bool, the tensor's shape: where the value the pass reads (:meth:`load`) is nonzero, computed
-        without a masked copy of the values (None when ``name`` is not a tensor of ``root``)."""
+    def nonzero(self, name: str) -> np.ndarray | None:
+        """bool numpy array of the tensor's shape: where the value the pass reads (:meth:`load`) is nonzero,
+        computed without a masked copy of the values (None when ``name`` is not a tensor of ``root``;
+        NOTE [Bool work in numpy] in fxmin/arrays.py)."""
         tensor = self.tensor(name)
         if tensor is None:
             return None
         mask = self._mask_of(tensor)
-        pattern = self.raw(name, tensor) != 0
-        pattern = pattern if mask is None else pattern.logical_and_(mask)
-        self._nonzero_counts[storage_key(tensor)] = int(torch.count_nonzero(pattern))
+        pattern = arrays.nonzero(self.raw(name, tensor))
+        if mask is not None:
+            np.logical_and(pattern, mask.numpy(), out=pattern)
+        self._nonzero_counts[storage_key(tensor)] = int(np.count_nonzero(pattern))
         return pattern
 
     def count_nonzero(self, name: str) -> int:
@@ -152,11 +156,60 @@ class ModuleWeights:
         return value.to(tensor.dtype)
 
 
+class _MaskedLoads:
+    """Slices of masked tensors, each masked only where its mask is not the same along the slice's rows.
+
+    NOTE [Masked loads]
+    A mask that prunes structure keeps or drops whole rows (output channels): then a slice needs no
+    elementwise mask at all, only its rows that the mask drops zeroed, and the tensor's dropped rows
+    are not even read. For each mask it loads (remembered by the tensor's storage) this keeps which
+    rows the mask keeps whole and which it drops whole, and masks elementwise (``torch.where``) only a
+    slice that has a row of neither kind.
+    """
+
+    def __init__(self):
+        self._rows: dict = {}  # storage key -> (bool (rows,) kept whole, bool (rows,) dropped whole)
+
+    def get(self, key: tuple, mask: torch.Tensor) -> "_MaskedLoad":
+        if key not in self._rows:
+            flat = mask.numpy().reshape(mask.shape[0], -1) if mask.dim() else mask.numpy().reshape(1, 1)
+            self._rows[key] = (flat.all(axis=1), ~flat.any(axis=1))
+        return _MaskedLoad(mask, *self._rows[key])
+
+
+class _MaskedLoad:
+    def __init__(self, mask: torch.Tensor, whole: np.ndarray, dropped: np.ndarray):
+        self.mask, self.whole, self.dropped = mask, whole, dropped
+
+    def load(self, tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+        if tensor.dim() == 0:
+            return torch.where(self.mask, tensor, 0)
+        picked = slice(None) if rows is None else rows.numpy()
+        whole, dropped = self.whole[picked], self.dropped[picked]
+        if whole.all():
+            return sliced(tensor, rows, cols)
+        if not (whole | dropped).all():  # some row is masked entry by entry
+            kept, mask = sliced(tensor, rows, cols), sliced_array(self.mask.numpy(), rows, cols)
+            return torch.where(torch.from_numpy(mask), kept, 0)
+        read = torch.from_numpy(np.nonzero(whole)[0])
+        rows = read if rows is None else rows[read]
+        values = sliced(tensor, rows, cols)
+        out = values.new_zeros((len(whole), *values.shape[1:]))
+        return out.index_copy_(0, read, values)
+
+
 def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor`` with only the ``rows`` of dim 0 and the ``cols`` of dim 1 (int64 indices; None: all)."""
     if rows is not None:
         tensor = tensor.index_select(0, rows)
     return tensor if cols is None else tensor.index_select(1, cols)
+
+
+def sliced_array(array: np.ndarray, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> np.ndarray:
+    """:func:`sliced` for a numpy array (a bool mask: NOTE [Bool work in numpy] in fxmin/arrays.py)."""
+    if rows is not None:
+        array = np.take(array, rows.numpy(), axis=0)
+    return array if cols is None else np.take(array, cols.numpy(), axis=1)
 
 
 def call_loaded(module: nn.Module, target: str, load, args, kwargs):

@@ -1,6 +1,6 @@
 """The layers of the package, checked on the source (function-level imports included).
 
-- base (errors, facts, units, graph_helpers, edits, progress, memory, weights, shards) imports nothing of fxmin but each other;
+- base (errors, facts, units, graph_helpers, edits, progress, memory, arrays, weights, shards) imports nothing of fxmin but each other;
 - the rule API (fxmin.rules.api and its contexts) imports the base only;
 - the kit (fxmin.rules.kit) imports the API and the base;
 - rule modules import the API, the kit and the base, and fxmin.compensated where a rule installs
@@ -24,7 +24,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fxmin"
 BASE = {"fxmin.errors", "fxmin.facts", "fxmin.units", "fxmin.graph_helpers", "fxmin.edits", "fxmin.progress", "fxmin.memory",
-        "fxmin.weights", "fxmin.shards"}
+        "fxmin.arrays", "fxmin.weights", "fxmin.shards"}
 API = {"fxmin.rules.api", "fxmin.rules.contexts"}
 ENGINE = {f"fxmin.{name}" for name in ("analysis", "barriers", "choices", "plan", "rewrite", "verify", "minimize", "trace", "trace_export",
                                        "canonical_export", "masks", "report")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -108,7 +109,45 @@ def test_a_weight_source_reads_rows_columns_and_the_nonzero_pattern_as_the_maske
     assert torch.equal(weights.load("weight"), masked)
     assert torch.equal(weights.load("weight", rows, cols), masked[rows][:, cols])
     assert torch.equal(weights.load("weight", None, cols), masked[:, cols])
-    assert torch.equal(weights.nonzero("weight"), masked != 0)
+    assert np.array_equal(weights.nonzero("weight"), (masked != 0).numpy())
     assert weights.count_nonzero("weight") == int((masked != 0).sum()) == int(mask.sum()) - int(mask[1, 2])
     assert weights.load("bias") is not None and weights.count_nonzero("bias") == 5
     assert weights.load("nothing") is None and weights.nonzero("nothing") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonzero_patterns_and_constant_columns_read_in_numpy_agree_with_torch_in_every_float_dtype(dtype):
+    from fxmin import arrays
+    values = torch.tensor([[0.0, -0.0, 1.5, float("nan")], [2.0, -0.0, 1.5, -3.0], [0.0, 0.0, 1.5, 5e-3]])
+    table = values.to(dtype)
+    assert np.array_equal(arrays.nonzero(table), (table != 0).numpy())  # -0 is zero, NaN is not
+    # column 2 holds one value; column 1 holds -0 and +0: equal as numbers, kept apart by the bit patterns
+    # of half-precision tables (only ever keeping a column more); column 0 differs
+    constant = arrays.constant_columns(table)
+    assert constant[2] and not constant[0] and not constant[3]
+    assert constant[1] == (dtype in (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 4, 3, 3)])
+@pytest.mark.parametrize("rows_of", ["whole or dropped", "one row masked entry by entry"])
+def test_masked_loads_of_row_structured_masks_equal_the_masked_tensor_sliced(shape, rows_of):
+    from fxmin.weights import ModuleWeights, storage_key
+    torch.manual_seed(1)
+    weight = nn.Parameter(torch.randn(shape))
+    holder = nn.Module()
+    holder.weight = weight
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[[1, 4]] = False  # two output rows dropped whole
+    with torch.no_grad():
+        weight[1] = float("nan")  # a dropped row's values are never read
+    if rows_of == "one row masked entry by entry":
+        mask[2, 1] = False
+    weights = ModuleWeights(holder, {storage_key(weight): mask})
+    expected = torch.where(mask, weight.detach(), 0)
+    for rows, cols in [(None, None), (torch.tensor([0, 1, 3]), None), (None, torch.tensor([0, 3])),
+                       (torch.tensor([1, 2, 4]), torch.tensor([1, 2])), (torch.tensor([0, 5]), None)]:
+        loaded = weights.load("weight", rows, cols)
+        want = expected if rows is None else expected[rows]
+        want = want if cols is None else want[:, cols]
+        assert torch.equal(loaded, want), (rows, cols)
+    assert weight.isnan().any()  # the model's own tensor is untouched

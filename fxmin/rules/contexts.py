@@ -108,8 +108,8 @@ class Context:
         indices into dims 0 / 1). Read-only: it may be the model's own tensor."""
         return self._engine.weights.load(self._module_key(name), rows, cols)
 
-    def weight_nonzero(self, name: str) -> torch.Tensor | None:
-        """bool: where :meth:`weight` is nonzero, without a copy of its values (None when not a tensor)."""
+    def weight_nonzero(self, name: str) -> np.ndarray | None:
+        """bool numpy array: where :meth:`weight` is nonzero, without a copy of its values (None when not a tensor)."""
         return self._engine.weights.nonzero(self._module_key(name))
 
     def _module_key(self, name: str) -> str:

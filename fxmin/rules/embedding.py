@@ -7,6 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..arrays import constant_columns
 from ..facts import ValueFact
 from .api import REGISTRY, rule
 from .kit import no_cost, opaque_backward
@@ -21,7 +22,7 @@ def _embedding_forward(ctx):
     shape = ctx.shape()
     if shape is None or module.max_norm is not None:
         return ValueFact.untracked(), None
-    column_const = (weight == weight[:1]).all(dim=0).numpy()
+    column_const = constant_columns(weight)
     fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].to(torch.float64).numpy())
     return fact, ctx.fresh(fact.size)
 
@@ -64,7 +65,7 @@ def _functional_embedding_forward(ctx):
     if table is None or shape is None:
         return ValueFact.untracked(), None
     weight = ctx.attr_weight(table)
-    column_const = (weight == weight[:1]).all(dim=0).numpy()
+    column_const = constant_columns(weight)
     fact = ValueFact.constants(len(shape) - 1, column_const, weight[0].to(torch.float64).numpy())
     return fact, ctx.fresh(fact.size)
 

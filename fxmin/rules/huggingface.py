@@ -175,7 +175,7 @@ def _conv1d_view(ctx):
             return None
         # Conv1D stores (in, out): the view's rows are its columns
         return dense_view(lambda rows=None, cols=None: ctx.weight("weight", cols, rows).t(), ctx.param("bias"), 1,
-                          False, -1, nonzero=lambda: ctx.weight_nonzero("weight").t())
+                          False, -1, nonzero=lambda: ctx.weight_nonzero("weight").T)
 
     return ctx.memo("view", compute)
 

@@ -35,6 +35,7 @@ import torch.fx
 from torch import nn
 
 from ..compensated.attention import SlicedMultiheadAttention
+from ..arrays import product
 from ..facts import TupleFact, ValueFact
 from .api import ParamEdit, rule
 from .kit import uniform_digits
@@ -99,7 +100,7 @@ def _projection(weight, bias, fact):
         return np.ones(weight.shape[0], bool), np.zeros(weight.shape[0])
     nonzero = (weight != 0).numpy()
     varying = (nonzero & fact.varying_mask).any(axis=1)
-    value = bias.numpy() + weight.numpy() @ fact.value
+    value = bias.numpy() + product(weight.numpy(), fact.value)
     return varying, np.where(varying, 0.0, value)
 
 
@@ -125,7 +126,7 @@ def _forward(ctx):
     W_o, b_o = _weights(ctx)[6], _weights(ctx)[7]
     reads = (W_o.numpy() != 0)
     out_vary = (reads & v_vary).any(axis=1)
-    out_value = b_o.numpy() + W_o.numpy() @ v_value
+    out_value = b_o.numpy() + product(W_o.numpy(), v_value)
     fact = ValueFact.constants(2, ~out_vary, out_value)
     units = ctx.fresh(fact.size)
     ctx.watch(units)

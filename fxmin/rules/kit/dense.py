@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ... import arrays
 from ...facts import ValueFact
 from ...weights import sliced
 from ..api import rule
@@ -31,17 +32,17 @@ class DenseView:
     """NOTE [Dense view] of one layer, read from its weight on demand (NOTE [Weights on demand] in
     fxmin/weights.py). ``load(rows=None, cols=None)`` gives the weight (``(out, in per group, *taps)``,
     masked, in its own dtype), or only some of its rows and columns (int64 indices); ``nonzero()``, where
-    it is nonzero (by default ``load() != 0``). The view keeps which input each output reads as packed
+    it is nonzero (a bool numpy array; by default read from ``load()``). The view keeps which input each output reads as packed
     bits (one bit per output and input, the taps reduced) and reads the weight's values again only for
     the sums of the columns fed nonzero constants and for the rows and columns the plan keeps. A grouped conv's dense tap sums are
     built once (its weight is small next to them). ``bias``: float64 ``(out,)``, zeros when absent."""
 
     def __init__(self, load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
                  can_fold: bool = True, nonzero=None):
-        pattern = nonzero() if nonzero is not None else load() != 0
+        pattern = nonzero() if nonzero is not None else arrays.nonzero(load())
         self.weight_shape = tuple(pattern.shape)
         out_channels, self.in_per_group = self.weight_shape[:2]
-        self.taps = tuple(range(2, pattern.dim()))
+        self.taps = tuple(range(2, pattern.ndim))
         self.groups, self.padded, self.channel_axis, self.can_fold = groups, padded, channel_axis, can_fold
         self.out_per_group = out_channels // groups
         self.shape = (out_channels, self.in_per_group * groups)
@@ -49,7 +50,7 @@ class DenseView:
         self._load = load
         self._grouped_sums = None
         self._added = None  # (columns, their values, what they add): the last constant_output
-        reads = (pattern.any(dim=self.taps) if self.taps else pattern).numpy()
+        reads = pattern.any(axis=self.taps) if self.taps else pattern
         del pattern
         if groups > 1:
             reads, self._grouped_sums = _grouped(reads, self._sums(load()).numpy(), groups, self.shape)
@@ -95,7 +96,7 @@ class DenseView:
         nonzero = value != 0
         if not nonzero.any():
             return self.bias
-        self._added = (nonzero, value[nonzero], self.tap_sum(nonzero) @ value[nonzero])
+        self._added = (nonzero, value[nonzero], arrays.product(self.tap_sum(nonzero), value[nonzero]))
         return self.bias + self._added[2]
 
     def added(self, columns: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -104,7 +105,7 @@ class DenseView:
         if self._added is not None and np.array_equal(self._added[0], columns) and np.array_equal(self._added[1],
                                                                                                   value[columns]):
             return self._added[2]
-        return self.tap_sum(columns) @ value[columns]
+        return arrays.product(self.tap_sum(columns), value[columns])
 
 
 def _index(mask: np.ndarray) -> torch.Tensor:
@@ -132,8 +133,8 @@ def dense_view(load, bias: torch.Tensor | None, groups: int, padded: bool, chann
                can_fold: bool = True, nonzero=None) -> DenseView:
     """The :class:`DenseView` of a layer: ``load(rows=None, cols=None)`` gives its (masked) weight in its own
     dtype, or some rows and columns of it (:func:`whole_then_sliced` makes one from a loader of the whole
-    tensor; a tensor is taken as its own); ``nonzero()`` optionally where it is nonzero, without a copy
-    of its values; ``bias`` float64 (or None)."""
+    tensor; a tensor is taken as its own); ``nonzero()`` optionally where it is nonzero (a bool numpy array),
+    without a copy of its values; ``bias`` float64 (or None)."""
     if isinstance(load, torch.Tensor):
         load = whole_then_sliced(lambda tensor=load: tensor)
     return DenseView(load, bias, groups, padded, channel_axis, can_fold, nonzero)

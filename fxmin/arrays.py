@@ -1,0 +1,51 @@
+"""Work on weights outside torch's tensors: where a tensor is nonzero, which columns of a table hold one
+value (in numpy), and the analysis' float64 products (in torch).
+
+NOTE [Bool work in numpy]
+The pass asks a few bool questions of every weight and mask: where is it nonzero, does a mask keep
+all of a slice, which columns of a table hold one value. On the CPU, torch's kernels that produce or
+reduce bool tensors (``!=``, ``.all()``, ``.any(dim)``, ``count_nonzero``) are several times slower than
+numpy's on the same memory (docs/benchmarks.md, "Reading the pass-time numbers"), and those questions
+are most of what the analysis does with weights. So they are asked of numpy views of the tensors:
+no copy, the same memory. numpy has no bfloat16, and its float16 compares are slow, so half-precision
+tensors are read as their int16 bit patterns: a value is zero iff its bits other than the sign are
+zero, and equal bits are equal values (the converse misses only ``-0 == +0``, which makes a caller keep
+a column it could have dropped, never drop one it needs).
+
+The float64 products of the analysis (what constant inputs add to a layer's outputs) run in torch
+(:func:`product`), not numpy: numpy's go to OpenBLAS's own threads, which ignore
+``torch.set_num_threads`` and keep spinning on other cores between the many small products.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_BITS = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF)}
+
+
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of the CPU tensor ``tensor`` (no copy); float16 and bfloat16 as their int16 bit patterns."""
+    tensor = tensor.detach()
+    if tensor.dtype in _BITS:
+        tensor = tensor.view(_BITS[tensor.dtype][0])
+    return tensor.numpy()
+
+
+def nonzero(tensor: torch.Tensor) -> np.ndarray:
+    """bool numpy array of ``tensor``'s shape: where it is nonzero (NaN counts as nonzero)."""
+    values = host_array(tensor)
+    if tensor.dtype in _BITS:
+        return (values & _BITS[tensor.dtype][1]) != 0
+    return values != 0
+
+
+def constant_columns(table: torch.Tensor) -> np.ndarray:
+    """bool ``(columns,)`` of a 2-d ``table``: the columns where every row holds row 0's value (bit for bit)."""
+    values = host_array(table)
+    return (values == values[:1]).all(axis=0)
+
+
+def product(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``matrix @ vector`` of float64 numpy arrays, computed by torch (under torch's thread settings)."""
+    return (torch.from_numpy(np.ascontiguousarray(matrix)) @ torch.from_numpy(np.ascontiguousarray(vector))).numpy()
