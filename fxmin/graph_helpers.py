@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+from collections import OrderedDict
 
 import torch
 import torch.fx
@@ -46,14 +48,68 @@ def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None
         value = source.to(device=place, dtype=target,
                           copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
-    copied = copy.deepcopy(module, memo)
+    copied = deep_copy(module, memo)
     return copied.to(device=device, dtype=dtype) if dtype is not None else copied.to(device=device)
 
 
 def share_module(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure that holds the same tensor objects (copies none)."""
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
+    return deep_copy(module, memo)
+
+
+# NOTE [Copying module trees]
+# The pass copies module structure often (the model's, sharing its tensors; each replacement layer's
+# shell), and ``copy.deepcopy`` spends most of that in its generic protocol: ``__reduce_ex__``,
+# ``copyreg`` and a reconstruction per object, for every hook dictionary of every module.
+# :func:`deep_copy` makes the same copy by the same steps where it knows them: a module whose class
+# keeps ``object``'s reduction and defines no ``__deepcopy__`` is rebuilt as ``deepcopy`` rebuilds it
+# (``cls.__new__``, its ``__getstate__`` copied, its own ``__setstate__``), and plain dicts, lists, sets and
+# tuples and immutable atoms are copied as ``deepcopy`` copies them; anything else (tensors, other
+# objects, a module class with its own copying) goes to ``copy.deepcopy`` with the same memo.
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, type})
+_MISSING = object()
+
+
+def deep_copy(value, memo: dict | None = None):
+    """``copy.deepcopy(value, memo)``, faster on trees of modules (NOTE [Copying module trees])."""
+    memo = {} if memo is None else memo
+    found = memo.get(id(value), _MISSING)
+    if found is not _MISSING:
+        return found
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind in (dict, OrderedDict):
+        copied = memo[id(value)] = kind()
+        for key, item in value.items():
+            copied[deep_copy(key, memo)] = deep_copy(item, memo)
+        return copied
+    if kind is list:
+        copied = memo[id(value)] = []
+        copied.extend(deep_copy(item, memo) for item in value)
+        return copied
+    if kind is set:
+        copied = memo[id(value)] = set()
+        copied.update(deep_copy(item, memo) for item in value)
+        return copied
+    if kind is tuple:
+        items = tuple(deep_copy(item, memo) for item in value)
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if isinstance(value, nn.Module) and _rebuilt_like_deepcopy(kind):
+        copied = memo[id(value)] = kind.__new__(kind)
+        copied.__setstate__({key: deep_copy(item, memo) for key, item in value.__getstate__().items()})
+        return copied
+    return copy.deepcopy(value, memo)
+
+
+@functools.cache
+def _rebuilt_like_deepcopy(kind: type) -> bool:
+    """Whether ``copy.deepcopy`` rebuilds instances of ``kind`` from ``__getstate__`` / ``__setstate__`` alone."""
+    return (kind.__reduce_ex__ is object.__reduce_ex__ and kind.__reduce__ is object.__reduce__
+            and not hasattr(kind, "__deepcopy__") and not hasattr(kind, "__getnewargs_ex__")
+            and not hasattr(kind, "__getnewargs__") and "__slots__" not in kind.__dict__)
 
 
 def free_name(root: torch.fx.GraphModule, name: str, taken=()) -> str:

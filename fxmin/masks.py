@@ -13,6 +13,7 @@ from torch.nn.utils import prune
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .errors import InputError, MaskError
+from .graph_helpers import deep_copy
 from .weights import ModuleWeights, all_finite, storage_key
 
 
@@ -198,7 +199,7 @@ def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     else:
         memo = {id(p): p for p in model.parameters()}
         memo.update({key: value.detach() for key, value in pruned_memo(model).items()})  # replaced below
-    reference = copy.deepcopy(model, memo)
+    reference = deep_copy(model, memo)
     if host:
         reference.cpu()  # tensors held outside parameters and buffers
         from_prune = {name: mask.cpu() for name, mask in from_prune.items()}

@@ -9,8 +9,11 @@ block was mapped on its own (at least ``M_MMAP_THRESHOLD`` bytes, a threshold gl
 freed between blocks the pass keeps (the sliced weights of the result) stay resident, and the next
 layer's temporaries, of other sizes, need not fit in them: resident memory grows past what the pass
 holds. ``malloc_trim(0)`` gives every whole free page inside the heap back (``madvise``; glibc 2.8 and
-later). The pass calls it before it reads a large tensor: cheap when nothing is free (a walk over the
-free lists), and nothing at all where the C library is not glibc. It changes no allocation policy of
+later). The pass calls it before it reads a tensor once it has read ``TRIM_BYTES`` since the last call
+(:func:`before_read`): blocks above glibc's largest threshold are mapped on their own and go back when
+freed, so what stays resident between calls is bounded by the temporaries of that much reading, and a
+model of small layers is not walked over after each one. It is nothing at all where the C library is
+not glibc. It changes no allocation policy of
 the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay set for the user's program
 after the pass.
 """
@@ -20,8 +23,9 @@ import ctypes
 import ctypes.util
 import sys
 
-#: tensors of at least this many bytes are read after :func:`release_freed`
-LARGE_BYTES = 1 << 20
+#: bytes read between two calls of :func:`release_freed` (glibc's largest ``M_MMAP_THRESHOLD``)
+TRIM_BYTES = 32 << 20
+_read_since_trim = 0
 
 
 def _malloc_trim():
@@ -41,3 +45,13 @@ def release_freed() -> None:
     where the C library has no ``malloc_trim``."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def before_read(nbytes: int) -> None:
+    """Call before reading ``nbytes`` of a tensor: :func:`release_freed` once ``TRIM_BYTES`` have been read
+    since it last ran (this read included)."""
+    global _read_since_trim
+    _read_since_trim += nbytes
+    if _read_since_trim >= TRIM_BYTES:
+        _read_since_trim = 0
+        release_freed()

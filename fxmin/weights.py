@@ -24,7 +24,7 @@ from torch import nn
 
 from . import arrays
 from .errors import InputError
-from .memory import LARGE_BYTES, release_freed
+from .memory import before_read
 
 #: ``GraphModule.meta`` key of the :class:`WeightSource` a traced graph reads its weights from
 META_KEY = "fxmin.weights"
@@ -112,11 +112,10 @@ class ModuleWeights:
 
     def raw(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's values without its mask (read-only: it may be the model's own tensor). Every read
-        goes through here: before a large tensor is read, freed memory goes back to the system (NOTE
+        goes through here: once enough has been read since, freed memory goes back to the system (NOTE
         [Freed memory] in fxmin/memory.py), so what a reader copies from it can reuse those pages."""
         tensor = self.tensor(name) if tensor is None else tensor
-        if tensor.numel() * tensor.element_size() >= LARGE_BYTES:
-            release_freed()
+        before_read(tensor.numel() * tensor.element_size())
         return self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
 
     def nonzero(self, name: str) -> np.ndarray | None:

@@ -1,14 +1,13 @@
 """Embeddings, tied unembeddings, and ops that create tensors from nothing (``arange``...)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx
 from torch import nn
 
 from ..arrays import constant_columns
 from ..facts import ValueFact
+from ..graph_helpers import deep_copy
 from .api import REGISTRY, rule
 from .kit import no_cost, opaque_backward
 
@@ -32,7 +31,7 @@ def _embedding_plan(ctx):
     module = ctx.module
     if kept is None or len(kept) == module.embedding_dim:
         return
-    replacement = copy.deepcopy(module, {id(module.weight): None})
+    replacement = deep_copy(module, {id(module.weight): None})
     replacement.weight = nn.Parameter(ctx.weight("weight", cols=torch.from_numpy(kept)),
                                       requires_grad=module.weight.requires_grad)
     replacement.embedding_dim = len(kept)

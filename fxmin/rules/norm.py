@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..facts import ValueFact
+from ..graph_helpers import deep_copy
 from .api import REGISTRY, rule
 from .kit import opaque_backward, per_output
 
@@ -60,7 +61,7 @@ def _batch_norm_plan(ctx):
     shift = ctx.input_shift()  # NOTE [BatchNorm absorbs]
     if kept is None or (len(kept) == module.num_features and shift is None):
         return
-    replacement = copy.deepcopy(module).to(torch.float64)
+    replacement = deep_copy(module).to(torch.float64)
     index = torch.from_numpy(kept)
     params = {}
     for name in ("weight", "bias", "running_mean", "running_var"):

@@ -16,7 +16,6 @@ all of them:
 """
 from __future__ import annotations
 
-import copy
 import math
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from ... import arrays
 from ...facts import ValueFact
+from ...graph_helpers import deep_copy
 from ...weights import sliced
 from ..api import rule
 
@@ -68,8 +68,7 @@ class DenseView:
         return np.unpackbits(bits, count=self.shape[1]).astype(bool)
 
     def _sums(self, weight: torch.Tensor) -> torch.Tensor:
-        weight = weight.to(torch.float64)
-        return weight.sum(dim=self.taps) if self.taps else weight
+        return weight.sum(dim=self.taps, dtype=torch.float64) if self.taps else weight.to(torch.float64)
 
     def reads(self, columns: np.ndarray) -> np.ndarray:
         """bool ``(out,)``: which outputs read one of ``columns`` (bool ``(in,)``) through a nonzero tap."""
@@ -89,7 +88,11 @@ class DenseView:
         """float64 ``(out, len(columns))``: the sums of the taps from those inputs (``columns`` bool ``(in,)``)."""
         if self._grouped_sums is not None:
             return self._grouped_sums[:, columns]
-        return self._sums(self._load(cols=_index(columns))).numpy()
+        if self.row_any.all():
+            return self._sums(self._load(cols=_index(columns))).numpy()
+        sums = np.zeros((self.shape[0], int(columns.sum())))  # an output that reads nothing sums to zero
+        sums[self.row_any] = self._sums(self._load(_index(self.row_any), _index(columns))).numpy()
+        return sums
 
     def constant_output(self, value: np.ndarray) -> np.ndarray:
         """float64 ``(out,)``: the bias plus what constant inputs ``value`` (float64 ``(in,)``) add."""
@@ -296,7 +299,7 @@ def new_parameter(value: torch.Tensor, like: torch.Tensor | None) -> nn.Paramete
 def module_shell(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` without its parameters (each left ``None``), for a rule that sets every one:
     copying the weights it replaces anyway would hold them twice."""
-    return copy.deepcopy(module, {id(p): None for p in module.parameters(recurse=False)})
+    return deep_copy(module, {id(p): None for p in module.parameters(recurse=False)})
 
 
 def dense_macs(_target, args, kwargs, out) -> tuple:
