@@ -198,8 +198,8 @@ class CompensatedLayerNorm(nn.Module):
         if not set(outputs) <= set(emitted):
             raise InputError(f"shrink: channels {sorted(set(outputs) - set(emitted))} are no longer emitted, "
                              "their affine parameters are gone")
-        rows = torch.tensor([emitted.index(channel) for channel in outputs], dtype=torch.long,
-                            device=self.kept.device)
+        position = {channel: row for row, channel in enumerate(emitted)}
+        rows = torch.tensor([position[channel] for channel in outputs], dtype=torch.long, device=self.kept.device)
 
         def sliced(parameter):
             return False if parameter is None else parameter.detach()[rows]

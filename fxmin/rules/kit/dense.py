@@ -86,20 +86,29 @@ class DenseView:
 
     def tap_sum(self, columns: np.ndarray) -> np.ndarray:
         """float64 ``(out, len(columns))``: the sums of the taps from those inputs (``columns`` bool ``(in,)``)."""
-        if self._grouped_sums is not None:
-            return self._grouped_sums[:, columns]
-        if self.row_any.all():
-            return self._sums(self._load(cols=_index(columns))).numpy()
         sums = np.zeros((self.shape[0], int(columns.sum())))  # an output that reads nothing sums to zero
-        sums[self.row_any] = self._sums(self._load(_index(self.row_any), _index(columns))).numpy()
+        sums[self.row_any] = self._read_sums(columns)
         return sums
+
+    def _read_sums(self, columns: np.ndarray) -> np.ndarray:
+        """:meth:`tap_sum` of the outputs that read something (``row_any``)."""
+        if self._grouped_sums is not None:
+            return self._grouped_sums[self.row_any][:, columns]
+        rows = None if self.row_any.all() else _index(self.row_any)
+        return self._sums(self._load(rows, _index(columns))).numpy()
+
+    def _product(self, columns: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """float64 ``(out,)``: ``tap_sum(columns) @ value[columns]``, without the zero rows."""
+        out = np.zeros(self.shape[0])
+        out[self.row_any] = arrays.product(self._read_sums(columns), value[columns])
+        return out
 
     def constant_output(self, value: np.ndarray) -> np.ndarray:
         """float64 ``(out,)``: the bias plus what constant inputs ``value`` (float64 ``(in,)``) add."""
         nonzero = value != 0
         if not nonzero.any():
             return self.bias
-        self._added = (nonzero, value[nonzero], arrays.product(self.tap_sum(nonzero), value[nonzero]))
+        self._added = (nonzero, value[nonzero], self._product(nonzero, value))
         return self.bias + self._added[2]
 
     def added(self, columns: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -108,7 +117,7 @@ class DenseView:
         if self._added is not None and np.array_equal(self._added[0], columns) and np.array_equal(self._added[1],
                                                                                                   value[columns]):
             return self._added[2]
-        return arrays.product(self.tap_sum(columns), value[columns])
+        return self._product(columns, value)
 
 
 def _index(mask: np.ndarray) -> torch.Tensor:
