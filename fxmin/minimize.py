@@ -19,7 +19,7 @@ from .report import Report, build_report
 from .rewrite import rewrite
 from .shards import ShardedWeights
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
-from .trace_export import CallingConvention, export_trace, reexport
+from .trace_export import CallingConvention, export_trace, export_without_weights, reexport
 from .verify import verify as verify_equivalence
 from .weights import META_KEY, attach, weights_of
 
@@ -112,21 +112,16 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
                 raise
             fx_error = error
     if graph_module is None:
-        if files is not None:
-            raise InputError(
-                f"{type(model).__name__} is built on the meta device and torch.fx could not trace it; the torch.export "
-                "front end does not take such a model: export bakes the meta device into the tensors the model "
-                "creates as it runs (causal masks, position ids), so the exported program would compute on no values. "
-                "Make the model traceable by torch.fx (leaf_modules=[...], concrete_args={...}), or build it with its "
-                "weights (load_shards(model.to_empty(device='cpu'), 'checkpoint/')) and minimize that"
-                + (f".\n{fx_error}" if fx_error is not None else ""))
         inputs = example_inputs
         if isinstance(inputs, Mapping):
             inputs = {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         elif inputs is not None:
             inputs = to_device(inputs, "cpu")
         try:
-            graph_module, example_inputs, convention = export_trace(reference.eval(), inputs)
+            if files is not None:  # NOTE [Exporting a model without its weights] in fxmin/trace_export.py
+                graph_module, example_inputs, convention = export_without_weights(reference.eval(), inputs, files)
+            else:
+                graph_module, example_inputs, convention = export_trace(reference.eval(), inputs)
         except TraceError as error:
             if frontend == "auto":
                 raise TraceError(f"neither front end could trace {type(model).__name__}.\n{fx_error}\n{error}") from error

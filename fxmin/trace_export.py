@@ -19,6 +19,8 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 # the canonical form's public names, importable from here as before
 from .canonical_export import CANONICAL_DECOMPOSITIONS, STALE_META, canonical_graph, exported_constants, lift  # noqa: F401
 from .errors import InputError, TraceError
+from .graph_helpers import share_module
+from .weights import ModuleWeights
 
 
 @dataclass
@@ -77,6 +79,49 @@ def export_trace(model: nn.Module, example_inputs) -> tuple[torch.fx.GraphModule
     convention = calling_convention(program, split_inputs(example_inputs))
     leaves, _ = tree_flatten((convention.args, convention.kwargs))
     return canonical_graph(program), tuple(leaves[i] for i in convention.tensor_leaves), convention
+
+
+# NOTE [Exporting a model without its weights]
+# torch.export runs the model on FakeTensors, but the tensors a model creates as it runs (causal masks,
+# position ids, rotary tables) take the device of its parameters, so a model on the meta device exports
+# a program that computes on no values. Its parameters are instead swapped, in a copy of its structure,
+# for FakeTensors on the CPU (shapes and dtypes, no memory), which export traces through as it traces
+# fake inputs; its meta buffers (running statistics, small) are read from the files, real, since
+# export folds what is computed from them. The canonical graph then holds the model's own meta
+# parameters again, under the names export gave them (the state-dict names), and the pass reads them
+# from the files as on the torch.fx front end (NOTE [Weights from files] in fxmin/weights.py).
+
+
+def export_without_weights(model: nn.Module, example_inputs, files) -> tuple[torch.fx.GraphModule, tuple, CallingConvention]:
+    """:func:`export_trace` of ``model``, whose tensors are on the meta device and whose values ``files`` hold
+    (NOTE [Exporting a model without its weights]); the graph holds ``model``'s meta parameters."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    source = ModuleWeights(model, files=files)
+    shell = share_module(model)
+    meta_parameters: dict = {}  # state-dict name -> the model's meta parameter
+    fakes: dict = {}  # id(meta parameter) -> its fake CPU stand-in: tied parameters stay tied
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    for path, module in shell.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or not parameter.is_meta:
+                continue
+            source.stored_name(prefix + name, parameter)  # held by the files, or a clear error now
+            meta_parameters[prefix + name] = parameter
+            if id(parameter) not in fakes:
+                with mode:
+                    fakes[id(parameter)] = nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype),
+                                                        parameter.requires_grad)
+            module._parameters[name] = fakes[id(parameter)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = source.load(prefix + name)
+    graph_module, inputs, convention = export_trace(shell, example_inputs)
+    for name, _ in list(graph_module.named_parameters(remove_duplicate=False)):
+        owner_path, _, leaf = name.rpartition(".")
+        graph_module.get_submodule(owner_path).register_parameter(leaf, meta_parameters[name])
+    return graph_module, inputs, convention
 
 
 class CallWithConvention(nn.Module):

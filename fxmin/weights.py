@@ -139,15 +139,23 @@ class ModuleWeights:
             self.nonzero(name)
         return self._nonzero_counts[key]
 
-    def _from_files(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """NOTE [Weights from files]: a tensor the model holds on the meta device is read from ``files``
-        (e.g. :class:`fxmin.shards.ShardedWeights`) under its own name or a name it is tied to."""
+    def stored_name(self, name: str, tensor: torch.Tensor | None = None) -> str:
+        """The name under which ``files`` hold the meta tensor ``name`` (its own or one it is tied to), or
+        :class:`InputError` saying that nothing holds it (NOTE [Weights from files])."""
+        tensor = self.tensor(name) if tensor is None else tensor
         stored = self._file_names.get(storage_key(tensor))
         if stored is None:
             where = "no weights= were given" if self.files is None else "the weights given hold no tensor of that name"
             raise InputError(f"'{name}' is on the meta device (a model built without its weights) and {where}: pass "
                              "weights=fxmin.shards.ShardedWeights('checkpoint/') (safetensors files, the Hugging Face "
-                             "layout), or build the model with its weights")
+                             "layout), or build the model with its weights; a buffer no checkpoint holds (a rotary "
+                             "table) stays real when the model is built under accelerate.init_empty_weights()")
+        return stored
+
+    def _from_files(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """NOTE [Weights from files]: a tensor the model holds on the meta device is read from ``files``
+        (e.g. :class:`fxmin.shards.ShardedWeights`) under its own name or a name it is tied to."""
+        stored = self.stored_name(name, tensor)
         value = self.files[stored]
         if tuple(value.shape) != tuple(tensor.shape):
             raise InputError(f"'{stored}' in the weights has shape {tuple(value.shape)}; the model's is "

@@ -25,6 +25,16 @@ def meta_model():
         return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
+def net_normed():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+
+
+def meta_normed():
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+
+
 class WithUnusedHead(nn.Module):
     """A model whose second head the forward never calls (a leftover of another version)."""
 
@@ -62,6 +72,9 @@ ROWS = [
      fxmin.MaskError, ["'0.weight'", "meta device", "compute it on the CPU"]),
     ("a model on the meta device", lambda: fxmin.minimize(meta_model(), full_mask(), X),
      fxmin.InputError, ["meta device", "'0.weight'", "to_empty", "load_state_dict"]),
+    ("a meta model whose checkpoint lacks a buffer (a rotary table built with `torch.device(\"meta\")`)",
+     lambda: fxmin.minimize(meta_normed(), full_mask(), X, weights=dict(net_normed().named_parameters())),
+     fxmin.InputError, ["'1.running_mean'", "meta device", "hold no tensor", "init_empty_weights"]),
     ("example inputs on the meta device", lambda: fxmin.minimize(net(), full_mask(), (torch.randn(3, 4, device="meta"),)),
      fxmin.InputError, ["meta device", "pass real tensors"]),
     ("a path string instead of a module", lambda: fxmin.minimize("model.pt", full_mask(), X),

@@ -67,13 +67,48 @@ def test_the_minimized_weights_go_back_to_shards_and_load(tmp_path):
     torch.testing.assert_close(again(*inputs), masked_copy(model, masks)(*inputs), rtol=1e-5, atol=1e-6)
 
 
-def test_a_meta_model_that_only_torch_export_takes_is_refused_with_the_way_out(tmp_path):
+def test_a_meta_model_goes_through_the_export_front_end_when_asked(tmp_path):
     factory, model, masks, inputs = _gpt_with_half_mlp_dead()
     write_shards(model.state_dict().items(), tmp_path)
     with torch.device("meta"):
         empty = factory().eval()
-    with pytest.raises(fxmin.InputError, match="meta device and torch.fx could not trace it.*load_shards"):
-        fxmin.minimize(empty, masks, inputs, weights=tmp_path, frontend="export")
+    result = fxmin.minimize(empty, masks, inputs, weights=tmp_path, frontend="export")
+    assert result.frontend == "export" and all(p.is_meta for p in empty.parameters())
+    assert fxmin.count_parameters(result.module) == fxmin.count_parameters(fxmin.minimize(model, masks, inputs).module)
+    torch.testing.assert_close(result.module(*inputs), masked_copy(model, masks)(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hugging_face_llama_built_without_weights_is_minimized_from_its_shards(tmp_path):
+    """transformers 5.x has no torch.fx tracer: the model is exported with FakeTensors on the CPU in place of
+    its meta parameters (NOTE [Exporting a model without its weights]) and its weights read from the files."""
+    accelerate = pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()
+             if name.endswith(("gate_proj.weight", "up_proj.weight"))}
+    for mask in masks.values():
+        mask[::2] = False  # half of every MLP's units
+    write_shards(model.state_dict().items(), tmp_path, max_shard_bytes=40_000)
+    inputs = {"input_ids": torch.randint(0, 256, (1, 8)), "use_cache": False}
+    with accelerate.init_empty_weights():  # meta parameters, real rotary buffers
+        empty = transformers.LlamaForCausalLM(config).eval()
+    empty.tie_weights()
+    result = fxmin.minimize(empty, masks, inputs, weights=tmp_path)
+    in_memory = fxmin.minimize(model, masks, inputs)
+    assert result.frontend == "export" and all(p.is_meta for p in empty.parameters())
+    intermediate, width = 128, 64  # per layer: gate and up lose half their rows, down half its columns
+    assert fxmin.count_parameters(model) - fxmin.count_parameters(result.module) == 2 * 3 * (intermediate // 2) * width
+    for name, tensor in in_memory.module.state_dict().items():
+        assert torch.equal(result.module.state_dict()[name], tensor), name
+    float64_line = next(line for line in str(result.report).splitlines() if line.strip().startswith("float64"))
+    assert "ok" in float64_line
+    with torch.device("meta"):  # the rotary table is a buffer no checkpoint holds
+        bare = transformers.LlamaForCausalLM(config).eval()
+    with pytest.raises(fxmin.InputError, match="'model.rotary_emb.inv_freq' is on the meta device .* hold no tensor"):
+        fxmin.minimize(bare, masks, inputs, weights=tmp_path)
 
 
 def test_a_llama_with_real_rotary_buffers_runs_from_shards(tmp_path):
