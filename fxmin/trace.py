@@ -137,6 +137,18 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
 _INTERPRETER_NOTE = "\n\nWhile executing"  # what torch.fx.Interpreter appends to the error message
 
 
+# NOTE [Returned products]
+# Shape propagation runs the model once, but the value of a node that only the graph's output reads is
+# not read again: only its shape is recorded. For a Linear whose product only the output reads (a
+# language model's head, often the model's largest product) the pass records the shape and dtype
+# torch.nn.functional.linear gives, on an empty tensor, and computes no product. (The meta device
+# would give any op's shape, but its first use imports torch's symbolic-shapes machinery, seconds
+# per process.) A value that another op reads is always computed: a data-dependent op (``nonzero``)
+# must see real values.
+
+_LINEARS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
 class _ShapeRecorder(torch.fx.Interpreter):
     """``ShapeProp`` without its import of ``torch.fx.experimental.symbolic_shapes`` (and sympy),
     which costs seconds in every fresh process: records ``tensor_meta`` and ``type`` the same way."""
@@ -146,6 +158,23 @@ class _ShapeRecorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule):
         super().__init__(gm)
         self.files = weights_of(gm) if any(t.is_meta for t in (*gm.parameters(), *gm.buffers())) else None
+
+    def _returned_product(self, node) -> torch.Tensor | None:
+        """NOTE [Returned products]: an empty tensor of the shape and dtype of a Linear that only the output reads."""
+        if not node.users or any(user.op != "output" for user in node.users) or node.kwargs:
+            return None
+        args = self.fetch_args_kwargs_from_env(node)[0]
+        if node.op == "call_module" and type(self.fetch_attr(node.target)) is nn.Linear and len(args) == 1:
+            weight = self.fetch_attr(node.target).weight
+        elif node.op == "call_function" and node.target in _LINEARS and len(args) in (2, 3):
+            weight = args[1]
+        else:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype \
+                or weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            return None  # what a real run would raise on, it raises on
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     # NOTE [Weights from files] (fxmin/weights.py): a model built on the meta device runs with each
     # weight read from its files at the node that reads it, and let go (what the streamed verification does).
@@ -162,7 +191,8 @@ class _ShapeRecorder(torch.fx.Interpreter):
 
     def run_node(self, node):
         self.current = node
-        result = super().run_node(node)
+        result = self._returned_product(node) if node.op in ("call_module", "call_function") else None
+        result = super().run_node(node) if result is None else result
         found = []
 
         def extract(value):
