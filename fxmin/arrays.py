@@ -40,6 +40,16 @@ def nonzero(tensor: torch.Tensor) -> np.ndarray:
     return values != 0
 
 
+def any_tap(pattern: np.ndarray) -> np.ndarray:
+    """bool ``(out, in)`` of a bool ``(out, in, *taps)`` pattern: where any tap is True. One vectorized or
+    per tap: numpy's ``any`` over short trailing axes reduces element by element."""
+    flat = pattern.reshape(*pattern.shape[:2], -1)
+    reads = flat[..., 0].copy()
+    for tap in range(1, flat.shape[2]):
+        reads |= flat[..., tap]
+    return reads
+
+
 def constant_columns(table: torch.Tensor) -> np.ndarray:
     """bool ``(columns,)`` of a 2-d ``table``: the columns where every row holds row 0's value (bit for bit)."""
     values = host_array(table)

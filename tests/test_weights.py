@@ -151,3 +151,11 @@ def test_masked_loads_of_row_structured_masks_equal_the_masked_tensor_sliced(sha
         want = want if cols is None else want[:, cols]
         assert torch.equal(loaded, want), (rows, cols)
     assert weight.isnan().any()  # the model's own tensor is untouched
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 1), (6, 4, 3, 3), (4, 1, 7, 7), (3, 2, 2, 3, 3)])
+def test_any_tap_is_numpys_any_over_the_taps(shape):
+    from fxmin import arrays
+    pattern = np.random.default_rng(0).random(shape) > 0.8
+    expected = pattern.reshape(*shape[:2], -1).any(axis=2)
+    assert np.array_equal(arrays.any_tap(pattern), expected)

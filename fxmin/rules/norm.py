@@ -61,10 +61,12 @@ def _batch_norm_plan(ctx):
     shift = ctx.input_shift()  # NOTE [BatchNorm absorbs]
     if kept is None or (len(kept) == module.num_features and shift is None):
         return
-    replacement = deep_copy(module).to(torch.float64)
+    sliced = ("weight", "bias", "running_mean", "running_var")
+    replaced = (getattr(module, name, None) for name in sliced)  # set below: not copied first
+    replacement = deep_copy(module, {id(t): None for t in replaced if t is not None}).to(torch.float64)
     index = torch.from_numpy(kept)
     params = {}
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    for name in sliced:
         tensor = getattr(module, name, None)
         if tensor is None:
             continue

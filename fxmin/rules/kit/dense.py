@@ -50,7 +50,7 @@ class DenseView:
         self._load = load
         self._grouped_sums = None
         self._added = None  # (columns, their values, what they add): the last constant_output
-        reads = pattern.any(axis=self.taps) if self.taps else pattern
+        reads = arrays.any_tap(pattern) if self.taps else pattern
         del pattern
         if groups > 1:
             reads, self._grouped_sums = _grouped(reads, self._sums(load()).numpy(), groups, self.shape)
