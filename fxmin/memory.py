@@ -12,9 +12,10 @@ holds. ``malloc_trim(0)`` gives every whole free page inside the heap back (``ma
 later). The pass calls it before it reads a tensor once it has read ``TRIM_BYTES`` since the last call
 (:func:`before_read`): blocks above glibc's largest threshold are mapped on their own and go back when
 freed, so what stays resident between calls is bounded by the temporaries of that much reading, and a
-model of small layers is not walked over after each one. It is nothing at all where the C library is
-not glibc. It changes no allocation policy of the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``,
-which would stay set for the user's program after the pass.
+model of small layers is not walked over after each one. The streamed verification calls it before
+each block of a weight it casts to float64. It is nothing at all where the C library is not glibc. It
+changes no allocation policy of the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay
+set for the user's program after the pass.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import EquivalenceError, InputError
 from .graph_helpers import copy_module
-from .memory import before_read
+from .memory import release_freed
 from .progress import phase
 from .weights import call_loaded, weights_of
 
@@ -284,7 +284,7 @@ def _cast_by_rows(module: nn.Module, target: str, x: torch.Tensor, run: Streamed
     step = max(1, _CAST_ELEMENTS // max(1, weight.shape[1]))
     blocks = []
     for start in range(0, max(weight.shape[0], 1), step):  # a Linear with no output: one empty block
-        before_read(step * weight.shape[1] * weight.element_size())  # the last blocks' casts (NOTE [Freed memory])
+        release_freed()  # the last block's cast (NOTE [Freed memory] in fxmin/memory.py)
         blocks.append(F.linear(x, weight[start:start + step].to(run.dtype),
                                None if bias is None else bias[start:start + step]))
     return torch.cat(blocks, dim=-1) if len(blocks) != 1 else blocks[0]
