@@ -1,9 +1,9 @@
 """Billion-parameter models: peak resident memory and time of ``fxmin.minimize`` (verification on),
 each model in a fresh subprocess, writing ``docs/scale.md``.
 
-Models (random weights, nothing downloaded): fxmin.zoo's GPT at the four GPT-2 sizes in float32, and
+Models (random weights, nothing downloaded): fxmin.zoo's GPT at the four GPT-2 sizes in float32,
 fxmin.zoo's Llama (RMSNorm, rotary, SwiGLU, grouped-query attention) at Llama-3.2-3B's and Llama-3-8B's
-shapes in bfloat16. Half of every MLP's hidden units are dead: their rows of ``c_fc`` (GPT) or of
+shapes in bfloat16, and transformers' own LlamaForCausalLM (``hf-llama-1b``: through torch.export). Half of every MLP's hidden units are dead: their rows of ``c_fc`` (GPT) or of
 ``gate_proj`` and ``up_proj`` (Llama) are masked, with masks that are expanded views of one row mask
 (they cost no memory, so the peak is the pass's own). Inputs: one sequence of ``--tokens`` tokens.
 
@@ -56,7 +56,35 @@ MODELS = {
                                    block_size=64), "bfloat16", "Llama, Llama-3-70B shape cut to 2 of its 80 layers"),
     "llama-8b": ("llama", dict(vocab_size=128256, dim=4096, n_layer=32, heads=32, kv_heads=8, hidden=14336,
                                block_size=64), "bfloat16", "Llama, Llama-3-8B shape (32 x 4096, GQA 32/8)"),
+    # transformers 5.x's own LlamaForCausalLM (no torch.fx tracer: through torch.export)
+    "hf-llama-1b": ("hf-llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+                    "bfloat16", "Hugging Face LlamaForCausalLM (transformers 5.x, torch.export), Llama-3.2-1B shape, untied"),
 }
+
+#: the keys of each family's configuration: width, layers, vocabulary, MLP width, heads, key-value heads
+_SIZES = {"gpt": ("n_embd", "n_layer", "vocab_size", None, "n_head", None),
+          "llama": ("dim", "n_layer", "vocab_size", "hidden", "heads", "kv_heads"),
+          "hf-llama": ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads")}
+
+
+def make_model(family: str, config: dict | None = None):
+    """The model of ``family`` (``config``: its keyword arguments; None: a tiny one), in float32, random."""
+    if family == "hf-llama":
+        import transformers
+
+        tiny = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config or tiny)))
+    from fxmin import zoo
+
+    return (zoo.gpt if family == "gpt" else zoo.llama)(**(config or {}))
+
+
+def model_inputs(family: str, ids):
+    """What ``fxmin.minimize`` takes as the example inputs of ``ids`` (token ids) for ``family``."""
+    return {"input_ids": ids, "use_cache": False} if family == "hf-llama" else (ids,)
 
 
 def _rss(field: str) -> int:
@@ -77,14 +105,13 @@ def estimate(name: str) -> int:
     """Bytes of model + result + largest tensor, from the configuration alone (for the skip test)."""
     family, config, dtype, _ = MODELS[name]
     size = 4 if dtype == "float32" else 2
+    d, layers, vocab, hidden, heads, kv_heads = (config.get(key) for key in _SIZES[family])
     if family == "gpt":
-        d, layers, vocab = config["n_embd"], config["n_layer"], config["vocab_size"]
         model = vocab * d + config["block_size"] * d + layers * 12 * d * d
         result = model - layers * 4 * d * d
         largest = vocab * d
     else:
-        d, layers, vocab, hidden = config["dim"], config["n_layer"], config["vocab_size"], config["hidden"]
-        kv = d // config["heads"] * config["kv_heads"]
+        kv = d // heads * kv_heads
         attention = 2 * d * d + 2 * d * kv
         model = 2 * vocab * d + layers * (attention + 3 * d * hidden)
         result = model - layers * 3 * d * hidden // 2
@@ -109,21 +136,19 @@ def _build(name: str, tokens: int):
     """(model, masks of half of every MLP's hidden units, inputs), the model built in its dtype."""
     import torch
 
-    from fxmin import zoo
-
     family, config, dtype_name, _ = MODELS[name]
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy on the way
     try:
-        model = (zoo.gpt if family == "gpt" else zoo.llama)(**config).to(dtype).eval()
+        model = make_model(family, config).to(dtype).eval()
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
     masks = mlp_masks(model, family, generator)
-    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=generator),)
+    inputs = model_inputs(family, torch.randint(0, config["vocab_size"], (1, tokens), generator=generator))
     return model, masks, inputs
 
 
@@ -151,11 +176,10 @@ def _warm(name: str, tool: str) -> int:
     import torch
 
     import fxmin
-    from fxmin import zoo
 
     family, dtype = MODELS[name][0], getattr(torch, MODELS[name][2])
-    tiny = (zoo.gpt if family == "gpt" else zoo.llama)().to(dtype).eval()
-    inputs = (torch.randint(0, 128, (1, 8)),)
+    tiny = make_model(family).to(dtype).eval()
+    inputs = model_inputs(family, torch.randint(0, 128, (1, 8)))
     if tool == "fxmin":
         fxmin.minimize(tiny, None, inputs, progress=False)
     else:

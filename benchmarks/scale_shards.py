@@ -1,7 +1,7 @@
 """Minimizing from safetensors shards (issue #20, item 3): a model built without its weights, its weights in
 files, each read when the pass needs it. Peak RSS against the result plus one shard, in a fresh process.
 
-    python -m benchmarks.scale_shards --models gpt2-124m llama-1b llama-3b --write
+    python -m benchmarks.scale_shards --models gpt2-124m llama-1b llama-3b hf-llama-1b --write
 
 For each model of ``benchmarks.scale.MODELS``: synthetic weights (random, in the model's dtype, generated
 and written one tensor at a time: the full model is never in memory) go to shards of ``--shard-gib`` in the
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.scale import (DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, mlp_masks, parameters_text,
-                              time_phases, verification_text)
+from benchmarks.scale import (DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, make_model, mlp_masks, model_inputs,
+                              parameters_text, time_phases, verification_text)
 
 SECTION = "Minimized from safetensors shards"
 
@@ -34,11 +34,9 @@ def _empty(name: str):
     import accelerate
     import torch
 
-    from fxmin import zoo
-
     family, config, dtype_name, _ = MODELS[name]
     with accelerate.init_empty_weights():
-        model = (zoo.gpt if family == "gpt" else zoo.llama)(**config)
+        model = make_model(family, config)
     if family == "gpt":
         model.lm_head.weight = model.transformer.wte.weight  # init_empty_weights unties what zoo.gpt ties
     return model.to(getattr(torch, dtype_name)).eval().requires_grad_(False)
@@ -78,7 +76,7 @@ def child(name: str, directory: str, tokens: int) -> dict:
     model = _empty(name)
     generator = torch.Generator().manual_seed(0)
     masks = mlp_masks(model, family, generator)  # the same masks and inputs as benchmarks.scale
-    inputs = (torch.randint(0, config["vocab_size"], (1, tokens), generator=generator),)
+    inputs = model_inputs(family, torch.randint(0, config["vocab_size"], (1, tokens), generator=generator))
     weights = ShardedWeights(directory)
     phases, peaks = time_phases()
     start = time.perf_counter()
