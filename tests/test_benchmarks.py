@@ -111,11 +111,14 @@ def test_deployed_reminimize_replaces_ours_by_what_minimize_makes_of_it_and_leav
     torch.testing.assert_close(seeds[0]["squeeze-release"](x), ours(x))
 
 
-def test_scale_benchmark_minimizes_a_llama_in_bfloat16_and_counts_what_it_holds(monkeypatch):
+@pytest.mark.parametrize("family, config", [
+    ("llama", dict(vocab_size=256, dim=64, n_layer=2, heads=4, kv_heads=2, hidden=128, block_size=64)),
+    ("hf-llama", dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False))])
+def test_scale_benchmark_minimizes_a_llama_in_bfloat16_and_counts_what_it_holds(monkeypatch, family, config):
     from benchmarks import scale
 
-    config = dict(vocab_size=256, dim=64, n_layer=2, heads=4, kv_heads=2, hidden=128, block_size=64)
-    monkeypatch.setitem(scale.MODELS, "tiny-llama", ("llama", config, "bfloat16", "a tiny Llama"))
+    monkeypatch.setitem(scale.MODELS, "tiny-llama", (family, config, "bfloat16", "a tiny Llama"))
     record = scale.child("tiny-llama", 8)
     assert record["verified"] and record["dtype"] == "bfloat16" and set(record["errors"]) == {"float64", "bfloat16"}
     # half of the 128 hidden units of each layer: 64 rows of gate_proj and of up_proj, 64 columns of down_proj
