@@ -2,8 +2,8 @@
 value (in numpy), and the analysis' float64 products (in torch).
 
 NOTE [Bool work in numpy]
-The pass asks a few bool questions of every weight and mask: where is it nonzero, does a mask keep
-all of a slice, which columns of a table hold one value. On the CPU, torch's kernels that produce or
+The pass asks a few bool questions of every weight and mask: where is it nonzero, which rows does a
+mask keep or drop whole (NOTE [Masked loads] in fxmin/weights.py), which columns of a table hold one value. On the CPU, torch's kernels that produce or
 reduce bool tensors (``!=``, ``.all()``, ``.any(dim)``, ``count_nonzero``) are several times slower than
 numpy's on the same memory (docs/benchmarks.md, "Reading the pass-time numbers"), and those questions
 are most of what the analysis does with weights. So they are asked of numpy views of the tensors:
@@ -24,7 +24,7 @@ import torch
 _BITS = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF)}
 
 
-def host_array(tensor: torch.Tensor) -> np.ndarray:
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of the CPU tensor ``tensor`` (no copy); float16 and bfloat16 as their int16 bit patterns."""
     tensor = tensor.detach()
     if tensor.dtype in _BITS:
@@ -34,7 +34,7 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
 
 def nonzero(tensor: torch.Tensor) -> np.ndarray:
     """bool numpy array of ``tensor``'s shape: where it is nonzero (NaN counts as nonzero)."""
-    values = host_array(tensor)
+    values = _host_array(tensor)
     if tensor.dtype in _BITS:
         return (values & _BITS[tensor.dtype][1]) != 0
     return values != 0
@@ -51,8 +51,9 @@ def any_tap(pattern: np.ndarray) -> np.ndarray:
 
 
 def constant_columns(table: torch.Tensor) -> np.ndarray:
-    """bool ``(columns,)`` of a 2-d ``table``: the columns where every row holds row 0's value (bit for bit)."""
-    values = host_array(table)
+    """bool ``(columns,)`` of a 2-d ``table``: the columns where every row holds row 0's value (half precision
+    compared bit for bit)."""
+    values = _host_array(table)
     return (values == values[:1]).all(axis=0)
 
 

@@ -108,7 +108,7 @@ class ModuleWeights:
         tensor = self.raw(name, tensor)
         if mask is None:
             return sliced(tensor, rows, cols)
-        return self._masks.get(storage_key(tensor), mask).load(tensor, rows, cols)
+        return self._masks.load(storage_key(tensor), mask, tensor, rows, cols)
 
     def raw(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor's values without its mask (read-only: it may be the model's own tensor). Every read
@@ -177,32 +177,24 @@ class _MaskedLoads:
     def __init__(self):
         self._rows: dict = {}  # storage key -> (bool (rows,) kept whole, bool (rows,) dropped whole)
 
-    def get(self, key: tuple, mask: torch.Tensor) -> "_MaskedLoad":
-        if key not in self._rows:
-            flat = mask.numpy().reshape(mask.shape[0], -1) if mask.dim() else mask.numpy().reshape(1, 1)
-            self._rows[key] = (flat.all(axis=1), ~flat.any(axis=1))
-        return _MaskedLoad(mask, *self._rows[key])
-
-
-class _MaskedLoad:
-    def __init__(self, mask: torch.Tensor, whole: np.ndarray, dropped: np.ndarray):
-        self.mask, self.whole, self.dropped = mask, whole, dropped
-
-    def load(self, tensor: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    def load(self, key: tuple, mask: torch.Tensor, tensor: torch.Tensor, rows: torch.Tensor | None,
+             cols: torch.Tensor | None) -> torch.Tensor:
+        """``tensor`` masked by ``mask`` (its storage key ``key``), only its ``rows`` and ``cols`` (as :func:`sliced`)."""
         if tensor.dim() == 0:
-            return torch.where(self.mask, tensor, 0)
+            return torch.where(mask, tensor, 0)
+        if key not in self._rows:
+            flat = mask.numpy().reshape(mask.shape[0], -1)
+            self._rows[key] = (flat.all(axis=1), ~flat.any(axis=1))
         picked = slice(None) if rows is None else rows.numpy()
-        whole, dropped = self.whole[picked], self.dropped[picked]
+        whole, dropped = (kind[picked] for kind in self._rows[key])
         if whole.all():
             return sliced(tensor, rows, cols)
         if not (whole | dropped).all():  # some row is masked entry by entry
-            kept, mask = sliced(tensor, rows, cols), sliced_array(self.mask.numpy(), rows, cols)
+            kept, mask = sliced(tensor, rows, cols), _sliced_array(mask.numpy(), rows, cols)
             return torch.where(torch.from_numpy(mask), kept, 0)
         read = torch.from_numpy(np.nonzero(whole)[0])
-        rows = read if rows is None else rows[read]
-        values = sliced(tensor, rows, cols)
-        out = values.new_zeros((len(whole), *values.shape[1:]))
-        return out.index_copy_(0, read, values)
+        values = sliced(tensor, read if rows is None else rows[read], cols)
+        return values.new_zeros((len(whole), *values.shape[1:])).index_copy_(0, read, values)
 
 
 def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +204,7 @@ def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.T
     return tensor if cols is None else tensor.index_select(1, cols)
 
 
-def sliced_array(array: np.ndarray, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> np.ndarray:
+def _sliced_array(array: np.ndarray, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> np.ndarray:
     """:func:`sliced` for a numpy array (a bool mask: NOTE [Bool work in numpy] in fxmin/arrays.py)."""
     if rows is not None:
         array = np.take(array, rows.numpy(), axis=0)

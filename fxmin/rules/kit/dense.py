@@ -32,10 +32,11 @@ class DenseView:
     """NOTE [Dense view] of one layer, read from its weight on demand (NOTE [Weights on demand] in
     fxmin/weights.py). ``load(rows=None, cols=None)`` gives the weight (``(out, in per group, *taps)``,
     masked, in its own dtype), or only some of its rows and columns (int64 indices); ``nonzero()``, where
-    it is nonzero (a bool numpy array; by default read from ``load()``). The view keeps which input each output reads as packed
-    bits (one bit per output and input, the taps reduced) and reads the weight's values again only for
-    the sums of the columns fed nonzero constants and for the rows and columns the plan keeps. A grouped conv's dense tap sums are
-    built once (its weight is small next to them). ``bias``: float64 ``(out,)``, zeros when absent."""
+    it is nonzero (a bool numpy array; by default read from ``load()``). The view keeps which input each
+    output reads as packed bits (one bit per output and input, the taps reduced) and reads the weight's
+    values again only for the sums of the columns fed nonzero constants and for the rows and columns the
+    plan keeps. A grouped conv's dense tap sums are built once (its weight is small next to them).
+    ``bias``: float64 ``(out,)``, zeros when absent."""
 
     def __init__(self, load, bias: torch.Tensor | None, groups: int, padded: bool, channel_axis: int,
                  can_fold: bool = True, nonzero=None):
