@@ -3,8 +3,9 @@ each model in a fresh subprocess, writing ``docs/scale.md``.
 
 Models (random weights, nothing downloaded): fxmin.zoo's GPT at the four GPT-2 sizes in float32,
 fxmin.zoo's Llama (RMSNorm, rotary, SwiGLU, grouped-query attention) at Llama-3.2-3B's and Llama-3-8B's
-shapes in bfloat16, and transformers' own LlamaForCausalLM (``hf-llama-1b``: through torch.export). Half of every MLP's hidden units are dead: their rows of ``c_fc`` (GPT) or of
-``gate_proj`` and ``up_proj`` (Llama) are masked, with masks that are expanded views of one row mask
+shapes in bfloat16, and transformers' own LlamaForCausalLM (``hf-llama-1b``: through torch.export). Half
+of every MLP's hidden units are dead: their rows of ``c_fc`` (GPT) or of ``gate_proj`` and ``up_proj``
+(Llama) are masked, with masks that are expanded views of one row mask
 (they cost no memory, so the peak is the pass's own). Inputs: one sequence of ``--tokens`` tokens.
 
 Per model the child process reports: the bytes of the model, of the result and of the largest single
