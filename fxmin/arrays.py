@@ -3,9 +3,10 @@ value (in numpy), and the analysis' float64 products (in torch).
 
 NOTE [Bool work in numpy]
 The pass asks a few bool questions of every weight and mask: where is it nonzero, which rows does a
-mask keep or drop whole (NOTE [Masked loads] in fxmin/weights.py), which columns of a table hold one value. On the CPU, torch's kernels that produce or
-reduce bool tensors (``!=``, ``.all()``, ``.any(dim)``, ``count_nonzero``) are several times slower than
-numpy's on the same memory (docs/benchmarks.md, "Reading the pass-time numbers"), and those questions
+mask keep or drop whole (NOTE [Masked loads] in fxmin/weights.py), which columns of a table hold one
+value. On the CPU, torch's kernels that produce or reduce bool tensors (``!=``, ``.all()``,
+``.any(dim)``, ``count_nonzero``) are several times slower than numpy's on the same memory
+(docs/benchmarks.md, "Bool work on weights: torch against numpy"), and those questions
 are most of what the analysis does with weights. So they are asked of numpy views of the tensors:
 no copy, the same memory. numpy has no bfloat16, and its float16 compares are slow, so half-precision
 tensors are read as their int16 bit patterns: a value is zero iff its bits other than the sign are
@@ -14,7 +15,8 @@ a column it could have dropped, never drop one it needs).
 
 The float64 products of the analysis (what constant inputs add to a layer's outputs) run in torch
 (:func:`product`), not numpy: numpy's go to OpenBLAS's own threads, which ignore
-``torch.set_num_threads`` and keep spinning on other cores between the many small products.
+``torch.set_num_threads`` and keep spinning on other cores between the many small products (the same
+section).
 """
 from __future__ import annotations
 

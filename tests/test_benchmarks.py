@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks.markdown import replace_section
@@ -126,3 +127,10 @@ def test_scale_benchmark_minimizes_a_llama_in_bfloat16_and_counts_what_it_holds(
     assert record["model_bytes"] >= 2 * record["params_before"] and record["largest"] == 256 * 64 * 2
     assert set(record["phases"]) == {"trace", "analysis", "plan", "rewrite", "verify"}
 
+
+
+def test_the_bool_kernels_benchmark_asks_torch_and_numpy_the_same_questions():
+    from benchmarks import bool_kernels
+
+    for question, in_torch, in_numpy in bool_kernels.cases(seed=0):
+        assert np.array_equal(np.asarray(in_torch()), in_numpy()), question
