@@ -34,12 +34,20 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+#: elements of a half-precision tensor whose bits are tested at a time (their masked bits are a temporary)
+_BLOCK = 1 << 22
+
+
 def nonzero(tensor: torch.Tensor) -> np.ndarray:
     """bool numpy array of ``tensor``'s shape: where it is nonzero (NaN counts as nonzero)."""
     values = _host_array(tensor)
-    if tensor.dtype in _BITS:
-        return (values & _BITS[tensor.dtype][1]) != 0
-    return values != 0
+    if tensor.dtype not in _BITS:
+        return values != 0
+    flat = values.reshape(-1)
+    found = np.empty(flat.shape, bool)
+    for start in range(0, flat.size, _BLOCK):  # a block at a time: no temporary of the tensor's size
+        np.not_equal(flat[start:start + _BLOCK] & _BITS[tensor.dtype][1], 0, out=found[start:start + _BLOCK])
+    return found.reshape(values.shape)
 
 
 def any_tap(pattern: np.ndarray) -> np.ndarray:
