@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .errors import InputError, TraceError
 from .progress import phase
 from .rules.api import REGISTRY
-from .weights import call_loaded, weights_of
+from .weights import Unread, call_loaded, read_unread, weights_of
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -163,11 +163,11 @@ class _ShapeRecorder(torch.fx.Interpreter):
         """NOTE [Returned products]: an empty tensor of the shape and dtype of a Linear that only the output reads."""
         if not node.users or any(user.op != "output" for user in node.users) or node.kwargs:
             return None
-        args = self.fetch_args_kwargs_from_env(node)[0]
+        args = super().fetch_args_kwargs_from_env(node)[0]  # a weight not read yet stays so
         if node.op == "call_module" and type(self.fetch_attr(node.target)) is nn.Linear and len(args) == 1:
             weight = self.fetch_attr(node.target).weight
         elif node.op == "call_function" and node.target in _LINEARS and len(args) in (2, 3):
-            weight = args[1]
+            weight = args[1].tensor if isinstance(args[1], Unread) else args[1]
         else:
             return None
         x = args[0]
@@ -177,10 +177,15 @@ class _ShapeRecorder(torch.fx.Interpreter):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     # NOTE [Weights from files] (fxmin/weights.py): a model built on the meta device runs with each
-    # weight read from its files at the node that reads it, and let go (what the streamed verification does).
+    # weight read from its files at the node that uses it, and let go (what the streamed verification
+    # does; NOTE [Weights read where they are used]).
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
-        return self.files.load(target) if self.files is not None and getattr(value, "is_meta", False) else value
+        return Unread(target, value) if self.files is not None and getattr(value, "is_meta", False) else value
+
+    def fetch_args_kwargs_from_env(self, node):
+        args, kwargs = super().fetch_args_kwargs_from_env(node)
+        return read_unread((args, kwargs), self.files.load) if self.files is not None else (args, kwargs)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)

@@ -15,7 +15,7 @@ from .errors import EquivalenceError, InputError
 from .graph_helpers import copy_module
 from .memory import release_freed
 from .progress import phase
-from .weights import call_loaded, weights_of
+from .weights import Unread, call_loaded, read_unread, weights_of
 
 # NOTE [Tolerances]
 # A comparison passes when max |reference - result| <= tolerance x max(1, max |reference|) over
@@ -253,11 +253,28 @@ class _Streamed(torch.fx.Interpreter):
             self.stream.values[node.name] = value
         return value
 
-    def get_attr(self, target, args, kwargs):
+    def get_attr(self, target, args, kwargs):  # NOTE [Weights read where they are used] in fxmin/weights.py
         value = super().get_attr(target, args, kwargs)
-        return self.stream.tensor(target) if isinstance(value, torch.Tensor) else value
+        return Unread(target, value) if isinstance(value, torch.Tensor) else value
+
+    def call_function(self, target, args, kwargs):
+        if self.stream.dtype is not None and target in _LINEARS and len(args) in (2, 3) and not kwargs \
+                and isinstance(args[1], Unread) and not isinstance(args[0], Unread):
+            bias = read_unread(args[2], self.stream.tensor) if len(args) == 3 else None
+            return _linear_by_rows(args[0], args[1].target, bias, self.stream)
+        if self.stream.dtype is not None and target is torch.ops.aten.embedding.default and isinstance(args[0], Unread):
+            table, rest = self.stream.load(args[0].target), read_unread(args[1:], self.stream.tensor)
+            return _cast(target(table, *rest, **kwargs), self.stream.dtype)  # the rows looked up, then cast
+        return super().call_function(target, *read_unread((args, kwargs), self.stream.tensor))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *read_unread((args, kwargs), self.stream.tensor))
+
+    def output(self, target, args, kwargs):
+        return super().output(target, *read_unread((args, kwargs), self.stream.tensor))
 
     def call_module(self, target, args, kwargs):
+        args, kwargs = read_unread((args, kwargs), self.stream.tensor)
         module = self.fetch_attr(target)
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         if not named:
@@ -273,14 +290,27 @@ class _Streamed(torch.fx.Interpreter):
 _CAST_ELEMENTS = 1 << 22
 
 
+#: the functions of a Linear's product (FX graphs call them; the export front end's, aten.linear)
+_LINEARS = (F.linear, torch.ops.aten.linear.default)
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype) if value.is_floating_point() else value
+
+
 def _cast_by_rows(module: nn.Module, target: str, x: torch.Tensor, run: StreamedRun) -> torch.Tensor:
     """``module(x)`` (a Linear or an Embedding) in the run's dtype, its weight cast a block of rows at a time."""
-    weight = run.load(f"{target}.weight")
     if isinstance(module, nn.Embedding):  # the rows looked up, then cast: the same values
-        picked = F.embedding(x, weight, module.padding_idx, module.max_norm, module.norm_type,
+        picked = F.embedding(x, run.load(f"{target}.weight"), module.padding_idx, module.max_norm, module.norm_type,
                              module.scale_grad_by_freq, module.sparse)
-        return picked.to(run.dtype) if picked.is_floating_point() else picked
+        return _cast(picked, run.dtype)
     bias = run.tensor(f"{target}.bias") if module.bias is not None else None
+    return _linear_by_rows(x, f"{target}.weight", bias, run)
+
+
+def _linear_by_rows(x: torch.Tensor, weight_name: str, bias: torch.Tensor | None, run: StreamedRun) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in the run's dtype, the weight ``weight_name`` cast a block of rows at a time."""
+    weight = run.load(weight_name)
     step = max(1, _CAST_ELEMENTS // max(1, weight.shape[1]))
     blocks = []
     for start in range(0, max(weight.shape[0], 1), step):  # a Linear with no output: one empty block

@@ -20,6 +20,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 import torch
+import torch.fx
 from torch import nn
 
 from . import arrays
@@ -209,6 +210,29 @@ def _sliced_array(array: np.ndarray, rows: torch.Tensor | None = None, cols: tor
     if rows is not None:
         array = np.take(array, rows.numpy(), axis=0)
     return array if cols is None else np.take(array, cols.numpy(), axis=1)
+
+
+class Unread:
+    """A ``get_attr`` value not read yet: the attribute's name and the graph's own tensor (for its shape and
+    dtype). NOTE [Weights read where they are used]."""
+
+    __slots__ = ("target", "tensor")
+
+    def __init__(self, target: str, tensor: torch.Tensor):
+        self.target, self.tensor = target, tensor
+
+
+def read_unread(value, load):
+    """``value`` (a node's args or kwargs) with every :class:`Unread` in it replaced by ``load(target)``."""
+    return torch.fx.node.map_aggregate(value, lambda item: load(item.target) if isinstance(item, Unread) else item)
+
+
+# NOTE [Weights read where they are used]
+# The export front end's graphs read every parameter through a ``get_attr`` node, and those come first
+# in the graph: an interpreter that loaded each where its node stands would hold every weight of the
+# model from the start of the run to each one's last use, the whole model at once (in float64, in a
+# streamed verification). So the streamed runs give a ``get_attr`` of a tensor an :class:`Unread`
+# marker and load the tensor only as the node that uses it runs, for that call (``read_unread``).
 
 
 def call_loaded(module: nn.Module, target: str, load, args, kwargs):

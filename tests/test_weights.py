@@ -160,3 +160,32 @@ def test_any_tap_is_numpys_any_over_the_taps(shape):
     pattern = np.random.default_rng(0).random(shape) > 0.8
     expected = pattern.reshape(*shape[:2], -1).any(axis=2)
     assert np.array_equal(arrays.any_tap(pattern), expected)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_a_streamed_run_of_an_exported_graph_holds_one_layers_weights_at_a_time(dtype):
+    """The export front end's graphs read every weight through get_attr nodes that come first: a streamed run
+    reads each where it is used (NOTE [Weights read where they are used]), not the whole model up front."""
+    import weakref
+
+    from fxmin.trace_export import export_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(12) for layer in (nn.Linear(8, 8), nn.Tanh())]).eval()
+    x = torch.randn(3, 8)
+    graph, _, _ = export_trace(model, (x,))
+    assert [n.op for n in graph.graph.nodes][1:25] == ["get_attr"] * 24  # every weight and bias read first
+    alive, most = set(), [0]
+
+    def load(name):
+        value = graph.get_parameter(name).detach().clone()
+        alive.add(id(value))
+        weakref.finalize(value, alive.discard, id(value))
+        most[0] = max(most[0], len(alive))
+        return value
+
+    with torch.no_grad():
+        out = StreamedRun(graph, load=load, dtype=dtype)(x if dtype is None else x.to(dtype))
+        expected = model(x) if dtype is None else copy.deepcopy(model).to(dtype)(x.to(dtype))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype is None else 1e-13)
+    assert most[0] <= 2  # a layer's weight and bias, never the 24 tensors of the model
