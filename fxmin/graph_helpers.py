@@ -12,6 +12,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 
+#: the functions a Linear's product is called as in a graph (torch.fx's ``F.linear``; torch.export's ``aten.linear``)
+LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
 def tensor_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     """The shape recorded for ``node`` by shape propagation, or None when it is not a tensor."""
     meta = node.meta.get("tensor_meta")

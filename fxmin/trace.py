@@ -12,6 +12,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
+from .graph_helpers import LINEAR_FUNCTIONS
 from .progress import phase
 from .rules.api import REGISTRY
 from .weights import Unread, call_loaded, read_unread, weights_of
@@ -146,8 +147,6 @@ _INTERPRETER_NOTE = "\n\nWhile executing"  # what torch.fx.Interpreter appends t
 # per process.) A value that another op reads is always computed: a data-dependent op (``nonzero``)
 # must see real values.
 
-_LINEARS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
-
 
 class _ShapeRecorder(torch.fx.Interpreter):
     """``ShapeProp`` without its import of ``torch.fx.experimental.symbolic_shapes`` (and sympy),
@@ -166,7 +165,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
         args = super().fetch_args_kwargs_from_env(node)[0]  # a weight not read yet stays so
         if node.op == "call_module" and type(self.fetch_attr(node.target)) is nn.Linear and len(args) == 1:
             weight = self.fetch_attr(node.target).weight
-        elif node.op == "call_function" and node.target in _LINEARS and len(args) in (2, 3):
+        elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS and len(args) in (2, 3):
             weight = args[1].tensor if isinstance(args[1], Unread) else args[1]
         else:
             return None

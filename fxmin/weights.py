@@ -237,7 +237,7 @@ def read_unread(value, load):
 
 def call_loaded(module: nn.Module, target: str, load, args, kwargs):
     """``module(*args, **kwargs)`` with each of its parameters and buffers replaced, for this call only, by
-    ``load(f"{target}.{name}")`` (a streamed run: NOTE [Streamed runs] in fxmin/verify.py; a model whose
+    ``load(f"{target}.{name}")`` (a streamed run: NOTE [Streamed runs] in fxmin/streamed.py; a model whose
     weights are read from files: NOTE [Weights from files])."""
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     tensors = {name: load(f"{target}.{name}") for name, _ in named}

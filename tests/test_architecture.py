@@ -5,7 +5,7 @@
 - the kit (fxmin.rules.kit) imports the API and the base;
 - rule modules import the API, the kit and the base, and fxmin.compensated where a rule installs
   a replacement module from there (CompensatedLayerNorm, SlicedMultiheadAttention); never each other;
-- the engine (analysis, choices, plan, rewrite, verify, minimize, trace, trace_export, canonical_export, masks,
+- the engine (analysis, choices, plan, rewrite, streamed, verify, minimize, trace, trace_export, canonical_export, masks,
   report) imports the API, never a rule module or the kit;
 - compensated imports the base only;
 - zoo (the models fxmin is tested on) imports nothing of fxmin but itself: plain PyTorch models;
@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxmin"
 BASE = {"fxmin.errors", "fxmin.facts", "fxmin.units", "fxmin.graph_helpers", "fxmin.edits", "fxmin.progress", "fxmin.memory",
         "fxmin.arrays", "fxmin.weights", "fxmin.shards"}
 API = {"fxmin.rules.api", "fxmin.rules.contexts"}
-ENGINE = {f"fxmin.{name}" for name in ("analysis", "barriers", "choices", "plan", "rewrite", "verify", "minimize", "trace", "trace_export",
+ENGINE = {f"fxmin.{name}" for name in ("analysis", "barriers", "choices", "plan", "rewrite", "streamed", "verify", "minimize", "trace", "trace_export",
                                        "canonical_export", "masks", "report")}
 INTEGRATIONS = ("fxmin.cycle", "fxmin.audit", "fxmin.compile", "fxmin.cli")
 FACE = {"fxmin", "fxmin.__main__", "fxmin.legacy_modules"}

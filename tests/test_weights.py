@@ -1,4 +1,4 @@
-"""NOTE [Weights on demand] (fxmin/weights.py) and NOTE [Streamed runs] (fxmin/verify.py): the pass reads
+"""NOTE [Weights on demand] (fxmin/weights.py) and NOTE [Streamed runs] (fxmin/streamed.py): the pass reads
 the model's own tensors with the masks applied on load, holds no float64 copy of a weight matrix, and
 verifies without a copy of either model; the results are what the masked model computes."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.nn.utils import prune
 
 import fxmin
 from fxmin import zoo
-from fxmin.verify import StreamedRun
+from fxmin.streamed import StreamedRun
 
 from helpers import masked_copy
 
@@ -82,7 +82,7 @@ def test_a_tied_table_masked_under_one_name_is_masked_for_both_readers():
 
 
 def test_streamed_float64_runs_cast_large_weights_a_block_of_rows_at_a_time(monkeypatch):
-    monkeypatch.setattr(sys.modules["fxmin.verify"], "_CAST_ELEMENTS", 16)  # a few rows per block
+    monkeypatch.setattr(sys.modules["fxmin.streamed"], "_CAST_ELEMENTS", 16)  # a few rows per block
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(50, 12), nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 7)).eval()
     graph = fxmin.trace(model)
