@@ -33,7 +33,7 @@ class StreamedRun:
 
     def tensor(self, name: str) -> torch.Tensor:
         value = self.load(name)
-        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
+        return value if self.dtype is None else _cast(value, self.dtype)
 
     def __call__(self, *inputs):
         return _Streamed(self).run(*inputs)
