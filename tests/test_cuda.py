@@ -13,6 +13,7 @@ from torch import nn
 import fxmin
 from fxmin.zoo.convnext import convnext_tiny
 from tests.helpers import masked_copy
+from tests.test_constant_operands import _emptied, _net
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -162,3 +163,91 @@ def test_full_precision_turns_tf32_off_inside_and_restores_the_users_setting():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored on errors too
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved
+
+
+# --------------------------------------------------------------- the paths that had never run on a GPU
+@cuda
+def test_the_inductor_backend_compiles_the_minimized_graph_on_the_device():
+    """``fxmin.backend`` inside ``torch.compile`` on a CUDA model: the graph it minimizes runs as Triton code."""
+    torch._dynamo.reset()
+    model = small_convnext(torch.device("cuda"))
+    masks = dead_channel_masks(model)
+    backend = fxmin.backend(masks, inner="inductor")
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(8, 1, 28, 28, device="cuda")
+    with torch.no_grad(), fxmin.full_precision():
+        got, expected = compiled(x), masked_copy(model, masks)(x)
+    assert backend.results, "the backend never received a graph"
+    assert sum(r.report.params_after for r in backend.results) < sum(r.report.params_before for r in backend.results)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_the_export_front_end_minimizes_a_model_on_the_device(device):
+    model = small_convnext(device)
+    masks = dead_channel_masks(model, seed=1)
+    x = torch.randn(4, 1, 28, 28, device=device)
+    result = fxmin.minimize(model, masks, (x,), frontend="export")
+    assert result.frontend == "export"
+    assert all(p.device.type == device.type for p in result.module.parameters())
+    assert fxmin.count_parameters(result.module) < fxmin.count_parameters(model)
+    reference = masked_copy(model, masks).double()
+    with torch.no_grad(), fxmin.full_precision():
+        expected = reference(x.double())
+        got = copy.deepcopy(result.module).double()(x.double())
+    assert float((got - expected).abs().max()) <= 1e-6 * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                            lambda p: torch.optim.AdamW(p, lr=1e-2)], ids=["sgd", "adamw"])
+def test_held_masks_stay_exactly_zero_while_training_on_the_device(device, make_optimizer):
+    """Masks made on the CPU hold a model that trains on the device (momentum and decay cannot revive a weight)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
+    masks = {name: mask.cpu() for name, mask in fxmin.global_magnitude(net, 0.6).items()}
+    optimizer = make_optimizer(net.parameters())
+    x, y = torch.randn(64, 16, device=device), torch.randint(0, 4, (64,), device=device)
+    with fxmin.hold_masks(net, masks, optimizer):
+        for _ in range(10):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    weights = dict(net.named_parameters())
+    assert all(bool((weights[name][~mask.to(device)] == 0).all()) for name, mask in masks.items())
+    assert all(bool((weights[name][mask.to(device)] != 0).all()) for name, mask in masks.items())
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "closed"])
+def test_a_compensated_layer_norm_on_the_device_equals_layer_norm_of_the_full_input(device, padded, monkeypatch):
+    """NOTE [CLN forward paths]: both forward paths, moved to the device after construction, in float64
+    (to rounding) and float32 (to float32's tolerance) against the LayerNorm of the original-width input."""
+    monkeypatch.setattr(fxmin.compensated.layer_norm, "PADDED_WIDTH", 10**9 if padded else 0)
+    width, kept, outputs = 12, [7, 0, 3, 9, 4, 11], [11, 2, 0, 5, 8]
+    constants = {1: 0.0, 2: -3.5, 5: 40.0, 6: 0.25, 8: 0.0, 10: 1.0}
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(width, generator=generator, dtype=torch.float64), torch.randn(
+        width, generator=generator, dtype=torch.float64)
+    x = torch.randn(5, 3, len(kept), generator=generator, dtype=torch.float64)
+    full = torch.zeros(5, 3, width, dtype=torch.float64)
+    full[..., kept] = x
+    for channel, value in constants.items():
+        full[..., channel] = value
+    expected = nn.functional.layer_norm(full, (width,), weight, bias, 1e-5)[..., outputs]
+    norm = fxmin.CompensatedLayerNorm(width, kept, constants, outputs, 1e-5, weight[outputs], bias[outputs])
+    with torch.no_grad():
+        got64 = norm.to(device)(x.to(device)).cpu()
+        got32 = norm.float()(x.float().to(device)).cpu()
+    torch.testing.assert_close(got64, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_emptied_block_becomes_a_constant_operand_on_the_device(device):
+    """NOTE [Constant operands] on a device model: the emptied branch leaves, its constant lives on the device."""
+    net = _net(dtype=torch.float64).to(device)
+    masks = _emptied(net, [1])
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    module = fxmin.minimize(net, masks, (x,)).module
+    constants = [p for name, p in module.named_parameters() if name.startswith("_fxmin_constant_")]
+    assert len(constants) == 1 and constants[0].device.type == device.type
+    reference = fxmin.masks.masked_reference(net, masks)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-12, atol=1e-12)
