@@ -131,6 +131,7 @@ def test_a_loop_that_moves_the_model_to_the_device_as_lightning_does_keeps_masks
             held.append(all(bool((weights[n][~m.to(device)] == 0).all()) for n, m in step.masks.items()))
 
     def evaluate(model):
+        model.to(device)  # Lightning's validate moves the model too, also before the first training
         with torch.no_grad():
             return float((model(x.to(device)).argmax(1).cpu() == y).float().mean())
 
