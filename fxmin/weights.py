@@ -195,7 +195,8 @@ class _MaskedLoads:
             return torch.where(torch.from_numpy(mask), kept, 0)
         read = torch.from_numpy(np.nonzero(whole)[0])
         values = sliced(tensor, read if rows is None else rows[read], cols)
-        return values.new_zeros((len(whole), *values.shape[1:])).index_copy_(0, read, values)
+        result = values.new_empty((len(whole), *values.shape[1:])).index_copy_(0, read, values)
+        return result.index_fill_(0, torch.from_numpy(np.nonzero(dropped)[0]), 0)
 
 
 def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
