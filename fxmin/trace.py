@@ -12,9 +12,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
-from .graph_helpers import LINEAR_FUNCTIONS
 from .progress import phase
 from .rules.api import REGISTRY
+from .shape_only import product_placeholder, values_needed
 from .weights import Unread, call_loaded, read_unread, weights_of
 
 
@@ -122,10 +122,14 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) but "
             f"{len(example_inputs)} example input(s) were given; pass example_inputs=(x, ...) with one tensor per input."
         )
-    recorder = _ShapeRecorder(gm)
+    try:  # NOTE [Products computed for their shape alone]; a failure there is decided by a full run
+        _ShapeRecorder(gm, skip_products=True).run(*example_inputs)
+        return
+    except Exception:
+        pass
+    recorder = _ShapeRecorder(gm, skip_products=False)
     try:
-        with torch.no_grad():
-            recorder.run(*example_inputs)
+        recorder.run(*example_inputs)
     except Exception as error:
         where = f" at node '{recorder.current.name}'" if recorder.current is not None else ""
         raise InputError(
@@ -138,42 +142,25 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
 _INTERPRETER_NOTE = "\n\nWhile executing"  # what torch.fx.Interpreter appends to the error message
 
 
-# NOTE [Returned products]
-# Shape propagation runs the model once, but the value of a node that only the graph's output reads is
-# not read again: only its shape is recorded. For a Linear whose product only the output reads (a
-# language model's head, often the model's largest product) the pass records the shape and dtype
-# torch.nn.functional.linear gives, on an empty tensor, and computes no product. (The meta device
-# would give any op's shape, but its first use imports torch's symbolic-shapes machinery, seconds
-# per process.) A value that another op reads is always computed: a data-dependent op (``nonzero``)
-# must see real values.
-
-
 class _ShapeRecorder(torch.fx.Interpreter):
     """``ShapeProp`` without its import of ``torch.fx.experimental.symbolic_shapes`` (and sympy),
-    which costs seconds in every fresh process: records ``tensor_meta`` and ``type`` the same way."""
+    which costs seconds in every fresh process: records ``tensor_meta`` and ``type`` the same way.
+    ``skip_products``: products whose values no op reads for a shape are not computed (NOTE [Products
+    computed for their shape alone] in fxmin/shape_only.py)."""
 
     current = None
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, skip_products: bool):
         super().__init__(gm)
         self.files = weights_of(gm) if any(t.is_meta for t in (*gm.parameters(), *gm.buffers())) else None
+        self.needed = values_needed(gm) if skip_products else None
 
-    def _returned_product(self, node) -> torch.Tensor | None:
-        """NOTE [Returned products]: an empty tensor of the shape and dtype of a Linear that only the output reads."""
-        if not node.users or any(user.op != "output" for user in node.users) or node.kwargs:
+    def _placeholder(self, node) -> torch.Tensor | None:
+        if self.needed is None or node.name in self.needed or node.op not in ("call_module", "call_function"):
             return None
-        args = super().fetch_args_kwargs_from_env(node)[0]  # a weight not read yet stays so
-        if node.op == "call_module" and type(self.fetch_attr(node.target)) is nn.Linear and len(args) == 1:
-            weight = self.fetch_attr(node.target).weight
-        elif node.op == "call_function" and node.target in LINEAR_FUNCTIONS and len(args) in (2, 3):
-            weight = args[1].tensor if isinstance(args[1], Unread) else args[1]
-        else:
-            return None
-        x = args[0]
-        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype \
-                or weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-            return None  # what a real run would raise on, it raises on
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+        args, kwargs = super().fetch_args_kwargs_from_env(node)  # a weight not read yet stays so
+        args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _unread_tensor)
+        return product_placeholder(node, self.module, args, kwargs)
 
     # NOTE [Weights from files] (fxmin/weights.py): a model built on the meta device runs with each
     # weight read from its files at the node that uses it, and let go (what the streamed verification
@@ -195,7 +182,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
 
     def run_node(self, node):
         self.current = node
-        result = self._returned_product(node) if node.op in ("call_module", "call_function") else None
+        result = self._placeholder(node)
         result = super().run_node(node) if result is None else result
         found = []
 
@@ -268,3 +255,8 @@ def arrange_inputs(gm: torch.fx.GraphModule, inputs) -> tuple:
             raise InputError(f"example input '{node.target}' is missing; the model's inputs are {names}.")
     return tuple(arranged)
 
+
+
+def _unread_tensor(value):
+    """The tensor an :class:`Unread` stands for (its shape and dtype; it stays unread), else ``value``."""
+    return value.tensor if isinstance(value, Unread) else value

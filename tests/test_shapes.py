@@ -1,5 +1,6 @@
 """Shape propagation (fxmin.trace.propagate_shapes) records for every node the shape, dtype and strides a
-real run of the graph gives, also where it computes no product (NOTE [Returned products])."""
+real run of the graph gives, also where it computes no product (NOTE [Products computed for their shape
+alone] in fxmin/shape_only.py)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxmin.trace  # noqa: F401 (the module, not the function fxmin.trace exports)
+from fxmin.shape_only import values_needed
 from fxmin.zoo import MODELS
 
 shapes = sys.modules["fxmin.trace"]
@@ -48,25 +50,61 @@ class _FunctionalHead(nn.Module):
         return F.linear(x, self.table)
 
 
-def _cases():
-    factory, make_inputs = MODELS["gpt"]
+class _IndexFromProducts(nn.Module):
+    """A product's values pick rows of a table: zeros in its place would pick row 0, a real run a NaN's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.table = nn.Linear(4, 4), nn.Embedding(10, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.table((h / h).long().clamp(0, 9)), self.table((h.sum(-1) / h.sum(-1)).isnan().long())
+
+
+class _ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, stride=2, padding="valid", dilation=2)
+
+    def forward(self, x):
+        y = self.a(x.contiguous(memory_format=torch.channels_last))
+        ones = torch.ones(4, 5, dtype=x.dtype).expand(2, 4, 4, 5)
+        return self.b(y) @ ones, torch.bmm(y.flatten(2), y.flatten(2).transpose(1, 2))
+
+
+def _zoo_case(name):
+    factory, make_inputs = MODELS[name]
     torch.manual_seed(0)
-    return [("gpt (its head only returned)", factory().eval(), make_inputs()),
-            ("a head another op reads", _HeadAlsoRead().eval(), (torch.randn(3, 5, 4),)),
-            ("a functional head", _FunctionalHead().eval(), (torch.randn(2, 4),))]
+    return factory().eval(), make_inputs()
+
+
+def _cases():
+    cases = [(f"zoo {name}", *_zoo_case(name)) for name in MODELS]
+    return cases + [("a head another op reads", _HeadAlsoRead().eval(), (torch.randn(3, 5, 4),)),
+                    ("a functional head", _FunctionalHead().eval(), (torch.randn(2, 4),)),
+                    ("values that pick rows", _IndexFromProducts().eval(), (torch.randn(2, 4),)),
+                    ("channels last, matmul, bmm", _ChannelsLast().eval(), (torch.randn(2, 3, 12, 12),)),
+                    ("the same in float64", _ChannelsLast().double().eval(), (torch.randn(2, 3, 12, 12).double(),))]
+
+
+PRODUCTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @pytest.mark.parametrize("name, model, inputs", _cases(), ids=[case[0] for case in _cases()])
 def test_shapes_are_those_of_a_real_run(name, model, inputs):
     gm = fxmin.trace(model)
-    heads = [m for m in (getattr(model, "lm_head", None), getattr(model, "head", None)) if m is not None]
+    products = [m for m in gm.modules() if isinstance(m, PRODUCTS)]
     calls = []
-    hooks = [head.register_forward_hook(lambda *_: calls.append(1)) for head in heads]
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in products]
     shapes.propagate_shapes(gm, inputs)
     for hook in hooks:
         hook.remove()
-    assert len(calls) == (0 if name.startswith("gpt") else len(heads))  # a product only the output reads is not computed
-    oracle = _Recorded(fxmin.trace(model))
+    if name == "a head another op reads":
+        assert len(calls) == len(products)  # nonzero reads the head: everything before it runs
+    elif products and name != "values that pick rows":
+        assert len(calls) < len(products), "no product was left out"
+    oracle = _Recorded(gm)
     with torch.no_grad():
         oracle.run(*inputs)
     recorded = {n.name: n.meta["tensor_meta"] for n in gm.graph.nodes if isinstance(n.meta.get("tensor_meta"), tuple)
@@ -75,6 +113,13 @@ def test_shapes_are_those_of_a_real_run(name, model, inputs):
     for node, (shape, dtype, stride) in oracle.seen.items():
         meta = recorded[node]
         assert (tuple(meta.shape), meta.dtype, tuple(meta.stride)) == (shape, dtype, stride), node
+
+
+def test_only_products_no_op_reads_for_a_shape_are_left_out():
+    gm = fxmin.trace(_HeadAlsoRead())
+    assert values_needed(gm) >= {"head", "relu", "body", "gt"}
+    gm = fxmin.trace(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    assert not values_needed(gm) & {"_0", "_1", "_2"}
 
 
 def test_a_returned_head_that_a_real_run_would_refuse_is_refused():

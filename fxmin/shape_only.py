@@ -1,0 +1,238 @@
+"""Shape propagation without the products no op reads the values of: which nodes need their values, and
+the zero tensor a skipped product leaves in its place.
+
+NOTE [Products computed for their shape alone]
+Shape propagation (:func:`fxmin.trace.propagate_shapes`) runs the model once to record each node's shape
+and dtype; the values are thrown away. Most of that run's time goes to a few products (Linear and
+convolution layers, matrix products) whose values, in most models, decide no shape: what reads them
+is elementwise arithmetic, normalization, views, reductions over fixed dims, more products, or the
+graph's output, and each of those gives the same shapes whatever the values. Such a product is not
+computed: its place holds zeros of the shape, dtype and strides the real product has
+(:func:`product_placeholder`), so everything after it still runs and records real shapes.
+
+A product is computed when some op may read its values for a shape: :func:`values_needed` walks the
+graph from the output up. An op is *value-blind* when its output's shape depends on the shapes of its
+tensor inputs alone (a closed list, :data:`VALUE_BLIND`, and :data:`VALUE_BLIND_MODULES`); an op that
+reads shapes only (``size``, ``dim``) needs no values at all; every other op (``nonzero``,
+``masked_select``, ``item``, indexing with a tensor, a user's own function or module) needs the values
+of everything it reads, and so do the inputs of what it reads. A product whose inputs or settings are
+anything but the plain case (another dtype, autocast on, a layout other than contiguous or channels
+last, a shape the real op would refuse) is computed, so that the real op decides and raises. If the
+run with placeholders fails anyway (a zero where a real run has none, divided), shape propagation
+runs again computing everything.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch._prims_common import suggest_memory_format
+from torch import nn
+from torch.nn import functional as F
+
+#: ops whose output shape follows from their inputs' shapes and their non-tensor arguments, by name
+#: (a method's name, a torch function's or an ATen op's name)
+VALUE_BLIND = frozenset({
+    # elementwise
+    "add", "sub", "mul", "truediv", "div", "neg", "pow", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos",
+    "tanh", "sigmoid", "relu", "gelu", "silu", "softplus", "elu", "leaky_relu", "hardswish", "hardsigmoid",
+    "hardtanh", "relu6", "mish", "erf", "clamp", "clamp_min", "clamp_max", "clip", "reciprocal", "square",
+    "maximum", "minimum", "masked_fill", "type_as", "to", "float", "half", "double", "bfloat16", "contiguous",
+    "clone", "detach", "dropout", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "iadd", "imul",
+    # normalization, attention, products
+    "softmax", "log_softmax", "layer_norm", "group_norm", "batch_norm", "rms_norm", "linear", "conv1d",
+    "conv2d", "conv3d", "matmul", "bmm", "mm", "scaled_dot_product_attention",
+    # views and layout
+    "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "unsqueeze", "squeeze", "expand",
+    "expand_as", "view_as", "reshape_as", "narrow", "split", "chunk", "unbind", "cat", "concat", "stack",
+    "flip", "roll", "tril", "triu", "pad", "repeat",
+    # reductions over given dims, pooling
+    "mean", "sum", "amax", "amin", "var", "std", "cumsum", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "embedding",
+})
+
+#: ops that read their inputs' shapes, never their values
+SHAPE_READERS = frozenset({"size", "dim", "numel", "sym_size", "sym_numel"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
+
+#: modules whose output shape follows from their input's shape
+VALUE_BLIND_MODULES = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d,
+    nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Dropout, nn.Identity,
+    nn.Flatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d,
+    nn.MaxPool2d, nn.Embedding,
+)
+
+_CONVOLUTIONS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.ops.aten.conv1d.default: 1,
+                   torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
+_LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
+_MATMULS = (operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def op_name(node: torch.fx.Node) -> str | None:
+    """The name :data:`VALUE_BLIND` and :data:`SHAPE_READERS` know ``node``'s op by, or None for an op of
+    the user's own (a function outside torch, a module)."""
+    target = node.target
+    if node.op == "call_method":
+        return target
+    if node.op != "call_function":
+        return None
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if target is getattr:
+        return "size" if len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES else None
+    module = getattr(target, "__module__", None) or ""
+    if module.startswith("torch") or module in ("_operator", "operator"):
+        return getattr(target, "__name__", None)
+    return None
+
+
+def _reads(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    """How ``node`` reads its inputs: 'shapes', 'values' (its output's shape may depend on them) or
+    'blind' (only its output's values do)."""
+    if node.op in ("output", "placeholder", "get_attr"):
+        return "shapes"  # shape propagation records the outputs' shapes only
+    if node.op == "call_module":
+        return "blind" if isinstance(gm.get_submodule(node.target), VALUE_BLIND_MODULES) else "values"
+    if node.op == "call_function" and node.target is operator.getitem:  # a tensor index selects by value
+        index = node.args[1] if len(node.args) > 1 else None
+        return "values" if any(isinstance(leaf, torch.fx.Node) for leaf in _flatten(index)) else "blind"
+    name = op_name(node)
+    return "shapes" if name in SHAPE_READERS else "blind" if name in VALUE_BLIND else "values"
+
+
+def values_needed(gm: torch.fx.GraphModule) -> set:
+    """Names of the nodes whose values some op may read for a shape (NOTE [Products computed for their
+    shape alone]): read by an op that reads values, or by a value-blind op whose own values are needed."""
+    needed: set = set()
+    for node in reversed(gm.graph.nodes):
+        reads = _reads(node, gm)
+        if reads == "values" or (reads == "blind" and node.name in needed):
+            needed.update(n.name for n in node.all_input_nodes)
+    return needed
+
+
+def _flatten(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _flatten(item)]
+    if isinstance(value, slice):
+        return [value.start, value.stop, value.step]
+    return [value]
+
+
+def product_placeholder(node: torch.fx.Node, gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
+    """Zeros of the shape, dtype and strides ``node``'s product would have (a Linear, a convolution, a
+    matrix product), or None: compute it (not a product, or not the plain case)."""
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if kwargs or len(args) != 1:
+            return None
+        if type(module) is nn.Linear:
+            return _linear(args[0], module.weight, module.bias)
+        if type(module) in _CONVOLUTIONS:
+            return _convolution(_CONVOLUTIONS[type(module)], args[0], module.weight, module.bias, module.stride,
+                                module.padding, module.dilation, module.groups)
+        return None
+    if node.op != "call_function":
+        return None
+    target = node.target
+    try:
+        if target in _LINEAR_FUNCTIONS:
+            bound = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+            return None if bound is None else _linear(*bound)
+        if target in _CONV_FUNCTIONS:
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            bound = _bind(args, kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+            return None if bound is None else _convolution(_CONV_FUNCTIONS[target], *bound)
+        if target in _MATMULS and not kwargs and len(args) == 2:
+            return _matmul(*args, batched=target in (torch.bmm, torch.ops.aten.bmm.default))
+    except TypeError:  # a target that is not hashable: not one of these
+        return None
+    return None
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> tuple | None:
+    if len(args) > len(names) or any(k not in names[len(args):] for k in kwargs):
+        return None
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    if any(name not in values and name not in defaults for name in names):
+        return None
+    return tuple(values.get(name, defaults.get(name)) for name in names)
+
+
+def _plain(first, *others) -> bool:
+    """Dense floating tensors of one dtype on one device (what the real op would not refuse for that); the
+    weights may be on the meta device (NOTE [Weights from files] in fxmin/weights.py: not read for this)."""
+    return not getattr(first, "is_meta", True) and all(
+        isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_floating_point() and t.dtype == first.dtype
+        and (t.device == first.device or t.is_meta) for t in (first, *others))
+
+
+def _linear(x, weight, bias):
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if not _plain(*operands) or weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return None
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return None
+    return x.new_zeros((*x.shape[:-1], weight.shape[0]))
+
+
+def _convolution(dims: int, x, weight, bias, stride, padding, dilation, groups):
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if not _plain(*operands) or x.dim() != dims + 2 or weight.dim() != dims + 2 or not isinstance(groups, int):
+        return None
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        return None
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return None
+    stride, dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
+    kernel = tuple(weight.shape[2:])
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * dims
+        elif padding == "same" and all(s == 1 for s in stride or ()):
+            padding = None
+        else:
+            return None
+    else:
+        padding = _per_dim(padding, dims)
+    if stride is None or dilation is None or (padding is not None and len(padding) != dims):
+        return None
+    if padding is None:
+        spatial = tuple(x.shape[2:])
+    else:
+        spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                        for size, p, d, k, s in zip(x.shape[2:], padding, dilation, kernel, stride))
+    if any(size < 1 for size in spatial) or any(s < 1 for s in stride) or any(d < 1 for d in dilation):
+        return None
+    shape = (x.shape[0], weight.shape[0], *spatial)
+    # the layout convolutions give their output: channels last when the input or the weight has it
+    layouts = {suggest_memory_format(x), suggest_memory_format(weight)} - {torch.contiguous_format}
+    if len(layouts) > 1:
+        return None
+    layout = layouts.pop() if layouts else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout).zero_()
+
+
+def _per_dim(value, dims: int) -> tuple | None:
+    if isinstance(value, int):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
+        return tuple(value) if len(value) == dims else (tuple(value) * dims if len(value) == 1 else None)
+    return None
+
+
+def _matmul(a, b, batched: bool):
+    if not _plain(a, b) or a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+        return None
+    if b.dim() == 2 and not batched:
+        return a.new_zeros((*a.shape[:-1], b.shape[-1]))
+    if a.dim() == b.dim() and a.shape[:-2] == b.shape[:-2] and (not batched or a.dim() == 3):
+        return a.new_zeros((*a.shape[:-1], b.shape[-1]))
+    return None
