@@ -31,6 +31,8 @@ from torch._prims_common import suggest_memory_format
 from torch import nn
 from torch.nn import functional as F
 
+from .compensated.layer_norm import CompensatedLayerNorm
+
 #: ops whose output shape follows from their inputs' shapes and their non-tensor arguments, by name
 #: (a method's name, a torch function's or an ATen op's name)
 VALUE_BLIND = frozenset({
@@ -56,14 +58,14 @@ VALUE_BLIND = frozenset({
 SHAPE_READERS = frozenset({"size", "dim", "numel", "sym_size", "sym_numel"})
 _SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 
-#: modules whose output shape follows from their input's shape
-VALUE_BLIND_MODULES = (
+#: modules whose output shape follows from their input's shape (these classes, not their subclasses)
+VALUE_BLIND_MODULES = frozenset({
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d,
     nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Dropout, nn.Identity,
     nn.Flatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d,
-    nn.MaxPool2d, nn.Embedding,
-)
+    nn.MaxPool2d, nn.Embedding, CompensatedLayerNorm,
+})
 
 _CONVOLUTIONS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.ops.aten.conv1d.default: 1,
@@ -96,7 +98,7 @@ def _reads(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     if node.op in ("output", "placeholder", "get_attr"):
         return "shapes"  # shape propagation records the outputs' shapes only
     if node.op == "call_module":
-        return "blind" if isinstance(gm.get_submodule(node.target), VALUE_BLIND_MODULES) else "values"
+        return "blind" if type(gm.get_submodule(node.target)) in VALUE_BLIND_MODULES else "values"
     if node.op == "call_function" and node.target is operator.getitem:  # a tensor index selects by value
         index = node.args[1] if len(node.args) > 1 else None
         return "values" if any(isinstance(leaf, torch.fx.Node) for leaf in _flatten(index)) else "blind"
@@ -192,25 +194,18 @@ def _convolution(dims: int, x, weight, bias, stride, padding, dilation, groups):
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         return None
     stride, dilation = _per_dim(stride, dims), _per_dim(dilation, dims)
-    kernel = tuple(weight.shape[2:])
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0,) * dims
-        elif padding == "same" and all(s == 1 for s in stride or ()):
-            padding = None
-        else:
-            return None
-    else:
-        padding = _per_dim(padding, dims)
-    if stride is None or dilation is None or (padding is not None and len(padding) != dims):
+    if stride is None or dilation is None or min(stride) < 1 or min(dilation) < 1:
         return None
-    if padding is None:
+    if padding == "same" and max(stride) == 1:
         spatial = tuple(x.shape[2:])
     else:
+        padding = (0,) * dims if padding == "valid" else _per_dim(padding, dims)
+        if padding is None or min(padding) < 0:
+            return None
         spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                        for size, p, d, k, s in zip(x.shape[2:], padding, dilation, kernel, stride))
-    if any(size < 1 for size in spatial) or any(s < 1 for s in stride) or any(d < 1 for d in dilation):
-        return None
+                        for size, p, d, k, s in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+    if any(size < 1 for size in spatial):
+        return None  # the real op raises
     shape = (x.shape[0], weight.shape[0], *spatial)
     # the layout convolutions give their output: channels last when the input or the weight has it
     layouts = {suggest_memory_format(x), suggest_memory_format(weight)} - {torch.contiguous_format}

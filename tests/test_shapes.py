@@ -7,10 +7,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
 import fxmin.trace  # noqa: F401 (the module, not the function fxmin.trace exports)
+from fxmin import shape_only
 from fxmin.shape_only import values_needed
 from fxmin.zoo import MODELS
 
@@ -126,3 +129,44 @@ def test_a_returned_head_that_a_real_run_would_refuse_is_refused():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(7, 3))  # the head does not fit its input
     with pytest.raises(fxmin.InputError, match="failed on the example inputs .* at node '_1'"):
         shapes.propagate_shapes(fxmin.trace(model), (torch.randn(2, 4),))
+
+
+@settings(max_examples=150, deadline=None)
+@given(dims=st.integers(1, 3), batch=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3),
+       out_per_group=st.integers(1, 3), size=st.integers(1, 9), kernel=st.integers(1, 4), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), padding=st.one_of(st.integers(0, 2), st.sampled_from(["same", "valid"])),
+       channels_last=st.booleans(), bias=st.booleans())
+def test_a_convolution_placeholder_has_the_shape_dtype_and_strides_of_the_real_output(
+        dims, batch, groups, per_group, out_per_group, size, kernel, stride, dilation, padding, channels_last, bias):
+    x = torch.randn(batch, groups * per_group, *(size,) * dims)
+    if channels_last and dims == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(groups * out_per_group, per_group, *(kernel,) * dims)
+    b = torch.randn(groups * out_per_group) if bias else None
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    try:
+        real = conv(x, weight, b, stride, padding, dilation, groups)
+    except RuntimeError:
+        real = None
+    placeholder = shape_only._convolution(dims, x, weight, b, stride, padding, dilation, groups)
+    if real is None:
+        assert placeholder is None  # what the real op refuses, it is left to refuse
+    elif placeholder is not None:
+        assert (placeholder.shape, placeholder.dtype, placeholder.stride()) == (real.shape, real.dtype, real.stride())
+        assert not placeholder.any()
+
+
+@settings(max_examples=100, deadline=None)
+@given(left=st.lists(st.integers(1, 4), min_size=1, max_size=4), right=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       inner=st.integers(1, 4), batched=st.booleans())
+def test_a_matmul_placeholder_has_the_shape_of_the_real_product(left, right, inner, batched):
+    a, b = torch.randn(*left, inner), torch.randn(*right[:-1], inner, right[-1])
+    try:
+        real = torch.bmm(a, b) if batched else a @ b
+    except RuntimeError:
+        real = None
+    placeholder = shape_only._matmul(a, b, batched)
+    if real is None:
+        assert placeholder is None
+    elif placeholder is not None:
+        assert (placeholder.shape, placeholder.dtype, placeholder.stride()) == (real.shape, real.dtype, real.stride())
