@@ -62,9 +62,23 @@ def any_tap(pattern: np.ndarray) -> np.ndarray:
 
 def constant_columns(table: torch.Tensor) -> np.ndarray:
     """bool ``(columns,)`` of a 2-d ``table``: the columns where every row holds row 0's value (half precision
-    compared bit for bit)."""
+    compared bit for bit). Read a block of rows at a time, each block only in the columns still constant:
+    a table with few constant columns is done after its first rows."""
     values = _host_array(table)
-    return (values == values[:1]).all(axis=0)
+    candidates = np.arange(values.shape[1])
+    for start in range(0, values.shape[0], _ROWS_PER_BLOCK):
+        block = values[start:start + _ROWS_PER_BLOCK]
+        if len(candidates) < values.shape[1]:
+            block = block[:, candidates]
+        candidates = candidates[(block == values[0, candidates]).all(axis=0)]
+        if not len(candidates):
+            break
+    constant = np.zeros(values.shape[1], bool)
+    constant[candidates] = True
+    return constant
+
+
+_ROWS_PER_BLOCK = 256
 
 
 def product(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:

@@ -129,6 +129,19 @@ def test_nonzero_patterns_and_constant_columns_read_in_numpy_agree_with_torch_in
     assert constant[1] == (dtype in (torch.float32, torch.float64))
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 2, 3, 64])
+def test_constant_columns_read_a_block_of_rows_at_a_time_find_every_constant_column(rows_per_block, monkeypatch):
+    from fxmin import arrays
+    monkeypatch.setattr(arrays, "_ROWS_PER_BLOCK", rows_per_block)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(9, 12, generator=generator)
+    table[:, [1, 4, 5, 9]] = torch.tensor([0.0, 2.5, -1.0, 7.0])
+    table[8, 5] = 3.0  # differs in the last row only
+    table[4, 9] = float("nan")
+    expected = [all(float(table[r, c]) == float(table[0, c]) for r in range(9)) for c in range(12)]
+    assert arrays.constant_columns(table).tolist() == expected == [c in (1, 4) for c in range(12)]
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (6, 4, 3, 3)])
 @pytest.mark.parametrize("rows_of", ["whole or dropped", "one row masked entry by entry"])
 def test_masked_loads_of_row_structured_masks_equal_the_masked_tensor_sliced(shape, rows_of):
