@@ -12,7 +12,11 @@ holds. ``malloc_trim(0)`` gives every whole free page inside the heap back (``ma
 later). The pass calls it before it reads a tensor once it has read ``TRIM_BYTES`` since the last call
 (:func:`before_read`): blocks above glibc's largest threshold are mapped on their own and go back when
 freed, so what stays resident between calls is bounded by the temporaries of that much reading, and a
-model of small layers is not walked over after each one. The streamed verification calls it before
+model of small layers is not walked over after each one. It calls it only when the process's resident
+memory is within that much (and the read to come) of its peak so far (``ru_maxrss``): below that, the
+pages it keeps cannot raise the peak before the next check, and giving them back would cost their
+page faults again when the next temporaries take them (a pass in a process that held more before, the
+second cycle of a loop, runs without trimming). The streamed verification calls it before
 each block of a weight it casts to float64. It is nothing at all where the C library is not glibc. It
 changes no allocation policy of the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay
 set for the user's program after the pass.
@@ -21,7 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+
+try:
+    import resource
+except ImportError:  # not a Unix system: no ru_maxrss, and no glibc to trim
+    resource = None
 
 #: bytes read between two calls of :func:`release_freed` (glibc's largest ``M_MMAP_THRESHOLD``)
 TRIM_BYTES = 32 << 20
@@ -48,10 +58,28 @@ def release_freed() -> None:
 
 
 def before_read(nbytes: int) -> None:
-    """Call before reading ``nbytes`` of a tensor: :func:`release_freed` once ``TRIM_BYTES`` have been read
-    since it last ran (this read included)."""
+    """Call before reading ``nbytes`` of a tensor: once ``TRIM_BYTES`` have been read since the last check
+    (this read included), :func:`release_freed` if resident memory is near its peak (NOTE [Freed memory])."""
     global _read_since_trim
     _read_since_trim += nbytes
     if _read_since_trim >= TRIM_BYTES:
         _read_since_trim = 0
-        release_freed()
+        resident, peak = resident_bytes()
+        if resident is None or resident + TRIM_BYTES + nbytes >= peak:
+            release_freed()
+
+
+def resident_bytes() -> tuple[int | None, int | None]:
+    """(resident memory of the process now, its peak so far) in bytes, or (None, None) where the system
+    does not say (Linux's ``/proc/self/statm`` and ``ru_maxrss``)."""
+    if resource is None:
+        return None, None
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None, None
+    return pages * _PAGE_BYTES, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
