@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .compensated.layer_norm import CompensatedLayerNorm
+from .graph_helpers import LINEAR_FUNCTIONS
 
 #: ops whose output shape follows from their inputs' shapes and their non-tensor arguments, by name
 #: (a method's name, a torch function's or an ATen op's name)
@@ -70,7 +71,6 @@ VALUE_BLIND_MODULES = frozenset({
 _CONVOLUTIONS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.ops.aten.conv1d.default: 1,
                    torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3}
-_LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
 
 
@@ -144,7 +144,7 @@ def product_placeholder(node: torch.fx.Node, gm: torch.fx.GraphModule, args: tup
         return None
     target = node.target
     try:
-        if target in _LINEAR_FUNCTIONS:
+        if target in LINEAR_FUNCTIONS:
             bound = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
             return None if bound is None else _linear(*bound)
         if target in _CONV_FUNCTIONS:

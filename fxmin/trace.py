@@ -123,13 +123,15 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
             f"{len(example_inputs)} example input(s) were given; pass example_inputs=(x, ...) with one tensor per input."
         )
     try:  # NOTE [Products computed for their shape alone]; a failure there is decided by a full run
-        _ShapeRecorder(gm, skip_products=True).run(*example_inputs)
+        with torch.no_grad():
+            _ShapeRecorder(gm, skip_products=True).run(*example_inputs)
         return
     except Exception:
         pass
     recorder = _ShapeRecorder(gm, skip_products=False)
     try:
-        recorder.run(*example_inputs)
+        with torch.no_grad():
+            recorder.run(*example_inputs)
     except Exception as error:
         where = f" at node '{recorder.current.name}'" if recorder.current is not None else ""
         raise InputError(
@@ -254,7 +256,6 @@ def arrange_inputs(gm: torch.fx.GraphModule, inputs) -> tuple:
         else:
             raise InputError(f"example input '{node.target}' is missing; the model's inputs are {names}.")
     return tuple(arranged)
-
 
 
 def _unread_tensor(value):

@@ -170,3 +170,11 @@ def test_a_matmul_placeholder_has_the_shape_of_the_real_product(left, right, inn
         assert placeholder is None
     elif placeholder is not None:
         assert (placeholder.shape, placeholder.dtype, placeholder.stride()) == (real.shape, real.dtype, real.stride())
+
+
+def test_shape_propagation_records_no_autograd_graph():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    grad_enabled = []
+    model[1].register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    shapes.propagate_shapes(fxmin.trace(model), (torch.randn(2, 4),))
+    assert grad_enabled == [False]
