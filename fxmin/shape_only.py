@@ -49,7 +49,7 @@ VALUE_BLIND = frozenset({
     # views and layout
     "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "unsqueeze", "squeeze", "expand",
     "expand_as", "view_as", "reshape_as", "narrow", "split", "chunk", "unbind", "cat", "concat", "stack",
-    "flip", "roll", "tril", "triu", "pad", "repeat",
+    "flip", "roll", "tril", "triu", "pad", "repeat", "slice", "select", "index_select", "gather", "_to_copy",
     # reductions over given dims, pooling
     "mean", "sum", "amax", "amin", "var", "std", "cumsum", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
     "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "embedding",

@@ -178,3 +178,20 @@ def test_shape_propagation_records_no_autograd_graph():
     model[1].register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
     shapes.propagate_shapes(fxmin.trace(model), (torch.randn(2, 4),))
     assert grad_enabled == [False]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt", "convnext"])
+def test_shapes_of_an_exported_graph_are_those_of_a_real_run(name):
+    """The export front end's ATen graph (NOTE [Canonical export graph]): the same op names, the same check."""
+    from fxmin.trace_export import export_trace
+
+    model, inputs = _zoo_case(name)
+    gm, flat_inputs, _ = export_trace(model, inputs)
+    shapes.propagate_shapes(gm, flat_inputs)
+    oracle = _Recorded(gm)
+    with torch.no_grad():
+        oracle.run(*flat_inputs)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for node, (shape, dtype, stride) in oracle.seen.items():
+        recorded = nodes[node].meta["tensor_meta"]
+        assert (tuple(recorded.shape), recorded.dtype, tuple(recorded.stride)) == (shape, dtype, stride), node
