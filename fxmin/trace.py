@@ -22,6 +22,7 @@ class _LeafTracer(torch.fx.Tracer):
     def __init__(self, leaves: tuple):
         super().__init__()
         self._leaves = leaves
+        self._parameter_names = None  # (root, {id(parameter): its first name}), for getattr
 
     def create_node(self, *args, **kwargs):
         # Errors name the user's source line (describe_node reads node.meta["stack_trace"]).
@@ -32,6 +33,21 @@ class _LeafTracer(torch.fx.Tracer):
         if not node.stack_trace:
             node.stack_trace = _user_stack_trace()
         return node
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # torch.fx looks a parameter's name up by walking every parameter of the model at each access;
+        # this finds the same (first) name in a table made once per traced model
+        if isinstance(attr_val, torch.nn.Parameter):
+            if self._parameter_names is None or self._parameter_names[0] is not self.root:
+                self._parameter_names = (self.root, {})
+                for name, parameter in self.root.named_parameters():
+                    self._parameter_names[1].setdefault(id(parameter), name)
+            name = self._parameter_names[1].get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, module, qualified_name):
         from .compensated.layer_norm import CompensatedLayerNorm

@@ -69,6 +69,7 @@ class ModuleWeights:
         self.files = files
         self._nonzero_counts: dict = {}  # storage key -> nonzero entries, from nonzero()
         self._masks = _MaskedLoads()
+        self._owners: dict = {}  # module path -> the module of root there (root's modules are not replaced)
         self._file_names: dict = {}  # NOTE [Weights from files]: storage key of a meta tensor -> its name in files
         if files is not None:
             for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
@@ -78,10 +79,12 @@ class ModuleWeights:
     def tensor(self, name: str) -> torch.Tensor | None:
         """The tensor itself (unmasked), or None when ``name`` is not a tensor of ``root``."""
         path, _, leaf = name.rpartition(".")
-        try:
-            owner = self.root.get_submodule(path)
-        except AttributeError:
-            return None
+        owner = self._owners.get(path)
+        if owner is None:
+            try:
+                owner = self._owners[path] = self.root.get_submodule(path)
+            except AttributeError:
+                return None
         value = getattr(owner, leaf, None)
         return value if isinstance(value, torch.Tensor) else None
 
