@@ -41,6 +41,14 @@ def dead_channel_masks(model, seed=0):
     return masks
 
 
+def assert_computes_the_masked_model_in_float64(model, masks, module, x):
+    reference = masked_copy(model, masks).double()
+    with torch.no_grad(), fxmin.full_precision():
+        expected = reference(x.double())
+        got = copy.deepcopy(module).double()(x.double())
+    assert float((got - expected).abs().max()) <= 1e-6 * max(1.0, float(expected.abs().max()))
+
+
 def test_minimize_returns_a_smaller_module_on_the_models_device_that_computes_the_same(device):
     model = small_convnext(device)
     masks = dead_channel_masks(model)
@@ -50,11 +58,7 @@ def test_minimize_returns_a_smaller_module_on_the_models_device_that_computes_th
     assert all(p.device.type == device.type for p in result.module.parameters())
     assert all(b.device.type == device.type for b in result.module.buffers())
     assert fxmin.count_parameters(result.module) < fxmin.count_parameters(model)
-    reference = masked_copy(model, masks).double()
-    with torch.no_grad(), fxmin.full_precision():
-        expected = reference(x.double())
-        got = copy.deepcopy(result.module).double()(x.double())
-    assert float((got - expected).abs().max()) <= 1e-6 * max(1.0, float(expected.abs().max()))
+    assert_computes_the_masked_model_in_float64(model, masks, result.module, x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
 
 
@@ -191,11 +195,7 @@ def test_the_export_front_end_minimizes_a_model_on_the_device(device):
     assert result.frontend == "export"
     assert all(p.device.type == device.type for p in result.module.parameters())
     assert fxmin.count_parameters(result.module) < fxmin.count_parameters(model)
-    reference = masked_copy(model, masks).double()
-    with torch.no_grad(), fxmin.full_precision():
-        expected = reference(x.double())
-        got = copy.deepcopy(result.module).double()(x.double())
-    assert float((got - expected).abs().max()) <= 1e-6 * max(1.0, float(expected.abs().max()))
+    assert_computes_the_masked_model_in_float64(model, masks, result.module, x)
 
 
 @pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
