@@ -195,3 +195,30 @@ def test_shapes_of_an_exported_graph_are_those_of_a_real_run(name):
     for node, (shape, dtype, stride) in oracle.seen.items():
         recorded = nodes[node].meta["tensor_meta"]
         assert (tuple(recorded.shape), recorded.dtype, tuple(recorded.stride)) == (shape, dtype, stride), node
+
+
+class _ZerosWouldFail(nn.Module):
+    """Value-blind ops all the way (``to`` and ``embedding``), but zeros in the product's place make 0 / 0
+    an index no table has: the run with placeholders fails and shape propagation runs everything."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.table = nn.Linear(4, 4), nn.Embedding(10, 3)
+        with torch.no_grad():
+            self.body.weight.copy_(torch.eye(4))
+            self.body.bias.fill_(1.0)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.table((h / h).to(torch.long))
+
+
+def test_a_run_that_zeros_break_is_run_again_computing_everything():
+    model = _ZerosWouldFail().eval()
+    gm = fxmin.trace(model)
+    assert not values_needed(gm) & {"body"}  # nothing marks the product as needed
+    calls = []
+    gm.get_submodule("body").register_forward_hook(lambda *_: calls.append(1))
+    shapes.propagate_shapes(gm, (torch.rand(2, 4) + 1,))
+    assert calls == [1]  # computed, in the second run
+    assert tuple(next(n for n in gm.graph.nodes if n.op == "output").args[0].meta["tensor_meta"].shape) == (2, 4, 3)
