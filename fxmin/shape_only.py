@@ -24,6 +24,7 @@ runs again computing everything.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.fx
@@ -100,8 +101,9 @@ def _reads(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     if node.op == "call_module":
         return "blind" if type(gm.get_submodule(node.target)) in VALUE_BLIND_MODULES else "values"
     if node.op == "call_function" and node.target is operator.getitem:  # a tensor index selects by value
-        index = node.args[1] if len(node.args) > 1 else None
-        return "values" if any(isinstance(leaf, torch.fx.Node) for leaf in _flatten(index)) else "blind"
+        index_nodes: list = []
+        torch.fx.node.map_arg(node.args[1:], index_nodes.append)
+        return "values" if index_nodes else "blind"
     name = op_name(node)
     return "shapes" if name in SHAPE_READERS else "blind" if name in VALUE_BLIND else "values"
 
@@ -117,45 +119,41 @@ def values_needed(gm: torch.fx.GraphModule) -> set:
     return needed
 
 
-def _flatten(value) -> list:
-    if isinstance(value, (tuple, list)):
-        return [leaf for item in value for leaf in _flatten(item)]
-    if isinstance(value, slice):
-        return [value.start, value.stop, value.step]
-    return [value]
-
-
-def product_placeholder(node: torch.fx.Node, gm: torch.fx.GraphModule, args: tuple, kwargs: dict):
+def product_placeholder(node: torch.fx.Node, gm: torch.fx.GraphModule, fetch: Callable[[], tuple]):
     """Zeros of the shape, dtype and strides ``node``'s product would have (a Linear, a convolution, a
-    matrix product), or None: compute it (not a product, or not the plain case)."""
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
-        return None
+    matrix product), or None: compute it (not a product, or not the plain case). ``fetch()`` gives the
+    node's ``(args, kwargs)``; it is called for products only."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        kind = type(module)
+        if kind is not nn.Linear and kind not in _CONVOLUTIONS:
+            return None
+    elif node.op == "call_function" and isinstance(node.target, Hashable):
+        target = node.target
+        if target not in LINEAR_FUNCTIONS and target not in _CONV_FUNCTIONS and target not in _MATMULS:
+            return None
+    else:
+        return None
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return None
+    args, kwargs = fetch()
+    if node.op == "call_module":
         if kwargs or len(args) != 1:
             return None
-        if type(module) is nn.Linear:
+        if kind is nn.Linear:
             return _linear(args[0], module.weight, module.bias)
-        if type(module) in _CONVOLUTIONS:
-            return _convolution(_CONVOLUTIONS[type(module)], args[0], module.weight, module.bias, module.stride,
-                                module.padding, module.dilation, module.groups)
+        return _convolution(_CONVOLUTIONS[kind], args[0], module.weight, module.bias, module.stride,
+                            module.padding, module.dilation, module.groups)
+    if target in LINEAR_FUNCTIONS:
+        bound = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+        return None if bound is None else _linear(*bound)
+    if target in _CONV_FUNCTIONS:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = _bind(args, kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        return None if bound is None else _convolution(_CONV_FUNCTIONS[target], *bound)
+    if kwargs or len(args) != 2:
         return None
-    if node.op != "call_function":
-        return None
-    target = node.target
-    try:
-        if target in LINEAR_FUNCTIONS:
-            bound = _bind(args, kwargs, ("input", "weight", "bias"), {"bias": None})
-            return None if bound is None else _linear(*bound)
-        if target in _CONV_FUNCTIONS:
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            bound = _bind(args, kwargs, names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
-            return None if bound is None else _convolution(_CONV_FUNCTIONS[target], *bound)
-        if target in _MATMULS and not kwargs and len(args) == 2:
-            return _matmul(*args, batched=target in (torch.bmm, torch.ops.aten.bmm.default))
-    except TypeError:  # a target that is not hashable: not one of these
-        return None
-    return None
+    return _matmul(*args, batched=target in (torch.bmm, torch.ops.aten.bmm.default))
 
 
 def _bind(args: tuple, kwargs: dict, names: tuple, defaults: dict) -> tuple | None:

@@ -176,9 +176,10 @@ class _ShapeRecorder(torch.fx.Interpreter):
     def _placeholder(self, node) -> torch.Tensor | None:
         if self.needed is None or node.name in self.needed or node.op not in ("call_module", "call_function"):
             return None
-        args, kwargs = super().fetch_args_kwargs_from_env(node)  # a weight not read yet stays so
-        args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _unread_tensor)
-        return product_placeholder(node, self.module, args, kwargs)
+        def fetch():  # a weight not read yet stays so: only its shape and dtype are looked at
+            return torch.fx.node.map_aggregate(super(_ShapeRecorder, self).fetch_args_kwargs_from_env(node), _unread_tensor)
+
+        return product_placeholder(node, self.module, fetch)
 
     # NOTE [Weights from files] (fxmin/weights.py): a model built on the meta device runs with each
     # weight read from its files at the node that uses it, and let go (what the streamed verification
