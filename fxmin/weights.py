@@ -172,8 +172,8 @@ class _MaskedLoads:
 
     NOTE [Masked loads]
     A mask that prunes structure keeps or drops whole rows (output channels): then a slice needs no
-    elementwise mask at all, only its rows that the mask drops zeroed, and the tensor's dropped rows
-    are not even read. For each mask it loads (remembered by the tensor's storage) this keeps which
+    elementwise mask at all, only a copy with the rows that the mask drops zeroed (a copy and a fill
+    cost less than gathering the kept rows apart). For each mask it loads (remembered by the tensor's storage) this keeps which
     rows the mask keeps whole and which it drops whole, and masks elementwise (``torch.where``) only a
     slice that has a row of neither kind.
     """
@@ -196,10 +196,9 @@ class _MaskedLoads:
         if not (whole | dropped).all():  # some row is masked entry by entry
             kept, mask = sliced(tensor, rows, cols), _sliced_array(mask.numpy(), rows, cols)
             return torch.where(torch.from_numpy(mask), kept, 0)
-        read = torch.from_numpy(np.nonzero(whole)[0])
-        values = sliced(tensor, read if rows is None else rows[read], cols)
-        result = values.new_empty((len(whole), *values.shape[1:])).index_copy_(0, read, values)
-        return result.index_fill_(0, torch.from_numpy(np.nonzero(dropped)[0]), 0)
+        values = sliced(tensor, rows, cols)
+        values = values.clone() if values is tensor else values
+        return values.index_fill_(0, torch.from_numpy(np.nonzero(dropped)[0]), 0)
 
 
 def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
