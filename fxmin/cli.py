@@ -157,7 +157,7 @@ def cmd_minimize(args) -> int:
     model, kind = load_model(args.model, args.weights)
     masks = load_masks(args.masks)
     inputs = example_inputs(args.example_input_shape)
-    options = dict(_options(args), verify=not args.no_verify)
+    options = dict(_options(args), verify=False if args.no_verify else args.verify)
     if kind == "exported":
         program, result = fxmin.minimize_exported(model, masks, inputs, **options)
         if args.output:
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", help="where to write the minimized model")
     p.add_argument("--barrier", action="append", metavar="NAME", help="keep every channel around this module/node")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check")
+    p.add_argument("--verify", choices=("full", "quick"), default="full",
+                   help="full: float64 and the model's dtype on the example and 2 random input sets (the default); "
+                        "quick: the model's dtype on the example inputs and the analysis's constants, for large models")
     p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
                    help="how the model becomes a graph: torch.fx, torch.export, or auto (torch.fx, and torch.export "
                         "when torch.fx cannot trace the model; the default)")

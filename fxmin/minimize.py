@@ -20,6 +20,7 @@ from .rewrite import rewrite
 from .shards import ShardedWeights
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
 from .trace_export import CallingConvention, export_trace, export_without_weights, reexport
+from .verify import checked_trials, verification_level
 from .verify import verify as verify_equivalence
 from .weights import META_KEY, attach, weights_of
 
@@ -166,7 +167,7 @@ def open_weights(weights) -> Mapping | None:
 @pass_progress  # NOTE [Progress]: one bar per call, phases name themselves
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
              tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
-             verify: bool = True, trials: int = 2, tolerances: dict | None = None, seed: int = 0,
+             verify: bool | str = True, trials: int | None = None, tolerances: dict | None = None, seed: int = 0,
              progress: bool | None = None, weights=None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
@@ -175,9 +176,12 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     ``barriers`` (module paths, node names, module types or functions) keep every channel around
     those ops. ``frontend``: ``"auto"`` traces with torch.fx and exports with torch.export when FX
     cannot trace the model, ``"fx"`` or ``"export"`` choose one (``result.frontend`` says which ran).
-    ``verify`` checks the result in float64 and in the model's dtype on the example inputs and
-    ``trials`` random ones, each dtype held to its tolerance (``fxmin.verify.TOLERANCES``; ``tolerances``
-    overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``). The model and the masks are never modified. A model on an accelerator is analysed,
+    ``verify`` (``True`` or ``"full"``) checks the result in float64 and in the model's dtype on the
+    example inputs and ``trials`` (default 2) random ones, each dtype held to its tolerance
+    (``fxmin.verify.TOLERANCES``; ``tolerances`` overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``);
+    ``"quick"`` checks in the model's dtype only, on the example inputs (and ``trials`` random sets),
+    and checks every constant the analysis folded in the reference's run (NOTE [Verification levels]
+    in fxmin/verify.py); ``False`` skips verification. The model and the masks are never modified. A model on an accelerator is analysed,
     rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
     the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
     seconds (``None``: when stderr is a terminal). ``weights``: for a model built on the meta device
@@ -192,6 +196,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     >>> result.module.get_submodule("0").out_features  # 3 units with no input fold into the next bias
     5
     """
+    level = verification_level(verify)
+    if level is not None:
+        trials = checked_trials(level, trials)
     graph_module, used_masks, example_inputs, frontend, convention = prepare(
         model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,
         frontend=frontend, weights=weights)
@@ -200,9 +207,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     analysis.forget_weight_reads()
     module = rewrite(plan)
     verification = None
-    if verify:  # NOTE [Streamed runs]: no copy of either model
-        verification = verify_equivalence(graph_module, module, example_inputs, plan=plan, trials=trials, seed=seed,
-                                          tolerances=tolerances)
+    if level is not None:  # NOTE [Streamed runs]: no copy of either model
+        verification = verify_equivalence(graph_module, module, example_inputs, level=level, plan=plan,
+                                          trials=trials, seed=seed, tolerances=tolerances)
     report = build_report(plan, graph_module, module, verification)
     report.frontend = frontend
     device = model_device(model, files=weights is not None)

@@ -25,11 +25,10 @@ from .weights import Unread, call_loaded, read_unread, weights_of
 class StreamedRun:
     """Calls ``module`` (a GraphModule) with every tensor it reads loaded by ``load(name)`` (default: its
     own) and cast to ``dtype`` (floating ones; None: as loaded) at the node that reads it.
-    ``record=True`` keeps each node's value in ``values`` (by node name)."""
+    ``observe(node, value)``, if given, is called with each node's value as it is computed."""
 
-    def __init__(self, module: torch.fx.GraphModule, load=None, dtype: torch.dtype | None = None, record: bool = False):
-        self.module, self.load, self.dtype, self.record = module, load or weights_of(module).load, dtype, record
-        self.values: dict = {}
+    def __init__(self, module: torch.fx.GraphModule, load=None, dtype: torch.dtype | None = None, observe=None):
+        self.module, self.load, self.dtype, self.observe = module, load or weights_of(module).load, dtype, observe
 
     def tensor(self, name: str) -> torch.Tensor:
         value = self.load(name)
@@ -41,13 +40,13 @@ class StreamedRun:
 
 class _Streamed(torch.fx.Interpreter):
     def __init__(self, run: StreamedRun):
-        super().__init__(run.module, garbage_collect_values=not run.record)
+        super().__init__(run.module)
         self.stream = run
 
     def run_node(self, node):
         value = super().run_node(node)
-        if self.stream.record:
-            self.stream.values[node.name] = value
+        if self.stream.observe is not None:
+            self.stream.observe(node, value)
         return value
 
     def get_attr(self, target, args, kwargs):  # NOTE [Weights read where they are used] in fxmin/weights.py

@@ -9,7 +9,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten
 
-from .errors import EquivalenceError, InputError
+from .errors import EquivalenceError, InputError, describe_node
+from .fact_check import ConstantCheck, observer
 from .graph_helpers import copy_module
 from .progress import phase
 from .streamed import StreamedRun
@@ -25,6 +26,19 @@ from .weights import weights_of
 # constants were rounded once to it (NOTE [Fold precision] in fxmin/plan.py): the
 # tolerance is hundreds of float32 epsilons, tens of float16's, a few of bfloat16's.
 # A dtype without a tolerance here is refused: pass ``tolerances={dtype: ...}``.
+
+# NOTE [Verification levels]
+# ``"full"`` (the default) runs both models end to end in float64 (the result's float64 build) and
+# in the model's dtype, on the example inputs and ``trials`` random ones: the check that makes
+# "exact" mean a float64 error of summation order. Float64 runs cost several forwards each on a CPU
+# (float64 convolutions have no fast kernels), so on a large model verification takes many times
+# the pass. ``"quick"`` runs the model's dtype only, on the example inputs (and ``trials`` random
+# sets if asked), and checks during the reference's run that every constant the analysis relied on
+# holds (NOTE [Constants checked in a run] in fxmin/fact_check.py): a wrongly removed channel whose
+# effect on the outputs is under the model dtype's tolerance goes unseen, which the report says.
+
+#: what ``verify(level=...)`` accepts: NOTE [Verification levels]
+LEVELS = ("full", "quick")
 
 #: max |reference - result| allowed, relative to max(1, max |reference|), per dtype.
 TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -42,6 +56,26 @@ def tolerance_for(dtype: torch.dtype, tolerances: dict | None = None) -> float:
         raise InputError(f"fxmin has no verification tolerance for {dtype} (it has one for {known}): pass "
                          f"tolerances={{{dtype}: ...}} (max error relative to max(1, max |reference|)) or verify=False")
     return table[dtype]
+
+
+def verification_level(verify) -> str | None:
+    """``minimize``'s ``verify`` as one of :data:`LEVELS` (``True``: ``"full"``), or None for ``False``."""
+    if isinstance(verify, bool):
+        return "full" if verify else None
+    checked_trials(verify, None)
+    return verify
+
+
+def checked_trials(level: str, trials: int | None) -> int:
+    """The number of random input sets a verification at ``level`` runs: ``trials``, or the level's
+    default (2 for ``"full"``, 0 for ``"quick"``); an :class:`InputError` for a level or count that is not one."""
+    if not isinstance(level, str) or level not in LEVELS:
+        raise InputError(f"verify must be True, False or a level ({', '.join(map(repr, LEVELS))}), got {level!r}")
+    if trials is None:
+        return 2 if level == "full" else 0
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise InputError(f"trials must be a whole number of random input sets (0 or more), got {trials!r}")
+    return trials
 
 
 def _checked_tolerances(tolerances) -> dict:
@@ -78,10 +112,12 @@ class VerifyReport:
     comparisons: list = field(default_factory=list)
     exact_float64: bool = False
     streamed: bool = False  # NOTE [Streamed runs]: each layer's weights cast at its call, no model copied
+    level: str = "full"  # NOTE [Verification levels]
+    constants: ConstantCheck | None = None  # quick: the analysis's constants checked in the reference's run
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.comparisons)
+        return all(c.ok for c in self.comparisons) and (self.constants is None or self.constants.ok)
 
     def max_error(self, dtype: torch.dtype) -> float:
         errors = [c.max_error for c in self.comparisons if c.dtype == dtype]
@@ -106,7 +142,9 @@ class VerifyReport:
         random = sum(1 for label in labels if label.startswith("random"))
         sets = ", ".join(filter(None, ["the example inputs" if "example" in labels else "",
                                        f"{random} random" if random else ""]))
-        lines = [f"verified against the masked model on {len(labels)} input sets ({sets}): "
+        count = f"{len(labels)} input set" + ("s" if len(labels) != 1 else "")
+        how = "verified" if self.level == "full" else f"verified (verify={self.level!r})"
+        lines = [f"{how} against the masked model on {count} ({sets}): "
                  "max |error| <= tolerance x max(1, max |reference|)"]
         for dtype in self.dtypes:
             name = str(dtype).replace("torch.", "")
@@ -120,6 +158,14 @@ class VerifyReport:
             status = "ok" if all(c.ok for c in self.comparisons if c.dtype == dtype) else "FAILED"
             lines.append(f"  {name:<9} max abs error {self.max_error(dtype):.2e}  tolerance {self.tolerance(dtype):.0e}  "
                          f"{status}: {what}")
+        if self.constants is not None:
+            check = self.constants
+            status = "ok" if check.ok else "FAILED"
+            lines.append(f"  constants {check.channels} channels at {check.nodes} nodes, max error "
+                         f"{check.max_relative_error:.2e} x scale  tolerance {check.tolerance:.0e}  {status}: "
+                         "each held the value the analysis took it for, in the reference's run")
+        if self.level == "quick" and torch.float64 not in self.dtypes:
+            lines.append("  not compared in float64: an error under the tolerance above goes unseen")
         return lines
 
 
@@ -216,17 +262,19 @@ def compare(reference, result, inputs: tuple, dtype: torch.dtype, label: str, to
 def first_divergent_node(reference, result, plan, inputs: tuple, tolerance: float) -> str | None:
     """The first node (in the reference's order) whose kept channels differ between the two modules
     (GraphModules or :class:`StreamedRun` s of them)."""
-    runs = [StreamedRun(m.module, m.load, m.dtype, True) if isinstance(m, StreamedRun) else StreamedRun(m, record=True)
-            for m in (reference, result)]
-    reference_run, result_run = runs
-    reference = reference_run.module
-    with torch.no_grad(), default_dtype(torch.float64), full_precision():
-        reference_run(*inputs)
-        result_run(*inputs)
+    values = ({}, {})
+    for module, seen in zip((reference, result), values):
+        if not isinstance(module, StreamedRun):
+            module = StreamedRun(module)
+        record = lambda node, value, seen=seen: seen.__setitem__(node.name, value)  # noqa: E731
+        run = StreamedRun(module.module, module.load, module.dtype, observe=record)
+        with torch.no_grad(), default_dtype(torch.float64), full_precision():
+            run(*inputs)
+    reference = reference.module if isinstance(reference, StreamedRun) else reference
     for node in reference.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
-        a, b = reference_run.values.get(node.name), result_run.values.get(node.name)
+        a, b = values[0].get(node.name), values[1].get(node.name)
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or not a.is_floating_point():
             continue
         kept = plan.kept.get(node.name)
@@ -240,15 +288,18 @@ def first_divergent_node(reference, result, plan, inputs: tuple, tolerance: floa
 
 
 @phase("verify")
-def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *,
-           exact_result: torch.nn.Module | None = None, plan=None, trials: int = 2, seed: int = 0,
+def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: tuple, *, level: str = "full",
+           exact_result: torch.nn.Module | None = None, plan=None, trials: int | None = None, seed: int = 0,
            tolerances: dict | None = None, raise_on_failure: bool = True) -> VerifyReport:
     """Check that ``result`` computes what ``reference`` computes.
 
-    Both run on the example inputs and on ``trials`` random inputs of the same shapes, in float64
-    and in the model's dtype, each held to its dtype's tolerance (:data:`TOLERANCES`, which ``tolerances``
-    overrides per dtype; NOTE [Tolerances]). In float64 the result runs as ``exact_result`` if given,
-    else as its float64 build when ``plan`` is given (its folded constants not rounded), else cast.
+    ``level="full"`` (NOTE [Verification levels]): both run on the example inputs and on ``trials``
+    (default 2) random inputs of the same shapes, in float64 and in the model's dtype, each held to its
+    dtype's tolerance (:data:`TOLERANCES`, which ``tolerances`` overrides per dtype; NOTE [Tolerances]).
+    In float64 the result runs as ``exact_result`` if given, else as its float64 build when ``plan`` is
+    given (its folded constants not rounded), else cast. ``level="quick"``: the model's dtype only, on
+    the example inputs and ``trials`` (default 0) random sets, and, given the ``plan`` whose graph
+    ``reference`` is, every constant channel of its analysis checked in the reference's run.
     GraphModules run streamed (NOTE [Streamed runs]): the reference with the masks its weight source
     applies, no copy of either model. Raises :class:`EquivalenceError` naming the first divergent node
     (when ``plan`` is given).
@@ -258,40 +309,63 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
     >>> verify(m, m, (torch.randn(4, 3),)).ok
     True
     """
+    trials = checked_trials(level, trials)
     tolerances = {**TOLERANCES, **_checked_tolerances(tolerances)}
     generator = torch.Generator().manual_seed(seed)
     input_sets = [("example", tuple(example_inputs))]
     input_sets += [(f"random #{k + 1}", random_like(tuple(example_inputs), generator)) for k in range(trials)]
     model_dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
     model_tolerance = tolerance_for(model_dtype, tolerances)
-    exact = exact_result is not None or (plan is not None and isinstance(result, torch.fx.GraphModule))
-    report = VerifyReport(exact_float64=exact, streamed=isinstance(reference, torch.fx.GraphModule))
-    reference_run = _streamed(reference, None)
-    reference64 = _streamed(reference, torch.float64)
-    if exact_result is not None:
-        result64 = exact_result
-    elif plan is not None and isinstance(result, torch.fx.GraphModule):
-        result64 = StreamedRun(result, _exact_load(result, plan), torch.float64)
+    full = level == "full"
+    exact = full and (exact_result is not None or (plan is not None and isinstance(result, torch.fx.GraphModule)))
+    report = VerifyReport(exact_float64=exact, streamed=isinstance(reference, torch.fx.GraphModule), level=level)
+    if not full and plan is not None and plan.graph_module is reference:
+        report.constants = ConstantCheck(model_tolerance)
+        reference_run = StreamedRun(reference, observe=observer(plan.analysis.facts, report.constants))
     else:
-        result64 = _streamed(result, torch.float64)
+        reference_run = _streamed(reference, None)
+    if full:
+        reference64 = _streamed(reference, torch.float64)
+        if exact_result is not None:
+            result64 = exact_result
+        elif plan is not None and isinstance(result, torch.fx.GraphModule):
+            result64 = StreamedRun(result, _exact_load(result, plan), torch.float64)
+        else:
+            result64 = _streamed(result, torch.float64)
     for label, inputs in input_sets:
-        report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
-        if model_dtype != torch.float64:
+        if full:
+            report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
+        if model_dtype != torch.float64 or not full:
             report.comparisons.append(compare(reference_run, result, inputs, model_dtype, label, model_tolerance))
     if not report.ok and raise_on_failure:
-        failure = report.failures()[0]
-        node = None
-        graphs = [r.module if isinstance(r, StreamedRun) else r for r in (reference64, result64)]
-        if plan is not None and all(isinstance(g, torch.fx.GraphModule) for g in graphs):
-            inputs = _cast_inputs(dict(input_sets)[failure.inputs], torch.float64)
-            node = first_divergent_node(reference64, result64, plan, inputs, tolerances[torch.float64] * 10)
-        where = f"; first divergent node: '{node}'" if node else ""
-        raise EquivalenceError(
-            f"the minimized module does not compute the reference function: max error {failure.max_error:.3g} "
-            f"in {failure.dtype} on {failure.inputs} inputs (tolerance {failure.tolerance:.1g} x scale "
-            f"{failure.scale:.3g}){where}. This is a bug in fxmin or in a custom rule: please report it with the "
-            "model; minimize(..., barriers=[node]) works around it.", node=node, report=report)
+        _raise_equivalence_error(report, reference, result64 if full else result, plan, dict(input_sets),
+                                 tolerances[torch.float64])
     return report
+
+
+def _raise_equivalence_error(report: VerifyReport, reference, result, plan, input_sets: dict, tolerance: float):
+    """An :class:`EquivalenceError` naming the node where a constant failed, else the first divergent node
+    (found in float64 runs of both models, when ``plan`` is given)."""
+    if report.constants is not None and report.constants.failures:
+        node, problem = report.constants.failures[0]
+        raise EquivalenceError(
+            f"a constant the analysis relied on does not hold in a run of the reference at "
+            f"{describe_node(node, reference)}: {problem}. This is a bug in fxmin or in a custom rule: please report "
+            f"it with the model; minimize(..., barriers=['{node.name}']) works around it.", node=node.name, report=report)
+    failure = report.failures()[0]
+    node = None
+    graphs = [r.module if isinstance(r, StreamedRun) else r for r in (reference, result)]
+    if plan is not None and all(isinstance(g, torch.fx.GraphModule) for g in graphs):
+        reference64 = _streamed(reference, torch.float64)
+        result64 = result if isinstance(result, StreamedRun) else StreamedRun(result, _exact_load(result, plan), torch.float64)
+        node = first_divergent_node(reference64, result64, plan, _cast_inputs(input_sets[failure.inputs], torch.float64),
+                                    tolerance * 10)
+    where = f"; first divergent node: '{node}'" if node else ""
+    raise EquivalenceError(
+        f"the minimized module does not compute the reference function: max error {failure.max_error:.3g} "
+        f"in {failure.dtype} on {failure.inputs} inputs (tolerance {failure.tolerance:.1g} x scale "
+        f"{failure.scale:.3g}){where}. This is a bug in fxmin or in a custom rule: please report it with the "
+        "model; minimize(..., barriers=[node]) works around it.", node=node, report=report)
 
 
 def _streamed(module: torch.nn.Module, dtype: torch.dtype | None):
