@@ -170,8 +170,12 @@ def cmd_minimize(args) -> int:
             write_atomically(args.output, lambda path: torch.save(result.module, path))
     report = result.report
     if args.format == "json":
+        verification = report.verification
+        errors = {} if verification is None else {str(d).replace("torch.", ""): verification.max_error(d)
+                                                   for d in verification.dtypes}
         print(json.dumps({"params_before": report.params_before, "params_after": report.params_after,
-                          "compression": report.compression, "max_error_float64": report.max_error,
+                          "compression": report.compression, "max_error_float64": errors.get("float64"),
+                          "verified": None if verification is None else verification.level, "max_error": errors,
                           "frontend": result.frontend,
                           "output": args.output, "layers": [list(map(str, row)) for row in report.rows()]}))
     else:

@@ -59,6 +59,21 @@ def test_minimize_from_factory_json_report(files, capsys):
     assert report["max_error_float64"] < 1e-8
 
 
+def test_minimize_quick_and_unverified(files, capsys):
+    code, out, err = run(capsys, "minimize", FACTORY, "--masks", files / "masks.pt", "--format", "json",
+                         "--verify", "quick", *SHAPE)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["verified"] == "quick" and report["max_error_float64"] is None
+    assert list(report["max_error"]) == ["float32"] and report["max_error"]["float32"] < 1e-4
+    code, out, err = run(capsys, "minimize", FACTORY, "--masks", files / "masks.pt", "--verify", "quick", *SHAPE)
+    assert code == 0 and "verified (verify='quick')" in out and "constants" in out
+    code, out, err = run(capsys, "minimize", FACTORY, "--masks", files / "masks.pt", "--format", "json", "--no-verify",
+                         *SHAPE)
+    report = json.loads(out)
+    assert code == 0 and report["verified"] is None and report["max_error"] == {}
+
+
 def test_audit_formats(files, capsys, tmp_path):
     code, out, _ = run(capsys, "audit", FACTORY, "--masks", files / "masks.pt", *SHAPE)
     assert code == 0 and "blocked by" in out and "13x16x3x3" in out
