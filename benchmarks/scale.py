@@ -256,8 +256,8 @@ def time_phases() -> tuple[dict, dict]:
     return phases, peaks
 
 
-def child(name: str, tokens: int) -> dict:
-    """Build ``name``, minimize it with verification, return the measurements."""
+def child(name: str, tokens: int, level: str = "full") -> dict:
+    """Build ``name``, minimize it with verification at ``level``, return the measurements."""
     import fxmin
 
     interpreter = _warm(name, "fxmin")
@@ -268,7 +268,7 @@ def child(name: str, tokens: int) -> dict:
 
     phases, peaks = time_phases()
     start = time.perf_counter()
-    result = fxmin.minimize(model, masks, inputs, progress=False)
+    result = fxmin.minimize(model, masks, inputs, verify=level, progress=False)
     total = time.perf_counter() - start
     result_bytes, _ = _tensor_bytes(result.module)
     verification = result.report.verification
@@ -277,17 +277,19 @@ def child(name: str, tokens: int) -> dict:
         "model_bytes": model_bytes, "result_bytes": result_bytes, "largest": largest,
         "params_before": result.report.params_before, "params_after": result.report.params_after,
         "phases": phases, "phase_peaks": peaks, "total_s": total,
-        "verified": bool(verification.ok),
+        "verified": bool(verification.ok), "level": level,
         "errors": {str(d).replace("torch.", ""): [verification.max_error(d), verification.tolerance(d)]
                    for d in verification.dtypes},
     }
 
 
-def run_child(name: str, tokens: int, tool: str = "fxmin", torch_pruning_path: str | None = None) -> dict:
+def run_child(name: str, tokens: int, tool: str = "fxmin", torch_pruning_path: str | None = None,
+              level: str = "full") -> dict:
     """``name`` in a fresh ``nice`` subprocess; its peak RSS is ``ru_maxrss`` from ``os.wait4``."""
     import tempfile
 
-    command = [sys.executable, "-m", "benchmarks.scale", "--child", name, "--tool", tool, "--tokens", str(tokens)]
+    command = [sys.executable, "-m", "benchmarks.scale", "--child", name, "--tool", tool, "--tokens", str(tokens),
+               "--verify", level]
     env = dict(os.environ)
     if torch_pruning_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [torch_pruning_path, env.get("PYTHONPATH")]))
@@ -324,7 +326,8 @@ def parameters_text(record: dict) -> str:
 
 def verification_text(record: dict) -> str:
     errors = ", ".join(f"{d} {e:.1e} (tol {t:.0e})" for d, (e, t) in record["errors"].items())
-    return ("ok: " if record["verified"] else "FAILED: ") + errors
+    level = record.get("level", "full")
+    return ("ok" if record["verified"] else "FAILED") + ("" if level == "full" else f" ({level})") + ": " + errors
 
 
 def table(records: list) -> str:
@@ -361,6 +364,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tool", default="fxmin", help=argparse.SUPPRESS)
     parser.add_argument("--torch-pruning", metavar="SITE_PACKAGES",
                         help="also run Torch-Pruning on each model, importing it from this directory")
+    parser.add_argument("--verify", choices=("full", "quick"), default="full",
+                        help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
     parser.add_argument("--json", help="also append each record to this JSON-lines file")
     parser.add_argument("--from-json", help="make the table from the records of an earlier run's --json file")
@@ -371,8 +376,9 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(1)
-        run = child if args.tool == "fxmin" else child_torch_pruning
-        print(json.dumps(run(args.child, args.tokens)), flush=True)
+        record = child(args.child, args.tokens, args.verify) if args.tool == "fxmin" \
+            else child_torch_pruning(args.child, args.tokens)
+        print(json.dumps(record), flush=True)
         return
     records = []
     if args.from_json:
@@ -385,7 +391,7 @@ def main(argv=None) -> None:
         if need > free:
             record = {"name": name, "skipped": f"skipped: needs ~{_gib(need)} GiB, {_gib(free)} GiB available"}
         else:
-            record = run_child(name, args.tokens)
+            record = run_child(name, args.tokens, level=args.verify)
             if args.torch_pruning and available() > need:
                 record["torch_pruning"] = run_child(name, args.tokens, "torch_pruning", args.torch_pruning)
         records.append(record)
@@ -400,13 +406,15 @@ def main(argv=None) -> None:
         from benchmarks.pass_speed import section
 
         command = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+        level = next((r["level"] for r in records if "level" in r), args.verify)
         if args.from_json:  # the run that made the records
             tokens = next((r["tokens"] for r in records if "tokens" in r), args.tokens)
             peer = " --torch-pruning SITE_PACKAGES" if any("torch_pruning" in r for r in records) else ""
+            quick = "" if level == "full" else f" --verify {level}"
             command = (f"python -m benchmarks.scale --models {' '.join(r['name'] for r in records)} --tokens {tokens}"
-                       f"{peer} --json FILE")
-        replace_section(DOC, "Peak memory and time at scale", section(command.strip(), text, "Peak memory and time at scale"),
-                        heading="# fxmin at scale")
+                       f"{peer}{quick} --json FILE")
+        title = "Peak memory and time at scale" + ("" if level == "full" else f", verify={level!r}")
+        replace_section(DOC, title, section(command.strip(), text, title), heading="# fxmin at scale")
 
 
 if __name__ == "__main__":

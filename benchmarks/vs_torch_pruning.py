@@ -28,7 +28,9 @@ the head count as a literal, which it cannot rewrite).
 With ``--speed`` it times instead the pass against Torch-Pruning on the full-size models
 (``common.FULL``: ResNet-50, ConvNeXt-Tiny, ViT-S/16 at 224x224, GPT-2 small at 128 tokens), same masks:
 one forward of the masked model, fxmin's pass (trace, analysis, plan, rewrite: ``verify=False``), fxmin's
-verification as ``minimize`` runs it (the float64 rebuild and the comparisons), and each Torch-Pruning
+verification as ``minimize`` runs it at each level (``verify="full"``, the default: streamed float64 and
+model-dtype runs on the example and two random input sets; ``verify="quick"``: the model's dtype on the
+example inputs and the analysis's constants), and each Torch-Pruning
 variant (dependency-graph build plus pruning). The methods are called in turn, ``--repeats`` times; the
 table gives medians of CPU seconds, so the ratios come from one run on the same (shared) machine.
 
@@ -174,7 +176,6 @@ def _cpu(function):
 
 def speed(name: str, seed: int, repeats: int) -> list:
     """One row: medians over ``repeats`` interleaved rounds of forward, fxmin pass, fxmin verify, Torch-Pruning."""
-    from fxmin.rewrite import rewrite
     from fxmin.verify import verify
 
     factory, make_inputs, classifier = {**MODEST, **FULL}[name]
@@ -182,21 +183,21 @@ def speed(name: str, seed: int, repeats: int) -> list:
     masks = planted_masks(model, 0.5, classifier, seed)
     masked = apply_masks(model, masks)
     inputs = make_inputs(1)
-    times: dict = {key: [] for key in ("forward", "pass", "verify", "per layer", "per group")}
+    times: dict = {key: [] for key in ("forward", "pass", "full", "quick", "per layer", "per group")}
 
     def forward():
         with torch.no_grad():
             return masked(*inputs)
 
-    def check(result):
-        return verify(result.reference, result.module, result.example_inputs,
-                      exact_result=rewrite(result.plan, torch.float64), plan=result.plan)
+    def check(result, level):  # what minimize(verify=level) runs after the pass
+        return verify(result.plan.graph_module, result.module, result.example_inputs, level=level, plan=result.plan)
 
     for _ in range(repeats):
         times["forward"].append(_cpu(forward)[0])
         seconds, result = _cpu(lambda: fxmin.minimize(model, masks, inputs, verify=False, progress=False))
         times["pass"].append(seconds)
-        times["verify"].append(_cpu(lambda: check(result))[0])
+        for level in ("full", "quick"):
+            times[level].append(_cpu(lambda: check(result, level))[0])
         del result
         for variant, function in (("per layer", torch_pruning_per_layer), ("per group", torch_pruning_per_group)):
             try:
@@ -207,15 +208,16 @@ def speed(name: str, seed: int, repeats: int) -> list:
                       file=sys.stderr)
     median = {key: statistics.median(values) for key, values in times.items()}
     tp_best = min((v for k, v in median.items() if k.startswith("per ") and v == v), default=float("nan"))
-    row = [name, f"{median['forward']:.3f}", f"{median['pass']:.2f}", f"{median['verify']:.2f}",
+    row = [name, f"{median['forward']:.3f}", f"{median['pass']:.2f}", f"{median['full']:.2f}", f"{median['quick']:.2f}",
            f"{median['per layer']:.2f}", f"{median['per group']:.2f}", f"{median['pass'] / tp_best:.2f}",
-           f"{median['pass'] / median['forward']:.1f}", f"{median['verify'] / median['forward']:.1f}"]
+           f"{median['pass'] / median['forward']:.1f}", f"{median['full'] / median['forward']:.1f}",
+           f"{median['quick'] / median['forward']:.1f}"]
     print("  " + " | ".join(row), file=sys.stderr, flush=True)
     return row
 
 
-SPEED_HEADERS = ["model", "forward s", "fxmin pass s", "fxmin verify s", "TP per layer s", "TP per group s",
-                 "pass / TP best", "pass / forward", "verify / forward"]
+SPEED_HEADERS = ["model", "forward s", "fxmin pass s", "verify full s", "verify quick s", "TP per layer s",
+                 "TP per group s", "pass / TP best", "pass / forward", "full / forward", "quick / forward"]
 
 HEADERS = ["model", "method", "parameters removed", "stored tensors change", "max abs error", "max rel error",
            "CPU s"]
