@@ -16,17 +16,17 @@ from .facts import ValueFact
 # where a wrongly folded channel of small weight could hide under the dtype's tolerance; so it also
 # checks, at every node of the reference run, that each channel the analysis took for a constant
 # holds that constant. A constant is checked where it arises, not through the layers after it, and
-# zeros (most constants) come out of a run in any dtype exactly. The error is held to the model
-# dtype's tolerance relative to the node's own scale (max(1, max |finite value|)), as the
-# end-to-end comparison is (NOTE [Tolerances] in fxmin/verify.py). A value whose shape does not
-# carry the fact's channels fails the check: the analysis described another tensor than the run
-# computed.
+# zeros (most constants) come out of a run in any dtype exactly. The error, computed in the model's
+# dtype (the constant rounded to it once), is held to that dtype's tolerance relative to the node's
+# own scale (max(1, max |finite value|)), as the end-to-end comparison is (NOTE [Tolerances] in
+# fxmin/verify.py). A value whose shape does not carry the fact's channels fails the check: the
+# analysis described another tensor than the run computed.
 
 
 @dataclass
 class ConstantCheck:
     """What :func:`observer` saw: the nodes and channels checked, the largest error relative to each
-    node's scale, and the nodes where a constant did not hold (``(node name, message)``)."""
+    node's scale, and the nodes where a constant did not hold (``(node, message)``)."""
 
     tolerance: float
     nodes: int = 0
@@ -66,13 +66,14 @@ def _constant_error(value: torch.Tensor, fact: ValueFact, check: ConstantCheck) 
         return None
     shape = [1] * actual.dim()
     shape[axis] = len(index)
-    difference = (actual.double() - torch.as_tensor(fact.value[index], device=value.device).view(shape)).abs()
-    worst, scale = float(difference.max()), _scale(value.detach())
+    difference = actual - torch.as_tensor(fact.value[index], device=value.device).to(actual.dtype).view(shape)
+    low, high = torch.aminmax(difference)
+    worst, scale = float(torch.maximum(-low, high)), _scale(value.detach())
     if worst == worst:  # not nan
         check.max_relative_error = max(check.max_relative_error, worst / scale)
     if worst <= check.tolerance * scale:
         return None
-    per_channel = difference.nan_to_num(float("inf")).movedim(axis, -1).reshape(-1, len(index)).amax(0)
+    per_channel = difference.abs().nan_to_num(float("inf")).movedim(axis, -1).reshape(-1, len(index)).amax(0)
     channel = int(index[int(per_channel.argmax())])
     return (f"channel {channel} was taken for the constant {fact.value[channel]:.6g}, the run gives values up to "
             f"{worst:.3g} away from it (tolerance {check.tolerance:.1g} x scale {scale:.3g})")

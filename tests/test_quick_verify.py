@@ -158,3 +158,28 @@ def test_bad_verification_options_fail_before_the_pass(verify, trials, expected,
     with pytest.raises(fxmin.InputError) as caught:
         fxmin.minimize(model, masks, inputs, verify=verify, trials=trials)
     assert expected in str(caught.value)
+
+
+def test_constants_of_a_channel_axis_split_over_heads():
+    """NOTE [Heads]: channel c of a (batch, heads, tokens, head_dim) tensor is at (heads, head_dim) digits
+    (c // 5, c % 5); the check reads each claimed channel there, and names the one that does not hold."""
+    from fxmin.fact_check import ConstantCheck, observer
+
+    value = torch.randn(2, 3, 4, 5)
+    const = np.zeros(15, bool)
+    const[[0, 7, 14]] = True
+    expected = np.zeros(15)
+    expected[7], expected[14] = 1.5, -2.0
+    value[:, 0, :, 0], value[:, 1, :, 2], value[:, 2, :, 4] = 0.0, 1.5, -2.0  # channels 0, 7, 14
+    fact = ValueFact(1, 15, const, expected, inner=((3, 5),))
+    node = torch.fx.Graph().placeholder("heads")
+    check = ConstantCheck(1e-4)
+    observer({node: fact}, check)(node, value)
+    assert check.ok and (check.nodes, check.channels, check.max_relative_error) == (1, 3, 0.0)
+    value[1, 1, 3, 2] = 1.25  # channel 7 at one position
+    observer({node: fact}, check)(node, value)
+    assert len(check.failures) == 1 and check.failures[0][0] is node
+    assert "channel 7 was taken for the constant 1.5" in check.failures[0][1] and "0.25 away" in check.failures[0][1]
+    check = ConstantCheck(1e-4)
+    observer({node: fact}, check)(node, value.transpose(1, 2))  # (2, 4, 3, 5): not the fact's tensor
+    assert "the analysis followed 15 channels on axis 1" in check.failures[0][1]
