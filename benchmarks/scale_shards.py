@@ -65,7 +65,7 @@ def write_synthetic(name: str, directory: Path, shard_bytes: int) -> None:
     write_shards(tensors(), directory, max_shard_bytes=shard_bytes)
 
 
-def child(name: str, directory: str, tokens: int) -> dict:
+def child(name: str, directory: str, tokens: int, level: str = "full") -> dict:
     import torch
 
     import fxmin
@@ -80,7 +80,7 @@ def child(name: str, directory: str, tokens: int) -> dict:
     weights = ShardedWeights(directory)
     phases, peaks = time_phases()
     start = time.perf_counter()
-    result = fxmin.minimize(model, masks, inputs, weights=weights, progress=False)
+    result = fxmin.minimize(model, masks, inputs, weights=weights, verify=level, progress=False)
     seconds = time.perf_counter() - start
     result_bytes, _ = _tensor_bytes(result.module)
     verification = result.report.verification
@@ -89,19 +89,20 @@ def child(name: str, directory: str, tokens: int) -> dict:
             "shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards),
             "result_bytes": result_bytes, "params_before": result.report.params_before,
             "params_after": result.report.params_after, "total_s": seconds, "verified": bool(verification.ok),
+            "level": level,
             "errors": {str(d).replace("torch.", ""): [verification.max_error(d), verification.tolerance(d)]
                        for d in verification.dtypes}, "after_pass_rss": _rss("VmRSS"), "phases": phases,
             "phase_peaks": peaks}
 
 
-def run(name: str, tokens: int, shard_bytes: int, keep: Path | None) -> dict:
+def run(name: str, tokens: int, shard_bytes: int, keep: Path | None, level: str = "full") -> dict:
     directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=f"fxmin-shards-{name}-"))
     try:
         started = time.perf_counter()
         write_synthetic(name, directory, shard_bytes)
         written = time.perf_counter() - started
         command = [sys.executable, "-m", "benchmarks.scale_shards", "--child", name, "--directory", str(directory),
-                   "--tokens", str(tokens)]
+                   "--tokens", str(tokens), "--verify", level]
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             process = subprocess.Popen(command, stdout=out, stderr=err, cwd=Path(__file__).resolve().parent.parent,
                                        preexec_fn=lambda: os.nice(10))
@@ -146,6 +147,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--shard-gib", type=float, default=1.0, help="the shards' size (transformers writes 5 GB)")
     parser.add_argument("--keep", type=Path, help="write the shards under this directory and keep them")
+    parser.add_argument("--verify", choices=("full", "quick"), default="full",
+                        help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
     parser.add_argument("--from-json", type=Path, help="make the table from the records an earlier run printed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -155,13 +158,13 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(child(args.child, args.directory, args.tokens)), flush=True)
+        print(json.dumps(child(args.child, args.directory, args.tokens, args.verify)), flush=True)
         return
     records = []
     if args.from_json:
         records = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.startswith("{")]
     for name in [] if args.from_json else args.models:
-        record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep)
+        record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep, args.verify)
         records.append(record)
         print(json.dumps(record), flush=True)
     text = table(records)
@@ -171,9 +174,12 @@ def main(argv=None) -> None:
         from benchmarks.pass_speed import section
 
         command = "python -m benchmarks.scale_shards " + " ".join(argv if argv is not None else sys.argv[1:])
+        level = next((r["level"] for r in records if "level" in r), args.verify)
         if args.from_json:  # the run that printed the records
-            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}"
-        replace_section(DOC, SECTION, section(command.strip(), text, SECTION), heading="# fxmin at scale")
+            quick = "" if level == "full" else f" --verify {level}"
+            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}{quick}"
+        title = SECTION + ("" if level == "full" else f", verify={level!r}")
+        replace_section(DOC, title, section(command.strip(), text, title), heading="# fxmin at scale")
 
 
 if __name__ == "__main__":
