@@ -25,18 +25,26 @@ from .facts import ValueFact
 
 @dataclass
 class ConstantCheck:
-    """What :func:`observer` saw: the nodes and channels checked, the largest error relative to each
-    node's scale, and the nodes where a constant did not hold (``(node, message)``)."""
+    """What :func:`observer` saw, over every run it watched: the constant channels checked at each node
+    (``checked``: node name -> how many), the largest error relative to a node's scale, and where a
+    constant did not hold (``failures``: ``(node, message)``)."""
 
     tolerance: float
-    nodes: int = 0
-    channels: int = 0
+    checked: dict = field(default_factory=dict)
     max_relative_error: float = 0.0
     failures: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def nodes(self) -> int:
+        return len(self.checked)
+
+    @property
+    def channels(self) -> int:
+        return sum(self.checked.values())
 
 
 def observer(facts: dict, check: ConstantCheck):
@@ -48,6 +56,7 @@ def observer(facts: dict, check: ConstantCheck):
             return
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return
+        check.checked[node.name] = int(fact.const.sum())
         problem = _constant_error(value, fact, check)
         if problem is not None:
             check.failures.append((node, problem))
@@ -55,12 +64,12 @@ def observer(facts: dict, check: ConstantCheck):
 
 
 def _constant_error(value: torch.Tensor, fact: ValueFact, check: ConstantCheck) -> str | None:
+    """What is wrong with ``value``'s constant channels (None: each holds its constant), the largest
+    error relative to ``value``'s scale recorded in ``check``."""
     channels, axis = _channel_view(value, fact)
     if channels is None:
         return f"the analysis followed {fact.size} channels on axis {fact.axis}, the run computed shape {tuple(value.shape)}"
     index = np.nonzero(fact.const)[0]
-    check.nodes += 1
-    check.channels += len(index)
     actual = channels.index_select(axis, torch.as_tensor(index, device=value.device))
     if not actual.numel():
         return None

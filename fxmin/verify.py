@@ -325,27 +325,31 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
     else:
         reference_run = _streamed(reference, None)
     if full:
-        reference64 = _streamed(reference, torch.float64)
-        if exact_result is not None:
-            result64 = exact_result
-        elif plan is not None and isinstance(result, torch.fx.GraphModule):
-            result64 = StreamedRun(result, _exact_load(result, plan), torch.float64)
-        else:
-            result64 = _streamed(result, torch.float64)
+        reference64, result64 = _streamed(reference, torch.float64), _result64(result, plan, exact_result)
     for label, inputs in input_sets:
         if full:
             report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
         if model_dtype != torch.float64 or not full:
             report.comparisons.append(compare(reference_run, result, inputs, model_dtype, label, model_tolerance))
     if not report.ok and raise_on_failure:
-        _raise_equivalence_error(report, reference, result64 if full else result, plan, dict(input_sets),
+        _raise_equivalence_error(report, reference, _result64(result, plan, exact_result), plan, dict(input_sets),
                                  tolerances[torch.float64])
     return report
 
 
-def _raise_equivalence_error(report: VerifyReport, reference, result, plan, input_sets: dict, tolerance: float):
+def _result64(result: torch.nn.Module, plan, exact_result: torch.nn.Module | None):
+    """What the float64 comparison runs as the result: ``exact_result``, else the result's float64 build
+    (streamed, the plan's exact constants), else the result cast to float64."""
+    if exact_result is not None:
+        return exact_result
+    if plan is not None and isinstance(result, torch.fx.GraphModule):
+        return StreamedRun(result, _exact_load(result, plan), torch.float64)
+    return _streamed(result, torch.float64)
+
+
+def _raise_equivalence_error(report: VerifyReport, reference, result64, plan, input_sets: dict, tolerance: float):
     """An :class:`EquivalenceError` naming the node where a constant failed, else the first divergent node
-    (found in float64 runs of both models, when ``plan`` is given)."""
+    (found in float64 runs of ``reference`` and ``result64``, when ``plan`` is given)."""
     if report.constants is not None and report.constants.failures:
         node, problem = report.constants.failures[0]
         raise EquivalenceError(
@@ -354,12 +358,10 @@ def _raise_equivalence_error(report: VerifyReport, reference, result, plan, inpu
             f"it with the model; minimize(..., barriers=['{node.name}']) works around it.", node=node.name, report=report)
     failure = report.failures()[0]
     node = None
-    graphs = [r.module if isinstance(r, StreamedRun) else r for r in (reference, result)]
+    graphs = [r.module if isinstance(r, StreamedRun) else r for r in (reference, result64)]
     if plan is not None and all(isinstance(g, torch.fx.GraphModule) for g in graphs):
-        reference64 = _streamed(reference, torch.float64)
-        result64 = result if isinstance(result, StreamedRun) else StreamedRun(result, _exact_load(result, plan), torch.float64)
-        node = first_divergent_node(reference64, result64, plan, _cast_inputs(input_sets[failure.inputs], torch.float64),
-                                    tolerance * 10)
+        node = first_divergent_node(_streamed(reference, torch.float64), result64, plan,
+                                    _cast_inputs(input_sets[failure.inputs], torch.float64), tolerance * 10)
     where = f"; first divergent node: '{node}'" if node else ""
     raise EquivalenceError(
         f"the minimized module does not compute the reference function: max error {failure.max_error:.3g} "
