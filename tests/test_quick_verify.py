@@ -130,10 +130,11 @@ def test_quick_passes_on_every_zoo_model(name):
         assert torch.equal(quick.module(*x), full.module(*x))  # the same result; only the check differs
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("make", [planted.planted_resnet18, planted.planted_mobilenet_v2, planted.planted_efficientnet])
-def test_quick_checks_the_planted_constants(make):
+def test_quick_checks_the_planted_constants(make, frontend):
     model, masks, inputs, _ = make()
-    verification = fxmin.minimize(model, masks, inputs, verify="quick").report.verification
+    verification = fxmin.minimize(model, masks, inputs, frontend=frontend, verify="quick").report.verification
     assert verification.ok and verification.constants.channels >= 1
 
 
@@ -183,3 +184,17 @@ def test_constants_of_a_channel_axis_split_over_heads():
     check = ConstantCheck(1e-4)
     observer({node: fact}, check)(node, value.transpose(1, 2))  # (2, 4, 3, 5): not the fact's tensor
     assert "the analysis followed 15 channels on axis 1" in check.failures[0][1]
+
+
+@pytest.mark.parametrize("name", ["convnext", "gpt"])
+def test_quick_through_torch_export(name):
+    """The export front end's graph is the one the constants are checked in (its facts, its node names)."""
+    factory, example_inputs = MODELS[name]
+    torch.manual_seed(1)
+    model = factory().eval()
+    masks = random_masks(model, 0.5, seed=1)
+    quick = fxmin.minimize(model, masks, example_inputs(), frontend="export", verify="quick")
+    assert quick.frontend == "export" and quick.report.verification.ok
+    assert quick.report.verification.constants is not None
+    full = fxmin.minimize(model, masks, example_inputs(), frontend="export")
+    assert quick.report.params_after == full.report.params_after
