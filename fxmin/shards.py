@@ -6,7 +6,8 @@ A checkpoint directory holds ``model.safetensors``, or shards ``model-00001-of-0
 - :class:`ShardedWeights` opens such a directory and reads a tensor only when it is asked for (a mapping
   from names to tensors; ``shape`` and ``nbytes`` read the headers only).
 - :func:`write_shards` writes ``(name, tensor)`` pairs as they come into shards of at most
-  ``max_shard_bytes``, holding one shard's tensors at a time, then the index.
+  ``max_shard_bytes``, holding one shard's tensors at a time, then the index (:class:`ShardWriter` does the
+  same for tensors handed over one call at a time).
 - :func:`load_shards` fills a module's parameters and buffers from a directory, one tensor at a time;
   the module may live on the meta device (``torch.device("meta")`` or ``accelerate.init_empty_weights``).
 
@@ -109,62 +110,92 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | o
     ties it again. Only one shard's tensors are held at a time, so ``tensors`` may be a
     generator that slices one weight after another. Files appear only when complete: each shard is written
     under a temporary name and renamed, the index last (an interrupted write leaves no index)."""
-    safetensors = _safetensors()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fxmin-shards-", dir=directory))
-    written: list[tuple[Path, list[str]]] = []
-    batch: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush():
-        nonlocal batch, size
-        if batch:
-            path = staging / f"shard-{len(written):05d}.safetensors"
-            safetensors.torch.save_file(batch, str(path), metadata={"format": "pt"})
-            written.append((path, list(batch)))
-        batch, size = {}, 0
-
+    writer = ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata=metadata)
     try:
-        seen: dict = {}  # where a tensor's values live -> a weak reference to the tensor stored from there
         for name, tensor in tensors:
-            if name in batch or any(name in names for _, names in written):
-                raise InputError(f"write_shards got the tensor {name!r} twice")
-            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                        tuple(tensor.stride()), tensor.dtype)
-            if identity in seen and seen[identity]() is not None:
-                continue  # a tied tensor (lm_head.weight is wte.weight): stored once, under its first name
-            seen[identity] = weakref.ref(tensor)  # a freed tensor's address may be reused by the next one
-            tensor = tensor.detach().to("cpu").contiguous()
-            if batch and size + tensor.nbytes > max_shard_bytes:
-                flush()
-            batch[name] = tensor
-            size += tensor.nbytes
-        flush()
-        if len(written) <= 1:
-            final = directory / SINGLE_FILE
-            if written:
-                os.replace(written[0][0], final)
-            else:
-                safetensors.torch.save_file({}, str(final), metadata={"format": "pt"})
-            return final
-        count = len(written)
-        weight_map = {}
-        for number, (path, names) in enumerate(written, start=1):
-            final_name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(path, directory / final_name)
-            weight_map.update(dict.fromkeys(names, final_name))
-        index = {"metadata": {"total_size": sum((directory / f).stat().st_size for f in set(weight_map.values())),
-                              **(metadata or {})},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        temporary = staging / INDEX_FILE
-        temporary.write_text(json.dumps(index, indent=2))
-        os.replace(temporary, directory / INDEX_FILE)
-        return directory / INDEX_FILE
+            writer.add(name, tensor)
+        return writer.close()
     finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+        writer.discard()
+
+
+class ShardWriter:
+    """:func:`write_shards` one tensor at a time: ``add(name, tensor)`` as each is made, ``close()`` at the end
+    (returns the index's or the single file's path); ``discard()`` removes what an unfinished writer staged.
+    The shards are staged in a hidden folder inside ``directory`` and moved into place by ``close()``."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: Mapping[str, str] | None = None):
+        self._safetensors = _safetensors()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes, self.metadata = max_shard_bytes, dict(metadata or {})
+        self._staging = Path(tempfile.mkdtemp(prefix=".fxmin-shards-", dir=self.directory))
+        self._written: list[tuple[Path, list[str]]] = []
+        self._names: set = set()
+        self._batch: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._seen: dict = {}  # where a tensor's values live -> a weak reference to the tensor stored from there
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Stage ``tensor`` under ``name`` (once per name; a tensor given again under another name is stored once)."""
+        if name in self._names:
+            raise InputError(f"write_shards got the tensor {name!r} twice")
+        self._names.add(name)
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                    tuple(tensor.stride()), tensor.dtype)
+        if identity in self._seen and self._seen[identity]() is not None:
+            return  # a tied tensor (lm_head.weight is wte.weight): stored once, under its first name
+        self._seen[identity] = weakref.ref(tensor)  # a freed tensor's address may be reused by the next one
+        tensor = tensor.detach().to("cpu").contiguous()
+        if self._batch and self._size + tensor.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._batch[name] = tensor
+        self._size += tensor.nbytes
+
+    def _flush(self) -> None:
+        if self._batch:
+            path = self._staging / f"shard-{len(self._written):05d}.safetensors"
+            self._safetensors.torch.save_file(self._batch, str(path), metadata={"format": "pt"})
+            self._written.append((path, list(self._batch)))
+        self._batch, self._size = {}, 0
+
+    def close(self) -> Path:
+        """Write what is staged, move the shards into place and write the index last; returns its path (or the
+        single file's)."""
+        self._flush()
+        directory, written = self.directory, self._written
+        try:
+            if len(written) <= 1:
+                final = directory / SINGLE_FILE
+                if written:
+                    os.replace(written[0][0], final)
+                else:
+                    self._safetensors.torch.save_file({}, str(final), metadata={"format": "pt"})
+                return final
+            count = len(written)
+            weight_map = {}
+            for number, (path, names) in enumerate(written, start=1):
+                final_name = f"model-{number:05d}-of-{count:05d}.safetensors"
+                os.replace(path, directory / final_name)
+                weight_map.update(dict.fromkeys(names, final_name))
+            index = {"metadata": {"total_size": sum((directory / f).stat().st_size for f in set(weight_map.values())),
+                                  **self.metadata},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            temporary = self._staging / INDEX_FILE
+            temporary.write_text(json.dumps(index, indent=2))
+            os.replace(temporary, directory / INDEX_FILE)
+            return directory / INDEX_FILE
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging folder and what is in it (nothing once :meth:`close` has moved the shards)."""
+        self._batch = {}
+        if self._staging.exists():
+            for leftover in self._staging.iterdir():
+                leftover.unlink()
+            self._staging.rmdir()
 
 
 def load_shards(module: nn.Module, weights: Mapping[str, torch.Tensor] | str | os.PathLike, *,
