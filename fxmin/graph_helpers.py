@@ -48,7 +48,7 @@ def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None
         source = load(name) if load is not None else tensor.detach()
         fresh = source.numel() > 0 and source.data_ptr() != tensor.data_ptr()
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        place = device if device is not None else source.device if tensor.is_meta else tensor.device  # meta: loaded
+        place = device if device is not None else source.device if tensor.is_meta or source.is_meta else tensor.device
         value = source.to(device=place, dtype=target,
                           copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value

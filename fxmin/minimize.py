@@ -16,6 +16,7 @@ from .masks import model_device, require_read, shared_reference, to_device
 from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
+from .result_shards import ResultShards
 from .rewrite import rewrite
 from .shards import ShardedWeights
 from .trace import arrange_inputs, infer_example_inputs, propagate_shapes, trace
@@ -168,7 +169,7 @@ def open_weights(weights) -> Mapping | None:
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
              tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
              verify: bool | str = True, trials: int | None = None, tolerances: dict | None = None, seed: int = 0,
-             progress: bool | None = None, weights=None) -> MinimizeResult:
+             progress: bool | None = None, weights=None, write_to=None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
@@ -187,7 +188,12 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     seconds (``None``: when stderr is a terminal). ``weights``: for a model built on the meta device
     (``torch.device("meta")``, ``accelerate.init_empty_weights``), where its weights are: a checkpoint
     directory of safetensors shards (the Hugging Face layout) or a mapping; each is read when the pass
-    needs it (NOTE [Weights from files] in fxmin/weights.py) and the result is on the CPU.
+    needs it (NOTE [Weights from files] in fxmin/weights.py) and the result is on the CPU. ``write_to``: a new
+    (or empty) directory the result's weights are written to as safetensors shards with an index, each as it
+    is made, so that the result is never all in memory (NOTE [Results written as they are made] in
+    fxmin/result_shards.py); the module returned then holds its tensors on the meta device
+    (``fxmin.shards.load_shards(result.module, write_to)`` fills it), and a failed or interrupted pass
+    leaves the directory as it was.
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -199,21 +205,31 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     level = verification_level(verify)
     if level is not None:
         trials = checked_trials(level, trials)
-    graph_module, used_masks, example_inputs, frontend, convention = prepare(
-        model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,
-        frontend=frontend, weights=weights)
-    analysis = analyze_graph(graph_module, barriers)
-    plan = make_plan(analysis)
-    analysis.forget_weight_reads()
-    module = rewrite(plan)
-    verification = None
-    if level is not None:  # NOTE [Streamed runs]: no copy of either model
-        verification = verify_equivalence(graph_module, module, example_inputs, level=level, plan=plan,
-                                          trials=trials, seed=seed, tolerances=tolerances)
+    files = ResultShards(write_to) if write_to is not None else None
+    try:
+        graph_module, used_masks, example_inputs, frontend, convention = prepare(
+            model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,
+            frontend=frontend, weights=weights)
+        analysis = analyze_graph(graph_module, barriers)
+        plan = make_plan(analysis, files)
+        analysis.forget_weight_reads()
+        module = rewrite(plan)
+        if files is not None:  # NOTE [Results written as they are made]: verified from the files written
+            attach(module, {}, files.close())
+        verification = None
+        if level is not None:  # NOTE [Streamed runs]: no copy of either model
+            verification = verify_equivalence(graph_module, module, example_inputs, level=level, plan=plan,
+                                              trials=trials, seed=seed, tolerances=tolerances)
+        if files is not None:
+            attach(module, {}, files.publish())
+    except BaseException:  # Ctrl-C included: nothing half-written is left
+        if files is not None:
+            files.discard()
+        raise
     report = build_report(plan, graph_module, module, verification)
     report.frontend = frontend
     device = model_device(model, files=weights is not None)
-    if device.type != "cpu":
+    if device.type != "cpu" and files is None:
         module, graph_module = module.to(device), masked_graph(graph_module).to(device)  # masks keyed by host storage
         example_inputs = to_device(example_inputs, device)
     return MinimizeResult(module, report, plan, analysis, graph_module, used_masks, example_inputs, frontend, convention)

@@ -57,6 +57,9 @@ class Plan:
     notes: dict = field(default_factory=dict)  # what one rule's plan hands to a later one
     operands: dict = field(default_factory=dict)  # node name -> ConstantOperand (NOTE [Constant operands])
     dropped: tuple = ()  # names of the nodes nothing reads once the operands are constants, in graph order
+    #: where the result's tensors go as they are made (a ResultShards: NOTE [Results written as they are
+    #: made] in fxmin/result_shards.py); None: they stay in the plan
+    files: object = None
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -88,9 +91,10 @@ class Plan:
 
 
 @phase("plan")
-def make_plan(analysis: Analysis) -> Plan:
-    """Turn an analysis into a plan (pure: reads the analysis, writes only the new plan)."""
-    plan = Plan(analysis)
+def make_plan(analysis: Analysis, files=None) -> Plan:
+    """Turn an analysis into a plan (pure: reads the analysis, writes only the new plan). ``files``: a
+    :class:`fxmin.result_shards.ResultShards` that each tensor of the result is written to as it is made."""
+    plan = Plan(analysis, files=files)
     for node in analysis.graph_module.graph.nodes:
         fact = analysis.facts.get(node)
         if fact is not None and fact.tracked:
@@ -185,6 +189,8 @@ def _slice_constant(analysis: Analysis, plan: Plan, node, fact) -> None:
     module_path, _, name = node.target.rpartition(".")
     original = getattr(analysis.graph_module.get_submodule(module_path), name)
     value = analysis.engine.weights.load(node.target).index_select(fact.axis, torch.from_numpy(kept))  # own dtype
+    if plan.files is not None:
+        value = plan.files.store(node.target, value)
     edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape))
     plan.attrs[node.target] = AttrEdit(node.target, value, original.dtype, original.requires_grad,
                                        isinstance(original, torch.nn.Parameter), edit)

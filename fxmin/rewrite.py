@@ -24,6 +24,8 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     the result holds them once, not twice).
     """
     source = plan.graph_module
+    files = plan.files if dtype is None else None  # the float64 build is never written
+    store = files.store if files is not None else (lambda name, tensor: tensor)
     graph = torch.fx.Graph()
     env: dict = {}
     attributes: dict = {}
@@ -39,7 +41,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
             new = graph.node_copy(node, env.__getitem__)
         operand = plan.operands.get(node.name)
         if operand is not None:  # NOTE [Constant operands]
-            value = operand.value.to(dtype if dtype is not None else operand.dtype)
+            value = store(operand.target, operand.value.to(dtype if dtype is not None else operand.dtype))
             attributes[operand.target] = nn.Parameter(value, requires_grad=operand.trainable) if operand.trainable \
                 else value
             with graph.inserting_before(new):
@@ -48,7 +50,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
         select = plan.inputs.get(node.name)
         if select is not None:
             buffer = free_name(source, f"_fxmin_input_{node.name}", attributes)
-            attributes[buffer] = torch.as_tensor(select.index, dtype=torch.long)
+            attributes[buffer] = store(buffer, torch.as_tensor(select.index, dtype=torch.long))
             with graph.inserting_after(new):
                 index = graph.get_attr(buffer)
             with graph.inserting_after(index):
@@ -58,7 +60,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)  # e.g. the affine parameters of a norm replaced by a module
-    load = _copies(source)
+    load = _copies(source, store)
     for node in graph.nodes:
         if node.op == "call_module" and node.target not in attributes:
             attributes[node.target] = _module(plan, source, node.target, dtype, load)
@@ -72,9 +74,10 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     return result
 
 
-def _copies(source):
+def _copies(source, store):
     """``load(name)``: a copy of the (masked) tensor ``name`` of ``source``, one per tensor: a tied table read
-    by two unchanged modules is copied once (NOTE [Weights on demand] in fxmin/weights.py)."""
+    by two unchanged modules is copied once (NOTE [Weights on demand] in fxmin/weights.py), and handed to
+    ``store(name, copy)`` (NOTE [Results written as they are made])."""
     weights, made = weights_of(source), {}
 
     def load(name: str) -> torch.Tensor:
@@ -82,7 +85,7 @@ def _copies(source):
         if key not in made:
             value = weights.load(name)
             fresh = value.numel() > 0 and value.data_ptr() != weights.tensor(name).data_ptr()
-            made[key] = value if fresh else value.clone()
+            made[key] = store(name, value if fresh else value.clone())
         return made[key]
 
     return load
@@ -92,7 +95,8 @@ def _module(plan: Plan, source, target: str, dtype, load):
     edit = plan.modules.get(target)
     if edit is not None:
         if dtype is None:
-            return share_module(edit.module).to(edit.device)
+            shared = share_module(edit.module)
+            return shared if plan.files is not None else shared.to(edit.device)  # written: on the meta device
         values = dict(edit.module.named_parameters(remove_duplicate=False))
         values.update(edit.module.named_buffers(remove_duplicate=False))
         return copy_module(edit.module, dtype, edit.device, load=lambda name: edit.exact.get(name, values[name]))
@@ -134,8 +138,8 @@ def _retie(source, attributes: dict, edited: dict) -> None:
             continue
         first_module, first_name, _ = members[0]
         shared = getattr(first_module, first_name)
-        if not any(was_edited for _, _, was_edited in members) or all(
+        if not any(was_edited for _, _, was_edited in members) or (not shared.is_meta and all(
                 getattr(m, n) is not None and getattr(m, n).shape == shared.shape and torch.equal(getattr(m, n), shared)
-                for m, n, _ in members[1:]):
+                for m, n, _ in members[1:])):  # written ones (on the meta device) stay apart: both were written
             for module, name, _ in members[1:]:
                 setattr(module, name, shared)

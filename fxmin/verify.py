@@ -326,11 +326,13 @@ def verify(reference: torch.nn.Module, result: torch.nn.Module, example_inputs: 
         reference_run = _streamed(reference, None)
     if full:
         reference64, result64 = _streamed(reference, torch.float64), _result64(result, plan, exact_result)
+    written = isinstance(result, torch.fx.GraphModule) and any(t.is_meta for t in (*result.parameters(), *result.buffers()))
+    result_run = StreamedRun(result) if written else result  # NOTE [Results written as they are made]
     for label, inputs in input_sets:
         if full:
             report.comparisons.append(compare(reference64, result64, inputs, torch.float64, label, tolerances[torch.float64]))
         if model_dtype != torch.float64 or not full:
-            report.comparisons.append(compare(reference_run, result, inputs, model_dtype, label, model_tolerance))
+            report.comparisons.append(compare(reference_run, result_run, inputs, model_dtype, label, model_tolerance))
     if not report.ok and raise_on_failure:
         _raise_equivalence_error(report, reference, _result64(result, plan, exact_result), plan, dict(input_sets),
                                  tolerances[torch.float64])

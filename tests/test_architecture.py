@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxmin"
 BASE = {"fxmin.errors", "fxmin.facts", "fxmin.units", "fxmin.graph_helpers", "fxmin.edits", "fxmin.progress", "fxmin.memory",
         "fxmin.arrays", "fxmin.weights", "fxmin.shards"}
 API = {"fxmin.rules.api", "fxmin.rules.contexts"}
-ENGINE = {f"fxmin.{name}" for name in ("analysis", "barriers", "choices", "plan", "rewrite", "streamed", "fact_check", "verify", "minimize", "trace", "shape_only", "trace_export",
+ENGINE = {f"fxmin.{name}" for name in ("analysis", "barriers", "choices", "plan", "rewrite", "streamed", "fact_check", "verify", "result_shards", "minimize", "trace", "shape_only", "trace_export",
                                        "canonical_export", "masks", "report")}
 INTEGRATIONS = ("fxmin.cycle", "fxmin.audit", "fxmin.compile", "fxmin.cli")
 FACE = {"fxmin", "fxmin.__main__", "fxmin.legacy_modules"}
