@@ -9,6 +9,10 @@ Hugging Face layout (``fxmin.shards.write_shards``); then a fresh ``nice`` proce
 ``accelerate.init_empty_weights`` (parameters on the meta device, buffers real), kills half of every MLP's
 hidden units as ``benchmarks.scale`` does, and calls ``fxmin.minimize(model, masks, inputs,
 weights=directory)`` with verification on. Its peak RSS is ``ru_maxrss`` from ``os.wait4``.
+
+``--write-to``: the result is written as shards of ``--shard-gib`` as the pass makes it (``minimize(...,
+write_to=, shard_bytes=)``, NOTE [Results written as they are made]) instead of held, and the peak is set
+against one result shard plus the largest input shard. ``--verify quick``: ``minimize(verify="quick")``.
 """
 from __future__ import annotations
 
@@ -65,7 +69,9 @@ def write_synthetic(name: str, directory: Path, shard_bytes: int) -> None:
     write_shards(tensors(), directory, max_shard_bytes=shard_bytes)
 
 
-def child(name: str, directory: str, tokens: int, level: str = "full") -> dict:
+def child(name: str, directory: str, tokens: int, level: str = "full", shard_bytes: int | None = None) -> dict:
+    """Minimize ``name`` from the shards in ``directory``; with ``shard_bytes``, its result is written as
+    shards of that size beside them (``write_to=``) and removed after."""
     import torch
 
     import fxmin
@@ -80,29 +86,39 @@ def child(name: str, directory: str, tokens: int, level: str = "full") -> dict:
     weights = ShardedWeights(directory)
     phases, peaks = time_phases()
     start = time.perf_counter()
-    result = fxmin.minimize(model, masks, inputs, weights=weights, verify=level, progress=False)
-    seconds = time.perf_counter() - start
-    result_bytes, _ = _tensor_bytes(result.module)
+    out = Path(directory).parent / f"{Path(directory).name}-result"
+    written = {} if shard_bytes is None else {"write_to": out, "shard_bytes": shard_bytes}
+    try:
+        result = fxmin.minimize(model, masks, inputs, weights=weights, verify=level, progress=False, **written)
+        seconds = time.perf_counter() - start
+        result_bytes, _ = _tensor_bytes(result.module)
+        out_shards = sorted(out.glob("*.safetensors"))
+        out_largest = max((p.stat().st_size for p in out_shards), default=0)
+        if shard_bytes is not None:  # stand-ins on the meta device share no storage to count: count the files
+            result_bytes = sum(p.stat().st_size for p in out_shards)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     verification = result.report.verification
     shards = sorted(Path(directory).glob("*.safetensors"))
     return {"name": name, "dtype": dtype_name, "interpreter": interpreter, "checkpoint_bytes": weights.nbytes(),
             "shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards),
             "result_bytes": result_bytes, "params_before": result.report.params_before,
             "params_after": result.report.params_after, "total_s": seconds, "verified": bool(verification.ok),
-            "level": level,
+            "level": level, "written_shard_bytes": shard_bytes, "result_shards": len(out_shards),
+            "result_largest_shard": out_largest,
             "errors": {str(d).replace("torch.", ""): [verification.max_error(d), verification.tolerance(d)]
                        for d in verification.dtypes}, "after_pass_rss": _rss("VmRSS"), "phases": phases,
             "phase_peaks": peaks}
 
 
-def run(name: str, tokens: int, shard_bytes: int, keep: Path | None, level: str = "full") -> dict:
+def run(name: str, tokens: int, shard_bytes: int, keep: Path | None, level: str = "full", write: bool = False) -> dict:
     directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=f"fxmin-shards-{name}-"))
     try:
         started = time.perf_counter()
         write_synthetic(name, directory, shard_bytes)
         written = time.perf_counter() - started
         command = [sys.executable, "-m", "benchmarks.scale_shards", "--child", name, "--directory", str(directory),
-                   "--tokens", str(tokens), "--verify", level]
+                   "--tokens", str(tokens), "--verify", level] + (["--result-shard-bytes", str(shard_bytes)] if write else [])
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             process = subprocess.Popen(command, stdout=out, stderr=err, cwd=Path(__file__).resolve().parent.parent,
                                        preexec_fn=lambda: os.nice(10))
@@ -123,21 +139,26 @@ def run(name: str, tokens: int, shard_bytes: int, keep: Path | None, level: str 
 def table(records: list) -> str:
     from tabulate import tabulate
 
+    written = any(r.get("written_shard_bytes") for r in records)
     rows = []
     for r in records:
         what = MODELS[r["name"]][3]
         if "error" in r or "skipped" in r:
             rows.append([what, MODELS[r["name"]][2], r.get("error") or r.get("skipped")] + [""] * 7)
             continue
-        budget = r["result_bytes"] + r["largest_shard"]
+        # NOTE [Results written as they are made]: a written result is held a shard at a time
+        held = r["written_shard_bytes"] if written else r["result_bytes"]
+        budget = held + r["largest_shard"]
         rows.append([what, r["dtype"], parameters_text(r),
                      f"{_gib(r['checkpoint_bytes'])} in {r['shards']} / {_gib(r['largest_shard'])}",
-                     _gib(r["result_bytes"]), _gib(r["interpreter"]), _gib(r["peak"]),
+                     _gib(r["result_bytes"]) + (f" in {r['result_shards']}" if written else ""),
+                     _gib(r["interpreter"]), _gib(r["peak"]),
                      f"{(r['peak'] - r['interpreter']) / budget:.2f}", f"{r['total_s']:.0f}",
                      verification_text(r)])
-    headers = ["model", "dtype", "parameters", "checkpoint GiB in shards / largest shard GiB", "result GiB",
-               "interpreter GiB", "peak RSS GiB", "(peak - interpreter) / (result + largest shard)", "pass s",
-               "verification (max abs error)"]
+    held = "result shard size" if written else "result"
+    headers = ["model", "dtype", "parameters", "checkpoint GiB in shards / largest shard GiB",
+               "result GiB" + (" in shards" if written else ""), "interpreter GiB", "peak RSS GiB",
+               f"(peak - interpreter) / ({held} + largest shard)", "pass s", "verification (max abs error)"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
@@ -149,22 +170,25 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=Path, help="write the shards under this directory and keep them")
     parser.add_argument("--verify", choices=("full", "quick"), default="full",
                         help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
+    parser.add_argument("--write-to", action="store_true",
+                        help="write the result as shards of --shard-gib (minimize(write_to=)) instead of holding it")
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
     parser.add_argument("--from-json", type=Path, help="make the table from the records an earlier run printed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--directory", help=argparse.SUPPRESS)
+    parser.add_argument("--result-shard-bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(child(args.child, args.directory, args.tokens, args.verify)), flush=True)
+        print(json.dumps(child(args.child, args.directory, args.tokens, args.verify, args.result_shard_bytes)), flush=True)
         return
     records = []
     if args.from_json:
         records = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.startswith("{")]
     for name in [] if args.from_json else args.models:
-        record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep, args.verify)
+        record = run(name, args.tokens, int(args.shard_gib * GIB), args.keep, args.verify, args.write_to)
         records.append(record)
         print(json.dumps(record), flush=True)
     text = table(records)
@@ -177,8 +201,10 @@ def main(argv=None) -> None:
         level = next((r["level"] for r in records if "level" in r), args.verify)
         if args.from_json:  # the run that printed the records
             quick = "" if level == "full" else f" --verify {level}"
-            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}{quick}"
-        title = SECTION + ("" if level == "full" else f", verify={level!r}")
+            written = " --write-to" if any(r.get("written_shard_bytes") for r in records) else ""
+            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}{quick}{written}"
+        title = SECTION + ("" if level == "full" else f", verify={level!r}") + (
+            ", result written to shards" if any(r.get("written_shard_bytes") for r in records) else "")
         replace_section(DOC, title, section(command.strip(), text, title), heading="# fxmin at scale")
 
 

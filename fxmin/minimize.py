@@ -169,7 +169,7 @@ def open_weights(weights) -> Mapping | None:
 def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None, *, frontend: str = "auto",
              tracer=None, leaf_modules: Iterable = (), concrete_args=None, barriers: Iterable = (),
              verify: bool | str = True, trials: int | None = None, tolerances: dict | None = None, seed: int = 0,
-             progress: bool | None = None, weights=None, write_to=None) -> MinimizeResult:
+             progress: bool | None = None, weights=None, write_to=None, shard_bytes: int | None = None) -> MinimizeResult:
     """Return a physically smaller GraphModule that computes ``model`` with ``masks`` applied.
 
     ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors of the
@@ -193,7 +193,8 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     is made, so that the result is never all in memory (NOTE [Results written as they are made] in
     fxmin/result_shards.py); the module returned then holds its tensors on the meta device
     (``fxmin.shards.load_shards(result.module, write_to)`` fills it), and a failed or interrupted pass
-    leaves the directory as it was.
+    leaves the directory as it was; ``shard_bytes``: the most bytes a shard holds (default 5 GB, as
+    transformers' ``save_pretrained``), which is also about what the pass holds of the result at once.
 
     >>> import torch, fxmin
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -205,7 +206,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     level = verification_level(verify)
     if level is not None:
         trials = checked_trials(level, trials)
-    files = ResultShards(write_to) if write_to is not None else None
+    if shard_bytes is not None and write_to is None:
+        raise InputError("shard_bytes sets the size of the shards write_to= writes: pass write_to=directory too")
+    files = ResultShards(write_to, shard_bytes) if write_to is not None else None
     try:
         graph_module, used_masks, example_inputs, frontend, convention = prepare(
             model, masks, example_inputs, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args,

@@ -33,8 +33,11 @@ class ResultShards:
     """Where ``minimize(..., write_to=directory)`` writes the result: :meth:`store` each tensor as it is made,
     :meth:`close` when all are, :meth:`publish` once verified; :meth:`discard` on failure."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int | None = None):
         directory = Path(directory)
+        if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                            or max_shard_bytes <= 0):
+            raise InputError(f"shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise InputError(f"write_to={str(directory)!r} exists and is not an empty directory: minimize writes the "
                              "result's shards into a new (or empty) directory and never overwrites files; choose another")
@@ -42,7 +45,7 @@ class ResultShards:
             raise InputError(f"write_to={str(directory)!r}: its parent directory does not exist")
         self.directory = directory
         self.staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxmin-", dir=directory.parent))
-        self._writer = ShardWriter(self.staging, max_shard_bytes=shards.DEFAULT_SHARD_BYTES)
+        self._writer = ShardWriter(self.staging, max_shard_bytes=max_shard_bytes or shards.DEFAULT_SHARD_BYTES)
 
     def store(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Stage ``tensor`` as ``name`` of the result; return its stand-in on the meta device (a Parameter

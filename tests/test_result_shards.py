@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import fxmin
-import fxmin.shards
 from fxmin.facts import ValueFact
 from fxmin.rules.kit import pointwise_forward
 from fxmin.shards import ShardedWeights, load_shards, write_shards
@@ -60,7 +59,7 @@ def test_folded_constants_and_replaced_layers_are_written(make, frontend, tmp_pa
     _same_result(written, in_memory, inputs, tmp_path / "out")
 
 
-def test_from_shards_to_shards_in_several_files(tmp_path, monkeypatch):
+def test_from_shards_to_shards_in_several_files(tmp_path):
     """A model on the meta device read from shards, its result written as shards of at most 64 KiB."""
     factory, example_inputs = MODELS["gpt"]
     torch.manual_seed(0)
@@ -69,8 +68,8 @@ def test_from_shards_to_shards_in_several_files(tmp_path, monkeypatch):
     write_shards(model.state_dict().items(), tmp_path / "in", max_shard_bytes=1 << 20)
     with torch.device("meta"):
         empty = factory().eval()
-    monkeypatch.setattr(fxmin.shards, "DEFAULT_SHARD_BYTES", 1 << 16)
-    written = fxmin.minimize(empty, masks, example_inputs(), weights=tmp_path / "in", write_to=tmp_path / "out")
+    written = fxmin.minimize(empty, masks, example_inputs(), weights=tmp_path / "in", write_to=tmp_path / "out",
+                             shard_bytes=1 << 16)
     files = sorted(os.listdir(tmp_path / "out"))
     assert "model.safetensors.index.json" in files and len(files) > 3
     assert set(ShardedWeights(tmp_path / "out")) <= set(written.module.state_dict())
@@ -126,3 +125,15 @@ def test_an_existing_directory_with_files_is_refused(tmp_path):
     with pytest.raises(fxmin.InputError) as caught:
         fxmin.minimize(model, masks, inputs, write_to=tmp_path / "missing" / "out")
     assert "parent directory does not exist" in str(caught.value)
+
+
+@pytest.mark.parametrize("shard_bytes, expected", [(0, "shard_bytes must be a positive number of bytes, got 0"),
+                                                   (1.5, "got 1.5")])
+def test_bad_shard_sizes(tmp_path, shard_bytes, expected):
+    model, masks, inputs = _sigmoid_net()
+    with pytest.raises(fxmin.InputError) as caught:
+        fxmin.minimize(model, masks, inputs, write_to=tmp_path / "out", shard_bytes=shard_bytes)
+    assert expected in str(caught.value) and os.listdir(tmp_path) == []
+    with pytest.raises(fxmin.InputError) as caught:
+        fxmin.minimize(model, masks, inputs, shard_bytes=1 << 20)
+    assert "pass write_to=directory too" in str(caught.value)
