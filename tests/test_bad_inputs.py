@@ -104,6 +104,14 @@ ROWS = [
      fxmin.InputError, ["example inputs", "torch.int64", "Pass example inputs the model accepts"]),
     ("example inputs of the wrong shape", lambda: fxmin.minimize(net(), full_mask(), (torch.randn(3, 5),)),
      fxmin.InputError, ["(3, 5)", "Pass example inputs the model accepts"]),
+    ("a verification level fxmin does not have", lambda: fxmin.minimize(net(), full_mask(), X, verify="fast"),
+     fxmin.InputError, ["'fast'", "True, False or a level", "'quick'"]),
+    ("a number of random input sets that is not one", lambda: fxmin.minimize(net(), full_mask(), X, trials=-1),
+     fxmin.InputError, ["trials", "-1", "0 or more"]),
+    ("`write_to` a directory that holds files", lambda: fxmin.minimize(net(), full_mask(), X, write_to="."),
+     fxmin.InputError, ["write_to='.'", "not an empty directory", "never overwrites", "choose another"]),
+    ("`shard_bytes` without `write_to`", lambda: fxmin.minimize(net(), full_mask(), X, shard_bytes=2**20),
+     fxmin.InputError, ["shard_bytes", "pass write_to=directory too"]),
 ]
 
 
