@@ -25,6 +25,19 @@ def masked_copy(model: torch.nn.Module, masks: dict | None) -> torch.nn.Module:
     return reference
 
 
+class SigmoidNet(torch.nn.Module):
+    """fc1 -> sigmoid -> fc2 -> relu -> fc3: a unit of fc1 with no input is const(b) before the sigmoid and
+    const(sigmoid(b)) after it, folded into fc2's bias (what a wrong sigmoid rule gets wrong)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act = torch.nn.Linear(6, 5), torch.nn.Sigmoid()
+        self.fc2, self.fc3 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.act(self.fc1(x)))))
+
+
 class NoRuleModel(torch.nn.Module):
     """A Linear, then ``torch.logcumsumexp``: an op fxmin has no rule for (a MissingRuleError, or a barrier)."""
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxmin
-from helpers import check_minimize
+from helpers import SigmoidNet, check_minimize
 
 
 class Net(nn.Module):
@@ -178,15 +178,6 @@ def _wrong_sigmoid_forward(ctx):
     """Deliberately wrong: claims sigmoid(c) == c for constant channels."""
     x = ctx.arg(0, "input")
     return ctx.fact(x), ctx.units(x)
-
-
-class SigmoidNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(self.act(self.fc1(x)))))
 
 
 def test_equivalence_error_names_the_first_divergent_node(monkeypatch):

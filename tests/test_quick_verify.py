@@ -14,15 +14,7 @@ from fxmin.verify import TOLERANCES
 from fxmin.zoo import planted
 from fxmin.zoo.catalog import MODELS
 from fxmin.zoo.masks import random_masks
-
-
-class SigmoidNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(self.act(self.fc1(x)))))
+from helpers import SigmoidNet
 
 
 def _sigmoid_net(seed: int = 2):
