@@ -182,9 +182,9 @@ def minimize(model: nn.Module, masks: Mapping | None = None, example_inputs=None
     (``fxmin.verify.TOLERANCES``; ``tolerances`` overrides them per dtype, e.g. ``{torch.bfloat16: 0.1}``);
     ``"quick"`` checks in the model's dtype only, on the example inputs (and ``trials`` random sets),
     and checks every constant the analysis folded in the reference's run (NOTE [Verification levels]
-    in fxmin/verify.py); ``False`` skips verification. The model and the masks are never modified. A model on an accelerator is analysed,
-    rewritten and verified as a CPU copy (float64 there); ``module`` and ``reference`` are returned on
-    the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
+    in fxmin/verify.py); ``False`` skips verification. The model and the masks are never modified. A
+    model on an accelerator is analysed, rewritten and verified as a CPU copy (float64 there); ``module``
+    and ``reference`` are returned on the model's device. ``progress``: a tqdm line naming the phase, for a pass longer than a few
     seconds (``None``: when stderr is a terminal). ``weights``: for a model built on the meta device
     (``torch.device("meta")``, ``accelerate.init_empty_weights``), where its weights are: a checkpoint
     directory of safetensors shards (the Hugging Face layout) or a mapping; each is read when the pass

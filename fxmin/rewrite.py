@@ -21,10 +21,15 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     exact float64 version (folded constants not rounded). Every other weight is copied once from the
     analysed graph's weights, masked (NOTE [Weights on demand] in fxmin/weights.py). With ``dtype=None``
     the replaced modules hold the plan's own tensors (the plan stores them in the model's dtype, so
-    the result holds them once, not twice).
+    the result holds them once, not twice). When the plan writes the result to files (``plan.files``),
+    every other tensor is written there too as it is copied, and the result holds stand-ins on the meta
+    device (NOTE [Results written as they are made] in fxmin/result_shards.py).
     """
     source = plan.graph_module
-    files = plan.files if dtype is None else None  # the float64 build is never written
+    if dtype is not None and plan.files is not None:
+        raise ValueError("a plan whose result was written to files holds no tensors to build it in another dtype: "
+                         "verification streams the float64 build from the files (NOTE [Results written as they are made])")
+    files = plan.files
     store = files.store if files is not None else (lambda name, tensor: tensor)
     graph = torch.fx.Graph()
     env: dict = {}
