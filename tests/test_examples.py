@@ -44,3 +44,25 @@ def test_audit_resnet_like_explains_channels_and_minimizes(capsys):
     assert "channel groups and ends" in out and "dependencies" in out
     assert fxmin.count_parameters(result.module) < fxmin.count_parameters(build_model())
     assert_equivalent(masked_copy(build_model(), build_masks()), result.module, (torch.randn(2, 3, 32, 32),))
+
+
+def test_minimize_sharded_llama_writes_a_checkpoint_that_computes_the_masked_model(capsys, tmp_path):
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from examples.minimize_sharded_llama import config, main, mlp_masks
+
+    result, module, checkpoint = main(tmp_path)
+    out = capsys.readouterr().out
+    assert "verified (verify='quick')" in out and "constants" in out and "model.safetensors.index.json" in out
+    hidden, units, layers = 64, 256, 2  # gate and up lose half their rows, down half its columns
+    assert result.report.params_before - result.report.params_after == layers * 3 * (units // 2) * hidden
+    assert not any(t.is_meta for t in module.parameters())  # load_shards filled the result in place
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config()).eval()  # the checkpoint's model, as saved
+    ids = torch.randint(0, 512, (1, 8))  # another prompt of the exported shape
+    with torch.no_grad():
+        expected = masked_copy(model, mlp_masks(model))(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(module(ids)[0], expected, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "minimized"]
