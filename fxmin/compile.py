@@ -94,6 +94,8 @@ def backend(masks: Mapping | None = None, inner: str | Callable = "inductor", *,
     """
     if on_error not in ("raise", "fallback"):
         raise InputError(f"on_error must be 'raise' or 'fallback', got {on_error!r}")
+    if options.get("write_to") is not None:
+        raise InputError("a compiled graph runs with its weights in memory: write_to= is for fxmin.minimize")
 
     def inner_backend():
         if callable(inner):
@@ -148,6 +150,10 @@ def minimize_exported(program, masks: Mapping | None = None, example_inputs=None
             raise InputError("this ExportedProgram holds no example inputs; pass example_inputs=(x, ...)")
     if not (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict)):
         example_inputs = split_inputs(example_inputs)
+    if options.get("write_to") is not None:
+        raise InputError("minimize_exported returns an ExportedProgram, which holds its weights: write_to= is for "
+                         "fxmin.minimize; write the program's weights with fxmin.shards.write_shards("
+                         "program.state_dict.items(), directory)")
     graph_module = canonical_graph(program)
     convention = calling_convention(program, example_inputs)
     leaves, _ = tree_flatten(example_inputs)

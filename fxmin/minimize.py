@@ -61,6 +61,10 @@ class MinimizeResult:
     @property
     def program(self) -> torch.export.ExportedProgram:
         if "_program" not in self.__dict__:
+            if any(t.is_meta for t in (*self.module.parameters(), *self.module.buffers())):
+                raise InputError("the result's weights are in the files minimize(write_to=...) wrote, not in the "
+                                 "module: load them first, fxmin.shards.load_shards(result.module, directory), then "
+                                 "ask for result.program")
             if self.convention is not None:
                 self._program = reexport(self.module, self.convention)
             else:

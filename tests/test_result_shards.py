@@ -52,11 +52,17 @@ def test_folded_constants_and_replaced_layers_are_written(make, frontend, tmp_pa
     model, masks, inputs, _ = make()
     in_memory = fxmin.minimize(model, masks, inputs, frontend=frontend)
     written = fxmin.minimize(model, masks, inputs, frontend=frontend, write_to=tmp_path / "out", verify="quick")
+    if frontend == "export":  # exported again only once its weights are loaded
+        with pytest.raises(fxmin.InputError, match="load them first"):
+            written.program
     plan = written.plan
     plan_tensors = [t for edit in plan.modules.values() for t in (*edit.module.parameters(), *edit.module.buffers())]
     plan_tensors += [edit.value for edit in plan.attrs.values()]  # the export front end's weights are attributes
     assert plan_tensors and all(t.is_meta for t in plan_tensors)  # the plan holds no tensor of the result
     _same_result(written, in_memory, inputs, tmp_path / "out")
+    if frontend == "export":
+        with torch.no_grad():
+            torch.testing.assert_close(written.program.module()(*inputs), in_memory.program.module()(*inputs))
 
 
 def test_from_shards_to_shards_in_several_files(tmp_path):
@@ -137,3 +143,13 @@ def test_bad_shard_sizes(tmp_path, shard_bytes, expected):
     with pytest.raises(fxmin.InputError) as caught:
         fxmin.minimize(model, masks, inputs, shard_bytes=1 << 20)
     assert "pass write_to=directory too" in str(caught.value)
+
+
+def test_minimize_exported_and_the_compile_backend_say_write_to_is_for_minimize(tmp_path):
+    model, masks, inputs = _sigmoid_net()
+    program = torch.export.export(model, inputs)
+    with pytest.raises(fxmin.InputError, match="write_to= is for fxmin.minimize"):
+        fxmin.minimize_exported(program, masks, inputs, write_to=tmp_path / "out")
+    with pytest.raises(fxmin.InputError, match="write_to= is for fxmin.minimize"):
+        fxmin.backend(masks, write_to=tmp_path / "out")
+    assert os.listdir(tmp_path) == []
