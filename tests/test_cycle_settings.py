@@ -72,6 +72,8 @@ def test_every_squeeze_release_keyword_names_a_settings_field():
                                           finish=fxmin.FinishSettings(pool_tolerance=0.05)),
      r"finish_pool_tolerance \(0.05\) must be at least tolerance \(0.1\)"),
     (lambda: fxmin.SqueezeReleaseSettings(prune={"amount": 0.5}), "prune must be a fxmin.PruneSettings, got dict"),
+    (lambda: fxmin.SqueezeReleaseSettings(minimize_options={"write_to": "out/"}),
+     "write_to= writes a result's weights to files; the cycle trains each result in memory"),
 ])
 def test_invalid_settings_say_what_to_pass(make, message):
     with pytest.raises(fxmin.InputError, match=message):

@@ -212,6 +212,8 @@ class SqueezeReleaseSettings:
         _check(isinstance(self.seed, numbers.Integral), f"seed must be a whole number, got {self.seed!r}")
         _check(self.minimize_options is None or isinstance(self.minimize_options, Mapping),
                f"minimize_options must be a dict of fxmin.minimize keywords or None, got {self.minimize_options!r}")
+        _check(not (self.minimize_options or {}).get("write_to"),
+               "minimize_options: write_to= writes a result's weights to files; the cycle trains each result in memory")
         pool = self.pool_tolerance
         if pool < self.stop.tolerance:
             raise InputError(f"finish_pool_tolerance ({pool}) must be at least tolerance ({self.stop.tolerance}): "
