@@ -2,6 +2,8 @@
 (what verification and the first-divergent-node search run; an engine module)."""
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -20,6 +22,24 @@ from .weights import Unread, call_loaded, read_unread, weights_of
 # result's float64 build (its own tensors, with the plan's exact float64 values where it holds a
 # folded constant rounded). One layer's weights exist in float64 at a time; the comparison is the
 # same end-to-end comparison a float64 copy of the whole model would give.
+
+
+# NOTE [Float64 convolutions on contiguous inputs]
+# torch's CPU convolutions have no fast float64 kernel for an input in channels-last layout (what a block
+# that permutes to channels-last and back leaves, as ConvNeXt's do): one such depthwise convolution runs
+# several times slower than on the same values laid out contiguously. A streamed run hands a float64
+# convolution a contiguous copy of such an input; the values and the output's shape are the same.
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                             torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default})
+
+
+def _contiguous_float64_input(args: tuple) -> tuple:
+    """``args`` with a float64 input (the first) made contiguous (NOTE [Float64 convolutions on contiguous inputs])."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64 and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return args
 
 
 class StreamedRun:
@@ -61,7 +81,10 @@ class _Streamed(torch.fx.Interpreter):
         if self.stream.dtype is not None and target is torch.ops.aten.embedding.default and isinstance(args[0], Unread):
             table, rest = self.stream.load(args[0].target), read_unread(args[1:], self.stream.tensor)
             return _cast(target(table, *rest, **kwargs), self.stream.dtype)  # the rows looked up, then cast
-        return super().call_function(target, *read_unread((args, kwargs), self.stream.tensor))
+        args, kwargs = read_unread((args, kwargs), self.stream.tensor)
+        if isinstance(target, Hashable) and target in _CONV_FUNCTIONS:
+            args = _contiguous_float64_input(args)
+        return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
         return super().call_method(target, *read_unread((args, kwargs), self.stream.tensor))
@@ -78,6 +101,8 @@ class _Streamed(torch.fx.Interpreter):
         if self.stream.dtype is not None and type(module) in (nn.Linear, nn.Embedding) and len(args) == 1 \
                 and not kwargs and getattr(module, "max_norm", None) is None:  # max_norm writes to the table
             return _cast_by_rows(module, target, args[0], self.stream)
+        if type(module) in _CONVOLUTIONS:
+            args = _contiguous_float64_input(args)
         return call_loaded(module, target, self.stream.tensor, args, kwargs)
 
 

@@ -94,6 +94,41 @@ def test_streamed_float64_runs_cast_large_weights_a_block_of_rows_at_a_time(monk
     torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-13)
 
 
+class ChannelsLastBlock(nn.Module):
+    """A depthwise convolution fed by a permute back from channels-last, as ConvNeXt's blocks are."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv = nn.LayerNorm(6), nn.Conv2d(6, 6, 3, padding=1, groups=6)
+
+    def forward(self, x):
+        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # contiguous values, channels-last layout
+        return self.conv(y) + torch.nn.functional.conv2d(y, self.conv.weight, None, 1, 1, 1, 6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_float64_convolutions_of_a_channels_last_input_give_the_model_s_values(frontend, monkeypatch):
+    """NOTE [Float64 convolutions on contiguous inputs]: a contiguous copy of the input, the same values."""
+    streamed_module = sys.modules["fxmin.streamed"]
+    made_contiguous, contiguous = [], streamed_module._contiguous_float64_input
+
+    def spy(args):
+        out = contiguous(args)
+        made_contiguous.append(out[0] is not args[0] and out[0].is_contiguous())
+        return out
+    monkeypatch.setattr(streamed_module, "_contiguous_float64_input", spy)
+    torch.manual_seed(0)
+    model = ChannelsLastBlock().eval()
+    x = torch.randn(2, 6, 5, 5)
+    graph = fxmin.minimize(model, None, (x,), frontend=frontend, verify=False).graph
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+        streamed = StreamedRun(graph, dtype=torch.float64)(x.double())
+    streamed = streamed[0] if isinstance(streamed, tuple) else streamed
+    torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-13)
+    assert made_contiguous == [True, True]  # the module's convolution and the function's
+
+
 def test_a_weight_source_reads_rows_columns_and_the_nonzero_pattern_as_the_masked_tensor_gives_them():
     from fxmin.weights import ModuleWeights, storage_key
     torch.manual_seed(0)
