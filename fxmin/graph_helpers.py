@@ -53,6 +53,8 @@ def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None
                           copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
     copied = deep_copy(module, memo)
+    if dtype is None and device is None:
+        return copied  # every tensor is where it goes already; Module.to would still visit each one
     return copied.to(device=device, dtype=dtype) if dtype is not None else copied.to(device=device)
 
 
