@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-hf-legacy bench venv clean experiments experiments-fashion experiments-tiny-gpu deployed coverage test-catalogue
+.PHONY: demo test test-hf-legacy bench scale venv clean experiments experiments-fashion experiments-tiny-gpu deployed coverage test-catalogue
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ bench: venv
 	$(BIN)/python -m benchmarks.pass_profile --write
 	$(BIN)/python -m benchmarks.bool_kernels --write
 	$(BIN)/python -m benchmarks.result_speed --write
+
+# Billion-parameter models (docs/scale.md): in memory at both verification levels, then from safetensors shards
+# with the result held and with it written to shards. About 45 minutes; needs ~16 GB free and ~20 GB of disk.
+scale: venv
+	$(BIN)/pip install -q --no-deps torch-pruning==1.6.1
+	$(BIN)/python -m benchmarks.scale --torch-pruning $$($(BIN)/python -c "import os, torch_pruning; print(os.path.dirname(os.path.dirname(torch_pruning.__file__)))") --write
+	$(BIN)/python -m benchmarks.scale --verify quick --write
+	$(BIN)/python -m benchmarks.scale_shards --models gpt2-124m llama-1b hf-llama-1b llama-3b llama-70b-1l llama-70b-2l --write
+	$(BIN)/python -m benchmarks.scale_shards --models llama-70b-1l llama-70b-2l --verify quick --write
+	$(BIN)/python -m benchmarks.scale_shards --models llama-3b llama-70b-1l llama-70b-2l --verify quick --write-to --write
 
 clean:
 	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info
