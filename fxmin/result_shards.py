@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from . import shards
-from .shards import ShardWriter, ShardedWeights
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter, ShardedWeights
 
 
 class ResultShards:
@@ -45,7 +44,7 @@ class ResultShards:
             raise InputError(f"write_to={str(directory)!r}: its parent directory does not exist")
         self.directory = directory
         self.staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.fxmin-", dir=directory.parent))
-        self._writer = ShardWriter(self.staging, max_shard_bytes=max_shard_bytes or shards.DEFAULT_SHARD_BYTES)
+        self._writer = ShardWriter(self.staging, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)
 
     def store(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Stage ``tensor`` as ``name`` of the result; return its stand-in on the meta device (a Parameter
