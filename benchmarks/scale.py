@@ -330,6 +330,17 @@ def verification_text(record: dict) -> str:
     return ("ok" if record["verified"] else "FAILED") + ("" if level == "full" else f" ({level})") + ": " + errors
 
 
+def add_verify_option(parser) -> None:
+    """``--verify``: the verification level each child's ``fxmin.minimize`` runs."""
+    parser.add_argument("--verify", choices=("full", "quick"), default="full",
+                        help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
+
+
+def level_of(records: list, default: str) -> str:
+    """The verification level the records were measured at (``default`` for records older than the option)."""
+    return next((r["level"] for r in records if "level" in r), default)
+
+
 def table(records: list) -> str:
     from tabulate import tabulate
 
@@ -364,8 +375,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tool", default="fxmin", help=argparse.SUPPRESS)
     parser.add_argument("--torch-pruning", metavar="SITE_PACKAGES",
                         help="also run Torch-Pruning on each model, importing it from this directory")
-    parser.add_argument("--verify", choices=("full", "quick"), default="full",
-                        help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
+    add_verify_option(parser)
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
     parser.add_argument("--json", help="also append each record to this JSON-lines file")
     parser.add_argument("--from-json", help="make the table from the records of an earlier run's --json file")
@@ -406,7 +416,7 @@ def main(argv=None) -> None:
         from benchmarks.pass_speed import section
 
         command = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
-        level = next((r["level"] for r in records if "level" in r), args.verify)
+        level = level_of(records, args.verify)
         if args.from_json:  # the run that made the records
             tokens = next((r["tokens"] for r in records if "tokens" in r), args.tokens)
             peer = " --torch-pruning SITE_PACKAGES" if any("torch_pruning" in r for r in records) else ""

@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.scale import (DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, make_model, mlp_masks, model_inputs,
-                              parameters_text, time_phases, verification_text)
+from benchmarks.scale import (DOC, GIB, MODELS, _gib, _rss, _tensor_bytes, _warm, add_verify_option, level_of, make_model,
+                              mlp_masks, model_inputs, parameters_text, time_phases, verification_text)
 
 SECTION = "Minimized from safetensors shards"
 
@@ -168,8 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--shard-gib", type=float, default=1.0, help="the shards' size (transformers writes 5 GB)")
     parser.add_argument("--keep", type=Path, help="write the shards under this directory and keep them")
-    parser.add_argument("--verify", choices=("full", "quick"), default="full",
-                        help="minimize's verification level (quick: the model's dtype and the analysis's constants)")
+    add_verify_option(parser)
     parser.add_argument("--write-to", action="store_true",
                         help="write the result as shards of --shard-gib (minimize(write_to=)) instead of holding it")
     parser.add_argument("--write", action="store_true", help="write the table into docs/scale.md")
@@ -198,13 +197,13 @@ def main(argv=None) -> None:
         from benchmarks.pass_speed import section
 
         command = "python -m benchmarks.scale_shards " + " ".join(argv if argv is not None else sys.argv[1:])
-        level = next((r["level"] for r in records if "level" in r), args.verify)
+        level, written = level_of(records, args.verify), any(r.get("written_shard_bytes") for r in records)
         if args.from_json:  # the run that printed the records
             quick = "" if level == "full" else f" --verify {level}"
-            written = " --write-to" if any(r.get("written_shard_bytes") for r in records) else ""
-            command = f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}{quick}{written}"
+            command = (f"python -m benchmarks.scale_shards --models {' '.join(r['name'] for r in records)}{quick}"
+                       f"{' --write-to' if written else ''}")
         title = SECTION + ("" if level == "full" else f", verify={level!r}") + (
-            ", result written to shards" if any(r.get("written_shard_bytes") for r in records) else "")
+            ", result written to shards" if written else "")
         replace_section(DOC, title, section(command.strip(), text, title), heading="# fxmin at scale")
 
 

@@ -62,15 +62,19 @@ def verification_level(verify) -> str | None:
     """``minimize``'s ``verify`` as one of :data:`LEVELS` (``True``: ``"full"``), or None for ``False``."""
     if isinstance(verify, bool):
         return "full" if verify else None
-    checked_trials(verify, None)
-    return verify
+    return _checked_level(verify)
+
+
+def _checked_level(level) -> str:
+    if not isinstance(level, str) or level not in LEVELS:
+        raise InputError(f"verify must be True, False or a level ({', '.join(map(repr, LEVELS))}), got {level!r}")
+    return level
 
 
 def checked_trials(level: str, trials: int | None) -> int:
     """The number of random input sets a verification at ``level`` runs: ``trials``, or the level's
     default (2 for ``"full"``, 0 for ``"quick"``); an :class:`InputError` for a level or count that is not one."""
-    if not isinstance(level, str) or level not in LEVELS:
-        raise InputError(f"verify must be True, False or a level ({', '.join(map(repr, LEVELS))}), got {level!r}")
+    _checked_level(level)
     if trials is None:
         return 2 if level == "full" else 0
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
