@@ -202,7 +202,10 @@ class _MaskedLoads:
 
 
 def sliced(tensor: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """``tensor`` with only the ``rows`` of dim 0 and the ``cols`` of dim 1 (int64 indices; None: all)."""
+    """``tensor`` with only the ``rows`` of dim 0 and the ``cols`` of dim 1 (int64 indices; None: all), the
+    dim that keeps the smaller share sliced first (the copy between the two slices is then the smaller)."""
+    if rows is not None and cols is not None and len(cols) * tensor.shape[0] < len(rows) * tensor.shape[1]:
+        return tensor.index_select(1, cols).index_select(0, rows)
     if rows is not None:
         tensor = tensor.index_select(0, rows)
     return tensor if cols is None else tensor.index_select(1, cols)
