@@ -53,9 +53,16 @@ def copy_module(module: nn.Module, dtype: torch.dtype | None = None, device=None
                           copy=not fresh)
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
     copied = deep_copy(module, memo)
-    if dtype is None and device is None:
-        return copied  # every tensor is where it goes already; Module.to would still visit each one
-    return copied.to(device=device, dtype=dtype) if dtype is not None else copied.to(device=device)
+    return copied.to(device=device, dtype=dtype) if dtype is not None else moved(copied, device)
+
+
+def moved(module: nn.Module, device) -> nn.Module:
+    """``module.to(device)`` (None: where it is), skipped when every tensor of it is there already:
+    ``Module.to`` would still visit each one."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if device is None or all(t.device == device for t in tensors):
+        return module
+    return module.to(device=device)
 
 
 def share_module(module: nn.Module) -> nn.Module:

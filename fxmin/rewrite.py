@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .graph_helpers import copy_module, free_name, share_module
+from .graph_helpers import copy_module, free_name, moved, share_module
 from .plan import Plan
 from .progress import phase
 from .weights import storage_key, weights_of
@@ -101,7 +101,7 @@ def _module(plan: Plan, source, target: str, dtype, load):
     if edit is not None:
         if dtype is None:
             shared = share_module(edit.module)
-            return shared if plan.files is not None else shared.to(edit.device)  # written: on the meta device
+            return shared if plan.files is not None else moved(shared, edit.device)  # written: on the meta device
         values = dict(edit.module.named_parameters(remove_duplicate=False))
         values.update(edit.module.named_buffers(remove_duplicate=False))
         return copy_module(edit.module, dtype, edit.device, load=lambda name: edit.exact.get(name, values[name]))
