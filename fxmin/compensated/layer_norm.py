@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -64,18 +65,20 @@ class CompensatedLayerNorm(nn.Module):
         width = int(width)
         if width < 1:
             raise InputError(f"CompensatedLayerNorm width must be positive, got {width}")
-        kept = _indices("kept", range(width) if kept is None else kept, width)
-        outputs = _indices("outputs", range(width) if outputs is None else outputs, width)
-        removed = sorted(set(range(width)) - set(kept))
+        everything = np.arange(width)
+        kept = everything if kept is None else _indices("kept", kept, width)
+        outputs = everything if outputs is None else _indices("outputs", outputs, width)
+        removed = np.flatnonzero(~_members(kept, width))  # ascending
         values = _constants(constants, removed, width)
         self.width, self.kind = width, kind
         self.eps = eps if eps is not None or kind == "rms" else 1e-5
-        position = {channel: index for index, channel in enumerate(kept)}
-        position.update({channel: len(kept) + index for index, channel in enumerate(removed)})
-        source = [position[channel] for channel in outputs]
+        position = np.empty(width, np.int64)  # each channel's place in cat([input, constants])
+        position[kept] = np.arange(len(kept))
+        position[removed] = len(kept) + np.arange(len(removed))
+        source = position[outputs]
 
         def index_buffer(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
+            return torch.tensor(values, dtype=torch.long, device=device)  # a copy: never the caller's array
 
         self.register_buffer("kept", index_buffer(kept))
         self.register_buffer("removed", index_buffer(removed))
@@ -90,18 +93,19 @@ class CompensatedLayerNorm(nn.Module):
     def _read_structure(self) -> None:
         """Python flags and the constants' statistics from the buffers, so that forward has no
         data-dependent branches and does not recompute what never changes."""
-        kept, source = self.kept.tolist(), self.source.tolist()
-        everything = list(range(self.width))
-        self._plain = kept == everything and self.outputs.tolist() == everything
-        if source == list(range(len(kept))):
+        kept, source, outputs = (buffer.cpu().numpy() for buffer in (self.kept, self.source, self.outputs))
+        everything = np.arange(self.width)
+        self._plain = np.array_equal(kept, everything) and np.array_equal(outputs, everything)
+        if np.array_equal(source, everything[:len(kept)]):
             self._gather = "none"  # emits exactly what arrives, in order
-        elif all(index < len(kept) for index in source):
+        elif (source < len(kept)).all():
             self._gather = "inputs"
         else:
             self._gather = "constants"
         # NOTE [CLN forward paths]: see forward
         self._padded = not self._plain and self.width <= PADDED_WIDTH * max(len(kept), 1)
-        self._select = "none" if source == everything else "prefix" if source == list(range(len(source))) else "index"
+        self._select = ("none" if np.array_equal(source, everything) else
+                        "prefix" if np.array_equal(source, np.arange(len(source))) else "index")
         constants = self.constants.detach().to("cpu", torch.float64)
         # NOTE [CLN call overhead]: Python ints and floats read here once, so that forward touches as
         # few buffers, tensor methods and no-op casts as it can (see forward)
@@ -185,21 +189,26 @@ class CompensatedLayerNorm(nn.Module):
         >>> norm.shrink([1, 2], None, outputs=[5]).constants.tolist()
         [0.0, 0.0, 0.0, 1.0]
         """
-        current = self.kept.tolist()
+        current = self.kept.cpu().numpy()
         kept = _indices("kept", kept, self.width)
-        if not set(kept) <= set(current):
-            raise InputError(f"shrink: channels {sorted(set(kept) - set(current))} were already removed "
+        gone = kept[~_members(current, self.width)[kept]]
+        if len(gone):
+            raise InputError(f"shrink: channels {sorted(gone.tolist())} were already removed "
                              f"(kept now: {len(current)} of {self.width})")
-        newly_removed = sorted(set(current) - set(kept))
-        merged = dict(zip(self.removed.tolist(), self.constants.tolist()))
-        merged.update(zip(newly_removed, _constants(constants, newly_removed, self.width)))
-        emitted = self.outputs.tolist()
+        newly_removed = np.sort(current[~_members(kept, self.width)[current]])
+        removed = np.concatenate([self.removed.cpu().numpy(), newly_removed])
+        values = np.concatenate([self.constants.detach().cpu().double().numpy(),
+                                 _constants(constants, newly_removed, self.width)])
+        merged = values[np.argsort(removed, kind="stable")]  # aligned with the removed channels, ascending
+        emitted = self.outputs.cpu().numpy()
         outputs = emitted if outputs is None else _indices("outputs", outputs, self.width)
-        if not set(outputs) <= set(emitted):
-            raise InputError(f"shrink: channels {sorted(set(outputs) - set(emitted))} are no longer emitted, "
+        row_of = np.full(self.width, -1)  # each emitted channel's row of the affine parameters
+        row_of[emitted] = np.arange(len(emitted))
+        rows = row_of[outputs]
+        if (rows < 0).any():
+            raise InputError(f"shrink: channels {np.unique(outputs[rows < 0]).tolist()} are no longer emitted, "
                              "their affine parameters are gone")
-        position = {channel: row for row, channel in enumerate(emitted)}
-        rows = torch.tensor([position[channel] for channel in outputs], dtype=torch.long, device=self.kept.device)
+        rows = torch.from_numpy(rows).to(self.kept.device)
 
         def sliced(parameter):
             return False if parameter is None else parameter.detach()[rows]
@@ -233,32 +242,48 @@ def _read_structure_after_load(module: CompensatedLayerNorm, incompatible_keys) 
     module._read_structure()
 
 
-def _indices(name: str, values, width: int) -> list[int]:
+def _indices(name: str, values, width: int) -> np.ndarray:
+    """``values`` (channel indices: a sequence, range, numpy array or tensor) as an int64 numpy array."""
     if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    result = [int(value) for value in values]
-    bad = [value for value in result if not 0 <= value < width]
-    if bad:
-        raise InputError(f"CompensatedLayerNorm {name}: channels {bad} are outside 0..{width - 1}")
-    if len(set(result)) != len(result):
-        raise InputError(f"CompensatedLayerNorm {name}: repeated channels in {result}")
+        values = values.detach().cpu().numpy()
+    result = np.asarray(values)
+    if result.ndim != 1:
+        raise InputError(f"CompensatedLayerNorm {name}: a sequence of channels, got an array of shape {result.shape}")
+    if result.dtype.kind not in "iu":
+        result = np.array([int(value) for value in result.tolist()], np.int64)
+    result = result.astype(np.int64)
+    bad = result[(result < 0) | (result >= width)]
+    if len(bad):
+        raise InputError(f"CompensatedLayerNorm {name}: channels {bad.tolist()} are outside 0..{width - 1}")
+    if _members(result, width).sum() != len(result):
+        raise InputError(f"CompensatedLayerNorm {name}: repeated channels in {result.tolist()}")
     return result
 
 
-def _constants(constants, removed: list[int], width: int) -> list[float]:
-    """The removed channels' constants as floats aligned with ``removed`` (ascending)."""
+def _members(channels: np.ndarray, width: int) -> np.ndarray:
+    """bool ``(width,)``: which channels ``channels`` (int indices in range) names."""
+    found = np.zeros(width, bool)
+    found[channels] = True
+    return found
+
+
+def _constants(constants, removed: np.ndarray, width: int) -> np.ndarray:
+    """The removed channels' constants, float64 aligned with ``removed`` (ascending)."""
     if constants is None:
-        return [0.0] * len(removed)
+        return np.zeros(len(removed))
     if isinstance(constants, Mapping):
         given = {int(channel): float(value) for channel, value in constants.items()}
-        if set(given) != set(removed):
+        expected = set(removed.tolist())
+        if set(given) != expected:
             raise InputError(f"CompensatedLayerNorm constants must name exactly the removed channels "
-                             f"{removed} (of {width}); missing {sorted(set(removed) - set(given))}, "
-                             f"unexpected {sorted(set(given) - set(removed))}")
-        return [given[channel] for channel in removed]
+                             f"{removed.tolist()} (of {width}); missing {sorted(expected - set(given))}, "
+                             f"unexpected {sorted(set(given) - expected)}")
+        return np.array([given[channel] for channel in removed.tolist()], np.float64)
     if isinstance(constants, torch.Tensor):
-        constants = constants.detach().double().reshape(-1).tolist()
-    values = [float(value) for value in constants]
+        constants = constants.detach().cpu().double().reshape(-1).numpy()
+    values = np.asarray(constants, np.float64)
+    if values.ndim != 1:
+        raise InputError(f"CompensatedLayerNorm constants: a mapping or a sequence of values, got shape {values.shape}")
     if len(values) != len(removed):
         raise InputError(f"CompensatedLayerNorm: {len(values)} constants for {len(removed)} removed channels")
     return values

@@ -218,16 +218,14 @@ def _norm_plan(ctx):
         return
     norm, x, axis = view
     fact = ctx.fact(x)
-    current_kept = norm.kept.tolist()
-    current_outputs = norm.outputs.tolist()
+    current_kept, current_outputs = norm.kept.cpu().numpy(), norm.outputs.cpu().numpy()
+    kept, constants = current_kept, None
     if fact is not None and fact.tracked and fact.axis == axis:
         present = ctx.present(x)
-        kept = [current_kept[i] for i in np.nonzero(present)[0]]
-        constants = {current_kept[i]: float(fact.value[i]) for i in np.nonzero(~present)[0]}
-    else:
-        kept, constants = current_kept, {}
-    outputs = [current_outputs[i] for i in ctx.kept()]
-    if kept == current_kept and outputs == current_outputs:
+        kept, leaving = current_kept[present], current_kept[~present]
+        constants = fact.value[~present][np.argsort(leaving)]  # as shrink takes them: by channel, ascending
+    outputs = current_outputs[ctx.kept()]
+    if np.array_equal(kept, current_kept) and np.array_equal(outputs, current_outputs):
         return  # nothing leaves: the norm stays as it is
     shrunk = norm.shrink(kept, constants, outputs).to(torch.float64)
     params = {name: (tuple(getattr(norm, name).shape), ()) for name in ("weight", "bias") if getattr(norm, name) is not None}
