@@ -12,12 +12,14 @@ holds. ``malloc_trim(0)`` gives every whole free page inside the heap back (``ma
 later). The pass calls it before it reads a tensor once it has read ``TRIM_BYTES`` since the last call
 (:func:`before_read`): blocks above glibc's largest threshold are mapped on their own and go back when
 freed, so what stays resident between calls is bounded by the temporaries of that much reading, and a
-model of small layers is not walked over after each one. It calls it only when the process's resident
-memory is within that much (and the read to come) of its peak so far (``ru_maxrss``): below that, the
-pages it keeps cannot raise the peak before the next check, and giving them back would cost their
-page faults again when the next temporaries take them (a pass in a process that held more before, the
-second cycle of a loop, runs without trimming). The streamed verification calls it before
-each block of a weight it casts to float64. It is nothing at all where the C library is not glibc. It
+model of small layers is not walked over after each one. It calls it only when resident memory has
+grown by that much since the last trim (or since the pass began, :func:`new_baseline`) and is within
+that much (and the read to come) of its peak so far (``ru_maxrss``). Every page given back costs a page
+fault again when the next temporaries take it: free pages that a pass reuses without growing (what the
+process freed before the pass, the last layer's temporaries) are worth keeping; only growth says that
+the freed pages no longer fit what comes next. Below the peak, the pages kept cannot raise it before the
+next check (a pass in a process that held more before, the second cycle of a loop, runs without
+trimming). The streamed verification calls it before each block of a weight it casts to float64. It is nothing at all where the C library is not glibc. It
 changes no allocation policy of the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay
 set for the user's program after the pass.
 """
@@ -50,23 +52,41 @@ def _malloc_trim():
 _MALLOC_TRIM = _malloc_trim()
 
 
+_floor: int | None = None  # the least resident memory seen by a check since the last trim
+
+
 def release_freed() -> None:
     """Give the whole free pages of the C heap back to the system (NOTE [Freed memory]); a no-op
     where the C library has no ``malloc_trim``."""
+    global _floor
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+        _floor = resident_bytes()[0]
+
+
+def new_baseline() -> None:
+    """Measure the growth that makes :func:`before_read` trim from the resident memory now (the start of a
+    pass): what the process left free before it, the pass may reuse without giving it back first."""
+    global _floor
+    _floor = resident_bytes()[0]
 
 
 def before_read(nbytes: int) -> None:
     """Call before reading ``nbytes`` of a tensor: once ``TRIM_BYTES`` have been read since the last check
-    (this read included), :func:`release_freed` if resident memory is near its peak (NOTE [Freed memory])."""
-    global _read_since_trim
+    (this read included), :func:`release_freed` if resident memory has grown by that much since the last
+    trim and is near its peak (NOTE [Freed memory])."""
+    global _read_since_trim, _floor
     _read_since_trim += nbytes
-    if _read_since_trim >= TRIM_BYTES:
-        _read_since_trim = 0
-        resident, peak = resident_bytes()
-        if resident is None or resident + TRIM_BYTES + nbytes >= peak:
-            release_freed()
+    if _read_since_trim < TRIM_BYTES:
+        return
+    _read_since_trim = 0
+    resident, peak = resident_bytes()
+    if resident is None:
+        release_freed()
+        return
+    _floor = resident if _floor is None else min(_floor, resident)
+    if resident >= _floor + TRIM_BYTES and resident + TRIM_BYTES + nbytes >= peak:
+        release_freed()
 
 
 def resident_bytes() -> tuple[int | None, int | None]:

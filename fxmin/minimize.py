@@ -13,6 +13,7 @@ from .analysis import Analysis, analyze_graph
 from .errors import InputError, TraceError
 from .graph_helpers import copy_module
 from .masks import model_device, require_read, shared_reference, to_device
+from .memory import new_baseline
 from .plan import Plan, make_plan
 from .progress import pass_progress
 from .report import Report, build_report
@@ -106,6 +107,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     if frontend == "export" and fx_options:
         raise InputError(f"{', '.join(fx_options)} are options of the torch.fx front end; frontend='export' "
                          "takes none of them (use frontend='fx' or 'auto')")
+    new_baseline()  # NOTE [Freed memory]
     files = open_weights(weights)
     host = model_device(model, files=files is not None).type != "cpu"
     reference, used_masks, by_storage = shared_reference(model, masks, host=host, files=files)
