@@ -28,7 +28,6 @@ from collections.abc import Callable, Hashable
 
 import torch
 import torch.fx
-from torch._prims_common import suggest_memory_format
 from torch import nn
 from torch.nn import functional as F
 
@@ -205,12 +204,31 @@ def _convolution(dims: int, x, weight, bias, stride, padding, dilation, groups):
     if any(size < 1 for size in spatial):
         return None  # the real op raises
     shape = (x.shape[0], weight.shape[0], *spatial)
-    # the layout convolutions give their output: channels last when the input or the weight has it
-    layouts = {suggest_memory_format(x), suggest_memory_format(weight)} - {torch.contiguous_format}
-    if len(layouts) > 1:
-        return None
-    layout = layouts.pop() if layouts else torch.contiguous_format
+    # the layout 2-d convolutions give their output: channels last when the input or the weight has it; a
+    # 3-d one's depends on the backend torch picks, which the real op knows
+    layout = torch.contiguous_format
+    if _channels_last_like(x) or _channels_last_like(weight):
+        if dims != 2:
+            return None
+        layout = torch.channels_last
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout).zero_()
+
+
+def _channels_last_like(tensor: torch.Tensor) -> bool:
+    """Whether a convolution reads ``tensor`` as channels last: ATen's test of its strides
+    (``is_channels_last_strides_2d`` / ``_3d``, what ``Tensor.suggest_memory_format`` answers; ambiguous
+    strides count as contiguous). Written out here because ``torch._prims_common.suggest_memory_format``,
+    the Python one, imports sympy on first use: seconds in a fresh process."""
+    order = {4: (1, 3, 2, 0), 5: (1, 4, 3, 2, 0)}.get(tensor.dim())
+    shape, strides = tensor.shape, tensor.stride()
+    if order is None or strides[1] == 0:
+        return False
+    least = 0
+    for d in order:
+        if shape[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * shape[d]
+    return True
 
 
 def _per_dim(value, dims: int) -> tuple | None:

@@ -3,6 +3,7 @@ real run of the graph gives, also where it computes no product (NOTE [Products c
 alone] in fxmin/shape_only.py)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -131,17 +132,22 @@ def test_a_returned_head_that_a_real_run_would_refuse_is_refused():
         shapes.propagate_shapes(fxmin.trace(model), (torch.randn(2, 4),))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(dims=st.integers(1, 3), batch=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3),
        out_per_group=st.integers(1, 3), size=st.integers(1, 9), kernel=st.integers(1, 4), stride=st.integers(1, 3),
        dilation=st.integers(1, 2), padding=st.one_of(st.integers(0, 2), st.sampled_from(["same", "valid"])),
-       channels_last=st.booleans(), bias=st.booleans())
+       layout=st.sampled_from(["contiguous", "channels last", "weight channels last", "transposed"]), bias=st.booleans())
 def test_a_convolution_placeholder_has_the_shape_dtype_and_strides_of_the_real_output(
-        dims, batch, groups, per_group, out_per_group, size, kernel, stride, dilation, padding, channels_last, bias):
+        dims, batch, groups, per_group, out_per_group, size, kernel, stride, dilation, padding, layout, bias):
     x = torch.randn(batch, groups * per_group, *(size,) * dims)
-    if channels_last and dims == 2:
-        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(groups * out_per_group, per_group, *(kernel,) * dims)
+    channels_last = {2: torch.channels_last, 3: torch.channels_last_3d}.get(dims)
+    if layout == "channels last" and channels_last is not None:
+        x = x.contiguous(memory_format=channels_last)
+    if layout == "weight channels last" and channels_last is not None:
+        weight = weight.contiguous(memory_format=channels_last)
+    if layout == "transposed":  # strided in no memory format
+        x = x.transpose(-1, 0).contiguous().transpose(-1, 0)
     b = torch.randn(groups * out_per_group) if bias else None
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
     try:
@@ -222,3 +228,20 @@ def test_a_run_that_zeros_break_is_run_again_computing_everything():
     shapes.propagate_shapes(gm, (torch.rand(2, 4) + 1,))
     assert calls == [1]  # computed, in the second run
     assert tuple(next(n for n in gm.graph.nodes if n.op == "output").args[0].meta["tensor_meta"].shape) == (2, 4, 3)
+
+
+def test_a_pass_over_convolutions_imports_no_sympy():
+    """Shape propagation asks for convolutions' layouts without torch._prims_common (whose answer imports
+    sympy: seconds in a fresh process). A fresh interpreter minimizes and verifies a channels-last model."""
+    code = (
+        "import sys, torch, fxmin\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()\n"
+        "x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)\n"
+        "mask = (torch.arange(8) % 2 == 0).view(8, 1, 1, 1).expand(8, 3, 3, 3)\n"
+        "result = fxmin.minimize(model, {'0.weight': mask}, (x,), progress=False)\n"
+        "assert result.report.params_after < fxmin.count_parameters(model)\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'sympy')[:3])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
