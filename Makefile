@@ -44,7 +44,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.pass_cost --write
 	$(BIN)/python -m benchmarks.exactness_sweep --write
 	$(BIN)/python -m benchmarks.vs_torch_pruning --write
-	$(BIN)/python -m benchmarks.vs_torch_pruning --speed --write
+	$(BIN)/python -m benchmarks.vs_torch_pruning --speed --repeats 9 --write
 	$(BIN)/python -m benchmarks.pass_profile --write
 	$(BIN)/python -m benchmarks.bool_kernels --write
 	$(BIN)/python -m benchmarks.result_speed --write

@@ -19,9 +19,9 @@ fault again when the next temporaries take it: free pages that a pass reuses wit
 process freed before the pass, the last layer's temporaries) are worth keeping; only growth says that
 the freed pages no longer fit what comes next. Below the peak, the pages kept cannot raise it before the
 next check (a pass in a process that held more before, the second cycle of a loop, runs without
-trimming). The streamed verification calls it before each block of a weight it casts to float64. It is nothing at all where the C library is not glibc. It
-changes no allocation policy of the process, unlike ``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay
-set for the user's program after the pass.
+trimming). The streamed verification calls it before each block of a weight it casts to float64. It is
+nothing at all where the C library is not glibc. It changes no allocation policy of the process, unlike
+``mallopt(M_MMAP_THRESHOLD, ...)``, which would stay set for the user's program after the pass.
 """
 from __future__ import annotations
 
