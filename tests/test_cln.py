@@ -446,6 +446,14 @@ def test_readable_repr_and_loud_errors():
         CompensatedLayerNorm(4, [0, 1, 2], [1.0, 2.0])
     with pytest.raises(InputError, match="outside 0..3"):
         CompensatedLayerNorm(4, outputs=[4])
+    with pytest.raises(InputError, match=r"kept: channels \[-1\] are outside"):
+        CompensatedLayerNorm(4, torch.tensor([0, -1]))
+    with pytest.raises(InputError, match=r"repeated channels in \[0, 2, 0\]"):
+        CompensatedLayerNorm(4, [0, 2, 0])
+    with pytest.raises(InputError, match=r"a sequence of channels, got an array of shape \(1, 2\)"):
+        CompensatedLayerNorm(4, [[0, 2]])
+    with pytest.raises(InputError, match=r"a mapping or a sequence of values, got shape \(1, 2\)"):
+        CompensatedLayerNorm(4, [0, 2], [[1.0, 2.0]])
     with pytest.raises(InputError, match="only GroupNorm"):
         CompensatedLayerNorm.from_group_norm(nn.GroupNorm(2, 4))
     with pytest.raises(InputError, match="normalizes over 2 axes"):

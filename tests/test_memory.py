@@ -18,6 +18,7 @@ def process(monkeypatch):
     monkeypatch.setattr(memory, "_MALLOC_TRIM", trim)
     monkeypatch.setattr(memory, "resident_bytes", lambda: (state["resident"], state["peak"]))
     monkeypatch.setattr(memory, "_read_since_trim", 0)
+    monkeypatch.setattr(memory, "_floor", None)  # restored after the test, as the two above
     memory.new_baseline()
     return state
 
