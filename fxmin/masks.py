@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .errors import InputError, MaskError
 from .graph_helpers import deep_copy
-from .weights import ModuleWeights, all_finite, storage_key
+from .weights import ModuleWeights, storage_key
 
 
 def _pruned_tensors(model: nn.Module):
@@ -185,7 +185,9 @@ def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     reparametrization becomes the parameter ``weight_orig`` under the name ``weight``, its mask among
     the masks. ``host=True``: the copy's tensors are on the CPU (copied there). ``files``: where tensors
     on the meta device are read from (NOTE [Weights from files]). Same checks and errors as
-    :func:`masked_reference`; the model and the masks are not modified.
+    :func:`masked_reference` but finiteness, which the reader of the weights checks where it first reads
+    each tensor (``attach(..., check_finite=True)``: NOTE [Finite where first read] in fxmin/weights.py);
+    the model and the masks are not modified.
 
     >>> linear = nn.Linear(3, 2)
     >>> ref, used, by_storage = shared_reference(linear, {"weight": torch.tensor([[1, 0, 1], [0, 0, 1]])})
@@ -219,7 +221,6 @@ def shared_reference(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
     for name, mask in (*from_prune.items(), *applied.items()):  # a tied tensor or a pruned one masked again: both
         key = storage_key(parameters[name])
         by_storage[key] = by_storage[key] & mask if key in by_storage else mask
-    _require_finite(ModuleWeights(reference, by_storage, files))
     return reference, {**from_prune, **applied}, by_storage
 
 
@@ -301,16 +302,5 @@ def _fetch(root: nn.Module, target: str):
 
 def _require_finite(weights: ModuleWeights) -> None:
     """Each parameter and buffer as the masks leave it, one at a time: finite, or :class:`InputError`."""
-    seen = set()
-    for name, tensor in (*weights.root.named_parameters(), *weights.root.named_buffers()):
-        if not tensor.is_floating_point() or storage_key(tensor) in seen:
-            continue
-        seen.add(storage_key(tensor))
-        if all_finite(weights.raw(name)):
-            continue  # finite before masking, so after (no masked copy needed)
-        value = weights.load(name)
-        if not all_finite(value):
-            count = int((~torch.isfinite(value)).sum())
-            raise InputError(f"'{name}' holds {count} NaN or inf value(s) that the masks keep: the masked model itself "
-                             "computes non-finite outputs, so there is nothing exact to preserve. Fix those values "
-                             "or mask them out")
+    for name, _ in (*weights.root.named_parameters(), *weights.root.named_buffers()):
+        weights.require_finite(name)

@@ -136,7 +136,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
             raise
         graph_module.eval()
         require_read(graph_module, reference, masks, type(model).__name__)
-        attach(graph_module, by_storage, files)
+        attach(graph_module, by_storage, files, check_finite=True)
         propagate_shapes(graph_module, example_inputs)
         return Prepared(graph_module, used_masks, example_inputs, "export", convention)
     graph_module.eval()
@@ -146,7 +146,7 @@ def prepare(model: nn.Module, masks: Mapping | None = None, example_inputs=None,
     elif isinstance(example_inputs, Mapping):
         example_inputs = arrange_inputs(graph_module, example_inputs)
     example_inputs = to_device(example_inputs, "cpu")  # a bare tensor becomes a 1-tuple
-    attach(graph_module, by_storage, files)
+    attach(graph_module, by_storage, files, check_finite=True)
     propagate_shapes(graph_module, example_inputs)
     return Prepared(graph_module, used_masks, example_inputs, "fx", None)
 

@@ -63,10 +63,12 @@ class ModuleWeights:
     """
 
     def __init__(self, root: nn.Module, masks: Mapping[tuple, torch.Tensor] | None = None,
-                 files: Mapping[str, torch.Tensor] | None = None):
+                 files: Mapping[str, torch.Tensor] | None = None, *, check_finite: bool = False):
         self.root = root
         self.masks = dict(masks or {})
         self.files = files
+        self.check_finite = check_finite  # NOTE [Finite where first read]
+        self._finite: set = set()  # storage keys checked finite as the masks leave them
         self._nonzero_counts: dict = {}  # storage key -> nonzero entries, from nonzero()
         self._masks = _MaskedLoads()
         self._owners: dict = {}  # module path -> the module of root there (root's modules are not replaced)
@@ -120,7 +122,30 @@ class ModuleWeights:
         [Freed memory] in fxmin/memory.py), so what a reader copies from it can reuse those pages."""
         tensor = self.tensor(name) if tensor is None else tensor
         before_read(tensor.numel() * tensor.element_size())
-        return self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
+        value = self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
+        if self.check_finite:
+            self._require_finite(name, tensor, value)
+        return value
+
+    def require_finite(self, name: str) -> None:
+        """The tensor ``name`` as the masks leave it holds no NaN or inf, or :class:`InputError` (each tensor
+        is checked once: NOTE [Finite where first read])."""
+        tensor = self.tensor(name)
+        self._require_finite(name, tensor, self.raw(name, tensor))
+
+    def _require_finite(self, name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        key = storage_key(tensor)
+        if key in self._finite or not value.is_floating_point():
+            return
+        self._finite.add(key)
+        if all_finite(value):
+            return  # finite before masking, so after (no masked copy needed)
+        masked = self.load(name)
+        if not all_finite(masked):
+            count = int((~torch.isfinite(masked)).sum())
+            raise InputError(f"'{name}' holds {count} NaN or inf value(s) that the masks keep: the masked model itself "
+                             "computes non-finite outputs, so there is nothing exact to preserve. Fix those values "
+                             "or mask them out")
 
     def nonzero(self, name: str) -> np.ndarray | None:
         """bool numpy array of the tensor's shape: where the value the pass reads (:meth:`load`) is nonzero,
@@ -269,10 +294,11 @@ def weights_of(root: nn.Module) -> ModuleWeights:
 
 
 def attach(root: torch.fx.GraphModule, masks: Mapping[tuple, torch.Tensor],
-           files: Mapping[str, torch.Tensor] | None = None) -> ModuleWeights:
+           files: Mapping[str, torch.Tensor] | None = None, *, check_finite: bool = False) -> ModuleWeights:
     """Make ``root`` read its weights masked by ``masks`` (by storage) wherever the pass reads them, its
-    meta-device tensors from ``files`` (NOTE [Weights from files])."""
-    source = ModuleWeights(root, masks, files)
+    meta-device tensors from ``files`` (NOTE [Weights from files]); ``check_finite``: each one checked
+    finite where it is first read (NOTE [Finite where first read])."""
+    source = ModuleWeights(root, masks, files, check_finite=check_finite)
     root.meta[META_KEY] = source
     return source
 
@@ -294,6 +320,17 @@ def materialize(root: nn.Module, dtype: torch.dtype | None = None) -> dict:
         out[name] = loaded[key]
     return out
 
+
+# NOTE [Finite where first read]
+# A NaN or inf that the masks keep makes the masked model compute non-finite outputs (and a zero times
+# an inf is no zero): there is nothing exact to preserve, and the pass says so. It checks each tensor, as
+# the masks leave it, where it first reads it (``raw``, the one read every reader goes through: the
+# analysis's patterns and sums, the plan's kept rows, the rewrite's copies), not in a walk of its own over
+# the model before tracing: that walk read every weight once more from memory, or from the files of a
+# model on the meta device, while the read that follows it here finds the tensor in the cache. Every
+# tensor the result holds is read by the rewrite, and every one the analysis relies on by the analysis;
+# a tensor the pass never reads is one the result does not compute with. The check sums the tensor
+# (a sum is finite when every entry is) and masks it only when that sum is not finite.
 
 # NOTE [Weights from files]
 # A model built on the meta device (``with torch.device("meta")`` or ``accelerate.init_empty_weights``)

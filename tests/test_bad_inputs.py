@@ -124,6 +124,29 @@ def test_bad_input_raises_an_fxmin_error_that_says_what_to_do(row, call, error, 
         assert fragment in message, f"{row}: {fragment!r} missing from {message!r}"
 
 
+def test_a_nan_in_a_buffer_the_result_holds_is_refused():
+    model = net_normed()
+    model[1].running_var[3] = float("nan")
+    with pytest.raises(fxmin.InputError, match=r"'1.running_var' holds 1 NaN or inf"):
+        fxmin.minimize(model, {"0.weight": torch.ones(8, 4, dtype=torch.bool)}, X)
+
+
+def test_each_tensor_is_checked_finite_once_where_the_pass_reads_it(monkeypatch):
+    """NOTE [Finite where first read]: no walk of its own over the weights; every tensor of the model is
+    summed once, in the pass (verification included)."""
+    import fxmin.weights as weights
+
+    checked: list = []
+    real = weights.all_finite
+    monkeypatch.setattr(weights, "all_finite", lambda tensor: checked.append(tensor.data_ptr()) or real(tensor))
+    model = net_normed()
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    mask[5:] = False
+    fxmin.minimize(model, {"0.weight": mask}, X)
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    assert len(checked) == len(set(checked)) == len(floating)  # (the pass reads copies of the buffers)
+
+
 def test_nan_in_a_weight_the_masks_remove_is_removed_with_it():
     """A mask sets its entries to zero (it does not multiply them): a NaN it removes is gone, and the
     result is exact against the masked model."""
