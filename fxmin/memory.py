@@ -12,12 +12,13 @@ holds. ``malloc_trim(0)`` gives every whole free page inside the heap back (``ma
 later). The pass calls it before it reads a tensor once it has read ``TRIM_BYTES`` since the last call
 (:func:`before_read`): blocks above glibc's largest threshold are mapped on their own and go back when
 freed, so what stays resident between calls is bounded by the temporaries of that much reading, and a
-model of small layers is not walked over after each one. It calls it only when resident memory has
-grown by that much since the last trim (or since the pass began, :func:`new_baseline`) and is within
-that much (and the read to come) of its peak so far (``ru_maxrss``). Every page given back costs a page
-fault again when the next temporaries take it: free pages that a pass reuses without growing (what the
-process freed before the pass, the last layer's temporaries) are worth keeping; only growth says that
-the freed pages no longer fit what comes next. Below the peak, the pages kept cannot raise it before the
+model of small layers is not walked over after each one. It calls it only when resident memory is
+within that much (and the read to come) of its peak so far (``ru_maxrss``), and either has grown by that
+much since the last trim (or since the pass began, :func:`new_baseline`) or the read to come allocates
+that much (a tensor read from files). Every page given back costs a page fault again when the next
+temporaries take it: free pages that a pass reuses without growing (what the process freed before the
+pass, the last layer's temporaries) are worth keeping; growth says that the freed pages no longer fit what
+comes next, and a tensor that large is mapped on its own, beside the free pages, which cannot take it. Below the peak, the pages kept cannot raise it before the
 next check (a pass in a process that held more before, the second cycle of a loop, runs without
 trimming). The streamed verification calls it before each block of a weight it casts to float64. It is
 nothing at all where the C library is not glibc. It changes no allocation policy of the process, unlike
@@ -71,10 +72,11 @@ def new_baseline() -> None:
     _floor = resident_bytes()[0]
 
 
-def before_read(nbytes: int) -> None:
-    """Call before reading ``nbytes`` of a tensor: once ``TRIM_BYTES`` have been read since the last check
-    (this read included), :func:`release_freed` if resident memory has grown by that much since the last
-    trim and is near its peak (NOTE [Freed memory])."""
+def before_read(nbytes: int, *, allocates: bool = False) -> None:
+    """Call before reading ``nbytes`` of a tensor (``allocates``: the read makes a new tensor of that size, as
+    one from files does): once ``TRIM_BYTES`` have been read since the last check (this read included),
+    :func:`release_freed` if resident memory is near its peak and has grown by that much since the last
+    trim, or the read allocates that much (NOTE [Freed memory])."""
     global _read_since_trim, _floor
     _read_since_trim += nbytes
     if _read_since_trim < TRIM_BYTES:
@@ -85,7 +87,8 @@ def before_read(nbytes: int) -> None:
         release_freed()
         return
     _floor = resident if _floor is None else min(_floor, resident)
-    if resident >= _floor + TRIM_BYTES and resident + TRIM_BYTES + nbytes >= peak:
+    large = allocates and nbytes >= TRIM_BYTES
+    if (resident >= _floor + TRIM_BYTES or large) and resident + TRIM_BYTES + nbytes >= peak:
         release_freed()
 
 

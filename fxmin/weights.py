@@ -121,7 +121,7 @@ class ModuleWeights:
         goes through here: once enough has been read since, freed memory goes back to the system (NOTE
         [Freed memory] in fxmin/memory.py), so what a reader copies from it can reuse those pages."""
         tensor = self.tensor(name) if tensor is None else tensor
-        before_read(tensor.numel() * tensor.element_size())
+        before_read(tensor.numel() * tensor.element_size(), allocates=tensor.is_meta)
         value = self._from_files(name, tensor) if tensor.is_meta else tensor.detach()
         if self.check_finite:
             self._require_finite(name, tensor, value)

@@ -53,3 +53,13 @@ def test_growth_before_the_pass_is_not_the_pass_growing(process):
     memory.new_baseline()
     read(process, 512)
     assert process["trims"] == 0
+
+
+def test_before_a_read_that_allocates_too_much_for_the_free_pages_they_go_back_at_the_peak(process):
+    memory.before_read(64 * MIB)  # the model's own tensor: nothing allocated, nothing grew
+    assert process["trims"] == 0
+    memory.before_read(64 * MIB, allocates=True)  # read from files: mapped on its own, beside the free pages
+    assert process["trims"] == 1
+    process["peak"] += 1024 * MIB  # below the peak, the same read keeps them
+    memory.before_read(64 * MIB, allocates=True)
+    assert process["trims"] == 1
