@@ -59,10 +59,9 @@ _floor: int | None = None  # the least resident memory seen by a check since the
 def release_freed() -> None:
     """Give the whole free pages of the C heap back to the system (NOTE [Freed memory]); a no-op
     where the C library has no ``malloc_trim``."""
-    global _floor
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-        _floor = resident_bytes()[0]
+        new_baseline()
 
 
 def new_baseline() -> None:
