@@ -65,6 +65,17 @@ class Plan:
     def graph_module(self) -> torch.fx.GraphModule:
         return self.analysis.graph_module
 
+    def store(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, a tensor of the result just made, as the result holds it: written to :attr:`files` when
+        the plan has them (a stand-in on the meta device returned: NOTE [Results written as they are made]
+        in fxmin/result_shards.py), else itself."""
+        return self.files.store(name, tensor) if self.files is not None else tensor
+
+    def store_module(self, prefix: str, module: torch.nn.Module) -> None:
+        """:meth:`store` every parameter and buffer of ``module`` (named under ``prefix``), in place."""
+        if self.files is not None:
+            self.files.store_module(prefix, module)
+
     def keeps(self, name: str) -> tuple:
         """Indices each axis of parameter ``name`` keeps (None: the whole axis); () if unchanged.
 
@@ -189,8 +200,7 @@ def _slice_constant(analysis: Analysis, plan: Plan, node, fact) -> None:
     module_path, _, name = node.target.rpartition(".")
     original = getattr(analysis.graph_module.get_submodule(module_path), name)
     value = analysis.engine.weights.load(node.target).index_select(fact.axis, torch.from_numpy(kept))  # own dtype
-    if plan.files is not None:
-        value = plan.files.store(node.target, value)
+    value = plan.store(node.target, value)
     edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape))
     plan.attrs[node.target] = AttrEdit(node.target, value, original.dtype, original.requires_grad,
                                        isinstance(original, torch.nn.Parameter), edit)

@@ -29,8 +29,7 @@ def rewrite(plan: Plan, dtype: torch.dtype | None = None) -> torch.fx.GraphModul
     if dtype is not None and plan.files is not None:
         raise ValueError("a plan whose result was written to files holds no tensors to build it in another dtype: "
                          "verification streams the float64 build from the files (NOTE [Results written as they are made])")
-    files = plan.files
-    store = files.store if files is not None else (lambda name, tensor: tensor)
+    store = plan.store
     graph = torch.fx.Graph()
     env: dict = {}
     attributes: dict = {}

@@ -266,15 +266,9 @@ class PlanContext(Context):
         device = _home(reference)
         edits = tuple(report) if report is not None else _edits(self.node.target, module, params)
         exact = store_rounded(module, dtype)  # NOTE [Fold precision]: rounded once, here
-        self._written(self.node.target, module)
+        self._plan.store_module(self.node.target, module)
         self._plan.modules[self.node.target] = ModuleEdit(self.node.target, type(original).__qualname__, module,
                                                           dtype, device, edits, exact)
-
-    def _written(self, target: str, module: torch.nn.Module) -> None:
-        """NOTE [Results written as they are made] (fxmin/result_shards.py): a replacement's tensors go to the
-        result's files when the plan has them, and the module keeps stand-ins on the meta device."""
-        if self._plan.files is not None:
-            self._plan.files.store_module(target, module)
 
     def add_module(self, target: str, module: torch.nn.Module, params: dict, like: torch.Tensor | None) -> None:
         """Install a new module (float64) at ``target`` (the node must be patched to call it);
@@ -283,7 +277,7 @@ class PlanContext(Context):
         device = _home(like)
         edits = _edits(target, module, params)
         exact = store_rounded(module, dtype)
-        self._written(target, module)
+        self._plan.store_module(target, module)
         self._plan.modules[target] = ModuleEdit(target, type(module).__qualname__, module, dtype, device, edits, exact)
 
     def select_input_here(self, placeholder) -> None:
@@ -318,8 +312,7 @@ class PlanContext(Context):
         original = self.original(node)
         edit = ParamEdit(node.target, tuple(original.shape), tuple(value.shape), tuple(folded_from))
         stored, exact = rounded(value, original.dtype)
-        if self._plan.files is not None:
-            stored = self._plan.files.store(node.target, stored)
+        stored = self._plan.store(node.target, stored)
         self._plan.attrs[node.target] = AttrEdit(node.target, stored, original.dtype, original.requires_grad,
                                                  isinstance(original, torch.nn.Parameter), edit, exact)
 
